@@ -1,0 +1,22 @@
+from django.urls import path
+from rest_framework.authtoken.views import obtain_auth_token
+
+from marketplace.api.v1 import accounts, agent, artifacts, jobs
+
+app_name = "api"
+
+urlpatterns = [
+    path("auth/token/", obtain_auth_token, name="token"),
+    path("artifacts/", artifacts.ArtifactUploadApi.as_view(), name="artifact-upload"),
+    path("artifacts/<str:sha256>/", artifacts.ArtifactDownloadApi.as_view(), name="artifact-download"),
+    path("jobs/", jobs.JobCreateApi.as_view(), name="job-create"),
+    path("jobs/<int:job_id>/", jobs.JobDetailApi.as_view(), name="job-detail"),
+    path("jobs/<int:job_id>/output/", jobs.JobOutputApi.as_view(), name="job-output"),
+    path("enrollment-tokens/", accounts.EnrollmentTokenCreateApi.as_view(), name="enrollment-token-create"),
+    path("devices/", accounts.DeviceListApi.as_view(), name="device-list"),
+    path("agent/enroll", agent.EnrollApi.as_view(), name="agent-enroll"),
+    path("agent/lease", agent.LeaseApi.as_view(), name="agent-lease"),
+    path("agent/heartbeat", agent.HeartbeatApi.as_view(), name="agent-heartbeat"),
+    path("agent/results/<int:result_id>/report", agent.ReportApi.as_view(), name="agent-report"),
+    path("agent/results/<int:result_id>/fail", agent.FailApi.as_view(), name="agent-fail"),
+]

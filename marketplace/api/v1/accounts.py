@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace.api.authentication import IsPerson
+from marketplace.workers.models import Device
+from marketplace.workers.services import enrollment_token_create
+
+
+class EnrollmentTokenCreateApi(APIView):
+    permission_classes = [IsPerson]
+
+    @extend_schema(
+        operation_id="enrollment_token_create",
+        request=None,
+        responses={201: inline_serializer("EnrollmentToken", {
+            "token": serializers.CharField(), "expires_at": serializers.DateTimeField()})},
+        description="A one-time token to enrol one device under your account. Shown once.",
+    )
+    def post(self, request):
+        token, row = enrollment_token_create(owner=request.user)
+        return Response(
+            {"token": token, "expires_at": serializers.DateTimeField().to_representation(row.expires_at)},
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class DeviceOut(serializers.ModelSerializer):
+    class Meta:
+        model = Device
+        fields = ["id", "name", "state", "hardware", "hardware_class", "valid_results", "invalid_results",
+                  "created_at", "last_seen_at"]
+
+
+class DeviceListApi(APIView):
+    permission_classes = [IsPerson]
+
+    @extend_schema(operation_id="device_list", responses=DeviceOut(many=True))
+    def get(self, request):
+        devices = Device.objects.filter(owner=request.user).order_by("pk")
+        return Response(DeviceOut(devices, many=True).data)

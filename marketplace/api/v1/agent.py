@@ -1,0 +1,149 @@
+"""The agent's endpoints: enrol, lease, heartbeat, report, fail. Thin: each calls one service."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.throttling import AnonRateThrottle
+from rest_framework.views import APIView
+
+from marketplace.api.authentication import DeviceAuthentication, IsDevice
+from marketplace.workers.services import device_enroll
+from marketplace.workunits.leasing import lease_renew, workunit_lease
+from marketplace.workunits.results import result_fail, result_report
+from worker_agent.protocol import MAX_LEASE_BATCH
+
+
+class EnrollThrottle(AnonRateThrottle):
+    scope = "enroll"
+
+
+class AgentApi(APIView):
+    authentication_classes = [DeviceAuthentication]
+    permission_classes = [IsDevice]
+
+
+class EnrollApi(APIView):
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes = [EnrollThrottle]
+
+    class EnrollIn(serializers.Serializer):
+        token = serializers.CharField(max_length=200)
+        name = serializers.CharField(max_length=100)
+        public_key = serializers.CharField(max_length=100)
+        hardware = serializers.JSONField()
+        proof = serializers.CharField(max_length=200)
+
+    @extend_schema(
+        operation_id="agent_enroll",
+        request=EnrollIn,
+        responses={201: inline_serializer("Enrolled", {
+            "device_id": serializers.IntegerField(), "device_secret": serializers.CharField(),
+            "lease_seconds": serializers.IntegerField()})},
+    )
+    def post(self, request):
+        body = self.EnrollIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        device, secret = device_enroll(
+            token=data["token"], name=data["name"], public_key_b64=data["public_key"],
+            hardware=data["hardware"], proof_b64=data["proof"],
+        )
+        return Response(
+            {"device_id": device.pk, "device_secret": secret, "lease_seconds": settings.IDLEGRID_LEASE_SECONDS},
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class LeaseOut(serializers.Serializer):
+    result_id = serializers.IntegerField()
+    unit_id = serializers.IntegerField()
+    job_id = serializers.IntegerField()
+    expires_at = serializers.DateTimeField()
+    payload = serializers.JSONField()
+
+
+class LeaseApi(AgentApi):
+    class LeaseIn(serializers.Serializer):
+        max_units = serializers.IntegerField(min_value=1, max_value=MAX_LEASE_BATCH, default=1)
+
+    @extend_schema(
+        operation_id="agent_lease",
+        request=LeaseIn,
+        responses=inline_serializer("Leases", {
+            "leases": LeaseOut(many=True), "retry_after": serializers.IntegerField()}),
+    )
+    def post(self, request):
+        body = self.LeaseIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"])
+        return Response({
+            "leases": [LeaseOut(lease).data for lease in leases],
+            "retry_after": 0 if leases else settings.IDLEGRID_LEASE_RETRY_AFTER,
+        })
+
+
+class HeartbeatApi(AgentApi):
+    class HeartbeatIn(serializers.Serializer):
+        result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), max_length=1000)
+
+    @extend_schema(
+        operation_id="agent_heartbeat",
+        request=HeartbeatIn,
+        responses=inline_serializer("Renewed", {
+            "renewed": serializers.ListField(child=serializers.IntegerField()),
+            "lost": serializers.ListField(child=serializers.IntegerField()),
+            "expires_at": serializers.DateTimeField()}),
+    )
+    def post(self, request):
+        body = self.HeartbeatIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        asked = body.validated_data["result_ids"]
+        renewed, expires = lease_renew(device=request.auth, result_ids=asked)
+        return Response({
+            "renewed": renewed, "lost": sorted(set(asked) - set(renewed)),
+            "expires_at": serializers.DateTimeField().to_representation(expires),
+        })
+
+
+class ReportApi(AgentApi):
+    class ReportIn(serializers.Serializer):
+        output_sha256 = serializers.CharField(max_length=64)
+        signature = serializers.CharField(max_length=200)
+        elapsed_seconds = serializers.FloatField(min_value=0, required=False, allow_null=True)
+        metrics = serializers.DictField(required=False, default=dict)
+
+    @extend_schema(
+        operation_id="agent_report",
+        request=ReportIn,
+        responses=inline_serializer("Reported", {"state": serializers.CharField()}),
+    )
+    def post(self, request, result_id: int):
+        body = self.ReportIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        result = result_report(
+            device=request.auth, result_id=result_id, output_sha256=data["output_sha256"],
+            signature_b64=data["signature"], elapsed_seconds=data.get("elapsed_seconds"), metrics=data["metrics"],
+        )
+        return Response({"state": result.state})
+
+
+class FailApi(AgentApi):
+    class FailIn(serializers.Serializer):
+        error = serializers.CharField(max_length=4000)
+
+    @extend_schema(
+        operation_id="agent_fail",
+        request=FailIn,
+        responses=inline_serializer("Failed", {"state": serializers.CharField()}),
+    )
+    def post(self, request, result_id: int):
+        body = self.FailIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = result_fail(device=request.auth, result_id=result_id, error=body.validated_data["error"])
+        return Response({"state": result.state})

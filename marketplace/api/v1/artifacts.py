@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import parsers, serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace.api.authentication import DeviceAuthentication
+from marketplace.artifacts.selectors import artifact_get_for_device, artifact_get_for_user
+from marketplace.artifacts.services import artifact_store
+from marketplace.artifacts.storage import get_storage
+from marketplace.core.exceptions import ValidationFailed
+from marketplace.workers.models import Device
+
+CHUNK = 1024 * 1024
+
+
+class StreamParser(parsers.BaseParser):
+    """Hands the view the request stream itself, so an upload is never read whole into memory."""
+
+    media_type = "application/octet-stream"
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        return stream
+
+
+def _chunks(stream):
+    if stream is None:
+        return
+    while chunk := stream.read(CHUNK):
+        yield chunk
+
+
+ArtifactOut = inline_serializer("Artifact", {"sha256": serializers.CharField(), "size": serializers.IntegerField()})
+
+
+class ArtifactUploadApi(APIView):
+    authentication_classes = [DeviceAuthentication, *APIView.authentication_classes]
+    parser_classes = [StreamParser]
+
+    @extend_schema(
+        operation_id="artifact_upload",
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=[OpenApiParameter("X-Content-SHA256", str, OpenApiParameter.HEADER, required=False)],
+        responses={201: ArtifactOut, 200: ArtifactOut},
+        description="Upload a blob; it is stored under its sha256. The same bytes twice store nothing new.",
+    )
+    def post(self, request):
+        if request.content_type.split(";")[0].strip() != StreamParser.media_type:
+            raise ValidationFailed("send the bytes with Content-Type: application/octet-stream")
+        device = request.auth if isinstance(request.auth, Device) else None
+        artifact, created = artifact_store(
+            chunks=_chunks(request.data),
+            uploaded_by=None if device else request.user,
+            device=device,
+            declared_sha256=request.headers.get("X-Content-SHA256"),
+        )
+        return Response(
+            {"sha256": artifact.sha256, "size": artifact.size},
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
+
+
+class ArtifactDownloadApi(APIView):
+    authentication_classes = [DeviceAuthentication, *APIView.authentication_classes]
+
+    @extend_schema(operation_id="artifact_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    def get(self, request, sha256: str):
+        if isinstance(request.auth, Device):
+            artifact = artifact_get_for_device(sha256=sha256, device=request.auth)
+        else:
+            artifact = artifact_get_for_user(sha256=sha256, user=request.user)
+        return file_response(artifact.sha256)
+
+
+def file_response(sha256: str, *, filename: str | None = None) -> FileResponse:
+    response = FileResponse(
+        get_storage().path(sha256).open("rb"),
+        content_type="application/octet-stream",
+        as_attachment=filename is not None,
+        filename=filename or sha256,
+    )
+    response["X-Content-SHA256"] = sha256
+    return response

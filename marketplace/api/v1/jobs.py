@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace.api.authentication import IsPerson
+from marketplace.api.v1.artifacts import file_response
+from marketplace.core.exceptions import Conflict
+from marketplace.jobs.models import Job
+from marketplace.jobs.selectors import job_get_for_owner, job_progress
+from marketplace.jobs.services import job_submit
+
+
+class JobOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.CharField()
+    state = serializers.ChoiceField(choices=Job.State.choices)
+    spec = serializers.JSONField()
+    units_total = serializers.IntegerField()
+    units_done = serializers.IntegerField()
+    units_error = serializers.IntegerField()
+    results_valid = serializers.IntegerField()
+    results_invalid = serializers.IntegerField()
+    results_per_unit = serializers.FloatField(allow_null=True)
+    output_sha256 = serializers.CharField(allow_null=True)
+    error = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+def job_out(job: Job) -> dict:
+    return JobOut(
+        {
+            "id": job.pk,
+            "kind": job.kind,
+            "state": job.state,
+            "spec": job.spec,
+            "output_sha256": job.output_id,
+            "error": job.error,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            **job_progress(job=job),
+        }
+    ).data
+
+
+class JobCreateApi(APIView):
+    permission_classes = [IsPerson]
+
+    class JobCreateIn(serializers.Serializer):
+        kind = serializers.CharField()
+        spec = serializers.JSONField()
+
+    @extend_schema(operation_id="job_create", request=JobCreateIn, responses={201: JobOut})
+    def post(self, request):
+        body = self.JobCreateIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        job = job_submit(owner=request.user, kind=body.validated_data["kind"], spec=body.validated_data["spec"])
+        return Response(job_out(job), status=status.HTTP_201_CREATED)
+
+
+class JobDetailApi(APIView):
+    permission_classes = [IsPerson]
+
+    @extend_schema(operation_id="job_retrieve", responses=JobOut)
+    def get(self, request, job_id: int):
+        return Response(job_out(job_get_for_owner(job_id=job_id, owner=request.user)))
+
+
+class JobOutputApi(APIView):
+    permission_classes = [IsPerson]
+
+    @extend_schema(operation_id="job_output", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    def get(self, request, job_id: int):
+        job = job_get_for_owner(job_id=job_id, owner=request.user)
+        if job.state != Job.State.COMPLETED:
+            raise Conflict(f"job {job.pk} is {job.state}; its output exists once it is completed")
+        return file_response(job.output_id, filename=f"job-{job.pk}-output.safetensors")

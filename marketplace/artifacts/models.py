@@ -1,0 +1,19 @@
+from django.conf import settings
+from django.db import models
+
+
+class Artifact(models.Model):
+    """A content-addressed blob: its name is its sha256; the bytes live in storage, never in the database."""
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    size = models.BigIntegerField()
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    uploaded_by_device = models.ForeignKey(
+        "workers.Device", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]}… ({self.size:,} bytes)"

@@ -1,0 +1,110 @@
+"""Safetensors without torch: read a header without loading data, read one tensor, write one by streaming.
+
+The header is parsed here (8-byte little-endian length, then JSON) so that a file that is not
+safetensors (a pickle, say) is refused before anything interprets its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+NUMPY_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+
+
+class TensorFileError(ValueError):
+    """The file is not a well-formed safetensors file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; raise TensorFileError saying what is wrong."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise TensorFileError("not a safetensors file: shorter than its 8-byte header length")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise TensorFileError("not a safetensors file: its header length is impossible (is it a pickle?)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise TensorFileError("not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise TensorFileError("not a safetensors file: its header is not an object")
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    tensors = {name: _tensor_info(name, entry, base, size) for name, entry in header.items()}
+    return tensors
+
+
+def _tensor_info(name: str, entry: object, base: int, size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise TensorFileError(f"tensor {name!r}: malformed header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise TensorFileError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise TensorFileError(f"tensor {name!r}: malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise TensorFileError(f"tensor {name!r}: malformed data_offsets")
+    count = 1
+    for dim in shape:
+        count *= dim
+    start, end = base + offsets[0], base + offsets[1]
+    if not (base <= start <= end <= size) or end - start != count * DTYPE_SIZES[dtype]:
+        raise TensorFileError(f"tensor {name!r}: data_offsets do not match its shape and the file size")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def read_array(path: Path, info: TensorInfo, *, rows: slice | None = None) -> np.ndarray:
+    """Read one tensor (or a slice of its first axis) into numpy, reading only those bytes."""
+    dtype = NUMPY_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise TensorFileError(f"dtype {info.dtype} cannot be read here")
+    row_shape = info.shape[1:]
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * DTYPE_SIZES[info.dtype]
+    first, last = (0, info.shape[0]) if rows is None else (rows.start, rows.stop)
+    with path.open("rb") as handle:
+        handle.seek(info.start + first * row_bytes)
+        data = handle.read((last - first) * row_bytes)
+    return np.frombuffer(data, dtype=dtype).reshape((last - first, *row_shape))
+
+
+def _header_bytes(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
+    count = 1
+    for dim in shape:
+        count *= dim
+    header = {name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, count * DTYPE_SIZES[dtype]]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_single(chunks: Iterable[bytes], *, name: str, dtype: str, shape: tuple[int, ...]) -> Iterable[bytes]:
+    """Yield a one-tensor safetensors file from the tensor's raw bytes, streamed in order."""
+    yield _header_bytes(name, dtype, shape)
+    yield from chunks
+
+
+def array_file_bytes(array: np.ndarray, *, name: str) -> bytes:
+    """A one-tensor safetensors file for a small array (a unit's input slice)."""
+    dtype = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}[array.dtype]
+    contiguous = np.ascontiguousarray(array)
+    return _header_bytes(name, dtype, contiguous.shape) + contiguous.tobytes()

@@ -1,0 +1,15 @@
+from django.contrib import admin
+
+from marketplace.jobs.models import Job
+from marketplace.jobs.selectors import job_progress
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ["pk", "kind", "owner", "state", "units_total", "created_at", "finished_at"]
+    list_filter = ["state", "kind"]
+    readonly_fields = ["progress", "output", "started_at", "finished_at", "units_total"]
+
+    @admin.display(description="progress")
+    def progress(self, job: Job) -> str:
+        return ", ".join(f"{k}={v}" for k, v in job_progress(job=job).items())

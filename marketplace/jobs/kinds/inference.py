@@ -1,0 +1,207 @@
+"""Batch inference: a registry model over a float32 tensor, split by rows, merged into one output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from math import ceil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marketplace.artifacts.models import Artifact
+from marketplace.artifacts.storage import get_storage
+from marketplace.core.exceptions import ValidationFailed
+from marketplace.core.tensors import TensorFileError, TensorInfo, array_file_bytes, read_array, read_header
+from worker_agent.architectures import ArchitectureError, resolve
+from worker_agent.protocol import is_sha256_hex
+
+DEFAULTS: dict[str, Any] = {
+    "rows_per_unit": 256,
+    "batch_size": 64,
+    "compare": {"rtol": 1e-5, "atol": 1e-6, "top1": True},
+    "quorum": 2,
+    "max_results_per_unit": 6,
+    "unit_timeout_seconds": 300,
+    "unit_memory_mb": 2048,
+}
+ALLOWED_KEYS = {"model", "dataset", *DEFAULTS}
+MAX_UNITS = 100_000
+OUTPUT_NAME = "y"
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    index: int
+    payload: dict[str, Any]
+    inputs: list[bytes]  # raw files to store as the unit's input artifacts, in payload order
+
+
+def _bounded_int(spec: dict[str, Any], key: str, low: int, high: int, errors: dict[str, str]) -> int:
+    value = spec.get(key, DEFAULTS[key])
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        errors[key] = f"must be an integer between {low} and {high}"
+        return DEFAULTS[key]
+    return value
+
+
+def _compare(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
+    compare = spec.get("compare", {})
+    if not isinstance(compare, dict) or set(compare) - {"rtol", "atol", "top1"}:
+        errors["compare"] = "must be an object with rtol, atol and top1"
+        return dict(DEFAULTS["compare"])
+    merged = {**DEFAULTS["compare"], **compare}
+    for key in ("rtol", "atol"):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            errors[f"compare.{key}"] = "must be a number between 0 and 1"
+    if not isinstance(merged["top1"], bool):
+        errors["compare.top1"] = "must be true or false"
+    return merged
+
+
+def _artifact_header(sha256: Any, field: str, errors: dict[str, str]) -> tuple[Path, dict[str, TensorInfo]] | None:
+    if not is_sha256_hex(sha256):
+        errors[field] = "must be the sha256 of an uploaded artifact (64 lowercase hex digits)"
+        return None
+    if not Artifact.objects.filter(sha256=sha256).exists():
+        errors[field] = f"no artifact {sha256} was uploaded"
+        return None
+    path = get_storage().path(sha256)
+    try:
+        return path, read_header(path)
+    except TensorFileError as exc:
+        errors[field] = str(exc)
+        return None
+
+
+def _check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], errors: dict[str, str]) -> None:
+    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or extra:
+        errors["model.weights"] = f"tensor names do not match the architecture (missing {missing}, unexpected {extra})"
+        return
+    for name, shape in expected.items():
+        if header[name].dtype != "F32" or header[name].shape != shape:
+            errors["model.weights"] = (
+                f"tensor {name!r} is {header[name].dtype}{list(header[name].shape)}, expected F32{list(shape)}"
+            )
+            return
+
+
+def validate_spec(spec: Any) -> dict[str, Any]:
+    """Check everything about an inference spec, reading only artifact headers. Returns the normalised spec."""
+    if not isinstance(spec, dict):
+        raise ValidationFailed("spec must be an object", fields={"spec": "must be an object"})
+    errors: dict[str, str] = {}
+    unknown = sorted(set(spec) - ALLOWED_KEYS)
+    if unknown:
+        errors["spec"] = f"unknown keys: {', '.join(unknown)}"
+    model = spec.get("model")
+    arch = config = None
+    if not isinstance(model, dict) or set(model) != {"architecture", "config", "weights"}:
+        errors["model"] = "must be an object with exactly architecture, config and weights"
+    else:
+        try:
+            arch, config = resolve(model["architecture"], model["config"])
+        except ArchitectureError as exc:
+            errors["model.architecture" if "architecture" in str(exc) else "model.config"] = str(exc)
+    normal: dict[str, Any] = {
+        "rows_per_unit": _bounded_int(spec, "rows_per_unit", 1, 1_000_000, errors),
+        "batch_size": _bounded_int(spec, "batch_size", 1, 65_536, errors),
+        "compare": _compare(spec, errors),
+        "quorum": _bounded_int(spec, "quorum", 2, 10, errors),
+        "max_results_per_unit": _bounded_int(spec, "max_results_per_unit", 2, 20, errors),
+        "unit_timeout_seconds": _bounded_int(spec, "unit_timeout_seconds", 1, 86_400, errors),
+        "unit_memory_mb": _bounded_int(spec, "unit_memory_mb", 256, 65_536, errors),
+    }
+    if normal["max_results_per_unit"] < normal["quorum"]:
+        errors["max_results_per_unit"] = "must be at least quorum"
+    if arch is not None and config is not None:
+        weights = _artifact_header(model["weights"], "model.weights", errors)
+        if weights is not None:
+            _check_weights(weights[1], arch.param_shapes(config), errors)
+        dataset = _artifact_header(spec.get("dataset"), "dataset", errors)
+        if dataset is not None:
+            rows = _check_dataset(dataset[1], arch.input_shape(config), errors)
+            if rows and ceil(rows / normal["rows_per_unit"]) > MAX_UNITS:
+                errors["rows_per_unit"] = f"would make more than {MAX_UNITS:,} units; use larger units"
+            normal["rows"] = rows
+    if errors:
+        raise ValidationFailed("the job spec is invalid", fields=errors)
+    normal["model"] = {"architecture": model["architecture"], "config": config, "weights": model["weights"]}
+    normal["dataset"] = spec["dataset"]
+    return normal
+
+
+def _check_dataset(header: dict[str, TensorInfo], input_shape: tuple[int, ...], errors: dict[str, str]) -> int:
+    x = header.get("x")
+    if x is None or len(header) != 1:
+        errors["dataset"] = "must hold exactly one tensor named 'x'"
+        return 0
+    if x.dtype != "F32":
+        errors["dataset"] = f"tensor 'x' must be float32 (F32), not {x.dtype}"
+        return 0
+    if len(x.shape) != 1 + len(input_shape) or tuple(x.shape[1:]) != input_shape or x.shape[0] == 0:
+        errors["dataset"] = f"tensor 'x' has shape {list(x.shape)}; the model needs [rows>0, {', '.join(map(str, input_shape))}]"
+        return 0
+    return x.shape[0]
+
+
+def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
+    """Slice the dataset by rows, one input file per unit, reading one slice at a time."""
+    path = get_storage().path(spec["dataset"])
+    x = read_header(path)["x"]
+    _, config = resolve(spec["model"]["architecture"], spec["model"]["config"])
+    out_dim = config["out_features"]
+    step = spec["rows_per_unit"]
+    for index, start in enumerate(range(0, x.shape[0], step)):
+        rows = read_array(path, x, rows=slice(start, min(start + step, x.shape[0])))
+        payload = {
+            "kind": "inference",
+            "model": spec["model"],
+            "inputs": {"x": None},  # filled with the slice's sha256 when stored
+            "rows": int(rows.shape[0]),
+            "batch_size": spec["batch_size"],
+            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [int(rows.shape[0]), out_dim]},
+            "limits": {"seconds": spec["unit_timeout_seconds"], "memory_mb": spec["unit_memory_mb"]},
+        }
+        yield UnitPlan(index=index, payload=payload, inputs=[array_file_bytes(rows, name="x")])
+
+
+def check_output(payload: dict[str, Any], path: Path) -> None:
+    """Refuse an output that is not the one float32 tensor of the expected shape."""
+    header = read_header(path)
+    expected = payload["output"]
+    info = header.get(expected["name"])
+    if info is None or len(header) != 1:
+        raise TensorFileError(f"the output must hold exactly one tensor named {expected['name']!r}")
+    if info.dtype != "F32" or list(info.shape) != expected["shape"]:
+        raise TensorFileError(f"the output is {info.dtype}{list(info.shape)}, expected F32{expected['shape']}")
+
+
+def outputs_agree(spec: dict[str, Any], a: Path, b: Path) -> bool:
+    """Tolerance-aware comparison: allclose within the job's rtol/atol, and (for logits) the same top-1 class."""
+    ya, yb = (read_array(p, read_header(p)[OUTPUT_NAME]) for p in (a, b))
+    if ya.shape != yb.shape or not (np.isfinite(ya).all() and np.isfinite(yb).all()):
+        return False
+    compare = spec["compare"]
+    if not np.allclose(ya, yb, rtol=compare["rtol"], atol=compare["atol"]):
+        return False
+    return not compare["top1"] or bool((ya.argmax(axis=1) == yb.argmax(axis=1)).all())
+
+
+def merged_shape(spec: dict[str, Any]) -> tuple[int, int]:
+    return spec["rows"], spec["model"]["config"]["out_features"]
+
+
+def output_rows_bytes(path: Path) -> Iterator[bytes]:
+    """A unit output's raw tensor bytes, in chunks, for the streamed merge."""
+    info = read_header(path)[OUTPUT_NAME]
+    with path.open("rb") as handle:
+        handle.seek(info.start)
+        remaining = info.end - info.start
+        while remaining:
+            chunk = handle.read(min(remaining, 1024 * 1024))
+            remaining -= len(chunk)
+            yield chunk

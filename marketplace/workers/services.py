@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from marketplace.accounts.models import EnrollmentToken
+from marketplace.core.exceptions import Forbidden, ValidationFailed
+from marketplace.workers.models import Device
+from worker_agent.protocol import b64decode, enroll_message
+
+# Facts that change numerics; two devices equal on all of them may be compared by exact digest.
+HARDWARE_CLASS_FACTS = ("os", "machine", "cpu_flags", "torch_version", "device_type", "dtype")
+MAX_HARDWARE_JSON = 8192
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def enrollment_token_create(*, owner: AbstractBaseUser) -> tuple[str, EnrollmentToken]:
+    """A one-time enrolment token; the plain text is returned once and never stored."""
+    token = "enr_" + secrets.token_urlsafe(24)
+    row = EnrollmentToken.objects.create(
+        owner=owner,
+        token_hash=_hash_secret(token),
+        expires_at=timezone.now() + timedelta(seconds=settings.IDLEGRID_ENROLLMENT_TOKEN_SECONDS),
+    )
+    return token, row
+
+
+def hardware_class_of(hardware: dict[str, Any]) -> str:
+    facts = {key: hardware.get(key) for key in HARDWARE_CLASS_FACTS}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _check_enrollment(*, name: Any, public_key_b64: Any, hardware: Any, proof_b64: Any, token: str) -> bytes:
+    fields: dict[str, str] = {}
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 100:
+        fields["name"] = "a device name of 1 to 100 characters is required"
+    if not isinstance(hardware, dict) or len(json.dumps(hardware)) > MAX_HARDWARE_JSON:
+        fields["hardware"] = f"an object of at most {MAX_HARDWARE_JSON} bytes of JSON is required"
+    try:
+        public_key = b64decode(public_key_b64)
+        if len(public_key) != 32:
+            raise ValueError
+        key = Ed25519PublicKey.from_public_bytes(public_key)
+    except (ValueError, TypeError, AttributeError):
+        fields["public_key"] = "must be a raw 32-byte Ed25519 public key, base64"
+        key = None
+    if key is not None:
+        try:
+            key.verify(b64decode(proof_b64), enroll_message(token=token, public_key_b64=public_key_b64))
+        except (InvalidSignature, ValueError, TypeError, AttributeError):
+            fields["proof"] = "is not a signature of the enrolment message by that key"
+    if fields:
+        raise ValidationFailed("the enrolment request is invalid", fields=fields)
+    return public_key
+
+
+def device_enroll(
+    *, token: Any, name: Any, public_key_b64: Any, hardware: Any, proof_b64: Any
+) -> tuple[Device, str]:
+    """Register a device under the token's owner; the token is spent. Returns (device, device_secret)."""
+    if not isinstance(token, str) or not token:
+        raise ValidationFailed("an enrolment token is required", fields={"token": "required"})
+    public_key = _check_enrollment(
+        name=name, public_key_b64=public_key_b64, hardware=hardware, proof_b64=proof_b64, token=token
+    )
+    secret = secrets.token_urlsafe(32)
+    now = timezone.now()
+    with transaction.atomic():
+        row = EnrollmentToken.objects.select_related("owner").filter(token_hash=_hash_secret(token)).first()
+        if row is None or row.expires_at < now:
+            raise Forbidden("the enrolment token is unknown or expired")
+        device = Device.objects.create(
+            owner=row.owner,
+            name=name.strip(),
+            public_key=public_key,
+            secret_hash=_hash_secret(secret),
+            hardware=hardware,
+            hardware_class=hardware_class_of(hardware),
+            last_seen_at=now,
+        )
+        # Spend the token by conditional UPDATE: of two concurrent enrolments only one wins.
+        spent = EnrollmentToken.objects.filter(pk=row.pk, used_at__isnull=True).update(used_at=now, device=device)
+        if spent != 1:
+            raise Forbidden("the enrolment token was already used")
+    return device, secret
+
+
+def device_authenticate(*, device_id: str, secret: str) -> Device | None:
+    if not device_id.isdigit():
+        return None
+    device = Device.objects.select_related("owner").filter(pk=int(device_id)).first()
+    if device is None or not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):
+        return None
+    return device

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class WorkunitsConfig(AppConfig):
+    name = "marketplace.workunits"
+    label = "workunits"

@@ -1,0 +1,81 @@
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class WorkUnit(models.Model):
+    """One verifiable piece of a job. pending -> done (has a canonical result) or error."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        ERROR = "error"
+
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="units")
+    index = models.PositiveIntegerField()
+    payload = models.JSONField()
+    inputs = models.ManyToManyField("artifacts.Artifact", related_name="+")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    quorum = models.PositiveSmallIntegerField(default=2)
+    max_results = models.PositiveSmallIntegerField(default=6)
+    results_created = models.PositiveSmallIntegerField(default=0)
+    # Set by a report, cleared by validation: the validator's work queue survives a lost broker message.
+    need_validate = models.BooleanField(default=False)
+    canonical_result = models.ForeignKey(
+        "workunits.Result", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="unit_index_unique_per_job")]
+        indexes = [
+            models.Index(fields=["job", "state"]),
+            models.Index(fields=["id"], condition=Q(need_validate=True), name="unit_need_validate"),
+        ]
+
+    def __str__(self) -> str:
+        return f"unit {self.pk} (job {self.job_id} #{self.index}, {self.state})"
+
+
+class Result(models.Model):
+    """One replica of a unit: created unsent, leased to one device until a deadline, then reported and judged."""
+
+    class State(models.TextChoices):
+        UNSENT = "unsent"
+        IN_PROGRESS = "in_progress"
+        REPORTED = "reported"
+        VALID = "valid"
+        INVALID = "invalid"
+        EXPIRED = "expired"
+        CLIENT_ERROR = "client_error"
+        CANCELLED = "cancelled"
+
+    unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="results")
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="results")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.UNSENT)
+    device = models.ForeignKey("workers.Device", null=True, blank=True, on_delete=models.PROTECT, related_name="results")
+    # Denormalised from device.owner so the lease query can keep two replicas of a unit off one owner.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    leased_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+    output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    signature = models.BinaryField(max_length=64, null=True, blank=True)
+    elapsed_seconds = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            # The lease query reads only unsent rows; finished rows never enter this index.
+            models.Index(fields=["id"], condition=Q(state="unsent"), name="result_unsent"),
+            models.Index(fields=["lease_expires_at"], condition=Q(state="in_progress"), name="result_in_progress"),
+            models.Index(fields=["unit", "owner"]),
+            models.Index(fields=["job", "state"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"result {self.pk} (unit {self.unit_id}, {self.state})"

@@ -1,0 +1,123 @@
+"""Agents report results (or give up on them). Both are conditional state moves on one row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from django.db import transaction
+from django.utils import timezone
+
+from marketplace.artifacts.models import Artifact
+from marketplace.artifacts.storage import get_storage
+from marketplace.core.exceptions import AlreadyReported, Forbidden, LeaseExpired, NotFound, ValidationFailed
+from marketplace.core.tensors import TensorFileError
+from marketplace.jobs.kinds import kind_module
+from marketplace.workers.models import Device
+from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.replicas import replica_issue
+from worker_agent.protocol import b64decode, is_sha256_hex, result_message
+
+MAX_METRICS_KEYS = 32
+
+
+def _leased_result(*, device: Device, result_id: int) -> Result:
+    result = Result.objects.select_related("unit").filter(pk=result_id).first()
+    if result is None:
+        raise NotFound(f"no result {result_id}")
+    if result.device_id != device.pk:
+        raise Forbidden(f"result {result_id} is not leased to this device")
+    if result.state in (Result.State.REPORTED, Result.State.VALID, Result.State.INVALID):
+        raise AlreadyReported(f"result {result_id} was already reported")
+    if result.state != Result.State.IN_PROGRESS or result.lease_expires_at < timezone.now():
+        raise LeaseExpired(f"the lease on result {result_id} expired; the unit was given to another device")
+    return result
+
+
+def _check_signature(device: Device, result: Result, output_sha256: str, signature_b64: Any) -> bytes:
+    message = result_message(
+        result_id=result.pk, unit_id=result.unit_id, device_id=device.pk, output_sha256=output_sha256
+    )
+    try:
+        signature = b64decode(signature_b64)
+        Ed25519PublicKey.from_public_bytes(bytes(device.public_key)).verify(signature, message)
+    except (InvalidSignature, ValueError, TypeError, AttributeError):
+        raise ValidationFailed(
+            "the signature does not verify with this device's key over this lease, unit and output",
+            fields={"signature": "invalid"},
+        ) from None
+    return signature
+
+
+def _check_output(result: Result, output_sha256: Any) -> None:
+    if not is_sha256_hex(output_sha256):
+        raise ValidationFailed("output_sha256 must be 64 lowercase hex digits", fields={"output_sha256": "invalid"})
+    if not Artifact.objects.filter(sha256=output_sha256).exists():
+        raise ValidationFailed("upload the output artifact before reporting it", fields={"output_sha256": "unknown"})
+    try:
+        kind_module(result.unit.payload["kind"]).check_output(result.unit.payload, get_storage().path(output_sha256))
+    except TensorFileError as exc:
+        raise ValidationFailed(f"the output is refused: {exc}", fields={"output_sha256": str(exc)}) from None
+
+
+def _check_extras(elapsed_seconds: Any, metrics: Any) -> None:
+    if elapsed_seconds is not None and (
+        isinstance(elapsed_seconds, bool) or not isinstance(elapsed_seconds, int | float) or elapsed_seconds < 0
+    ):
+        raise ValidationFailed("elapsed_seconds must be a non-negative number", fields={"elapsed_seconds": "invalid"})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS_KEYS:
+        raise ValidationFailed(f"metrics must be an object of at most {MAX_METRICS_KEYS} keys", fields={"metrics": "invalid"})
+
+
+def result_report(
+    *,
+    device: Device,
+    result_id: int,
+    output_sha256: Any,
+    signature_b64: Any,
+    elapsed_seconds: Any = None,
+    metrics: Any = None,
+) -> Result:
+    """Accept a signed output for a live lease and queue the unit for validation."""
+    from marketplace.workunits.tasks import validate_unit
+
+    metrics = {} if metrics is None else metrics
+    result = _leased_result(device=device, result_id=result_id)
+    _check_extras(elapsed_seconds, metrics)
+    _check_output(result, output_sha256)
+    signature = _check_signature(device, result, output_sha256, signature_b64)
+    now = timezone.now()
+    with transaction.atomic():
+        moved = Result.objects.filter(
+            pk=result.pk, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
+        ).update(
+            state=Result.State.REPORTED,
+            output_id=output_sha256,
+            signature=signature,
+            reported_at=now,
+            elapsed_seconds=elapsed_seconds,
+            metrics=metrics,
+        )
+        if moved != 1:
+            raise LeaseExpired(f"the lease on result {result_id} expired before the report arrived")
+        WorkUnit.objects.filter(pk=result.unit_id).update(need_validate=True)
+        validate_unit.delay_on_commit(result.unit_id)
+    result.state = Result.State.REPORTED
+    return result
+
+
+def result_fail(*, device: Device, result_id: int, error: Any) -> Result:
+    """The agent could not compute the unit: free the lease now so another device gets a replica."""
+    if not isinstance(error, str) or len(error) > 4000:
+        raise ValidationFailed("error must be a text of at most 4000 characters", fields={"error": "invalid"})
+    result = _leased_result(device=device, result_id=result_id)
+    with transaction.atomic():
+        moved = Result.objects.filter(pk=result.pk, device=device, state=Result.State.IN_PROGRESS).update(
+            state=Result.State.CLIENT_ERROR, error=error, reported_at=timezone.now()
+        )
+        if moved != 1:
+            raise LeaseExpired(f"the lease on result {result_id} is no longer held")
+        replica_issue(unit_id=result.unit_id, reason=f"a device gave up: {error[:200]}")
+    result.state = Result.State.CLIENT_ERROR
+    return result

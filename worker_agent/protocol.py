@@ -1,0 +1,45 @@
+"""Wire definitions shared by the agent and the marketplace (the marketplace imports these; never the reverse).
+
+Kept free of third-party imports beyond `cryptography` so both sides agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+PROTOCOL_VERSION = 1
+TASK_KINDS = ("inference",)
+MAX_LEASE_BATCH = 64
+DEVICE_AUTH_SCHEME = "Device"
+
+
+def result_message(*, result_id: int, unit_id: int, device_id: int, output_sha256: str) -> bytes:
+    """What a device signs when it reports: binds the output to one lease, unit and device (no replay)."""
+    return f"idlegrid-result-v1\n{result_id}\n{unit_id}\n{device_id}\n{output_sha256}".encode()
+
+
+def enroll_message(*, token: str, public_key_b64: str) -> bytes:
+    """What a new device signs at enrolment, proving it holds the private key of the key it registers."""
+    return f"idlegrid-enroll-v1\n{token}\n{public_key_b64}".encode()
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_sha256_hex(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdef" for c in value)
+    )
