@@ -12,6 +12,9 @@ from rest_framework.views import exception_handler as drf_handler
 
 from marketplace.core.exceptions import ApplicationError
 
+# DRF's own codes for these, renamed to the ones docs/protocol.md promises ("Errors").
+_PROTOCOL_CODES = {"authentication_failed": "not_authenticated", "permission_denied": "forbidden", "parse_error": "invalid"}
+
 
 def _body(code: str, message: str, fields: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "fields": fields or {}}}
@@ -31,5 +34,6 @@ def handle(exc: Exception, context: dict) -> Response | None:
         response.data = _body("invalid", "the request is invalid", exc.detail)
     elif isinstance(exc, exceptions.APIException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        response.data = _body(str(exc.default_code), detail)
+        code = str(exc.default_code)
+        response.data = _body(_PROTOCOL_CODES.get(code, code), detail)
     return response

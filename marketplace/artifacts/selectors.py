@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q
+from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
 from marketplace.core.exceptions import NotFound
@@ -26,7 +27,7 @@ def artifact_get_for_device(*, sha256: str, device: Device) -> Artifact:
     if artifact is None:
         raise NotFound(f"no artifact {sha256}")
     leased = Result.objects.filter(
-        Q(device=device, state=Result.State.IN_PROGRESS) & Q(unit__inputs=artifact)
+        Q(device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=timezone.now()) & Q(unit__inputs=artifact)
     ).exists()
     if leased or artifact.uploaded_by_device_id == device.pk:
         return artifact

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
-from rest_framework import parsers, serializers, status
+from rest_framework import exceptions, parsers, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -11,7 +11,6 @@ from marketplace.api.authentication import DeviceAuthentication
 from marketplace.artifacts.selectors import artifact_get_for_device, artifact_get_for_user
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
-from marketplace.core.exceptions import ValidationFailed
 from marketplace.workers.models import Device
 
 CHUNK = 1024 * 1024
@@ -49,7 +48,10 @@ class ArtifactUploadApi(APIView):
     )
     def post(self, request):
         if request.content_type.split(";")[0].strip() != StreamParser.media_type:
-            raise ValidationFailed("send the bytes with Content-Type: application/octet-stream")
+            # 415 as the protocol says, before DRF would pick a parser for the body
+            raise exceptions.UnsupportedMediaType(
+                request.content_type, detail="send the bytes with Content-Type: application/octet-stream"
+            )
         device = request.auth if isinstance(request.auth, Device) else None
         artifact, created = artifact_store(
             chunks=_chunks(request.data),

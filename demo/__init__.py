@@ -1,0 +1,1 @@
+"""The Idlegrid demo and the process cluster it (and the end-to-end tests) run on."""

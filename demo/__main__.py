@@ -1,0 +1,185 @@
+"""The Idlegrid demo: one batch-inference job computed by three volunteer agents (one faulty on purpose),
+checked by quorum, merged, and compared with the same model run locally.
+
+    bin/demo                # embedded defaults: SQLite, filesystem broker, files under var/demo
+    bin/demo --keep         # leave var/demo and the logs for a look afterwards
+
+Its last line is one JSON object of the figures; it exits non-zero if the job fails, the faulty
+device is not caught, or the accuracies differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from safetensors.numpy import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from demo import digits
+from demo.cluster import ROOT, Cluster
+from marketplace.core.tensors import array_file_bytes
+
+console = Console(stderr=True)
+AGENTS = [("alice", "alice-laptop", False), ("bob", "bob-desktop", False), ("mallory", "mallory-box", True)]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bin/demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--var-dir", type=Path, default=ROOT / "var" / "demo", help="wiped at start (default var/demo)")
+    parser.add_argument("--rows-per-unit", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the job")
+    parser.add_argument("--keep", action="store_true", help="keep var dir and logs after a successful run")
+    return parser.parse_args()
+
+
+class Api:
+    def __init__(self, url: str, token: str) -> None:
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=60)
+
+    def upload(self, data: bytes) -> str:
+        response = self.http.post("/api/v1/artifacts/", content=data, headers={"Content-Type": "application/octet-stream"})
+        response.raise_for_status()
+        return response.json()["sha256"]
+
+    def get(self, path: str) -> httpx.Response:
+        response = self.http.get(path)
+        response.raise_for_status()
+        return response
+
+
+def submit(api: Api, model, x_test: np.ndarray, args: argparse.Namespace) -> int:
+    weights = api.upload(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
+    dataset = api.upload(array_file_bytes(x_test, name="x"))
+    spec = {"model": {**digits.CNN, "weights": weights}, "dataset": dataset,
+            "rows_per_unit": args.rows_per_unit, "batch_size": args.batch_size}
+    response = api.http.post("/api/v1/jobs/", json={"kind": "inference", "spec": spec})
+    if response.status_code != 201:
+        raise SystemExit(f"the job was refused: {response.text}")
+    return response.json()["id"]
+
+
+def follow(api: Api, job_id: int, cluster: Cluster, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    columns = [TextColumn("[bold]job {task.fields[job]}[/] {task.fields[state]:<9}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} units  valid {task.fields[valid]}  invalid {task.fields[invalid]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("job", total=None, job=job_id, state="pending", valid=0, invalid=0)
+        while True:
+            job = api.get(f"/api/v1/jobs/{job_id}/").json()
+            progress.update(bar, total=job["units_total"] or None, completed=job["units_done"], state=job["state"],
+                            valid=job["results_valid"], invalid=job["results_invalid"])
+            if job["state"] in ("completed", "failed"):
+                return job
+            dead = [p.name for p in cluster.processes if not p.alive() and not p.name.startswith("agent")]
+            if dead:
+                raise SystemExit(f"{', '.join(dead)} died; see {cluster.var_dir / 'logs'}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"job {job_id} did not finish within {timeout:.0f}s (state {job['state']})")
+            time.sleep(0.5)
+
+
+def main() -> int:
+    args = parse_args()
+    started = time.monotonic()
+    shutil.rmtree(args.var_dir, ignore_errors=True)
+    args.var_dir.mkdir(parents=True)
+    cluster = Cluster(var_dir=args.var_dir, env_overrides={"IDLEGRID_SWEEP_SECONDS": "2"})
+    ok = False
+    try:
+        console.print(f"[bold]Idlegrid demo[/] — files and logs under {args.var_dir}")
+        console.print("• migrating the database and creating accounts")
+        cluster.migrate()
+        submitter = cluster.account("submitter")
+        owners = {owner: cluster.account(owner) for owner, _, _ in AGENTS}
+        console.print("• starting gunicorn, Celery worker and Celery beat")
+        cluster.start_services()
+        for owner, device, faulty in AGENTS:
+            state_dir = cluster.enroll_agent(name=device, owner_token=owners[owner])
+            cluster.start_agent(device, state_dir, "--batch", "2", "--poll", "1", *(["--faulty", "wrong"] if faulty else []))
+            console.print(f"• agent {device} of {owner} enrolled and running{' [red](faulty on purpose)[/]' if faulty else ''}")
+
+        console.print("• training a small CNN on scikit-learn's digits")
+        data = digits.load()
+        t0 = time.monotonic()
+        model = digits.train(data)
+        local_logits = digits.predict_logits(model, data.x_test, batch_size=args.batch_size)
+        local_accuracy = float((local_logits.argmax(1) == data.y_test).mean())
+        console.print(f"  trained in {time.monotonic() - t0:.1f}s; local held-out accuracy {local_accuracy:.4f}")
+
+        api = Api(cluster.url, submitter)
+        job_id = submit(api, model, data.x_test, args)
+        console.print(f"• submitted job {job_id}: batch inference over {len(data.x_test)} held-out digits")
+        job = follow(api, job_id, cluster, args.timeout)
+        summary = summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started)
+        ok = summary["ok"]
+        print_summary(summary)
+        print(json.dumps(summary))
+        return 0 if ok else 1
+    finally:
+        cluster.stop_all()
+        if ok and not args.keep:
+            shutil.rmtree(args.var_dir, ignore_errors=True)
+        elif not ok:
+            console.print(f"logs kept in {args.var_dir / 'logs'}")
+
+
+def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started) -> dict:
+    summary: dict = {"job_id": job["id"], "state": job["state"], "units": job["units_total"],
+                     "units_done": job["units_done"], "results_valid": job["results_valid"],
+                     "results_invalid": job["results_invalid"], "results_per_unit": job["results_per_unit"]}
+    devices = []
+    for owner, device_name, faulty in AGENTS:
+        for device in Api(cluster.url, owners[owner]).get("/api/v1/devices/").json():
+            devices.append({"device": device["name"], "owner": owner, "faulty_on_purpose": faulty,
+                            "valid": device["valid_results"], "invalid": device["invalid_results"]})
+    summary["devices"] = devices
+    caught = [d["device"] for d in devices if d["invalid"] > 0]
+    summary["faulty_devices_caught"] = caught
+    faulty = [d for d in devices if d["faulty_on_purpose"]]
+    summary["faulty_caught"] = bool(faulty) and all(d["invalid"] > 0 and d["valid"] == 0 for d in faulty) and all(
+        d["invalid"] == 0 for d in devices if not d["faulty_on_purpose"])
+    if job["state"] == "completed":
+        merged = load_safetensors(api.get(f"/api/v1/jobs/{job['id']}/output/").content)["y"]
+        summary["accuracy_marketplace"] = float((merged.argmax(1) == data.y_test).mean())
+        summary["max_abs_diff_vs_local"] = float(np.abs(merged - local_logits).max())
+    else:
+        summary["error"] = job["error"]
+        summary["accuracy_marketplace"] = None
+    summary["accuracy_local"] = local_accuracy
+    summary["accuracies_match"] = summary["accuracy_marketplace"] == local_accuracy
+    summary["wall_seconds"] = round(time.monotonic() - started, 2)
+    summary["ok"] = job["state"] == "completed" and summary["faulty_caught"] and summary["accuracies_match"]
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"job {summary['job_id']}: {summary['state']}", show_header=False)
+    for label, key in [("units (done/total)", None), ("results valid", "results_valid"),
+                       ("results invalid", "results_invalid"), ("results per unit", "results_per_unit"),
+                       ("faulty device caught", "faulty_devices_caught"), ("accuracy, merged job output", "accuracy_marketplace"),
+                       ("accuracy, same model run locally", "accuracy_local"), ("max |merged - local| logit", "max_abs_diff_vs_local"),
+                       ("wall time (s)", "wall_seconds")]:
+        value = f"{summary['units_done']}/{summary['units']}" if key is None else summary.get(key)
+        table.add_row(label, ", ".join(value) if isinstance(value, list) else str(value))
+    console.print(table)
+    devices = Table("device", "owner", "valid", "invalid", "faulty on purpose", title="devices")
+    for d in summary["devices"]:
+        devices.add_row(d["device"], d["owner"], str(d["valid"]), str(d["invalid"]), "yes" if d["faulty_on_purpose"] else "")
+    console.print(devices)
+    console.print("[green]demo passed[/]" if summary["ok"] else "[red]demo FAILED[/]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Run the marketplace as production does, one process per part, on loopback: gunicorn, a Celery
+worker, Celery beat, and any number of agents. Used by the demo and by the end-to-end tests.
+Every process starts in its own session and is stopped by its process group, always."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, *, timeout: float = 15.0) -> int | None:
+        """SIGTERM the process group, wait, then SIGKILL whatever is left."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5)
+        try:  # children that outlived their leader
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.popen.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    var_dir: Path
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    web_workers: int = 2
+    port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "marketplace.settings",
+                "IDLEGRID_VAR_DIR": str(self.var_dir),
+                "PYTHONPATH": str(ROOT),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env_overrides)
+        return env
+
+    def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None) -> Process:
+        logs = self.var_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        popen = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env or self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def manage(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    def migrate(self) -> None:
+        self.manage("migrate", "--no-input", "-v", "0")
+
+    def account(self, username: str) -> str:
+        """Create an account and return its API token."""
+        return json.loads(self.manage("account_create", username, "--exists-ok"))["token"]
+
+    def start_services(self, *, beat: bool = True) -> None:
+        py = sys.executable
+        self.start(
+            "web",
+            [py, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{self.port}",
+             "--workers", str(self.web_workers), "--timeout", "120", "--graceful-timeout", "5"],
+        )
+        self.start(
+            "celery-worker",
+            [py, "-m", "celery", "-A", "marketplace", "worker", "--pool=prefork", "--concurrency=2",
+             "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        )
+        if beat:
+            self.start(
+                "celery-beat",
+                [py, "-m", "celery", "-A", "marketplace", "beat", "--loglevel=INFO",
+                 "--schedule", str(self.var_dir / "celerybeat-schedule")],
+            )
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                if not process.alive():
+                    raise RuntimeError(f"{process.name} exited early:\n{process.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the web server did not answer within {timeout:.0f}s")
+
+    def agent_env(self, state_dir: Path) -> dict[str, str]:
+        env = dict(self.env)
+        env["IDLEGRID_AGENT_HOME"] = str(state_dir)
+        for key in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"):
+            env.pop(key, None)  # the agent knows only the REST API
+        return env
+
+    def enroll_agent(self, *, name: str, owner_token: str) -> Path:
+        """Enrol a device for the owner (an enrolment token from the API, then `idlegrid-agent enroll`)."""
+        state_dir = self.var_dir / "agents" / name
+        enrollment = httpx.post(
+            f"{self.url}/api/v1/enrollment-tokens/", headers={"Authorization": f"Token {owner_token}"}, timeout=30
+        )
+        enrollment.raise_for_status()
+        done = subprocess.run(
+            [sys.executable, "-m", "worker_agent", "--state-dir", str(state_dir), "enroll", "--server", self.url,
+             "--token", enrollment.json()["token"], "--name", name],
+            cwd=ROOT, env=self.agent_env(state_dir), capture_output=True, text=True, timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"enrolling {name} failed:\n{done.stdout}\n{done.stderr}")
+        return state_dir
+
+    def start_agent(self, name: str, state_dir: Path, *extra: str, python_flags: tuple[str, ...] = ()) -> Process:
+        return self.start(
+            f"agent-{name}",
+            [sys.executable, *python_flags, "-m", "worker_agent", "--state-dir", str(state_dir), "run", *extra],
+            env=self.agent_env(state_dir),
+        )
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()

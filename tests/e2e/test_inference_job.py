@@ -1,0 +1,117 @@
+"""A whole inference job through real processes: web server, Celery worker and beat, agent processes."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+
+from marketplace.workers.models import Device
+from marketplace.workunits.models import Result, WorkUnit
+from tests.e2e.conftest import Client, enrolled, mlp_job
+
+
+def _owners(cluster, *names):
+    return [Client(cluster, name) for name in names]
+
+
+def test_a_job_is_computed_by_agents_checked_by_quorum_and_merged(cluster):
+    submitter, alice, bob, mallory = _owners(cluster, "submitter", "alice", "bob", "mallory")
+    job_id, expected = mlp_job(submitter, rows=40, rows_per_unit=10)
+    for owner, name, extra in [(alice, "alice-1", []), (bob, "bob-1", []), (mallory, "mallory-1", ["--faulty", "wrong"])]:
+        cluster.start_agent(name, enrolled(cluster, owner, name), "--batch", "1", "--poll", "0.5", *extra)
+
+    job = submitter.wait_for_job(job_id, cluster)
+
+    assert job["state"] == "completed", job
+    assert job["units_done"] == job["units_total"] == 4
+    merged = load_safetensors(submitter.http.get(f"/api/v1/jobs/{job_id}/output/").content)["y"]
+    np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
+    assert (merged.argmax(1) == expected.argmax(1)).all()
+    faulty = Device.objects.get(name="mallory-1")
+    assert faulty.valid_results == 0
+    assert not WorkUnit.objects.filter(job_id=job_id, canonical_result__device=faulty).exists()
+    assert Result.objects.filter(job_id=job_id, device=faulty, state=Result.State.VALID).count() == 0
+    honest = Device.objects.filter(name__in=["alice-1", "bob-1"])
+    assert sum(d.valid_results for d in honest) >= 2 * job["units_total"]
+
+
+def test_the_faulty_agent_is_caught_whenever_it_computes(cluster):
+    submitter, alice, mallory = _owners(cluster, "submitter", "alice", "mallory")
+    job_id, _ = mlp_job(submitter, rows=30, rows_per_unit=10)
+    # The faulty agent goes first so that it certainly takes replicas.
+    cluster.start_agent("mallory-1", enrolled(cluster, mallory, "mallory-1"), "--batch", "3", "--poll", "0.5", "--faulty", "wrong")
+    _wait_until(lambda: Result.objects.filter(job_id=job_id, device__name="mallory-1").exclude(
+        state=Result.State.IN_PROGRESS).count() >= 3)
+    cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "1", "--poll", "0.5")
+    bob = Client(cluster, "bob")
+    cluster.start_agent("bob-1", enrolled(cluster, bob, "bob-1"), "--batch", "1", "--poll", "0.5")
+
+    job = submitter.wait_for_job(job_id, cluster)
+
+    assert job["state"] == "completed", job
+    faulty = Device.objects.get(name="mallory-1")
+    assert faulty.invalid_results >= 3 and faulty.valid_results == 0
+    assert job["results_invalid"] >= 3
+    assert not WorkUnit.objects.filter(job_id=job_id, canonical_result__device=faulty).exists()
+
+
+def test_an_agent_killed_mid_unit_has_its_unit_reissued_and_the_job_completes(cluster):
+    submitter, alice, bob, carol = _owners(cluster, "submitter", "alice", "bob", "carol")
+    job_id, expected = mlp_job(submitter, rows=20, rows_per_unit=10)
+    victim = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "1", "--poll", "0.5")
+    _wait_until(lambda: Result.objects.filter(device__name="alice-1", state=Result.State.IN_PROGRESS).exists(), step=0.02)
+    killed = Result.objects.get(device__name="alice-1", state=Result.State.IN_PROGRESS)
+    victim.signal(signal.SIGKILL)  # the whole process group: agent and its compute child
+    victim.popen.wait(10)
+
+    for owner, name in [(bob, "bob-1"), (carol, "carol-1")]:
+        cluster.start_agent(name, enrolled(cluster, owner, name), "--batch", "1", "--poll", "0.5")
+    job = submitter.wait_for_job(job_id, cluster)
+
+    assert job["state"] == "completed", job
+    killed.refresh_from_db()
+    assert killed.state == Result.State.EXPIRED
+    unit = WorkUnit.objects.get(pk=killed.unit_id)
+    assert unit.results_created == 3  # two first replicas and the one reissued for the dead lease
+    assert unit.canonical_result.device.name in {"bob-1", "carol-1"}
+    merged = load_safetensors(submitter.http.get(f"/api/v1/jobs/{job_id}/output/").content)["y"]
+    np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
+    submitter, alice = _owners(cluster, "submitter", "alice")
+    job_id, _ = mlp_job(submitter, rows=20, rows_per_unit=10)
+    agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "2", "--poll", "0.5")
+    _wait_until(lambda: Result.objects.filter(device__name="alice-1", state=Result.State.IN_PROGRESS).exists(), step=0.02)
+    agent.signal(signal.SIGTERM)
+
+    assert agent.popen.wait(60) == 0, agent.log_tail()
+    states = sorted(Result.objects.filter(device__name="alice-1").values_list("state", flat=True))
+    # the unit it was computing was reported; the one it had not started was given back at once
+    assert states == [Result.State.CLIENT_ERROR, Result.State.REPORTED], (states, agent.log_tail())
+
+
+def test_the_agent_process_loads_neither_django_nor_torch(cluster):
+    submitter, alice = _owners(cluster, "submitter", "alice")
+    job_id, _ = mlp_job(submitter, rows=10, rows_per_unit=10)
+    agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--burst", "--max-units", "1",
+                                python_flags=("-X", "importtime"))
+
+    assert agent.popen.wait(120) == 0, agent.log_tail()
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in agent.log_path.read_text().splitlines()
+                if line.startswith("import time:")}
+    assert "worker_agent" in imported and "httpx" in imported  # the trace is real
+    assert not imported & {"django", "celery", "web3", "marketplace", "torch"}
+    assert Result.objects.filter(job_id=job_id, device__name="alice-1", state=Result.State.REPORTED).count() == 1
+
+
+def _wait_until(condition, *, timeout: float = 60, step: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(step)
+    raise AssertionError("the condition did not come true in time")
