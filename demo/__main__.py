@@ -140,7 +140,7 @@ def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, sta
                      "units_done": job["units_done"], "results_valid": job["results_valid"],
                      "results_invalid": job["results_invalid"], "results_per_unit": job["results_per_unit"]}
     devices = []
-    for owner, device_name, faulty in AGENTS:
+    for owner, _device, faulty in AGENTS:
         for device in Api(cluster.url, owners[owner]).get("/api/v1/devices/").json():
             devices.append({"device": device["name"], "owner": owner, "faulty_on_purpose": faulty,
                             "valid": device["valid_results"], "invalid": device["invalid_results"]})

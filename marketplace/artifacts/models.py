@@ -13,6 +13,8 @@ class Artifact(models.Model):
     uploaded_by_device = models.ForeignKey(
         "workers.Device", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Everyone who uploaded these bytes may use them (content addressing dedups across people).
+    owners = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -16,7 +16,7 @@ def artifact_get_for_user(*, sha256: str, user: AbstractBaseUser) -> Artifact:
     artifact = Artifact.objects.filter(sha256=sha256).first()
     if artifact is None:
         raise NotFound(f"no artifact {sha256}")
-    if artifact.uploaded_by_id == user.pk or Job.objects.filter(owner=user, output=artifact).exists():
+    if artifact.owners.filter(pk=user.pk).exists() or Job.objects.filter(owner=user, output=artifact).exists():
         return artifact
     raise NotFound(f"no artifact {sha256}")  # do not reveal that someone else's artifact exists
 

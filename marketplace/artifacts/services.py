@@ -26,9 +26,12 @@ def artifact_store(
     sha256, size = get_storage().save(
         chunks, max_bytes=max_bytes or settings.IDLEGRID_MAX_ARTIFACT_BYTES, declared_sha256=declared_sha256
     )
-    return Artifact.objects.get_or_create(
+    artifact, created = Artifact.objects.get_or_create(
         sha256=sha256, defaults={"size": size, "uploaded_by": uploaded_by, "uploaded_by_device": device}
     )
+    if uploaded_by is not None:
+        artifact.owners.add(uploaded_by)
+    return artifact, created
 
 
 def artifact_store_bytes(*, data: bytes, uploaded_by: AbstractBaseUser | None = None) -> Artifact:

@@ -22,7 +22,7 @@ def job_submit(*, owner: AbstractBaseUser, kind: Any, spec: Any) -> Job:
     """Validate a job completely, then create it; splitting happens in a task after commit."""
     from marketplace.jobs.tasks import split_job
 
-    normal = kind_module(kind).validate_spec(spec)
+    normal = kind_module(kind).validate_spec(spec, owner=owner)
     with transaction.atomic():
         job = Job.objects.create(owner=owner, kind=kind, spec=normal)
         split_job.delay_on_commit(job.pk)

@@ -34,8 +34,9 @@ def _database_url() -> str:
 
 
 @pytest.fixture
-def cluster(transactional_db, tmp_path) -> Cluster:
+def cluster(transactional_db, tmp_path, settings) -> Cluster:
     """gunicorn + Celery worker + beat against the test database; stopped by PID, always."""
+    settings.IDLEGRID_ARTIFACT_DIR = tmp_path / "artifacts"
     env = {
         "DATABASE_URL": _database_url(),
         "IDLEGRID_ARTIFACT_DIR": str(settings.IDLEGRID_ARTIFACT_DIR),

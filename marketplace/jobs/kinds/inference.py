@@ -61,12 +61,14 @@ def _compare(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
     return merged
 
 
-def _artifact_header(sha256: Any, field: str, errors: dict[str, str]) -> tuple[Path, dict[str, TensorInfo]] | None:
+def _artifact_header(
+    sha256: Any, field: str, owner: Any, errors: dict[str, str]
+) -> tuple[Path, dict[str, TensorInfo]] | None:
     if not is_sha256_hex(sha256):
         errors[field] = "must be the sha256 of an uploaded artifact (64 lowercase hex digits)"
         return None
-    if not Artifact.objects.filter(sha256=sha256).exists():
-        errors[field] = f"no artifact {sha256} was uploaded"
+    if not Artifact.objects.filter(sha256=sha256, owners=owner).exists():
+        errors[field] = f"you have uploaded no artifact {sha256}"
         return None
     path = get_storage().path(sha256)
     try:
@@ -89,7 +91,7 @@ def _check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int,
             return
 
 
-def validate_spec(spec: Any) -> dict[str, Any]:
+def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     """Check everything about an inference spec, reading only artifact headers. Returns the normalised spec."""
     if not isinstance(spec, dict):
         raise ValidationFailed("spec must be an object", fields={"spec": "must be an object"})
@@ -118,10 +120,10 @@ def validate_spec(spec: Any) -> dict[str, Any]:
     if normal["max_results_per_unit"] < normal["quorum"]:
         errors["max_results_per_unit"] = "must be at least quorum"
     if arch is not None and config is not None:
-        weights = _artifact_header(model["weights"], "model.weights", errors)
+        weights = _artifact_header(model["weights"], "model.weights", owner, errors)
         if weights is not None:
             _check_weights(weights[1], arch.param_shapes(config), errors)
-        dataset = _artifact_header(spec.get("dataset"), "dataset", errors)
+        dataset = _artifact_header(spec.get("dataset"), "dataset", owner, errors)
         if dataset is not None:
             rows = _check_dataset(dataset[1], arch.input_shape(config), errors)
             if rows and ceil(rows / normal["rows_per_unit"]) > MAX_UNITS:

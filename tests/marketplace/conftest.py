@@ -1,0 +1,17 @@
+import pytest
+from django.core.cache import cache
+
+
+@pytest.fixture(autouse=True)
+def isolated(artifact_dir, enqueued):
+    """Every marketplace test stores artifacts under its own tmp_path and sends no task to a broker;
+    throttle counters (kept in the cache) start from zero."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def fast_passwords(settings):
+    # PBKDF2 costs ~0.4 s per persona; these tests check authorisation, not password hashing.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

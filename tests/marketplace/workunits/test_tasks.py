@@ -1,0 +1,67 @@
+"""The Celery tasks are thin; the sweep is the safety net that redoes whatever a lost message left undone."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from marketplace.artifacts.storage import get_storage
+from marketplace.jobs.models import Job
+from marketplace.jobs.tasks import split_job
+from marketplace.workunits.leasing import workunit_lease
+from marketplace.workunits.models import WorkUnit
+from marketplace.workunits.tasks import sweep, validate_unit
+
+
+def test_the_sweep_validates_units_whose_validation_message_was_lost(
+    submit_job, make_device, report, contributor, other_contributor
+):
+    unit = WorkUnit.objects.get(job=submit_job(rows=4, rows_per_unit=4))
+    for owner in (contributor, other_contributor):
+        device = make_device(owner)
+        report(device, workunit_lease(device=device.device, max_units=1)[0].result_id)
+
+    assert sweep()["validated"] == 1
+
+    unit.refresh_from_db()
+    assert (unit.state, unit.need_validate) == (WorkUnit.State.DONE, False)
+    assert Job.objects.get(pk=unit.job_id).state == Job.State.MERGING
+
+
+def test_the_sweep_splits_jobs_left_pending(submit_job, enqueued):
+    stale = submit_job(split=False)
+    fresh = submit_job(split=False)
+    Job.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(minutes=1))
+
+    assert sweep()["split"] == 1
+
+    assert ("jobs.split", (stale.pk,)) in enqueued
+    assert ("jobs.split", (fresh.pk,)) not in enqueued
+
+
+def test_the_sweep_merges_jobs_left_merging(submit_job, enqueued):
+    job = submit_job()
+    Job.objects.filter(pk=job.pk).update(state=Job.State.MERGING)
+
+    sweep()
+
+    assert enqueued == [("jobs.merge", (job.pk,))]
+
+
+def test_the_validate_task_runs_the_validation(submit_job):
+    unit = WorkUnit.objects.get(job=submit_job(rows=4, rows_per_unit=4))
+
+    assert validate_unit(unit.pk) == "pending"
+
+
+def test_a_split_that_cannot_succeed_fails_the_job(submit_job):
+    job = submit_job(split=False)
+    get_storage().path(job.spec["dataset"]).unlink()
+
+    with pytest.raises(FileNotFoundError):
+        split_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.state == Job.State.FAILED
+    assert job.error.startswith("splitting failed")
+    assert WorkUnit.objects.filter(job=job).count() == 0
