@@ -7,8 +7,9 @@ torch; `build` imports torch and is only called in the agent's compute child.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 MAX_PARAMETERS = 50_000_000
 

@@ -97,6 +97,7 @@ def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
 def test_the_agent_process_loads_neither_django_nor_torch(cluster):
     submitter, alice = _owners(cluster, "submitter", "alice")
     job_id, _ = mlp_job(submitter, rows=10, rows_per_unit=10)
+    _wait_until(lambda: submitter.job(job_id)["state"] == "running")  # a --burst agent leaves when there is no work
     agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--burst", "--max-units", "1",
                                 python_flags=("-X", "importtime"))
 

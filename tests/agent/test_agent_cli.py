@@ -1,0 +1,114 @@
+"""The agent as its users run it: a separate process, a real socket, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from agent_models import MLP, inputs, payload, safetensors_bytes, weights
+from agent_stub import StubMarketplace, serve_http
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from worker_agent import protocol
+from worker_agent.state import DeviceState, StateDir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SLOW_MLP = {"in_features": 8, "hidden": [512] * 8, "out_features": 10}  # ~0.8 TFLOP for 200k rows: tens of seconds
+
+
+def add_units(stub: StubMarketplace, count: int, *, config: dict[str, Any], rows: int) -> None:
+    weights_sha = stub.add_artifact(safetensors_bytes(weights("mlp", config)))
+    x_sha = stub.add_artifact(safetensors_bytes({"x": inputs("mlp", config, rows)}))
+    unit = payload("mlp", config, weights_sha=weights_sha, x_sha=x_sha, rows=rows, batch_size=8)
+    for index in range(count):
+        stub.add_unit(unit, result_id=100 + index, unit_id=10 + index)
+
+
+@contextmanager
+def agent_process(state: StateDir, device: DeviceState, url: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    StateDir.save_device(state, DeviceState(**{**device.__dict__, "server": url}))
+    command = [sys.executable, "-X", "importtime", "-m", "worker_agent", "run", "--state-dir", str(state.root), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, process.kill)  # a hung agent fails the test instead of hanging it
+    watchdog.start()
+    try:
+        yield process
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
+
+
+def read_until(stream: IO[str], marker: str) -> list[str]:
+    lines: list[str] = []
+    for line in stream:
+        lines.append(line)
+        if marker in line:
+            break
+    return lines
+
+
+def live_children(state: StateDir) -> list[int]:
+    """Compute children still running for this state dir (their job file lives under it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "worker_agent.child" in cmdline and str(state.root) in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_warm_shutdown_finishes_the_unit_gives_back_the_rest_and_never_imports_torch(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    add_units(stub, 2, config=MLP[1], rows=16)
+    with serve_http(stub) as url, agent_process(state, enrolled, url, "--poll", "0.1") as agent:
+        assert agent.stderr is not None
+        lines = read_until(agent.stderr, "unit 10 (result 100): computing")
+        agent.send_signal(signal.SIGTERM)
+        lines += agent.stderr.readlines()
+        code = agent.wait()
+
+    assert code == 0, "".join(lines)
+    report = stub.reports[100]
+    message = protocol.result_message(result_id=100, unit_id=10, device_id=enrolled.device_id,
+                                      output_sha256=report["output_sha256"])
+    device_key.public_key().verify(protocol.b64decode(report["signature"]), message)
+    assert stub.failures == {101: "agent shutting down"}
+    assert any("1 done, 0 failed" in line for line in lines)
+    imports = [line for line in lines if line.startswith("import time:")]
+    assert imports  # -X importtime really reported the agent's imports
+    assert not [line for line in imports if any(name in line for name in ("torch", "django", "numpy"))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_second_signal_kills_the_running_unit_and_gives_everything_back(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    add_units(stub, 2, config=SLOW_MLP, rows=200_000)
+    with serve_http(stub) as url, agent_process(state, enrolled, url) as agent:
+        assert agent.stderr is not None
+        lines = read_until(agent.stderr, "computing")
+        agent.send_signal(signal.SIGINT)
+        lines += read_until(agent.stderr, "warm shutdown")
+        agent.send_signal(signal.SIGINT)
+        lines += agent.stderr.readlines()
+        code = agent.wait()
+
+    assert code == 1, "".join(lines)
+    assert stub.failures == {100: "agent shutting down", 101: "agent shutting down"}
+    assert stub.reports == {}
+    assert live_children(state) == []

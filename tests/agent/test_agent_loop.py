@@ -1,0 +1,157 @@
+"""The work loop against a stub marketplace: signed reports, refusals, failures and lost leases."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+import httpx
+import pytest
+from agent_models import MLP, inputs, payload, safetensors_bytes, weights
+from agent_stub import StubMarketplace, error
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from worker_agent import protocol
+from worker_agent.agent import Agent, RunOptions
+from worker_agent.client import AgentClient
+from worker_agent.shutdown import ColdShutdown, Shutdown
+from worker_agent.state import DeviceState, StateDir
+
+
+def make_agent(stub: StubMarketplace, device: DeviceState, key: Ed25519PrivateKey, state: StateDir,
+               **options: Any) -> Agent:
+    client = AgentClient("http://stub", device=(device.device_id, device.device_secret),
+                         transport=httpx.MockTransport(stub.handle), sleep=lambda _: None)
+    return Agent(client=client, device=device, key=key, state=state, options=RunOptions(burst=True, **options))
+
+
+def mlp_unit(stub: StubMarketplace, *, rows: int = 16, config: dict[str, Any] | None = None, seconds: float = 60) -> dict[str, Any]:
+    arch, config = MLP[0], config or MLP[1]
+    weights_sha = stub.add_artifact(safetensors_bytes(weights(arch, config)))
+    x_sha = stub.add_artifact(safetensors_bytes({"x": inputs(arch, config, rows)}))
+    return payload(arch, config, weights_sha=weights_sha, x_sha=x_sha, rows=rows, batch_size=8, seconds=seconds)
+
+
+def test_it_signs_its_report_and_moves_on_when_the_lease_expired_meanwhile(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # (An accepted report is covered end to end, over a socket, in test_agent_cli.)
+    stub.add_unit(mlp_unit(stub), result_id=31, unit_id=12)
+    sent: list[dict[str, Any]] = []
+    honest = stub.handle
+
+    def expire_on_report(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/agent/results/31/report":
+            sent.append(json.loads(request.content))
+            return error(409, "lease_expired", "the lease on result 31 expired")
+        return honest(request)
+
+    stub.handle = expire_on_report  # type: ignore[method-assign]
+
+    with caplog.at_level(logging.INFO):
+        summary = make_agent(stub, enrolled, device_key, state).run()
+
+    assert (summary.done, summary.refused, summary.failed) == (0, 1, 0)
+    report = sent[0]
+    message = protocol.result_message(result_id=31, unit_id=12, device_id=enrolled.device_id,
+                                      output_sha256=report["output_sha256"])
+    device_key.public_key().verify(protocol.b64decode(report["signature"]), message)  # raises if it does not verify
+    assert report["output_sha256"] in stub.artifacts  # uploaded before the report
+    assert report["metrics"]["rows"] == 16 and report["elapsed_seconds"] > 0
+    assert "the lease on result 31 expired" in caplog.text
+    assert stub.requests[-1] == "POST /api/v1/agent/lease"  # it moved on and asked for more work
+
+
+def test_a_lost_lease_kills_the_running_unit_without_a_report(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    # A unit that would run for minutes, and a heartbeat every 0.1 s that says its lease is gone.
+    slow = {"in_features": 8, "hidden": [512] * 8, "out_features": 10}
+    stub.add_unit(mlp_unit(stub, rows=200_000, config=slow), result_id=40, unit_id=4)
+    stub.lose_on_heartbeat.add(40)
+    device = dataclasses.replace(enrolled, lease_seconds=0.3)
+
+    summary = make_agent(stub, device, device_key, state).run()
+
+    assert summary.lost == 1 and summary.done == 0
+    assert 40 not in stub.reports and 40 not in stub.failures
+    assert [40] in stub.heartbeats
+    assert list(state.work_dir.iterdir()) == []  # the unit's scratch files are gone
+
+
+def test_a_unit_whose_artifact_is_corrupt_is_failed_not_computed(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    unit = mlp_unit(stub)
+    stub.artifacts[unit["model"]["weights"]] = b"not what the hash promised"
+    stub.add_unit(unit, result_id=50, unit_id=5)
+
+    summary = make_agent(stub, enrolled, device_key, state).run()
+
+    assert summary.failed == 1
+    assert "arrived with sha256" in stub.failures[50]
+    assert unit["model"]["weights"] not in {path.name for path in state.cache_dir.iterdir()}
+
+
+def test_a_unit_of_an_unknown_kind_is_failed_with_the_reason(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    stub.add_unit({"kind": "fedavg"}, result_id=60, unit_id=6)
+
+    summary = make_agent(stub, enrolled, device_key, state).run()
+
+    assert summary.failed == 1
+    assert stub.failures[60] == "unsupported task kind 'fedavg'; this agent runs: inference"
+
+
+def test_it_leases_no_more_than_max_units_and_stops_there(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    for result_id in (70, 71, 72):
+        stub.add_unit({"kind": "unknown"}, result_id=result_id, unit_id=result_id)  # fails fast: no child needed
+
+    summary = make_agent(stub, enrolled, device_key, state, max_units=2, batch=4).run()
+
+    assert summary.failed == 2
+    assert sorted(stub.failures) == [70, 71]
+    assert [lease["result_id"] for lease in stub.pending] == [72]  # never leased
+
+
+def test_leases_not_started_are_given_back_at_a_warm_shutdown(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+) -> None:
+    for result_id in (80, 81):
+        stub.add_unit({"kind": "unknown"}, result_id=result_id, unit_id=result_id)
+    honest = stub.handle
+
+    def shut_down_after_the_first_failure(request: httpx.Request) -> httpx.Response:
+        response = honest(request)
+        if request.url.path == "/api/v1/agent/results/80/fail":
+            agent.shutdown.request_warm("test")  # as if SIGTERM arrived while unit 80 was running
+        return response
+
+    stub.handle = shut_down_after_the_first_failure  # type: ignore[method-assign]
+    agent = make_agent(stub, enrolled, device_key, state)
+
+    summary = agent.run()
+
+    assert summary.failed == 1 and summary.given_back == 1
+    assert stub.failures[81] == "agent shutting down"
+
+
+def test_the_first_signal_asks_for_a_warm_shutdown_and_the_second_goes_cold() -> None:
+    with Shutdown() as shutdown:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert shutdown.warm.is_set() and not shutdown.cold
+
+        with pytest.raises(ColdShutdown):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a third is ignored: the give-back must not be interrupted
+
+    assert shutdown.cold
+    assert signal.getsignal(signal.SIGINT) is not shutdown._handle  # the previous handlers are back

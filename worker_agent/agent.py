@@ -1,0 +1,342 @@
+"""The work loop: lease -> fetch and verify -> run the child -> upload -> sign -> report.
+
+Boring on purpose: one unit at a time in the main thread, a heartbeat thread renewing leases,
+and every lease that will not be computed is handed back so the server reissues it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from worker_agent import kinds, protocol
+from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
+from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
+from worker_agent.heartbeat import Heartbeat, LeaseBook
+from worker_agent.jobfile import ChildJob, Limits, PayloadError
+from worker_agent.runner import ChildAborted, ChildOutcome, run_child
+from worker_agent.shutdown import Shutdown
+from worker_agent.signing import sign_result
+from worker_agent.state import DeviceState, StateDir
+
+log = logging.getLogger(__name__)
+
+GIVE_BACK_ERROR = "agent shutting down"
+QUICK_GIVE_BACK_SECONDS = 5.0  # a cold shutdown must end promptly even if the server is gone
+QUICK_CALL_TIMEOUT = 2.0
+OUTPUT_FILE = "output.safetensors"
+
+
+class LeaseLost(Exception):
+    """The server took the lease back (heartbeat said so); the unit is dropped without a report."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    result_id: int
+    unit_id: int
+    job_id: int | None
+    payload: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"unit {self.unit_id} (result {self.result_id})"
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Lease:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a lease must be an object, got {type(raw).__name__}")
+        result_id, unit_id, payload = raw.get("result_id"), raw.get("unit_id"), raw.get("payload")
+        if not _is_id(result_id) or not _is_id(unit_id) or not isinstance(payload, dict):
+            raise ValueError(f"malformed lease: {str(raw)[:200]}")
+        job_id = raw.get("job_id")
+        return cls(result_id, unit_id, job_id if _is_id(job_id) else None, payload)
+
+
+def _is_id(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    burst: bool = False
+    max_units: int | None = None
+    batch: int = 4
+    poll_seconds: float = 5.0
+    fault: str | None = None
+    cache_max_bytes: int = 2 << 30
+
+
+@dataclass
+class Summary:
+    done: int = 0  # computed, uploaded and accepted
+    failed: int = 0  # reported to the server as failed (/fail)
+    refused: int = 0  # computed, but the server refused the report (expired lease, bad signature...)
+    lost: int = 0  # the lease was taken back while we worked; dropped silently
+    given_back: int = 0  # never started; handed back at shutdown
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed + self.refused
+
+    def line(self) -> str:
+        return (
+            f"{self.done} done, {self.failed} failed, {self.refused} refused, "
+            f"{self.lost} lost, {self.given_back} given back"
+        )
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        client: AgentClient,
+        device: DeviceState,
+        key: Ed25519PrivateKey,
+        state: StateDir,
+        options: RunOptions = RunOptions(),
+        shutdown: Shutdown | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.device = device
+        self.key = key
+        self.state = state
+        self.options = options
+        self.shutdown = shutdown or Shutdown()
+        self.rng = rng or random.Random()
+        self.book = LeaseBook()
+        self.queue: deque[Lease] = deque()
+        self.cache = ArtifactCache(state.cache_dir, client, max_bytes=options.cache_max_bytes)
+        self.summary = Summary()
+        # A third of the lease: two beats can fail before the server reissues the unit.
+        self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05))
+
+    def run(self) -> Summary:
+        self._prepare_state()
+        self.heartbeat.start()
+        try:
+            self._loop()
+            self._give_back(self._queued_ids(), quick=False)
+        except BaseException:
+            # A cold shutdown (or a bug): everything still held goes back, fast, to be reissued now.
+            self._give_back(self.book.held(), quick=True)
+            raise
+        finally:
+            self.heartbeat.stop()
+        return self.summary
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.shutdown.warm.is_set() and not self._quota_reached():
+            leases, retry_after = self._lease()
+            if leases:
+                self._work_through(leases)
+            elif self.options.burst:
+                log.info("no work available; exiting (--burst)")
+                return
+            else:
+                self._idle(max(self.options.poll_seconds, retry_after))
+
+    def _lease(self) -> tuple[list[Lease], float]:
+        try:
+            answer = self.client.lease(self._wanted())
+        except ServerUnavailable as exc:
+            if self.options.burst:
+                raise
+            log.error("could not lease work: %s", exc)
+            return [], self.options.poll_seconds
+        leases = self._parse_leases(answer.get("leases"))
+        if leases:
+            log.info("leased %d unit%s", len(leases), "" if len(leases) == 1 else "s")
+        retry_after = answer.get("retry_after")
+        return leases, float(retry_after) if isinstance(retry_after, int | float) else 0.0
+
+    def _parse_leases(self, raw: Any) -> list[Lease]:
+        leases: list[Lease] = []
+        for entry in raw if isinstance(raw, list) else []:
+            try:
+                leases.append(Lease.from_wire(entry))
+            except ValueError as exc:
+                log.error("ignoring a lease: %s", exc)
+        return leases
+
+    def _work_through(self, leases: list[Lease]) -> None:
+        self.book.hold(lease.result_id for lease in leases)
+        self.queue.extend(leases)
+        # The shutdown check comes after a unit, not before: a warm shutdown that lands while a
+        # lease request is in flight still finishes the first unit of the batch it brings back.
+        while self.queue:
+            lease = self.queue.popleft()
+            if self.book.is_lost(lease.result_id):
+                log.warning("%s: lease lost before it started; skipped", lease.label)
+                self.summary.lost += 1
+            else:
+                self._process(lease)
+            self.book.release(lease.result_id)
+            if self.shutdown.warm.is_set():
+                return
+
+    def _wanted(self) -> int:
+        wanted = min(self.options.batch, protocol.MAX_LEASE_BATCH)
+        if self.options.max_units is not None:
+            wanted = min(wanted, self.options.max_units - self.summary.finished)
+        return max(wanted, 1)
+
+    def _quota_reached(self) -> bool:
+        return self.options.max_units is not None and self.summary.finished >= self.options.max_units
+
+    def _idle(self, seconds: float) -> None:
+        # Jitter only ever lengthens the wait: the server's retry_after is a floor, not a hint.
+        delay = seconds * self.rng.uniform(1.0, 1.25)
+        log.debug("no work; polling again in %.1fs", delay)
+        self.shutdown.sleep(delay)
+
+    # --- one unit ---------------------------------------------------------------------------
+
+    def _process(self, lease: Lease) -> None:
+        workdir = self.state.work_dir / str(lease.result_id)
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(mode=0o700, parents=True)
+        try:
+            outcome = self._compute(lease, workdir)
+        except (LeaseLost, ChildAborted):
+            log.warning("%s: lease lost; abandoned without a report", lease.label)
+            self.summary.lost += 1
+        except (PayloadError, ArtifactError, AgentError) as exc:
+            self._fail(lease, str(exc))
+        else:
+            if outcome.ok:
+                self._deliver(lease, workdir / OUTPUT_FILE, outcome)
+            else:
+                self._fail(lease, outcome.error)
+        shutil.rmtree(workdir, ignore_errors=True)
+        self.cache.prune()
+
+    def _compute(self, lease: Lease, workdir: Path) -> ChildOutcome:
+        kind = kinds.load(lease.payload.get("kind"))
+        limits = Limits.from_payload(lease.payload)
+        artifacts = self._fetch(lease, kind.required_artifacts(lease.payload))
+        job = ChildJob(
+            payload=lease.payload,
+            artifacts=artifacts,
+            output_path=str(workdir / OUTPUT_FILE),
+            status_path=str(workdir / "status.json"),
+            fault=self.options.fault,
+            fault_seed=lease.result_id,  # a faulty agent's noise differs per result, like real faults
+            limits=limits,
+        )
+        log.info("%s: computing (limits %gs, %d MB)", lease.label, limits.seconds, limits.memory_mb)
+        return run_child(job, workdir, should_abort=lambda: self._abort_reason(lease))
+
+    def _fetch(self, lease: Lease, shas: list[str]) -> dict[str, str]:
+        paths: dict[str, str] = {}
+        for sha in shas:
+            if self.book.is_lost(lease.result_id):
+                raise LeaseLost()
+            paths[sha] = str(self.cache.ensure(sha))
+        return paths
+
+    def _abort_reason(self, lease: Lease) -> str | None:
+        return "lease lost" if self.book.is_lost(lease.result_id) else None
+
+    def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
+        if self.book.is_lost(lease.result_id):
+            log.warning("%s: lease lost before the report; result dropped", lease.label)
+            self.summary.lost += 1
+            return
+        sha = file_sha256(output)
+        try:
+            self.client.upload(output, sha)
+        except AgentError as exc:
+            self._fail(lease, f"output upload failed: {exc}")
+            return
+        if self._report(lease, sha, outcome):
+            self.summary.done += 1
+            log.info("%s done in %.2fs, reported", lease.label, outcome.elapsed_seconds)
+        else:
+            self.summary.refused += 1
+
+    def _report(self, lease: Lease, sha: str, outcome: ChildOutcome) -> bool:
+        signature = sign_result(
+            self.key,
+            result_id=lease.result_id,
+            unit_id=lease.unit_id,
+            device_id=self.device.device_id,
+            output_sha256=sha,
+        )
+        body = {
+            "output_sha256": sha,
+            "signature": signature,
+            "elapsed_seconds": round(outcome.elapsed_seconds, 3),
+            "metrics": outcome.metrics,
+        }
+        try:
+            self.client.report(lease.result_id, body)
+        except ApiError as exc:
+            if exc.code == "already_reported":
+                # Only this device holds this result: an earlier attempt got through and its answer
+                # was lost on the way back (a timeout, then a retry).
+                log.info("%s: already reported by an earlier attempt", lease.label)
+                return True
+            # 409 lease_expired: the unit was reissued; the server has moved on, and so do we.
+            level = logging.WARNING if exc.status == 409 else logging.ERROR
+            log.log(level, "%s: the server refused the report: %s", lease.label, exc)
+            return False
+        except AgentError as exc:
+            log.error("%s: could not report: %s", lease.label, exc)
+            return False
+        return True
+
+    def _fail(self, lease: Lease, error: str) -> None:
+        log.warning("%s failed: %s", lease.label, error)
+        self.summary.failed += 1
+        try:
+            self.client.fail(lease.result_id, error)
+        except AgentError as exc:
+            log.error("%s: could not report the failure: %s", lease.label, exc)
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def _queued_ids(self) -> list[int]:
+        return [lease.result_id for lease in self.queue]
+
+    def _give_back(self, result_ids: list[int], *, quick: bool) -> None:
+        deadline = time.monotonic() + QUICK_GIVE_BACK_SECONDS
+        given = 0
+        for result_id in result_ids:
+            if quick and time.monotonic() > deadline:
+                log.warning("no time left to give back result %d; it will expire on the server", result_id)
+            elif self._give_back_one(result_id, quick=quick):
+                given += 1
+            self.book.release(result_id)
+        self.queue.clear()
+        self.summary.given_back += given
+        if result_ids:
+            log.info("gave back %d of %d unit(s)", given, len(result_ids))
+
+    def _give_back_one(self, result_id: int, *, quick: bool) -> bool:
+        try:
+            if quick:
+                self.client.fail(result_id, GIVE_BACK_ERROR, retry=ONE_SHOT, timeout=QUICK_CALL_TIMEOUT)
+            else:
+                self.client.fail(result_id, GIVE_BACK_ERROR)
+        except AgentError as exc:
+            log.warning("could not give back result %d: %s", result_id, exc)
+            return False
+        return True
+
+    def _prepare_state(self) -> None:
+        self.state.ensure()
+        # Leftovers of a killed run: their leases are gone or will expire; the files are junk.
+        for stale in self.state.work_dir.iterdir():
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Enrolment: a fresh Ed25519 key, a proof that we hold it, and the device credentials in return."""
+
+from __future__ import annotations
+
+import logging
+
+from worker_agent import hardware, signing
+from worker_agent.client import AgentClient, AgentError
+from worker_agent.state import DEFAULT_LEASE_SECONDS, DeviceState, StateDir
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyEnrolled(Exception):
+    """The state directory already holds a device; enrolling again would orphan it."""
+
+
+def enroll(*, state: StateDir, client: AgentClient, server: str, token: str, name: str, force: bool = False) -> DeviceState:
+    if state.is_enrolled() and not force:
+        raise AlreadyEnrolled(
+            f"{state.root} already holds device {state.load_device().device_id}; use --force to replace it"
+        )
+    key = signing.generate_key()
+    public_key = signing.public_key_b64(key)
+    answer = client.enroll(
+        {
+            "token": token,
+            "name": name,
+            "public_key": public_key,
+            "hardware": hardware.collect(),
+            "proof": signing.enroll_proof(key, token=token),
+        }
+    )
+    device = _device_from_answer(answer, server=server, name=name, public_key=public_key)
+    # The key first: a device.json without its key would look enrolled but could sign nothing.
+    state.save_key(key)
+    state.save_device(device)
+    return device
+
+
+def _device_from_answer(answer: dict[str, object], *, server: str, name: str, public_key: str) -> DeviceState:
+    device_id, secret, lease_seconds = answer.get("device_id"), answer.get("device_secret"), answer.get("lease_seconds")
+    if not isinstance(device_id, int) or isinstance(device_id, bool) or not isinstance(secret, str) or not secret:
+        raise AgentError("the server's enrolment answer lacks a device_id or device_secret")
+    return DeviceState(
+        server=server.rstrip("/"),
+        device_id=device_id,
+        device_secret=secret,
+        name=name,
+        lease_seconds=float(lease_seconds) if isinstance(lease_seconds, int | float) else DEFAULT_LEASE_SECONDS,
+        public_key=public_key,
+    )

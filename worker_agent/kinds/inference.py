@@ -1,0 +1,180 @@
+"""The `inference` kind: run a registry model over a block of rows, batch by batch, in order.
+
+Bitwise reproducibility on one machine is the point: the marketplace compares results from several
+agents, so every agent loads the same way, batches exactly `batch_size` rows, and writes
+safetensors (whose bytes are a pure function of the tensors).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker_agent import protocol
+from worker_agent.architectures import Architecture, ArchitectureError, resolve
+from worker_agent.jobfile import ChildJob, PayloadError
+from worker_agent.kinds import JobError
+
+SABOTAGE_NOISE = 0.5
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    arch: Architecture
+    config: dict[str, Any]
+    weights: str
+    inputs: str
+    rows: int
+    batch_size: int
+    output_name: str
+    output_shape: tuple[int, int]
+
+
+# --- parent side (pure Python) --------------------------------------------------------------------
+
+def required_artifacts(payload: dict[str, Any]) -> list[str]:
+    model, inputs = _object(payload, "model"), _object(payload, "inputs")
+    if "x" not in inputs:
+        raise PayloadError("payload.inputs must name the input tensor file as `x`")
+    wanted = [model.get("weights"), *inputs.values()]
+    for sha in wanted:
+        if not protocol.is_sha256_hex(sha):
+            raise PayloadError(f"artifact reference {sha!r} is not a sha256")
+    return list(dict.fromkeys(wanted))  # one fetch per distinct artifact, order kept
+
+
+def parse(payload: dict[str, Any]) -> InferenceSpec:
+    model, inputs, output = _object(payload, "model"), _object(payload, "inputs"), _object(payload, "output")
+    try:
+        arch, config = resolve(model.get("architecture"), model.get("config"))
+    except ArchitectureError as exc:
+        raise PayloadError(f"payload.model: {exc}") from None
+    rows, batch_size = _positive_int(payload, "rows"), _positive_int(payload, "batch_size")
+    expected_shape = (rows, arch.output_dim(config))
+    if output.get("dtype") != "float32":
+        raise PayloadError(f"payload.output.dtype must be float32, got {output.get('dtype')!r}")
+    if output.get("shape") != list(expected_shape):
+        raise PayloadError(f"payload.output.shape must be {list(expected_shape)}, got {output.get('shape')!r}")
+    name = output.get("name")
+    if not isinstance(name, str) or not name:
+        raise PayloadError("payload.output.name must be a non-empty string")
+    return InferenceSpec(arch, config, model["weights"], inputs["x"], rows, batch_size, name, expected_shape)
+
+
+def _object(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    value = payload.get(key)
+    if not isinstance(value, dict):
+        raise PayloadError(f"payload.{key} must be an object")
+    return value
+
+
+def _positive_int(payload: dict[str, Any], key: str) -> int:
+    value = payload.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PayloadError(f"payload.{key} must be a positive integer, got {value!r}")
+    return value
+
+
+# --- child side (torch) ---------------------------------------------------------------------------
+
+def execute(job: ChildJob) -> dict[str, float]:
+    from safetensors.torch import save_file
+
+    spec = parse(job.payload)
+    started = time.perf_counter()
+    model = load_model(spec, job.artifact_path(spec.weights))
+    x = load_input(spec, job.artifact_path(spec.inputs))
+    loaded = time.perf_counter()
+    y = forward(model, x, spec.batch_size)
+    if job.fault == "wrong":
+        y = sabotage(y, seed=job.fault_seed)
+    computed = time.perf_counter()
+    if tuple(y.shape) != spec.output_shape:
+        raise JobError(f"the model produced shape {list(y.shape)}, expected {list(spec.output_shape)}")
+    save_file({spec.output_name: y.contiguous()}, job.output_path)
+    return {
+        "rows": spec.rows,
+        "batches": -(-spec.rows // spec.batch_size),
+        "load_seconds": round(loaded - started, 4),
+        "compute_seconds": round(computed - loaded, 4),
+    }
+
+
+def load_model(spec: InferenceSpec, weights_path: Path) -> Any:
+    state = _read_safetensors(weights_path, "weights")
+    _check_parameters(state, spec.arch.param_shapes(spec.config))
+    model = spec.arch.build(spec.config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    # Parameters never need gradients here; freezing them keeps autograd out of the picture.
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def load_input(spec: InferenceSpec, path: Path) -> Any:
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if "x" not in handle.keys():
+                raise JobError(f"input file has no tensor `x` (found: {', '.join(handle.keys()) or 'none'})")
+            x = handle.get_tensor("x")
+    except SafetensorError as exc:
+        raise JobError(f"input is not a valid safetensors file: {exc}") from None
+    if x.dtype != torch.float32:
+        raise JobError(f"input x has dtype {_dtype_name(x.dtype)}, expected float32")
+    expected = [spec.rows, *spec.arch.input_shape(spec.config)]
+    if list(x.shape) != expected:
+        raise JobError(f"input x has shape {list(x.shape)}, expected {expected}")
+    return x
+
+
+def forward(model: Any, x: Any, batch_size: int) -> Any:
+    import torch
+
+    # Batch boundaries change results by ~1e-7, so every agent must cut the rows identically.
+    with torch.inference_mode():
+        parts = [model(x[start : start + batch_size]) for start in range(0, x.shape[0], batch_size)]
+        return torch.cat(parts).to(torch.float32)
+
+
+def sabotage(y: Any, *, seed: int) -> Any:
+    """Demo/test fault: plausible shape and scale, wrong values (class axis rolled, noise added)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(y.shape, generator=generator, dtype=torch.float32)
+    return torch.roll(y, shifts=1, dims=1) + SABOTAGE_NOISE * noise
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, Any]:
+    # safetensors only ever parses a JSON header and raw buffers: a pickle is rejected, never run.
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise JobError(f"{what} are not a valid safetensors file: {exc}") from None
+
+
+def _check_parameters(state: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
+    import torch
+
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise JobError(f"weights do not match the architecture: missing {missing}, unexpected {unexpected}")
+    for name, shape in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != shape:
+            raise JobError(f"weights: {name} has shape {list(tensor.shape)}, expected {list(shape)}")
+        if tensor.dtype != torch.float32:
+            raise JobError(f"weights: {name} has dtype {_dtype_name(tensor.dtype)}, expected float32")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
