@@ -1,7 +1,8 @@
-"""The work loop: lease -> fetch and verify -> run the child -> upload -> sign -> report.
+"""The work loop: lease -> fetch and verify -> compute in the child -> upload -> sign -> report.
 
-Boring on purpose: one unit at a time in the main thread, a heartbeat thread renewing leases,
-and every lease that will not be computed is handed back so the server reissues it at once.
+Boring on purpose: one unit at a time in the main thread, one warm compute child (started with the
+loop, so its torch import overlaps with the first lease), a heartbeat thread renewing leases, and
+every lease that will not be computed is handed back so the server reissues it at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
 from worker_agent.heartbeat import Heartbeat, LeaseBook
 from worker_agent.jobfile import ChildJob, Limits, PayloadError
-from worker_agent.runner import ChildAborted, ChildOutcome, run_child
+from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
@@ -119,19 +120,25 @@ class Agent:
         self.summary = Summary()
         # A third of the lease: two beats can fail before the server reissues the unit.
         self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05))
+        self.child = ComputeChild(state.work_dir)
 
     def run(self) -> Summary:
         self._prepare_state()
         self.heartbeat.start()
+        self.child.start()
         try:
             self._loop()
+            self.child.stop()  # idle now: it exits cleanly
             self._give_back(self._queued_ids(), quick=False)
         except BaseException:
-            # A cold shutdown (or a bug): everything still held goes back, fast, to be reissued now.
+            # A cold shutdown (or a bug): the child dies at once, and everything still held goes
+            # back, fast, to be reissued now.
+            self.child.kill()
             self._give_back(self.book.held(), quick=True)
             raise
         finally:
             self.heartbeat.stop()
+            self.child.kill()  # never left behind, whatever happened above
         return self.summary
 
     # --- the loop ---------------------------------------------------------------------------
@@ -230,13 +237,12 @@ class Agent:
             payload=lease.payload,
             artifacts=artifacts,
             output_path=str(workdir / OUTPUT_FILE),
-            status_path=str(workdir / "status.json"),
             fault=self.options.fault,
             fault_seed=lease.result_id,  # a faulty agent's noise differs per result, like real faults
             limits=limits,
         )
         log.info("%s: computing (limits %gs, %d MB)", lease.label, limits.seconds, limits.memory_mb)
-        return run_child(job, workdir, should_abort=lambda: self._abort_reason(lease))
+        return self.child.run(job, should_abort=lambda: self._abort_reason(lease))
 
     def _fetch(self, lease: Lease, shas: list[str]) -> dict[str, str]:
         paths: dict[str, str] = {}

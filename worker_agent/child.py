@@ -1,28 +1,43 @@
-"""The compute child: `python -m worker_agent.child JOB.json`.
+"""The compute child: `python -m worker_agent.child serve WORKDIR`.
 
-One process per unit, so a crash, a leak or a runaway model costs one unit and never the agent.
-It limits itself, imports torch, runs the unit's kind and writes a status file for the parent.
-Exit 0 means the output file is written; 3 means the status file says why not; anything else
-(a signal, an abort) is a crash the parent words from the exit status.
+A long-lived process, so torch is imported once per child rather than once per unit (the import
+costs ~2.5 s of CPU; a small unit ~10 ms). It limits itself, imports torch, sets the determinism
+switches, says `{"ready": true}` on stdout, then reads one `ChildJob` JSON line per unit
+on stdin and answers each with one `ChildStatus` JSON line on stdout. End of stdin means stop
+(exit 0). The parent (runner.py) kills and replaces the child whenever a unit runs out of time,
+crashes it, or fails in a way that may have left it unhealthy (out of memory, an internal error).
+Anything the unit's code prints goes to stderr (the parent's log file), never into the protocol.
+
+Limits are set per unit as soft limits; the hard limits are left alone, so the next unit may raise
+them again (a non-root process may raise a soft limit up to the hard one). No code from the network
+runs here (architectures come from a registry, tensors from safetensors), so the soft limits guard
+against runaway units, not hostile ones.
 
 Memory: RLIMIT_AS caps address space, not resident memory, and torch maps ~600 MB of address space
 just by importing (measured with torch 2.13.0+cpu on x86-64: VmSize 583-623 MB after
 `import torch, safetensors.torch`, ~660-700 MB after the first conv/linear; resident ~280-380 MB).
 A plain RLIMIT_AS = memory_mb would leave a 2048 MB unit only ~1.4 GB and break units under ~700 MB.
-So the limit is set in two steps: first memory_mb + RUNTIME_ALLOWANCE_MB (bounds the import
-itself), then, once torch is loaded, lowered to the measured VmSize + memory_mb. `memory_mb` is thus
-what the unit itself may use (weights, inputs, activations, output) on top of the runtime.
+So the child warms torch up once (a tiny conv and linear map what the first real op would), and
+before each unit sets the soft RLIMIT_AS to its VmSize at that moment + memory_mb: `memory_mb` is
+what the unit itself may use (weights, inputs, activations, output) on top of the runtime. If the
+idle child's VmSize drifts more than RECYCLE_GROWTH_MB above its ready-time size (heap kept by the
+allocator, a leak), it asks to be replaced after the unit, so the drift stays bounded.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
+import importlib
+import math
 import os
 import resource
 import signal
 import sys
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 from worker_agent import kinds
 from worker_agent.architectures import ArchitectureError
@@ -30,34 +45,59 @@ from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus, Limits, P
 
 EXIT_OK = 0
 EXIT_FAILED = 3
-RUNTIME_ALLOWANCE_MB = 1024  # measured ~700 MB peak for interpreter + torch; see the module docstring
+EXIT_USAGE = 2
 CPU_GRACE_SECONDS = 30  # the parent's wall clock acts first; RLIMIT_CPU is a backstop if it is gone
+RECYCLE_GROWTH_MB = 512
 PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m worker_agent.child JOB.json", file=sys.stderr)
-        return 2
-    job = ChildJob.read(Path(argv[1]))
+    if len(argv) != 3 or argv[1] != "serve":
+        print("usage: python -m worker_agent.child serve WORKDIR", file=sys.stderr)
+        return EXIT_USAGE
     _die_with_parent()
-    set_initial_limits(job.limits)
+    os.chdir(argv[2])  # stray relative paths land in the agent's scratch space
+    _lower_hard_limit(resource.RLIMIT_CORE, 0)  # a crash must not dump weights and inputs to disk
+    protocol = _take_stdout()
+    _prepare_torch()
+    baseline = address_space_bytes()
+    _send(protocol, b'{"ready": true}\n')
+    for line in sys.stdin.buffer:
+        status = run_unit(ChildJob.from_line(line))
+        now = address_space_bytes()
+        if baseline is not None and now is not None and now - baseline > RECYCLE_GROWTH_MB << 20:
+            status = dataclasses.replace(status, recycle=True)
+        _send(protocol, status.to_line())
+    # End of stdin: the agent is done with us. Nothing is left to flush or clean up, and a normal
+    # interpreter exit would spend half a second tearing torch down.
+    sys.stderr.flush()
+    os._exit(EXIT_OK)
+
+
+def run_unit(job: ChildJob) -> ChildStatus:
     try:
-        metrics = run(job)
+        kind = kinds.load(job.payload.get("kind"))
+        with unit_limits(job.limits):
+            metrics = kind.execute(job)
     except BaseException as exc:  # noqa: BLE001 - everything becomes a status line for the parent
         status = status_for(exc, job.limits)
-        status.write(Path(job.status_path))
-        print(f"unit failed: {status.error}", file=sys.stderr)
-        return EXIT_FAILED
-    ChildStatus(ok=True, metrics=metrics).write(Path(job.status_path))
-    return EXIT_OK
+        print(f"unit failed: {status.error}", file=sys.stderr, flush=True)
+        return status
+    return ChildStatus(ok=True, metrics=metrics)
 
 
-def run(job: ChildJob) -> dict[str, float]:
-    kind = kinds.load(job.payload.get("kind"))
-    _prepare_torch()
-    tighten_memory_limit(job.limits.memory_mb)
-    return kind.execute(job)
+def _take_stdout() -> IO[bytes]:
+    """The protocol gets a private copy of stdout; fd 1 itself now points at stderr, so a print in a
+    unit's code (or a library's warning) can never be mistaken for a status line."""
+    protocol = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return protocol
+
+
+def _send(protocol: IO[bytes], line: bytes) -> None:
+    protocol.write(line)
+    protocol.flush()
 
 
 def _prepare_torch() -> None:
@@ -69,7 +109,7 @@ def _prepare_torch() -> None:
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
-        pass  # already started (cannot happen in a fresh child, but never worth failing a unit over)
+        pass  # already started (cannot happen in a fresh child, but never worth failing over)
     # torch.use_deterministic_algorithms(True) also imports torch._inductor (measured ~1.2 s of a
     # ~3.7 s child start) only to set a compiler flag this eager-mode child never reads; the C
     # switch below is the same setting for eager ops. Fall back to the public call if it moves.
@@ -80,39 +120,61 @@ def _prepare_torch() -> None:
         torch.use_deterministic_algorithms(True)
     if not torch.are_deterministic_algorithms_enabled():
         raise RuntimeError("could not enable torch's deterministic algorithms")
+    # Load now what a unit would otherwise load on its first call, so that neither its time nor
+    # its address space is billed to whichever unit happens to come first.
+    import safetensors.torch  # noqa: F401
+
+    for module in kinds.KIND_MODULES.values():
+        importlib.import_module(module)
+    with torch.inference_mode():
+        torch.nn.functional.conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
+        torch.nn.functional.linear(torch.zeros(1, 4), torch.zeros(2, 4))
 
 
-def set_initial_limits(limits: Limits) -> None:
-    _lower_limit(resource.RLIMIT_CORE, 0)  # a crash must not dump weights and inputs to disk
-    _lower_limit(resource.RLIMIT_CPU, int(limits.seconds) + CPU_GRACE_SECONDS)
-    _lower_limit(resource.RLIMIT_AS, (limits.memory_mb + RUNTIME_ALLOWANCE_MB) << 20)
-
-
-def tighten_memory_limit(memory_mb: int) -> None:
+@contextmanager
+def unit_limits(limits: Limits) -> Iterator[None]:
+    """Soft limits for one unit: CPU time and address space on top of what the child already uses.
+    Restored afterwards, so the child can answer (and run the next unit) whatever this one left."""
+    saved = {which: resource.getrlimit(which) for which in (resource.RLIMIT_CPU, resource.RLIMIT_AS)}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used_cpu = math.ceil(usage.ru_utime + usage.ru_stime)
+    _set_soft_limit(resource.RLIMIT_CPU, used_cpu + math.ceil(limits.seconds) + CPU_GRACE_SECONDS)
     baseline = address_space_bytes()
     if baseline is not None:
-        _lower_limit(resource.RLIMIT_AS, baseline + (memory_mb << 20))
+        _set_soft_limit(resource.RLIMIT_AS, baseline + (limits.memory_mb << 20))
+    try:
+        yield
+    finally:
+        for which, (soft, _hard) in saved.items():
+            _set_soft_limit(which, soft)
 
 
 def address_space_bytes() -> int | None:
     """VmSize of this process (Linux), i.e. what RLIMIT_AS counts against."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
-def _lower_limit(which: int, value: int) -> None:
-    soft, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
+def _set_soft_limit(which: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
+        value = hard
     try:
-        # Hard = soft: the unit's code cannot raise it back.
-        resource.setrlimit(which, (value, value))
+        resource.setrlimit(which, (value, hard))
     except (ValueError, OSError) as exc:  # e.g. macOS refuses RLIMIT_AS; the wall clock still holds
+        print(f"could not set resource limit {which}: {exc}", file=sys.stderr)
+
+
+def _lower_hard_limit(which: int, value: int) -> None:
+    try:
+        resource.setrlimit(which, (value, value))
+    except (ValueError, OSError) as exc:
         print(f"could not set resource limit {which}: {exc}", file=sys.stderr)
 
 

@@ -1,6 +1,7 @@
-"""What passes between the agent and its compute child: a job file in, a status file out.
+"""What passes between the agent and its compute child: one JSON line per unit each way.
 
-Plain JSON on disk keeps the child's interface tiny and lets the parent stay free of torch.
+The agent writes a `ChildJob` line to the child's stdin and reads a `ChildStatus` line back from its
+stdout. Plain JSON (never pickle) keeps the child's interface tiny and the parent free of torch.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class ChildJob:
     payload: dict[str, Any]
     artifacts: dict[str, str]  # sha256 -> local path of the verified copy
     output_path: str
-    status_path: str
     fault: str | None = None
     fault_seed: int = 0
     limits: Limits = field(default_factory=Limits)
@@ -55,12 +55,12 @@ class ChildJob:
         except KeyError:
             raise PayloadError(f"artifact {sha256[:12]} was not fetched for this job") from None
 
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)))
+    def to_line(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
 
     @classmethod
-    def read(cls, path: Path) -> ChildJob:
-        raw = json.loads(path.read_text())
+    def from_line(cls, line: bytes) -> ChildJob:
+        raw = json.loads(line)
         raw["limits"] = Limits(**raw.get("limits", {}))
         return cls(**raw)
 
@@ -71,16 +71,18 @@ class ChildStatus:
     error: str = ""
     code: str = ""  # bad_input, memory, internal: lets the parent word its report
     metrics: dict[str, float] = field(default_factory=dict)
+    recycle: bool = False  # the child's address space has drifted too far; it asks to be replaced
 
-    def write(self, path: Path) -> None:
-        temp = path.with_suffix(".tmp")
-        temp.write_text(json.dumps(asdict(self)))
-        temp.replace(path)  # the parent never reads half a status
+    def to_line(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
 
     @classmethod
-    def read(cls, path: Path) -> ChildStatus | None:
+    def from_line(cls, line: bytes) -> ChildStatus:
+        """Raises ValueError on anything but a well-formed status line."""
+        raw = json.loads(line)
+        if not isinstance(raw, dict) or not isinstance(raw.get("ok"), bool):
+            raise ValueError(f"not a status: {line[:200]!r}")
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return cls(**raw)
+            return cls(**raw)
+        except TypeError as exc:
+            raise ValueError(f"not a status: {exc}") from None

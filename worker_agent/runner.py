@@ -1,4 +1,10 @@
-"""Parent side of the compute child: spawn it, watch the wall clock and the lease, read its status.
+"""Parent side of the compute child: keep one warm child, send it units, watch the clock and the lease.
+
+The child (child.py) is started once and serves unit after unit over its stdin/stdout pipes, one
+JSON line each way, so torch is imported once per child and not once per unit. Every unit still
+gets its own wall-clock limit, counted from the moment it is sent. A unit that runs out of time, is
+abandoned (lost lease), crashes the child or fails in a way that may have left it unhealthy costs
+that unit only: the child's process group is killed and a fresh child is started for the next one.
 
 The child gets its own session: a Ctrl-C in the agent's terminal goes to the agent alone, which
 decides whether the unit may finish (warm shutdown) or must die (cold).
@@ -6,15 +12,20 @@ decides whether the unit may finish (warm shutdown) or must die (cold).
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import worker_agent
 from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus
@@ -22,6 +33,10 @@ from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
+STARTUP_SECONDS = 120.0  # importing torch takes a few seconds; a child silent this long is stuck
+STOP_SECONDS = 5.0  # an idle child told to stop exits at once; this is how long it gets
+LOG_KEEP_BYTES = 1 << 20  # the child's log is emptied between units once it is this big
+KEEP_CHILD_AFTER = ("bad_input",)  # failures that leave the child healthy; any other one replaces it
 # Math libraries size thread pools and per-thread buffers from the core count at import time;
 # pinning them to one keeps the child's address space (and its results) the same on every machine.
 CHILD_ENV = {
@@ -34,7 +49,7 @@ CHILD_ENV = {
 
 
 class ChildAborted(Exception):
-    """The parent killed the child on purpose (the lease was lost); nothing is to be reported."""
+    """The unit was abandoned on purpose (the lease was lost); nothing is to be reported."""
 
 
 @dataclass(frozen=True)
@@ -43,30 +58,240 @@ class ChildOutcome:
     elapsed_seconds: float
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    child_pid: int = 0
 
 
-def run_child(job: ChildJob, workdir: Path, *, should_abort: Callable[[], str | None] = lambda: None) -> ChildOutcome:
-    """Run one unit to completion, a limit, or an abort; the child is never left running."""
-    job_path = workdir / "job.json"
-    job.write(job_path)
-    started = time.monotonic()
-    with (workdir / "child.log").open("wb") as child_log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker_agent.child", str(job_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=child_log,
-            stderr=child_log,
+class _ChildGone(Exception):
+    """The child closed its end of the pipes (it exited or was killed)."""
+
+
+class ComputeChild:
+    """One warm compute child, replaced whenever a unit leaves it dead or unhealthy.
+
+    Only ever used from one thread (the agent's main thread: PR_SET_PDEATHSIG fires when the thread
+    that started the child ends). `start` returns at once; the child imports torch meanwhile.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_fd: int | None = None
+        self._buffer = b""
+        self._ready = False
+        self._fresh = True  # no unit sent yet: a crash's log tail includes the startup output
+        self._started = 0.0
+
+    def __enter__(self) -> ComputeChild:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.stop()
+        else:
+            self.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start a child unless one is running (it may be still importing torch)."""
+        if self._process is not None:
+            return
+        fd, path = tempfile.mkstemp(prefix="idlegrid-child-", suffix=".log")
+        os.unlink(path)  # nothing to clean up, however the agent ends
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # truncating is safe
+        self._log_fd = fd
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "worker_agent.child", "serve", str(self.workdir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=fd,
             env=child_env(),
             start_new_session=True,
         )
+        self._buffer, self._ready, self._fresh = b"", False, True
+        self._started = time.monotonic()
+        log.debug("compute child %d started", self._process.pid)
+
+    def run(self, job: ChildJob, *, should_abort: Callable[[], str | None] = lambda: None) -> ChildOutcome:
+        """Run one unit to completion, its time limit, or an abort (ChildAborted). A child that might
+        be unhealthy afterwards is replaced; on any other exception (a cold shutdown) it is killed."""
+        self.start()
         try:
-            timed_out = _wait(process, started + job.limits.seconds, should_abort)
+            if not self._await_ready(should_abort):
+                return self._crashed(job, 0.0, during="while starting")
+        except ChildAborted:
+            raise  # the unit never reached the child, which stays as it is
+        except BaseException:
+            self.kill()
+            raise
+        process = self._process
+        assert process is not None and process.stdin is not None
+        log_mark = self._mark_log()
+        started = time.monotonic()
+        try:
+            process.stdin.write(job.to_line())
+            process.stdin.flush()
+            line = self._read_line(started + job.limits.seconds, should_abort)
+        except (_ChildGone, BrokenPipeError):
+            return self._crashed(job, time.monotonic() - started, log_mark=log_mark)
+        except ChildAborted:
+            self.restart()
+            raise
+        except BaseException:
+            self.kill()
+            raise
+        elapsed = time.monotonic() - started
+        if line is None:
+            self.restart()
+            return ChildOutcome(False, elapsed, f"time limit of {job.limits.seconds:g} s exceeded; the child was killed",
+                                child_pid=process.pid)
+        try:
+            status = ChildStatus.from_line(line)
+        except ValueError:
+            self.restart()
+            return ChildOutcome(False, elapsed, f"the compute child sent an unreadable answer: {line[:200]!r}",
+                                child_pid=process.pid)
+        return self._judge(status, job, elapsed, process.pid)
+
+    def restart(self) -> None:
+        """Kill the child and start the next one now, so its import overlaps with other work."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        """Stop an idle child cleanly (end of its stdin), killing it if it does not exit promptly."""
+        process = self._process
+        if process is None:
+            return
+        try:
+            if process.stdin is not None:
+                try:
+                    process.stdin.close()
+                except BrokenPipeError:
+                    pass
+            if self._ready:  # still importing torch: not worth waiting for
+                process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("compute child %d did not stop; killing it", process.pid)
         finally:
-            _kill(process)  # no-op when it exited; on an exception (cold shutdown) it must not outlive us
-    elapsed = time.monotonic() - started
-    if timed_out:
-        return ChildOutcome(False, elapsed, f"time limit of {job.limits.seconds:g} s exceeded; the child was killed")
-    return _outcome(process.returncode, job, workdir, elapsed)
+            self.kill()  # no-op on the process if it exited; reaps it and closes our ends either way
+
+    def kill(self) -> None:
+        """Kill the child's whole process group (helpers it spawned die too) and forget it."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait()
+            for pipe in (process.stdin, process.stdout):
+                try:
+                    if pipe is not None:
+                        pipe.close()
+                except OSError:
+                    pass
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        self._buffer, self._ready = b"", False
+
+    # --- talking to the child -----------------------------------------------------------------
+
+    def _await_ready(self, should_abort: Callable[[], str | None]) -> bool:
+        """Wait until the child has imported torch; False when it died or hung instead."""
+        if self._ready:
+            return True
+        try:
+            line = self._read_line(time.monotonic() + STARTUP_SECONDS, should_abort)
+        except _ChildGone:
+            return False
+        try:
+            hello = json.loads(line) if line is not None else None
+        except ValueError:
+            hello = None
+        self._ready = isinstance(hello, dict) and hello.get("ready") is True
+        if self._ready:
+            log.info("compute child %s ready after %.1fs", self.pid, time.monotonic() - self._started)
+        return self._ready
+
+    def _read_line(self, deadline: float, should_abort: Callable[[], str | None]) -> bytes | None:
+        """The child's next line; None when the deadline passed first. Raises ChildAborted, _ChildGone."""
+        assert self._process is not None and self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        poller = select.poll()  # not select.select: that breaks on descriptors above 1023
+        poller.register(fd, select.POLLIN)
+        while (end := self._buffer.find(b"\n")) < 0:
+            reason = should_abort()
+            if reason is not None:
+                raise ChildAborted(reason)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if poller.poll(max(1, round(min(POLL_SECONDS, remaining) * 1000))):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise _ChildGone()
+                self._buffer += chunk
+        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        return line
+
+    def _judge(self, status: ChildStatus, job: ChildJob, elapsed: float, pid: int) -> ChildOutcome:
+        if status.ok and not Path(job.output_path).is_file():
+            self.restart()
+            return ChildOutcome(False, elapsed, "the compute child reported success but wrote no output", child_pid=pid)
+        if status.ok:
+            outcome = ChildOutcome(True, elapsed, metrics=status.metrics, child_pid=pid)
+        else:
+            outcome = ChildOutcome(False, elapsed, status.error, child_pid=pid)
+        if status.recycle:
+            log.info("compute child %d asked to be replaced (its address space drifted); starting a fresh one", pid)
+            self.stop()
+            self.start()
+        elif not status.ok and status.code not in KEEP_CHILD_AFTER:
+            self.restart()  # out of memory or an internal error: do not trust this interpreter again
+        return outcome
+
+    def _crashed(self, job: ChildJob, elapsed: float, *, log_mark: int = 0, during: str = "") -> ChildOutcome:
+        process = self._process
+        assert process is not None
+        try:
+            process.wait(1.0)  # it closed its pipes, so it is exiting, unless it hangs or babbles
+            what = _crash_message(process.returncode, job)
+        except subprocess.TimeoutExpired:
+            what = "the compute child stopped answering and was killed"
+        tail = self._log_tail(log_mark)
+        self.restart()
+        if during:
+            what = f"{what} {during}"
+        return ChildOutcome(False, elapsed, f"{what}: {tail}" if tail else what, child_pid=process.pid)
+
+    # --- the child's log (its stderr: an unlinked temporary file) -----------------------------
+
+    def _mark_log(self) -> int:
+        """Where this unit's part of the log starts (the child is idle now: nothing is writing)."""
+        if self._log_fd is None:
+            return 0
+        if self._fresh:
+            self._fresh = False
+            return 0
+        size = os.fstat(self._log_fd).st_size
+        if size > LOG_KEEP_BYTES:
+            os.ftruncate(self._log_fd, 0)
+            return 0
+        return size
+
+    def _log_tail(self, start: int, lines: int = 3) -> str:
+        if self._log_fd is None:
+            return ""
+        size = os.fstat(self._log_fd).st_size
+        start = max(start, size - (1 << 16))
+        text = os.pread(self._log_fd, max(size - start, 0), start).decode(errors="replace")
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())[-600:]
 
 
 def child_env() -> dict[str, str]:
@@ -77,42 +302,7 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def _wait(process: subprocess.Popen[bytes], deadline: float, should_abort: Callable[[], str | None]) -> bool:
-    """Wait for exit; True when the wall-clock deadline passed first. Raises ChildAborted."""
-    while process.poll() is None:
-        reason = should_abort()
-        if reason is not None:
-            _kill(process)
-            raise ChildAborted(reason)
-        if time.monotonic() >= deadline:
-            _kill(process)
-            return True
-        time.sleep(POLL_SECONDS)
-    return False
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # the whole group: helpers the child spawned die too
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
-def _outcome(returncode: int, job: ChildJob, workdir: Path, elapsed: float) -> ChildOutcome:
-    status = ChildStatus.read(Path(job.status_path))
-    if returncode == 0 and status is not None and status.ok:
-        if not Path(job.output_path).is_file():
-            return ChildOutcome(False, elapsed, "the compute child reported success but wrote no output")
-        return ChildOutcome(True, elapsed, metrics=status.metrics)
-    if status is not None and not status.ok:
-        return ChildOutcome(False, elapsed, status.error)
-    return ChildOutcome(False, elapsed, _crash_message(returncode, job, workdir))
-
-
-def _crash_message(returncode: int, job: ChildJob, workdir: Path) -> str:
+def _crash_message(returncode: int, job: ChildJob) -> str:
     if returncode < 0:
         name = signal.Signals(-returncode).name
         what = f"the compute child was killed by {name}"
@@ -120,15 +310,5 @@ def _crash_message(returncode: int, job: ChildJob, workdir: Path) -> str:
             what += " (CPU time limit)"
         elif name in ("SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS"):
             what += f" (possibly the {job.limits.memory_mb} MB memory limit)"
-    else:
-        what = f"the compute child exited with status {returncode}"
-    tail = _log_tail(workdir / "child.log")
-    return f"{what}: {tail}" if tail else what
-
-
-def _log_tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())[-600:]
+        return what
+    return f"the compute child exited with status {returncode}"

@@ -1,8 +1,12 @@
-"""The compute child: bitwise results, clear refusals of bad inputs, and enforced limits."""
+"""The compute child: bitwise results, clear refusals of bad inputs, enforced limits, and one warm
+child serving unit after unit until a unit kills it."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ from safetensors.torch import load_file
 
 from worker_agent.jobfile import ChildJob, Limits
 from worker_agent.kinds import JobError, inference
-from worker_agent.runner import run_child
+from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 
 WEIGHTS_SHA, INPUT_SHA = "a" * 64, "b" * 64
 
@@ -32,36 +36,54 @@ def make_job(tmp_path: Path, arch: str, config: dict[str, Any], *, rows: int, ba
                         seconds=seconds, memory_mb=memory_mb),
         artifacts={WEIGHTS_SHA: str(weights_path), INPUT_SHA: str(input_path)},
         output_path=str(workdir / "output.safetensors"),
-        status_path=str(workdir / "status.json"),
         fault=fault,
         fault_seed=91,
         limits=Limits(seconds=seconds, memory_mb=memory_mb),
     )
 
 
-def run_in_child(job: ChildJob) -> tuple[bool, str]:
-    outcome = run_child(job, Path(job.output_path).parent)
+@pytest.fixture(scope="module")
+def child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeChild]:
+    """One warm child for the whole module, as the agent keeps one: a start costs seconds of torch
+    import. Tests that kill it leave a fresh one behind, exactly as the agent would."""
+    with ComputeChild(tmp_path_factory.mktemp("child-scratch")) as compute_child:
+        yield compute_child
+
+
+def run_in_child(child: ComputeChild, job: ChildJob) -> tuple[bool, str]:
+    outcome = child.run(job)
     return outcome.ok, outcome.error
 
 
+def small_unit(tmp_path: Path, name: str) -> ChildJob:
+    return make_job(tmp_path, *MLP, rows=10, batch_size=4, name=name)
+
+
+def assert_done(outcome: ChildOutcome, job: ChildJob) -> None:
+    assert outcome.ok, outcome.error
+    assert list(load_file(job.output_path)["y"].shape) == [10, 3]
+
+
 @pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChildJob, dict[str, torch.Tensor], torch.Tensor]:
-    """One CNN unit computed by a real child, shared: each child start costs seconds of torch import."""
+def cnn_run(
+    tmp_path_factory: pytest.TempPathFactory, child: ComputeChild,
+) -> tuple[ChildJob, dict[str, torch.Tensor], torch.Tensor]:
+    """One CNN unit computed by the real child, shared by the tests that look at its output."""
     arch, config = CNN
     state, x = weights(arch, config), inputs(arch, config, 100)
     job = make_job(tmp_path_factory.mktemp("cnn"), arch, config, rows=100, batch_size=32, x=x, state=state)
-    ok, error = run_in_child(job)
+    ok, error = run_in_child(child, job)
     assert ok, error
     return job, state, x
 
 
 @pytest.mark.usefixtures("single_thread_torch")
-def test_the_child_computes_an_mlp_exactly_like_the_same_model_in_process(tmp_path: Path) -> None:
+def test_the_child_computes_an_mlp_exactly_like_the_same_model_in_process(tmp_path: Path, child: ComputeChild) -> None:
     arch, config = MLP
     state, x = weights(arch, config), inputs(arch, config, 100)
     job = make_job(tmp_path, arch, config, rows=100, batch_size=32, x=x, state=state)
 
-    ok, error = run_in_child(job)
+    ok, error = run_in_child(child, job)
 
     assert ok, error
     y = load_file(job.output_path)["y"]
@@ -81,13 +103,14 @@ def test_the_child_computes_a_cnn_exactly_like_the_same_model_in_process(
     assert torch.equal(y, reference_forward(*CNN, state, x, batch_size=32))
 
 
-def test_the_same_inputs_give_identical_output_bytes_twice(
-    tmp_path: Path, cnn_run: tuple[ChildJob, dict[str, torch.Tensor], torch.Tensor]
+def test_the_same_inputs_give_identical_output_bytes_twice_in_a_warm_child(
+    tmp_path: Path, child: ComputeChild, cnn_run: tuple[ChildJob, dict[str, torch.Tensor], torch.Tensor]
 ) -> None:
     first, state, x = cnn_run
+    run_in_child(child, make_job(tmp_path, *MLP, rows=50, batch_size=7, name="in-between"))  # other work first
     second = make_job(tmp_path, *CNN, rows=100, batch_size=32, x=x, state=state)
 
-    ok, error = run_in_child(second)
+    ok, error = run_in_child(child, second)
 
     assert ok, error
     assert Path(second.output_path).read_bytes() == Path(first.output_path).read_bytes()
@@ -147,28 +170,114 @@ def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
         inference.execute(job)
 
 
-def test_the_time_limit_kills_a_child_that_runs_too_long(tmp_path: Path) -> None:
-    # A genuinely slow unit: 400k rows through eight 512-wide layers is ~1.7 TFLOP, about a minute on one core.
-    arch, config = "mlp", {"in_features": 8, "hidden": [512] * 8, "out_features": 10}
-    job = make_job(tmp_path, arch, config, rows=400_000, batch_size=4096, seconds=2)
+def test_units_computed_back_to_back_share_one_child(tmp_path: Path, child: ComputeChild) -> None:
+    first, second = small_unit(tmp_path, "first"), small_unit(tmp_path, "second")
 
-    ok, error = run_in_child(job)
+    one, two = child.run(first), child.run(second)
 
-    assert not ok
-    assert error == "time limit of 2 s exceeded; the child was killed"
-    assert not Path(job.output_path).exists()
+    assert_done(one, first)
+    assert_done(two, second)
+    assert one.child_pid == two.child_pid == child.pid
+    assert one.metrics["rows"] == two.metrics["rows"] == 10
 
 
-def test_the_memory_limit_stops_a_child_that_would_exceed_it(tmp_path: Path) -> None:
+def test_a_unit_refused_for_bad_input_fails_alone_and_the_child_stays(tmp_path: Path, child: ComputeChild) -> None:
+    before = child.run(small_unit(tmp_path, "before"))
+    bad = make_job(tmp_path, *MLP, rows=4, batch_size=4, state=weights(*CNN), name="bad")
+
+    refused = child.run(bad)
+    after = child.run(small_unit(tmp_path, "after"))
+
+    assert not refused.ok and refused.error.startswith("weights do not match the architecture: missing")
+    assert after.ok, after.error
+    assert before.child_pid == refused.child_pid == after.child_pid
+
+
+# A genuinely slow unit: 400k rows through eight 512-wide layers is ~1.7 TFLOP, about a minute on one core.
+SLOW_MLP = {"in_features": 8, "hidden": [512] * 8, "out_features": 10}
+
+
+def test_the_time_limit_kills_a_unit_that_runs_too_long_and_the_next_unit_gets_a_fresh_child(
+    tmp_path: Path, child: ComputeChild,
+) -> None:
+    slow = make_job(tmp_path, "mlp", SLOW_MLP, rows=400_000, batch_size=4096, seconds=1, name="slow")
+    following = small_unit(tmp_path, "following")
+
+    timed_out = child.run(slow)
+    after = child.run(following)
+
+    assert not timed_out.ok
+    assert timed_out.error == "time limit of 1 s exceeded; the child was killed"
+    assert not Path(slow.output_path).exists()
+    assert_done(after, following)
+    assert after.child_pid != timed_out.child_pid
+    assert not _alive(timed_out.child_pid)
+
+
+def test_the_memory_limit_stops_a_unit_that_would_exceed_it_and_the_next_unit_succeeds(
+    tmp_path: Path, child: ComputeChild,
+) -> None:
     # One batch of 1024 rows through a 65536-wide layer needs 256 MB of activations; allow 64 MB.
-    arch, config = "mlp", {"in_features": 4, "hidden": [65536], "out_features": 10}
-    job = make_job(tmp_path, arch, config, rows=1024, batch_size=1024, memory_mb=64)
+    greedy = make_job(tmp_path, "mlp", {"in_features": 4, "hidden": [65536], "out_features": 10},
+                      rows=1024, batch_size=1024, memory_mb=64, name="greedy")
+    following = small_unit(tmp_path, "following")
 
-    ok, error = run_in_child(job)
+    failed = child.run(greedy)
+    after = child.run(following)
 
-    assert not ok
-    assert error.startswith("memory limit of 64 MB exceeded")
-    assert not Path(job.output_path).exists()
+    assert not failed.ok
+    assert failed.error.startswith("memory limit of 64 MB exceeded")
+    assert not Path(greedy.output_path).exists()
+    assert_done(after, following)
+    assert after.child_pid != failed.child_pid  # an interpreter that ran out of memory is not trusted again
+
+
+def test_an_abandoned_unit_kills_its_child_and_the_next_unit_gets_a_fresh_one(tmp_path: Path, child: ComputeChild) -> None:
+    assert child.run(small_unit(tmp_path, "warm-up")).ok  # the child is ready: the abort lands mid-unit
+    victim_pid = child.pid
+    assert victim_pid is not None
+    slow = make_job(tmp_path, "mlp", SLOW_MLP, rows=400_000, batch_size=4096, name="slow")
+
+    with pytest.raises(ChildAborted, match="lease lost"):
+        child.run(slow, should_abort=lambda: "lease lost")
+    following = small_unit(tmp_path, "following")
+    after = child.run(following)
+
+    assert not _alive(victim_pid)
+    assert_done(after, following)
+    assert after.child_pid != victim_pid
+
+
+def test_a_child_killed_mid_unit_fails_only_that_unit(tmp_path: Path, child: ComputeChild) -> None:
+    assert child.run(small_unit(tmp_path, "warm-up")).ok  # the child is ready: the next wait is for the unit
+    victim_pid = child.pid
+    assert victim_pid is not None
+    slow = make_job(tmp_path, "mlp", SLOW_MLP, rows=400_000, batch_size=4096, name="slow")
+
+    killed: list[int] = []
+
+    def kill_the_child_once() -> None:  # polled while the parent waits for the unit's answer
+        if not killed:
+            os.kill(victim_pid, signal.SIGKILL)
+            killed.append(victim_pid)
+
+    crashed = child.run(slow, should_abort=kill_the_child_once)
+    following = small_unit(tmp_path, "following")
+    after = child.run(following)
+
+    assert not crashed.ok
+    assert crashed.error.startswith("the compute child was killed by SIGKILL")
+    assert crashed.child_pid == victim_pid
+    assert_done(after, following)
+    assert after.child_pid != victim_pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.usefixtures("single_thread_torch")

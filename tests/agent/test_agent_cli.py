@@ -89,6 +89,7 @@ def test_a_warm_shutdown_finishes_the_unit_gives_back_the_rest_and_never_imports
     device_key.public_key().verify(protocol.b64decode(report["signature"]), message)
     assert stub.failures == {101: "agent shutting down"}
     assert any("1 done, 0 failed" in line for line in lines)
+    assert live_children(state) == []  # the idle child was stopped with the agent
     imports = [line for line in lines if line.startswith("import time:")]
     assert imports  # -X importtime really reported the agent's imports
     assert not [line for line in imports if any(name in line for name in ("torch", "django", "numpy"))]

@@ -21,6 +21,8 @@ from worker_agent.client import AgentClient
 from worker_agent.shutdown import ColdShutdown, Shutdown
 from worker_agent.state import DeviceState, StateDir
 
+SLOW_MLP = {"in_features": 8, "hidden": [512] * 8, "out_features": 10}  # ~0.8 TFLOP for 200k rows: tens of seconds
+
 
 def make_agent(stub: StubMarketplace, device: DeviceState, key: Ed25519PrivateKey, state: StateDir,
                **options: Any) -> Agent:
@@ -67,12 +69,29 @@ def test_it_signs_its_report_and_moves_on_when_the_lease_expired_meanwhile(
     assert stub.requests[-1] == "POST /api/v1/agent/lease"  # it moved on and asked for more work
 
 
+def test_units_in_a_row_are_computed_by_one_warm_child(
+    stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # (A child replaced after a timeout, a crash or running out of memory: test_agent_child.)
+    unit = mlp_unit(stub)
+    for result_id in (90, 91, 92):
+        stub.add_unit(unit, result_id=result_id, unit_id=result_id)
+
+    with caplog.at_level(logging.INFO):
+        summary = make_agent(stub, enrolled, device_key, state, batch=2).run()
+
+    assert summary.done == 3
+    assert sorted(stub.reports) == [90, 91, 92]
+    started = [record.getMessage() for record in caplog.records if record.getMessage().startswith("compute child")]
+    assert len(started) == 1 and "ready" in started[0], started  # one torch import for all three units
+
+
 def test_a_lost_lease_kills_the_running_unit_without_a_report(
     stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
 ) -> None:
     # A unit that would run for minutes, and a heartbeat every 0.1 s that says its lease is gone.
-    slow = {"in_features": 8, "hidden": [512] * 8, "out_features": 10}
-    stub.add_unit(mlp_unit(stub, rows=200_000, config=slow), result_id=40, unit_id=4)
+    stub.add_unit(mlp_unit(stub, rows=200_000, config=SLOW_MLP), result_id=40, unit_id=4)
     stub.lose_on_heartbeat.add(40)
     device = dataclasses.replace(enrolled, lease_seconds=0.3)
 

@@ -72,7 +72,7 @@ class Client:
     def job(self, job_id: int) -> dict:
         return self.http.get(f"/api/v1/jobs/{job_id}/").json()
 
-    def wait_for_job(self, job_id: int, cluster: Cluster, *, timeout: float = 180) -> dict:
+    def wait_for_job(self, job_id: int, cluster: Cluster, *, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)

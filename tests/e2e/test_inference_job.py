@@ -109,7 +109,7 @@ def test_the_agent_process_loads_neither_django_nor_torch(cluster):
     assert Result.objects.filter(job_id=job_id, device__name="alice-1", state=Result.State.REPORTED).count() == 1
 
 
-def _wait_until(condition, *, timeout: float = 60, step: float = 0.2) -> None:
+def _wait_until(condition, *, timeout: float = 180, step: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
