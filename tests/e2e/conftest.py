@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from django.conf import settings
 from django.db import connection
 from safetensors.torch import save as save_safetensors
 
