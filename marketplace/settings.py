@@ -174,10 +174,37 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- Idlegrid -------------------------------------------------------------------------------------
 IDLEGRID_ARTIFACT_DIR = Path(env("IDLEGRID_ARTIFACT_DIR") or VAR_DIR / "artifacts").resolve()
+# The Ed25519 keys that sign work units (marketplace/core/signing.py): private keys in files, never in
+# the database; every web and Celery process must see the same directory.
+IDLEGRID_SIGNING_KEY_DIR = Path(env("IDLEGRID_SIGNING_KEY_DIR") or VAR_DIR / "keys").resolve()
 IDLEGRID_MAX_ARTIFACT_BYTES = envint("IDLEGRID_MAX_ARTIFACT_BYTES", 256 * 1024 * 1024, low=1024)
 IDLEGRID_LEASE_SECONDS = envint("IDLEGRID_LEASE_SECONDS", 120, low=2, high=86_400)
 IDLEGRID_LEASE_RETRY_AFTER = envint("IDLEGRID_LEASE_RETRY_AFTER", 2, low=1, high=3600)
 IDLEGRID_ENROLLMENT_TOKEN_SECONDS = envint("IDLEGRID_ENROLLMENT_TOKEN_SECONDS", 3600, low=60)
+IDLEGRID_ENROLLMENTS_PER_HOUR = envint("IDLEGRID_ENROLLMENTS_PER_HOUR", 10, low=1)
+
+
+def envfloat(name: str, default: float, *, low: float = 0.0, high: float = 1.0) -> float:
+    value = env(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ImproperlyConfigured(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+# Adaptive replication: a device earns trust after this many consecutive valid replicated results;
+# a trusted device's units are then accepted on its word alone, except a random AUDIT_RATE of them.
+IDLEGRID_TRUST_THRESHOLD = envint("IDLEGRID_TRUST_THRESHOLD", 20, low=1, high=100_000)
+IDLEGRID_AUDIT_RATE = envfloat("IDLEGRID_AUDIT_RATE", 0.1)
+# Devices on probation get known-answer units mixed in at this rate.
+IDLEGRID_KNOWN_ANSWER_RATE = envfloat("IDLEGRID_KNOWN_ANSWER_RATE", 0.1)
+# A banned device's valid results reported within this window are re-verified.
+IDLEGRID_AUDIT_WINDOW_SECONDS = envint("IDLEGRID_AUDIT_WINDOW_SECONDS", 30 * 86_400, low=60)
 
 # --- REST -----------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

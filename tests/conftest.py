@@ -242,10 +242,12 @@ def inference_spec(upload, submitter) -> Callable[..., dict[str, Any]]:
 
 @pytest.fixture
 def submit_job(inference_spec, submitter) -> Callable[..., Job]:
-    """submit_job(rows=10, rows_per_unit=4, ...) submits an inference job and, unless split=False, splits it."""
+    """submit_job(rows=10, rows_per_unit=4, ...) submits an inference job and, unless split=False, splits it.
+    Jobs replicate every unit to the quorum (adaptive=False) unless a test asks for adaptive replication."""
 
     def submit(*, owner=None, split: bool = True, rows: int = 10, rows_per_unit: int = 4, **spec: Any) -> Job:
         owner = owner or submitter
+        spec.setdefault("adaptive", False)
         job = job_submit(
             owner=owner, kind="inference",
             spec=inference_spec(owner=owner, rows=rows, rows_per_unit=rows_per_unit, **spec),

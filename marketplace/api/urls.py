@@ -15,6 +15,7 @@ urlpatterns = [
     path("enrollment-tokens/", accounts.EnrollmentTokenCreateApi.as_view(), name="enrollment-token-create"),
     path("devices/", accounts.DeviceListApi.as_view(), name="device-list"),
     path("agent/enroll", agent.EnrollApi.as_view(), name="agent-enroll"),
+    path("agent/keys", agent.KeysApi.as_view(), name="agent-keys"),
     path("agent/lease", agent.LeaseApi.as_view(), name="agent-lease"),
     path("agent/heartbeat", agent.HeartbeatApi.as_view(), name="agent-heartbeat"),
     path("agent/results/<int:result_id>/report", agent.ReportApi.as_view(), name="agent-report"),

@@ -44,6 +44,11 @@ class AlreadyReported(Conflict):
     code = "already_reported"
 
 
+class RateLimited(ApplicationError):
+    status = 429
+    code = "throttled"
+
+
 class TooLarge(ApplicationError):
     status = 413
     code = "too_large"

@@ -6,9 +6,14 @@ from marketplace.jobs.selectors import job_progress
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
-    list_display = ["pk", "kind", "owner", "state", "units_total", "created_at", "finished_at"]
+    list_display = ["pk", "kind", "owner", "state", "units_total", "results_per_unit", "corrections", "created_at",
+                    "finished_at"]
     list_filter = ["state", "kind"]
     readonly_fields = ["progress", "output", "started_at", "finished_at", "units_total"]
+
+    @admin.display(description="results per unit")
+    def results_per_unit(self, job: Job) -> float | None:
+        return job_progress(job=job)["results_per_unit"]
 
     @admin.display(description="progress")
     def progress(self, job: Job) -> str:

@@ -22,6 +22,10 @@ class Job(models.Model):
     error = models.TextField(blank=True)
     units_total = models.PositiveIntegerField(default=0)
     output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # How many times a ban reopened the job so that results a cheater vouched for were re-verified
+    # (its output is merged anew each time).
+    corrections = models.PositiveIntegerField(default=0)
+    reopened_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

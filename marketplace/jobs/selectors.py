@@ -16,10 +16,10 @@ def job_get_for_owner(*, job_id: int, owner: AbstractBaseUser) -> Job:
 
 
 def job_progress(*, job: Job) -> dict:
-    units = WorkUnit.objects.filter(job=job).aggregate(
+    units = WorkUnit.objects.filter(job=job, known_answer_of__isnull=True).aggregate(
         done=Count("pk", filter=Q(state=WorkUnit.State.DONE)), error=Count("pk", filter=Q(state=WorkUnit.State.ERROR))
     )
-    results = Result.objects.filter(job=job).aggregate(
+    results = Result.objects.filter(job=job, unit__known_answer_of__isnull=True).aggregate(
         valid=Count("pk", filter=Q(state=Result.State.VALID)),
         invalid=Count("pk", filter=Q(state=Result.State.INVALID)),
         computed=Count("pk", filter=Q(state__in=(Result.State.VALID, Result.State.INVALID, Result.State.REPORTED))),

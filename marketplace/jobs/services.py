@@ -9,10 +9,12 @@ from django.utils import timezone
 
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
+from marketplace.core.signing import keyring
 from marketplace.core.tensors import write_single
 from marketplace.jobs.kinds import kind_module
 from marketplace.jobs.models import Job
 from marketplace.workunits.models import Result, WorkUnit
+from worker_agent.protocol import unit_message
 
 log = logging.getLogger(__name__)
 UNIT_BATCH = 500
@@ -54,28 +56,41 @@ def job_split(*, job_id: int) -> int:
 
 def _create_units(job: Job, plans: list) -> None:
     quorum, cap = job.spec["quorum"], job.spec["max_results_per_unit"]
+    # Adaptive: one replica now; the first lease decides how many more (marketplace/workers/trust.py).
+    adaptive = job.spec.get("adaptive", False)
+    first = 1 if adaptive else quorum
     weights = job.spec["model"]["weights"]
     units, inputs = [], []
     for plan in plans:
         shas = [artifact_store(chunks=[data], uploaded_by=job.owner)[0].sha256 for data in plan.inputs]
         plan.payload["inputs"] = dict(zip(plan.payload["inputs"], shas))
         units.append(
-            WorkUnit(job=job, index=plan.index, payload=plan.payload, quorum=quorum, max_results=cap, results_created=quorum)
+            WorkUnit(job=job, index=plan.index, payload=plan.payload, quorum=quorum, max_results=cap,
+                     results_created=first, replication_decided=not adaptive)
         )
         inputs.append([weights, *shas])
     WorkUnit.objects.bulk_create(units)
+    _sign_units(units)
     through = WorkUnit.inputs.through
     through.objects.bulk_create(
         [through(workunit_id=unit.pk, artifact_id=sha) for unit, shas in zip(units, inputs) for sha in shas]
     )
-    Result.objects.bulk_create([Result(unit_id=unit.pk, job_id=job.pk) for unit in units for _ in range(quorum)])
+    Result.objects.bulk_create([Result(unit_id=unit.pk, job_id=job.pk) for unit in units for _ in range(first)])
+
+
+def _sign_units(units: list[WorkUnit]) -> None:
+    """The signature covers the unit id, which exists only after the insert: sign, then one bulk UPDATE."""
+    ring = keyring()
+    for unit in units:
+        unit.signing_key_id, unit.signature = ring.sign(unit_message(unit_id=unit.pk, payload=unit.payload))
+    WorkUnit.objects.bulk_update(units, ["signature", "signing_key_id"])
 
 
 def job_merge_if_done(*, job_id: int) -> None:
     """Called when a unit is decided: if none is left pending, move the job to merging (once) and merge."""
     from marketplace.jobs.tasks import merge_job
 
-    if WorkUnit.objects.filter(job_id=job_id).exclude(state=WorkUnit.State.DONE).exists():
+    if WorkUnit.objects.filter(job_id=job_id, known_answer_of__isnull=True).exclude(state=WorkUnit.State.DONE).exists():
         return
     if Job.objects.filter(pk=job_id, state=Job.State.RUNNING).update(state=Job.State.MERGING):
         merge_job.delay_on_commit(job_id)
@@ -89,7 +104,9 @@ def job_merge(*, job_id: int) -> Job:
         return job
     kind, storage = kind_module(job.kind), get_storage()
     outputs = list(
-        WorkUnit.objects.filter(job=job).order_by("index").values_list("canonical_result__output_id", flat=True)
+        WorkUnit.objects.filter(job=job, known_answer_of__isnull=True)
+        .order_by("index")
+        .values_list("canonical_result__output_id", flat=True)
     )
 
     def chunks():

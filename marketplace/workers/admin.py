@@ -1,14 +1,25 @@
 from django.contrib import admin
 
-from marketplace.workers.models import Device
+from marketplace.workers.models import Device, DeviceTrust
+
+
+class DeviceTrustInline(admin.TabularInline):
+    model = DeviceTrust
+    extra = 0
+    fields = ["kind", "hardware_class", "consecutive_valid", "trusted_since", "updated_at"]
+    readonly_fields = fields
+    can_delete = False
 
 
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
-    list_display = ["pk", "name", "owner", "state", "valid_results", "invalid_results", "hardware_class_short", "last_seen_at"]
+    list_display = ["pk", "name", "owner", "state", "valid_results", "invalid_results", "audits_passed",
+                    "audits_failed", "hardware_class_short", "last_seen_at"]
+    inlines = [DeviceTrustInline]
     list_filter = ["state"]
     search_fields = ["name", "owner__username"]
     readonly_fields = ["public_key", "secret_hash", "hardware", "hardware_class", "valid_results", "invalid_results",
+                       "audits_passed", "audits_failed", "banned_at", "ban_reason", "earnings_held",
                        "created_at", "last_seen_at"]
 
     @admin.display(description="hardware class")

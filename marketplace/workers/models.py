@@ -8,6 +8,7 @@ class Device(models.Model):
     class State(models.TextChoices):
         ACTIVE = "active"
         DISABLED = "disabled"
+        BANNED = "banned"  # failed an audit: for good
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="devices")
     name = models.CharField(max_length=100)
@@ -18,8 +19,38 @@ class Device(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
     valid_results = models.PositiveIntegerField(default=0)
     invalid_results = models.PositiveIntegerField(default=0)
+    audits_passed = models.PositiveIntegerField(default=0)
+    audits_failed = models.PositiveIntegerField(default=0)
+    banned_at = models.DateTimeField(null=True, blank=True)
+    ban_reason = models.TextField(blank=True)
+    # Set with a ban: the device's unsettled earnings are held (the payouts ledger forfeits them).
+    earnings_held = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"device {self.pk} {self.name!r} of {self.owner}"
+
+
+class DeviceTrust(models.Model):
+    """Earned trust of one device for one task kind on one hardware class.
+
+    probation -> trusted after N consecutive valid replicated results; any invalid result or expired
+    lease sends it back to probation; a failed audit bans the device itself."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="trust")
+    kind = models.CharField(max_length=32)
+    hardware_class = models.CharField(max_length=64)
+    consecutive_valid = models.PositiveIntegerField(default=0)
+    trusted_since = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["device", "kind", "hardware_class"], name="trust_unique")]
+
+    @property
+    def trusted(self) -> bool:
+        return self.trusted_since is not None
+
+    def __str__(self) -> str:
+        return f"trust of device {self.device_id} for {self.kind}: {'trusted' if self.trusted else 'probation'}"

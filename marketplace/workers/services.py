@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -14,13 +15,27 @@ from django.db import transaction
 from django.utils import timezone
 
 from marketplace.accounts.models import EnrollmentToken
-from marketplace.core.exceptions import Forbidden, ValidationFailed
+from marketplace.core.exceptions import Forbidden, RateLimited, ValidationFailed
 from marketplace.workers.models import Device
 from worker_agent.protocol import b64decode, enroll_message
 
-# Facts that change numerics; two devices equal on all of them may be compared by exact digest.
-HARDWARE_CLASS_FACTS = ("os", "machine", "cpu_flags", "torch_version", "device_type", "dtype")
+# The facts that decide a device's floating-point results; devices equal on all of them form one
+# hardware class, inside which results are compared bitwise (docs/protocol.md, "Hardware facts").
+# From the agent: os, machine (CPU architecture), cpu_vendor, cpu_model, cpu_flags (vector
+# extensions), libc (scalar math functions); from its compute child, which imports torch:
+# torch_version (the build), cpu_capability (the kernels ATen dispatches to), device_type, dtype,
+# deterministic and num_threads (the determinism switches), matmul_precision, math_env (environment
+# variables that steer ATen, oneDNN and MKL), numerics_revision (bumped when the agent's computation
+# changes). A fact the agent did not send counts as null. Finer is safe (results of two classes are
+# compared by the job's tolerance, still cheap); coarser is not (honest results would disagree).
+HARDWARE_CLASS_FACTS = (
+    "os", "machine", "cpu_vendor", "cpu_model", "cpu_flags", "libc",
+    "torch_version", "cpu_capability", "device_type", "dtype", "deterministic", "num_threads",
+    "matmul_precision", "math_env", "numerics_revision",
+)
 MAX_HARDWARE_JSON = 8192
+
+log = logging.getLogger(__name__)
 
 
 def _hash_secret(secret: str) -> str:
@@ -28,7 +43,15 @@ def _hash_secret(secret: str) -> str:
 
 
 def enrollment_token_create(*, owner: AbstractBaseUser) -> tuple[str, EnrollmentToken]:
-    """A one-time enrolment token; the plain text is returned once and never stored."""
+    """A one-time enrolment token; the plain text is returned once and never stored.
+
+    Rate-limited per account: new devices start on probation, but a flood of fresh identities is how
+    a cheater would try to outrun bans (Sybil), so each account gets a few per hour."""
+    recent = EnrollmentToken.objects.filter(owner=owner, created_at__gte=timezone.now() - timedelta(hours=1)).count()
+    if recent >= settings.IDLEGRID_ENROLLMENTS_PER_HOUR:
+        raise RateLimited(
+            f"at most {settings.IDLEGRID_ENROLLMENTS_PER_HOUR} enrolment tokens per hour per account; try again later"
+        )
     token = "enr_" + secrets.token_urlsafe(24)
     row = EnrollmentToken.objects.create(
         owner=owner,
@@ -39,16 +62,43 @@ def enrollment_token_create(*, owner: AbstractBaseUser) -> tuple[str, Enrollment
 
 
 def hardware_class_of(hardware: dict[str, Any]) -> str:
+    """sha256 of exactly the class facts, as canonical JSON (sorted keys; flag lists sorted)."""
     facts = {key: hardware.get(key) for key in HARDWARE_CLASS_FACTS}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+    if isinstance(facts["cpu_flags"], list) and all(isinstance(flag, str) for flag in facts["cpu_flags"]):
+        facts["cpu_flags"] = sorted(set(facts["cpu_flags"]))
+    canonical = json.dumps(facts, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _hardware_problem(hardware: Any) -> str | None:
+    if not isinstance(hardware, dict) or len(json.dumps(hardware)) > MAX_HARDWARE_JSON:
+        return f"an object of at most {MAX_HARDWARE_JSON} bytes of JSON is required"
+    return None
+
+
+def device_hardware_update(*, device: Device, hardware: Any) -> bool:
+    """The agent's current facts, sent with a lease request when they changed since it last sent them
+    (a new torch, another environment). Stores them and the class they make, before anything is
+    leased under the old class. Returns whether anything changed; `device` is updated in place."""
+    problem = _hardware_problem(hardware)
+    if problem:
+        raise ValidationFailed("the hardware facts are invalid", fields={"hardware": problem})
+    hardware_class = hardware_class_of(hardware)
+    if hardware == device.hardware and hardware_class == device.hardware_class:
+        return False
+    Device.objects.filter(pk=device.pk).update(hardware=hardware, hardware_class=hardware_class)
+    if hardware_class != device.hardware_class:
+        log.info("device %s changed hardware class %s -> %s", device.pk, device.hardware_class[:12], hardware_class[:12])
+    device.hardware, device.hardware_class = hardware, hardware_class
+    return True
 
 
 def _check_enrollment(*, name: Any, public_key_b64: Any, hardware: Any, proof_b64: Any, token: str) -> bytes:
     fields: dict[str, str] = {}
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 100:
         fields["name"] = "a device name of 1 to 100 characters is required"
-    if not isinstance(hardware, dict) or len(json.dumps(hardware)) > MAX_HARDWARE_JSON:
-        fields["hardware"] = f"an object of at most {MAX_HARDWARE_JSON} bytes of JSON is required"
+    if problem := _hardware_problem(hardware):
+        fields["hardware"] = problem
     try:
         public_key = b64decode(public_key_b64)
         if len(public_key) != 32:

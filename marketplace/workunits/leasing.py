@@ -11,8 +11,11 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from marketplace.workers.models import Device
+from marketplace.workers.trust import trust_reset
+from marketplace.workunits.known_answers import known_answer_mix_in
 from marketplace.workunits.models import Result, WorkUnit
-from marketplace.workunits.replicas import replica_issue
+from marketplace.workunits.replicas import replica_issue, replication_decide
+from worker_agent.protocol import b64encode
 
 # One statement claims the batch. Candidates are locked with SKIP LOCKED so concurrent leases never
 # wait on each other; GROUP BY keeps two replicas of one unit out of one batch, and NOT EXISTS keeps
@@ -32,7 +35,7 @@ WITH candidates AS (
     SELECT MIN(id) AS id FROM candidates GROUP BY unit_id ORDER BY MIN(id) LIMIT %(limit)s
 )
 UPDATE workunits_result
-SET state = 'in_progress', device_id = %(device)s, owner_id = %(owner)s,
+SET state = 'in_progress', device_id = %(device)s, owner_id = %(owner)s, hardware_class = %(hardware_class)s,
     leased_at = %(now)s, lease_expires_at = %(expires)s
 WHERE id IN (SELECT id FROM picked) AND state = 'unsent'
 RETURNING id, unit_id, job_id
@@ -43,9 +46,11 @@ RETURNING id, unit_id, job_id
 class Lease:
     result_id: int
     unit_id: int
-    job_id: int
+    job_id: int  # for the marketplace only: never on the wire, where audits must look like any unit
     expires_at: datetime
     payload: dict[str, Any]
+    signature: str | None  # base64 Ed25519 signature of protocol.unit_message by the marketplace key key_id
+    key_id: str
 
 
 def _lease_sql() -> str:
@@ -60,6 +65,7 @@ def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
     params = {
         "owner": device.owner_id,
         "device": device.pk,
+        "hardware_class": device.hardware_class,
         "now": now,
         "expires": expires,
         "limit": max_units,
@@ -68,11 +74,19 @@ def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_lease_sql(), params)
         rows = cursor.fetchall()
+        if rows:
+            replication_decide(device=device, unit_ids=[unit_id for _, unit_id, _ in rows])
+            rows += known_answer_mix_in(device=device, leased=len(rows), now=now, expires=expires)
     if not rows:
         return []
-    payloads = dict(WorkUnit.objects.filter(pk__in=[unit_id for _, unit_id, _ in rows]).values_list("id", "payload"))
+    units = {
+        pk: (payload, b64encode(bytes(signature)) if signature is not None else None, key_id)
+        for pk, payload, signature, key_id in WorkUnit.objects.filter(
+            pk__in=[unit_id for _, unit_id, _ in rows]
+        ).values_list("id", "payload", "signature", "signing_key_id")
+    }
     rows.sort()
-    return [Lease(result_id, unit_id, job_id, expires, payloads[unit_id]) for result_id, unit_id, job_id in rows]
+    return [Lease(result_id, unit_id, job_id, expires, *units[unit_id]) for result_id, unit_id, job_id in rows]
 
 
 def lease_renew(*, device: Device, result_ids: list[int]) -> tuple[list[int], datetime]:
@@ -101,12 +115,13 @@ def leases_expire(*, batch: int = 1000) -> int:
             rows = list(
                 Result.objects.select_for_update(skip_locked=True)
                 .filter(state=Result.State.IN_PROGRESS, lease_expires_at__lt=now)
-                .values_list("pk", "unit_id")[:batch]
+                .values_list("pk", "unit_id", "device_id", "job__kind")[:batch]
             )
             if not rows:
                 return expired
-            for pk, unit_id in rows:
+            for pk, unit_id, device_id, kind in rows:
                 # Conditional: a report racing this sweep wins or loses as a whole.
                 if Result.objects.filter(pk=pk, state=Result.State.IN_PROGRESS).update(state=Result.State.EXPIRED):
                     expired += 1
+                    trust_reset(device_id=device_id, kind=kind, reason="a lease expired")
                     replica_issue(unit_id=unit_id, reason="a lease expired")

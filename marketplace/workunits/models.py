@@ -25,11 +25,24 @@ class WorkUnit(models.Model):
         "workunits.Result", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     error = models.TextField(blank=True)
+    # The marketplace's Ed25519 signature over the unit id and payload; the agent checks it before running.
+    signature = models.BinaryField(max_length=64, null=True, blank=True)
+    signing_key_id = models.CharField(max_length=64, blank=True)
+    # A known-answer unit copies a decided unit; its result is checked against that unit's answer.
+    known_answer_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    # An audit: a unit whose first replica went to a trusted device but which is replicated all the same.
+    audit = models.BooleanField(default=False)
+    # Whether the replication level was chosen (at the first lease, from the leasing device's trust).
+    replication_decided = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["job", "index"], name="unit_index_unique_per_job")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "index"], condition=Q(known_answer_of__isnull=True), name="unit_index_unique_per_job"
+            )
+        ]
         indexes = [
             models.Index(fields=["job", "state"]),
             models.Index(fields=["id"], condition=Q(need_validate=True), name="unit_need_validate"),
@@ -66,6 +79,10 @@ class Result(models.Model):
     elapsed_seconds = models.FloatField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
+    # The device's hardware class when it leased: inside one class results may be compared exactly.
+    hardware_class = models.CharField(max_length=64, blank=True)
+    # Accepted on a trusted device's word alone: re-verified if that device is ever banned.
+    accepted_alone = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -6,6 +6,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from marketplace.jobs.models import Job
+from marketplace.workers.models import Device
 from marketplace.workunits.models import Result, WorkUnit
 
 IN_FLIGHT = (Result.State.UNSENT, Result.State.IN_PROGRESS, Result.State.REPORTED)
@@ -36,6 +37,28 @@ def replica_issue(*, unit_id: int, reason: str) -> bool:
     return False
 
 
+def replication_decide(*, device: Device, unit_ids: list[int]) -> None:
+    """At a unit's first lease, choose its replication from the leasing device's trust: a trusted device's
+    unit is accepted on its word (quorum 1) unless audited; anyone else's is replicated to the quorum.
+    Runs in the lease transaction; the conditional UPDATE makes the choice once per unit."""
+    from marketplace.workers.trust import replication_choose
+
+    undecided = WorkUnit.objects.filter(pk__in=unit_ids, replication_decided=False).values_list(
+        "pk", "job_id", "quorum", "payload__kind"
+    )
+    extra: list[Result] = []
+    for unit_id, job_id, quorum, kind in undecided:
+        replicate, audit = replication_choose(device=device, kind=kind)
+        more = quorum - 1 if replicate else 0
+        decided = WorkUnit.objects.filter(pk=unit_id, replication_decided=False).update(
+            replication_decided=True, quorum=quorum if replicate else 1, audit=audit,
+            results_created=F("results_created") + more,
+        )
+        if decided:
+            extra += [Result(unit_id=unit_id, job_id=job_id) for _ in range(more)]
+    Result.objects.bulk_create(extra)
+
+
 def unit_error(*, unit_id: int, reason: str) -> None:
     from marketplace.jobs.services import job_fail  # jobs depend on units; the reverse only here
 
@@ -44,5 +67,7 @@ def unit_error(*, unit_id: int, reason: str) -> None:
     )
     if errored:
         Result.objects.filter(unit_id=unit_id, state=Result.State.UNSENT).update(state=Result.State.CANCELLED)
-        unit = WorkUnit.objects.only("job_id", "index").get(pk=unit_id)
+        unit = WorkUnit.objects.only("job_id", "index", "known_answer_of_id").get(pk=unit_id)
+        if unit.known_answer_of_id is not None:
+            return  # a known-answer copy that came to nothing costs its job nothing
         job_fail(job_id=unit.job_id, reason=f"unit #{unit.index} failed: {reason}")

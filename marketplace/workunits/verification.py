@@ -1,5 +1,8 @@
 """Validation by redundant computation: a unit is done when `quorum` results from devices of different
-owners agree; agreeing results are valid, the others invalid; disagreement issues another replica."""
+owners agree; agreeing results are valid, the others invalid; disagreement issues another replica.
+A unit whose first lease went to a trusted device has quorum 1 (accepted on its word) unless it was
+chosen for an audit; a wrong audited or known-answer result, or a valid result later overturned, bans
+the device (see marketplace/workers/trust.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from django.utils import timezone
 from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.kinds import kind_module
 from marketplace.workers.models import Device
+from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, unit_error
 
@@ -23,7 +27,10 @@ def _agree(spec: dict, kind: str, a: Result, b: Result) -> bool:
     if a.output_id == b.output_id:
         return True  # same bytes: exact agreement without reading anything
     storage = get_storage()
-    return kind_module(kind).outputs_agree(spec, storage.path(a.output_id), storage.path(b.output_id))
+    same_class = a.hardware_class == b.hardware_class != ""  # inside one class: bitwise (class_exact)
+    return kind_module(kind).outputs_agree(
+        spec, storage.path(a.output_id), storage.path(b.output_id), same_class=same_class
+    )
 
 
 def _group(spec: dict, kind: str, results: Sequence[Result]) -> list[list[Result]]:
@@ -38,10 +45,12 @@ def _group(spec: dict, kind: str, results: Sequence[Result]) -> list[list[Result
     return groups
 
 
-def _judge(results: Sequence[Result], state: str) -> None:
+def _judge(results: Sequence[Result], state: str, *, accepted_alone: bool = False) -> None:
     if not results:
         return
-    Result.objects.filter(pk__in=[r.pk for r in results], state=Result.State.REPORTED).update(state=state)
+    Result.objects.filter(pk__in=[r.pk for r in results], state=Result.State.REPORTED).update(
+        state=state, accepted_alone=accepted_alone
+    )
     counter = "valid_results" if state == Result.State.VALID else "invalid_results"
     for result in results:
         Device.objects.filter(pk=result.device_id).update(**{counter: F(counter) + 1})
@@ -58,6 +67,8 @@ def unit_validate(*, unit_id: int) -> str:
             return "done"
         if unit.state == WorkUnit.State.ERROR or not reported:
             return unit.state
+        if unit.known_answer_of_id is not None:
+            return _judge_known_answer(unit, reported)
         return _seek_quorum(unit, reported)
 
 
@@ -66,16 +77,47 @@ def _judge_late(unit: WorkUnit, reported: list[Result]) -> None:
     canonical = Result.objects.get(pk=unit.canonical_result_id)
     agreeing = [r for r in reported if _agree(unit.job.spec, unit.job.kind, canonical, r)]
     _judge(agreeing, Result.State.VALID)
-    _judge([r for r in reported if r not in agreeing], Result.State.INVALID)
+    for result in agreeing:
+        trust_credit(device_id=result.device_id, kind=unit.job.kind, hardware_class=result.hardware_class)
+    wrong = [r for r in reported if r not in agreeing]
+    _judge(wrong, Result.State.INVALID)
+    for result in wrong:
+        trust_reset(device_id=result.device_id, kind=unit.job.kind, reason="an invalid result")
+
+
+def _judge_known_answer(unit: WorkUnit, reported: list[Result]) -> str:
+    """A known-answer unit: the answer is the original unit's canonical result. Wrong is a failed audit."""
+    original = WorkUnit.objects.select_related("job", "canonical_result").get(pk=unit.known_answer_of_id)
+    kind = original.job.kind
+    for result in reported:
+        if original.canonical_result is not None and _agree(original.job.spec, kind, original.canonical_result, result):
+            _judge([result], Result.State.VALID)
+            trust_credit(device_id=result.device_id, kind=kind, hardware_class=result.hardware_class)
+            audit_passed(device_id=result.device_id)
+            WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
+                state=WorkUnit.State.DONE, canonical_result=result, finished_at=timezone.now()
+            )
+        else:
+            _judge([result], Result.State.INVALID)
+            device_ban(device_id=result.device_id, reason=f"wrong answer to known-answer unit {unit.pk}")
+            WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
+                state=WorkUnit.State.ERROR, error="a wrong answer to a known-answer unit", finished_at=timezone.now()
+            )
+    return "done"
 
 
 def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
-    already_valid = list(unit.results.filter(state=Result.State.VALID))
-    groups = _group(unit.job.spec, unit.job.kind, already_valid + reported)
+    kind = unit.job.kind
+    if unit.quorum == 1 and not all(is_trusted(device_id=r.device_id, kind=kind) for r in reported):
+        # Left to one trusted device's word, but that device lost its trust since: replicate after all.
+        unit.quorum = max(2, unit.job.spec.get("quorum", 2))
+        WorkUnit.objects.filter(pk=unit.pk).update(quorum=unit.quorum)
+    vouched = list(unit.results.filter(state=Result.State.VALID).exclude(device__state=Device.State.BANNED))
+    groups = _group(unit.job.spec, kind, vouched + reported)
     best = max(groups, key=lambda g: len({r.owner_id for r in g}))
     owners = len({r.owner_id for r in best})
     if owners >= unit.quorum:
-        _accept(unit, best, [r for r in reported if r not in best])
+        _accept(unit, best, [r for group in groups if group is not best for r in group])
         return "done"
     outstanding = unit.results.filter(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS)).count()
     for _ in range(max(0, unit.quorum - owners - outstanding)):
@@ -87,15 +129,28 @@ def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
     return "pending"
 
 
-def _accept(unit: WorkUnit, agreeing: list[Result], others: list[Result]) -> None:
+def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> None:
     from marketplace.jobs.services import job_merge_if_done
 
-    now = timezone.now()
-    canonical = min(agreeing, key=lambda r: r.pk)
-    _judge([r for r in agreeing if r.state == Result.State.REPORTED], Result.State.VALID)
-    _judge(others, Result.State.INVALID)
+    kind, alone = unit.job.kind, unit.quorum == 1
+    audited = unit.results.order_by("pk").values_list("pk", flat=True).first() if unit.audit else None
+    newly_valid = [r for r in agreeing if r.state == Result.State.REPORTED]
+    _judge(newly_valid, Result.State.VALID, accepted_alone=alone)
+    for result in newly_valid:
+        if not alone:
+            trust_credit(device_id=result.device_id, kind=kind, hardware_class=result.hardware_class)
+        if result.pk == audited:
+            audit_passed(device_id=result.device_id)
+    _judge([r for r in losers if r.state == Result.State.REPORTED], Result.State.INVALID)
+    for result in losers:
+        trust_reset(device_id=result.device_id, kind=kind, reason="an invalid result")
+        if result.pk == audited:
+            device_ban(device_id=result.device_id, reason=f"failed the audit of unit {unit.pk}")
+        elif result.state == Result.State.VALID:  # vouched for before, now shown wrong: it colluded
+            Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
+            device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
-        state=WorkUnit.State.DONE, canonical_result=canonical, finished_at=now
+        state=WorkUnit.State.DONE, canonical_result=min(agreeing, key=lambda r: r.pk), finished_at=timezone.now()
     )
     unit.results.filter(state=Result.State.UNSENT).update(state=Result.State.CANCELLED)
     job_merge_if_done(job_id=unit.job_id)

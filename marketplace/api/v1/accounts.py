@@ -6,7 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
-from marketplace.workers.models import Device
+from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workers.services import enrollment_token_create
 
 
@@ -28,10 +28,24 @@ class EnrollmentTokenCreateApi(APIView):
         )
 
 
+class TrustOut(serializers.ModelSerializer):
+    state = serializers.SerializerMethodField()
+
+    class Meta:
+        model = DeviceTrust
+        fields = ["kind", "hardware_class", "state", "consecutive_valid", "trusted_since"]
+
+    def get_state(self, trust: DeviceTrust) -> str:
+        return "trusted" if trust.trusted else "probation"
+
+
 class DeviceOut(serializers.ModelSerializer):
+    trust = TrustOut(many=True, read_only=True)
+
     class Meta:
         model = Device
         fields = ["id", "name", "state", "hardware", "hardware_class", "valid_results", "invalid_results",
+                  "audits_passed", "audits_failed", "banned_at", "ban_reason", "earnings_held", "trust",
                   "created_at", "last_seen_at"]
 
 
@@ -40,5 +54,5 @@ class DeviceListApi(APIView):
 
     @extend_schema(operation_id="device_list", responses=DeviceOut(many=True))
     def get(self, request):
-        devices = Device.objects.filter(owner=request.user).order_by("pk")
+        devices = Device.objects.filter(owner=request.user).prefetch_related("trust").order_by("pk")
         return Response(DeviceOut(devices, many=True).data)

@@ -1,4 +1,4 @@
-"""The agent's endpoints: enrol, lease, heartbeat, report, fail. Thin: each calls one service."""
+"""The agent's endpoints: enrol, marketplace keys, lease, heartbeat, report, fail. Thin: each calls one service."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
-from marketplace.workers.services import device_enroll
+from marketplace.core.signing import keyring
+from marketplace.workers.services import device_enroll, device_hardware_update
 from marketplace.workunits.leasing import lease_renew, workunit_lease
 from marketplace.workunits.results import result_fail, result_report
 from worker_agent.protocol import MAX_LEASE_BATCH
@@ -24,6 +25,16 @@ class EnrollThrottle(AnonRateThrottle):
 class AgentApi(APIView):
     authentication_classes = [DeviceAuthentication]
     permission_classes = [IsDevice]
+
+
+class MarketplaceKeyOut(serializers.Serializer):
+    key_id = serializers.CharField()
+    public_key = serializers.CharField(help_text="raw 32-byte Ed25519 public key, base64")
+    endorsed_by = serializers.CharField(allow_null=True, help_text="the key whose signature vouches for this one")
+    endorsement = serializers.CharField(
+        allow_null=True, help_text="base64 signature by endorsed_by of key_endorsement_message(key_id, public_key)"
+    )
+    retired = serializers.BooleanField(help_text="signs nothing any more; agents stop trusting it")
 
 
 class EnrollApi(APIView):
@@ -43,7 +54,7 @@ class EnrollApi(APIView):
         request=EnrollIn,
         responses={201: inline_serializer("Enrolled", {
             "device_id": serializers.IntegerField(), "device_secret": serializers.CharField(),
-            "lease_seconds": serializers.IntegerField()})},
+            "lease_seconds": serializers.IntegerField(), "marketplace_keys": MarketplaceKeyOut(many=True)})},
     )
     def post(self, request):
         body = self.EnrollIn(data=request.data)
@@ -54,22 +65,46 @@ class EnrollApi(APIView):
             hardware=data["hardware"], proof_b64=data["proof"],
         )
         return Response(
-            {"device_id": device.pk, "device_secret": secret, "lease_seconds": settings.IDLEGRID_LEASE_SECONDS},
+            {
+                "device_id": device.pk,
+                "device_secret": secret,
+                "lease_seconds": settings.IDLEGRID_LEASE_SECONDS,
+                # Pinned by the agent: from now on it runs only units these keys (or keys they endorse) signed.
+                "marketplace_keys": [key.wire() for key in keyring().published()],
+            },
             status=status.HTTP_201_CREATED,
         )
 
 
+class KeysApi(AgentApi):
+    @extend_schema(
+        operation_id="agent_keys",
+        responses=inline_serializer("MarketplaceKeys", {"marketplace_keys": MarketplaceKeyOut(many=True)}),
+    )
+    def get(self, request):
+        # Retired keys too: a retired key may be a link in the endorsement chain back to a key an agent
+        # pinned, and its retirement is news the agent must hear.
+        return Response({"marketplace_keys": [key.wire() for key in keyring().keys]})
+
+
 class LeaseOut(serializers.Serializer):
+    # No job id: a known-answer or audit unit must look like any other on the wire.
     result_id = serializers.IntegerField()
     unit_id = serializers.IntegerField()
-    job_id = serializers.IntegerField()
     expires_at = serializers.DateTimeField()
     payload = serializers.JSONField()
+    signature = serializers.CharField(
+        allow_null=True, help_text="base64 Ed25519 signature of unit_message(unit_id, payload) by the key key_id"
+    )
+    key_id = serializers.CharField()
 
 
 class LeaseApi(AgentApi):
     class LeaseIn(serializers.Serializer):
         max_units = serializers.IntegerField(min_value=1, max_value=MAX_LEASE_BATCH, default=1)
+        # Sent when the agent's facts changed since it last sent them (and with a run's first lease);
+        # stored, with the hardware class, before anything is leased.
+        hardware = serializers.JSONField(required=False)
 
     @extend_schema(
         operation_id="agent_lease",
@@ -80,6 +115,8 @@ class LeaseApi(AgentApi):
     def post(self, request):
         body = self.LeaseIn(data=request.data)
         body.is_valid(raise_exception=True)
+        if "hardware" in body.validated_data:
+            device_hardware_update(device=request.auth, hardware=body.validated_data["hardware"])
         leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"])
         return Response({
             "leases": [LeaseOut(lease).data for lease in leases],

@@ -24,7 +24,8 @@ class JobOut(serializers.Serializer):
     units_error = serializers.IntegerField()
     results_valid = serializers.IntegerField()
     results_invalid = serializers.IntegerField()
-    results_per_unit = serializers.FloatField(allow_null=True)
+    results_per_unit = serializers.FloatField(allow_null=True, help_text="verification cost: results computed per decided unit")
+    corrections = serializers.IntegerField(help_text="times a ban reopened the job to re-verify what a cheater vouched for")
     output_sha256 = serializers.CharField(allow_null=True)
     error = serializers.CharField()
     created_at = serializers.DateTimeField()
@@ -41,6 +42,7 @@ def job_out(job: Job) -> dict:
             "spec": job.spec,
             "output_sha256": job.output_id,
             "error": job.error,
+            "corrections": job.corrections,
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
