@@ -13,7 +13,9 @@ from typing import Any
 
 DEFAULT_SECONDS = 300.0
 DEFAULT_MEMORY_MB = 2048
-FAULT_MODES = ("wrong",)
+# Sabotage modes for demos and tests: wrong (noise differing per result), collude (the same wrong answer
+# for the same input on every colluding device), lazy (random output, nothing computed).
+FAULT_MODES = ("wrong", "collude", "lazy")
 AGENT_PID_ENV = "IDLEGRID_AGENT_PID"  # lets the child notice an agent that died before it started
 
 

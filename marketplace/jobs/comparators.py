@@ -164,9 +164,10 @@ class PairDiff:
     """How far apart two outputs of one unit are, in the terms the comparators use.
 
     `max_abs` is max |a - b| over all elements. For calibrating allclose (|a - b| <= atol + rtol |b|)
-    the elements are split at the pair's median magnitude m = min(|a|, |b|): `rel` is the largest
-    |a - b| / m among the elements at or above the median (what rtol must cover), `small_abs` the
-    largest |a - b| among those below it (what atol must cover, where a relative bound means little).
+    the elements are split at the pair's median magnitude m = min(|a|, |b|): `small_abs` is the
+    largest |a - b| among the elements at or below the median (the absolute noise floor: what atol
+    must cover), `rel` the largest (|a - b| - small_abs) / m among those above it (what exceeds that
+    floor in proportion to the value: what rtol must cover). allclose(rtol=rel, atol=small_abs) holds.
     """
 
     max_abs: float
@@ -189,15 +190,13 @@ def pair_diff(a: np.ndarray, b: np.ndarray) -> PairDiff:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     diff = np.abs(a64 - b64)
     magnitude = np.minimum(np.abs(a64), np.abs(b64))
-    threshold = float(np.median(magnitude))
-    large = magnitude >= threshold
-    if threshold == 0.0:
-        large &= magnitude > 0  # a median of zero: zeros carry no relative information
-    rel = float(np.max(diff[large] / magnitude[large])) if large.any() else 0.0
-    small_abs = float(np.max(diff[~large])) if (~large).any() else 0.0
+    small = magnitude <= np.median(magnitude)  # zeros are always here: a relative bound means nothing at 0
+    small_abs = float(diff[small].max())
+    large = ~small
+    excess = np.maximum(diff[large] - small_abs, 0.0) / magnitude[large]
     return PairDiff(
         max_abs=float(diff.max()),
-        rel=rel,
+        rel=float(excess.max()) if large.any() else 0.0,
         small_abs=small_abs,
         top1_agreement=top1_agreement(a, b),
         mean_diff=abs(float(a64.mean()) - float(b64.mean())),

@@ -57,20 +57,20 @@ def _unit_recheck(*, unit_id: int) -> bool:
         return False
     if owners >= unit.quorum:  # still a quorum, but the canonical result was the banned device's
         WorkUnit.objects.filter(pk=unit.pk).update(canonical_result=remaining.order_by("pk").first())
-        _job_reopen(unit.job_id)
+        job_reopen(unit.job_id)
         return True
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.DONE).update(
         state=WorkUnit.State.PENDING, canonical_result=None, finished_at=None, quorum=quorum,
         replication_decided=True, max_results=F("max_results") + quorum,
     )
-    _job_reopen(unit.job_id)
+    job_reopen(unit.job_id)
     for _ in range(quorum - owners):
         replica_issue(unit_id=unit.pk, reason="re-verification after a ban")
     return True
 
 
-def _job_reopen(job_id: int) -> None:
-    """A job whose output rested on a banned device's word runs again until its units are re-decided."""
+def job_reopen(job_id: int) -> None:
+    """A job whose output is being re-verified runs again until its units are re-decided, then is merged anew."""
     from marketplace.jobs.services import job_merge_if_done
 
     reopened = Job.objects.filter(pk=job_id, state__in=(Job.State.COMPLETED, Job.State.MERGING)).update(

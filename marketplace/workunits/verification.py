@@ -19,8 +19,10 @@ from marketplace.workers.models import Device
 from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, unit_error
+from marketplace.workunits.reverify import job_reopen
 
 log = logging.getLogger(__name__)
+DISPUTE = "disputes_known_answer"  # marks a challenger's answer counted on the original unit
 
 
 def _agree(spec: dict, kind: str, a: Result, b: Result) -> bool:
@@ -98,12 +100,48 @@ def _judge_known_answer(unit: WorkUnit, reported: list[Result]) -> str:
                 state=WorkUnit.State.DONE, canonical_result=result, finished_at=timezone.now()
             )
         else:
-            _judge([result], Result.State.INVALID)
-            device_ban(device_id=result.device_id, reason=f"wrong answer to known-answer unit {unit.pk}")
-            WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
-                state=WorkUnit.State.ERROR, error="a wrong answer to a known-answer unit", finished_at=timezone.now()
-            )
+            _dispute(unit, original, result)
+            return "disputed"
     return "done"
+
+
+def _dispute(copy: WorkUnit, original: WorkUnit, challenger: Result) -> None:
+    """A known answer is only as good as the quorum that made it (colluders may have made it). A different
+    answer reopens the original unit, counts the challenger's answer there, and requires one owner more
+    than vouched for the old answer; whoever loses the re-decision is banned: the challenger, or the
+    devices that vouched for a wrong answer (see _accept)."""
+    vouching = original.results.filter(state=Result.State.VALID).values("owner_id").distinct().count()
+    reopened = WorkUnit.objects.filter(pk=original.pk, state=WorkUnit.State.DONE).update(
+        state=WorkUnit.State.PENDING, canonical_result=None, finished_at=None, quorum=vouching + 1,
+        replication_decided=True, max_results=F("max_results") + vouching + 2,
+    )
+    Result.objects.create(
+        unit=original, job_id=original.job_id, state=Result.State.REPORTED, device_id=challenger.device_id,
+        owner_id=challenger.owner_id, hardware_class=challenger.hardware_class, leased_at=challenger.leased_at,
+        lease_expires_at=challenger.lease_expires_at, reported_at=challenger.reported_at,
+        output_id=challenger.output_id, signature=challenger.signature, metrics={DISPUTE: copy.pk},
+    )
+    if not reopened:  # already being re-decided: the challenger's answer simply joins that decision
+        return
+    job_reopen(original.job_id)
+    for _ in range(vouching):
+        replica_issue(unit_id=original.pk, reason="a known answer was disputed")
+
+
+def _known_answer_resolve(copy_id: int, *, right: bool) -> None:
+    """The dispute over a known answer is settled: judge the challenger's answer on the copy accordingly."""
+    copy = WorkUnit.objects.get(pk=copy_id)
+    answer = copy.results.filter(state=Result.State.REPORTED).first()
+    if answer is None:
+        return
+    Result.objects.filter(pk=answer.pk).update(state=Result.State.VALID if right else Result.State.INVALID)
+    if right:
+        trust_credit(device_id=answer.device_id, kind=copy.job.kind, hardware_class=answer.hardware_class)
+        audit_passed(device_id=answer.device_id)
+    WorkUnit.objects.filter(pk=copy_id, state=WorkUnit.State.PENDING).update(
+        state=WorkUnit.State.DONE if right else WorkUnit.State.ERROR, finished_at=timezone.now(),
+        canonical_result=answer if right else None, error="" if right else "a wrong answer to a known-answer unit",
+    )
 
 
 def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
@@ -141,11 +179,16 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> Non
             trust_credit(device_id=result.device_id, kind=kind, hardware_class=result.hardware_class)
         if result.pk == audited:
             audit_passed(device_id=result.device_id)
+        if DISPUTE in result.metrics:
+            _known_answer_resolve(result.metrics[DISPUTE], right=True)
     _judge([r for r in losers if r.state == Result.State.REPORTED], Result.State.INVALID)
     for result in losers:
         trust_reset(device_id=result.device_id, kind=kind, reason="an invalid result")
         if result.pk == audited:
             device_ban(device_id=result.device_id, reason=f"failed the audit of unit {unit.pk}")
+        elif DISPUTE in result.metrics:
+            _known_answer_resolve(result.metrics[DISPUTE], right=False)
+            device_ban(device_id=result.device_id, reason=f"wrong answer to known-answer unit {result.metrics[DISPUTE]}")
         elif result.state == Result.State.VALID:  # vouched for before, now shown wrong: it colluded
             Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
             device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")

@@ -87,9 +87,14 @@ def execute(job: ChildJob) -> dict[str, float]:
     model = load_model(spec, job.artifact_path(spec.weights))
     x = load_input(spec, job.artifact_path(spec.inputs))
     loaded = time.perf_counter()
-    y = forward(model, x, spec.batch_size)
+    if job.fault == "lazy":  # skips the work altogether
+        y = lazy_output(spec.output_shape, seed=job.fault_seed)
+    else:
+        y = forward(model, x, spec.batch_size)
     if job.fault == "wrong":
         y = sabotage(y, seed=job.fault_seed)
+    elif job.fault == "collude":  # every colluder derives the same wrong answer from the same input
+        y = sabotage(y, seed=int(spec.inputs[:12], 16))
     computed = time.perf_counter()
     if tuple(y.shape) != spec.output_shape:
         raise JobError(f"the model produced shape {list(y.shape)}, expected {list(spec.output_shape)}")
@@ -149,6 +154,13 @@ def sabotage(y: Any, *, seed: int) -> Any:
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(y.shape, generator=generator, dtype=torch.float32)
     return torch.roll(y, shifts=1, dims=1) + SABOTAGE_NOISE * noise
+
+
+def lazy_output(shape: tuple[int, ...], *, seed: int) -> Any:
+    """Demo/test fault: what a device that skips the work would send: random numbers of the right shape."""
+    import torch
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
 def _read_safetensors(path: Path, what: str) -> dict[str, Any]:

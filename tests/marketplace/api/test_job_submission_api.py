@@ -75,6 +75,37 @@ def test_it_refuses_a_quorum_above_the_cap_of_results(post_job, inference_spec):
     assert_refused(post_job(inference_spec(quorum=4, max_results_per_unit=3)), "max_results_per_unit")
 
 
+@pytest.mark.parametrize(("compare", "stored"), [
+    ({}, {"method": "allclose", "rtol": 1e-5, "atol": 1e-6, "top1": True, "class_exact": True}),
+    ({"rtol": 1e-4, "atol": 1e-5, "top1": False},
+     {"method": "allclose", "rtol": 1e-4, "atol": 1e-5, "top1": False, "class_exact": True}),
+    ({"method": "exact"}, {"method": "exact", "class_exact": True}),
+    ({"method": "top1", "min_agreement": 0.99}, {"method": "top1", "min_agreement": 0.99, "class_exact": True}),
+    ({"method": "metric", "epsilon": 1e-4, "class_exact": False},
+     {"method": "metric", "metric": "mean", "epsilon": 1e-4, "class_exact": False}),
+])
+def test_it_accepts_each_compare_method_and_stores_it_with_its_defaults(post_job, inference_spec, compare, stored):
+    response = post_job(inference_spec(compare=compare))
+
+    assert response.status_code == 201, response.json()
+    assert Job.objects.get().spec["compare"] == stored
+
+
+@pytest.mark.parametrize(("compare", "field"), [
+    ({"method": "fuzzy"}, "compare.method"),
+    ({"method": "exact", "rtol": 1e-5}, "compare"),
+    ({"method": "metric"}, "compare.epsilon"),
+    ({"method": "metric", "epsilon": 1, "metric": "accuracy"}, "compare.metric"),
+    ({"method": "top1", "min_agreement": 0}, "compare.min_agreement"),
+    ({"rtol": -1}, "compare.rtol"),
+    ({"top1": "yes"}, "compare.top1"),
+    ({"class_exact": 1}, "compare.class_exact"),
+    ("allclose", "compare"),
+])
+def test_it_refuses_a_bad_compare_with_a_field_error(post_job, inference_spec, compare, field):
+    assert_refused(post_job(inference_spec(compare=compare)), field)
+
+
 def test_it_refuses_an_unknown_architecture(post_job, inference_spec):
     spec = inference_spec()
     spec["model"]["architecture"] = "transformer"

@@ -268,23 +268,56 @@ def test_a_device_on_probation_gets_known_answer_units(adaptive_job, make_device
     assert DeviceTrust.objects.get(device=newcomer.device).consecutive_valid == 1
 
 
-def test_a_wrong_answer_to_a_known_answer_unit_bans_the_device(adaptive_job, make_device, people, report,
-                                                               honest_output, settings):
-    alice, bob, cheat = make_device(people[0]), make_device(people[1]), make_device(people[2])
+def known_answer_of_a_decided_unit(adaptive_job, make_device, people, report, settings, *, wrong=None):
+    """Two owners decide a unit (agreeing on `wrong` answers if given); a third device on probation then
+    leases and is handed a known-answer copy of it. Returns (job, original lease, copy lease, newcomer)."""
+    first_owner, second_owner, newcomer = make_device(people[0]), make_device(people[1]), make_device(people[2])
     job = adaptive_job()
-    first = compute(alice, report)
-    compute(bob, report)
-    unit_validate(unit_id=first.unit_id)
+    first = compute(first_owner, report, wrong=wrong)
+    compute(second_owner, report, wrong=wrong)
+    assert unit_validate(unit_id=first.unit_id) == "done"
     adaptive_job()
     settings.IDLEGRID_KNOWN_ANSWER_RATE = 1.0
-    leases = workunit_lease(device=cheat.device, max_units=1)
+    leases = workunit_lease(device=newcomer.device, max_units=1)
+    settings.IDLEGRID_KNOWN_ANSWER_RATE = 0.0
+    assert WorkUnit.objects.get(pk=leases[1].unit_id).known_answer_of_id == first.unit_id
+    return job, first, leases[1], (first_owner, second_owner, newcomer)
 
-    report(cheat, leases[1].result_id, honest_output(WorkUnit.objects.get(pk=leases[1].unit_id)) + 1.0)
-    unit_validate(unit_id=leases[1].unit_id)
+
+def test_a_wrong_answer_to_a_known_answer_unit_bans_the_device(adaptive_job, make_device, people, report,
+                                                               honest_output, settings):
+    job, original, copy, (alice, bob, cheat) = known_answer_of_a_decided_unit(
+        adaptive_job, make_device, people, report, settings)
+
+    report(cheat, copy.result_id, honest_output(WorkUnit.objects.get(pk=copy.unit_id)) + 1.0)
+    assert unit_validate(unit_id=copy.unit_id) == "disputed"
+    disputed = WorkUnit.objects.get(pk=original.unit_id)
+    assert disputed.state == WorkUnit.State.PENDING and disputed.quorum == 3  # one owner more than vouched
+    drain([make_device(people[3]), make_device(people[4])], report)
 
     assert cheat.refresh().state == Device.State.BANNED
     assert "known-answer" in cheat.device.ban_reason
+    assert WorkUnit.objects.get(pk=copy.unit_id).state == WorkUnit.State.ERROR
+    assert WorkUnit.objects.get(pk=original.unit_id).state == WorkUnit.State.DONE
+    assert {alice.refresh().state, bob.refresh().state} == {Device.State.ACTIVE}
     assert Job.objects.get(pk=job.pk).units_total == 1  # the copy is no unit of the job
+
+
+def test_an_honest_device_disputing_a_known_answer_colluders_made_has_them_banned(adaptive_job, make_device, people,
+                                                                                  report, honest_output, settings):
+    job, original, copy, (mallory, trudy, honest) = known_answer_of_a_decided_unit(
+        adaptive_job, make_device, people, report, settings, wrong=honest_output)
+
+    report(honest, copy.result_id)  # the right answer, which differs from the colluders' "known" one
+    assert unit_validate(unit_id=copy.unit_id) == "disputed"
+    drain([make_device(people[3]), make_device(people[4])], report)
+
+    assert {mallory.refresh().state, trudy.refresh().state} == {Device.State.BANNED}
+    assert honest.refresh().state == Device.State.ACTIVE and honest.device.audits_passed == 1
+    assert WorkUnit.objects.get(pk=copy.unit_id).state == WorkUnit.State.DONE
+    corrected = WorkUnit.objects.get(pk=original.unit_id)
+    assert corrected.canonical_result.device.owner_id not in {mallory.owner.pk, trudy.owner.pk}
+    assert Job.objects.get(pk=job.pk).corrections == 1
 
 
 def test_a_banned_device_can_no_longer_use_the_api(make_device, people):

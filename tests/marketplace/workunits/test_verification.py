@@ -12,6 +12,9 @@ from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue
 from marketplace.workunits.verification import unit_validate
 
+# A device of another hardware class than conftest.HARDWARE: results are compared by the job's tolerance.
+ANOTHER_CLASS = {"os": "linux", "machine": "x86_64", "cpu_capability": "DEFAULT"}
+
 
 @pytest.fixture
 def unit(submit_job):
@@ -72,7 +75,7 @@ def test_a_single_report_is_not_enough(unit, compute, contributor):
 def test_outputs_that_differ_by_1e_7_still_agree(unit, compute, honest_output, contributor, other_contributor):
     honest = honest_output(unit)
     compute(contributor, honest)
-    compute(other_contributor, honest + 1e-7)
+    compute(other_contributor, honest + 1e-7, hardware=ANOTHER_CLASS)  # same class: bitwise (test_hardware_classes)
 
     assert unit_validate(unit_id=unit.pk) == "done"
     assert states(unit) == [Result.State.VALID, Result.State.VALID]
@@ -83,7 +86,7 @@ def test_outputs_with_another_top1_class_disagree_even_within_tolerance(unit, co
     nudged = tie.copy()
     nudged[:, 1] += 1e-7  # allclose to the tie, but argmax moves from class 0 to class 1
     compute(contributor, tie)
-    compute(other_contributor, nudged)
+    compute(other_contributor, nudged, hardware=ANOTHER_CLASS)
 
     assert unit_validate(unit_id=unit.pk) == "pending"
 

@@ -1,0 +1,84 @@
+"""Hardware facts: the class is a digest of exactly the class facts, and a lease request may carry new
+facts, which move the device to another class before anything is leased."""
+
+import pytest
+
+from marketplace.workers.models import Device
+from marketplace.workers.services import HARDWARE_CLASS_FACTS, MAX_HARDWARE_JSON, hardware_class_of
+from marketplace.workunits.models import Result
+from worker_agent import hardware
+
+LEASE = "/api/v1/agent/lease"
+FACTS = {"os": "linux", "machine": "x86_64", "cpu_vendor": "GenuineIntel", "cpu_model": "Intel(R) Xeon(R) Processor",
+         "cpu_flags": ["avx", "avx2", "fma", "avx512f"], "libc": "glibc 2.39", "torch_version": "2.13.0+cpu",
+         "cpu_capability": "AVX512", "device_type": "cpu", "dtype": "float32", "deterministic": True,
+         "num_threads": 1, "matmul_precision": "highest", "math_env": {}, "numerics_revision": 1,
+         "cpu_count": 2, "memory_bytes": 8 << 30, "os_release": "6.8.0", "python": "3.12.3", "agent_version": "0.1.0"}
+
+
+@pytest.fixture
+def device(make_device, contributor):
+    return make_device(contributor, hardware=FACTS)
+
+
+def test_the_class_depends_on_the_class_facts_only():
+    same = {**FACTS, "cpu_count": 64, "memory_bytes": 1 << 40, "os_release": "6.9.1", "cpu_flags": ["avx512f", "fma", "avx2", "avx"]}
+
+    assert hardware_class_of(same) == hardware_class_of(FACTS)
+    for fact in HARDWARE_CLASS_FACTS:
+        assert hardware_class_of({**FACTS, fact: "something else"}) != hardware_class_of(FACTS), fact
+
+
+def test_every_class_fact_is_one_the_agent_sends():
+    sent = hardware.collect(hardware.numerics_facts())  # runs `python -m worker_agent.child facts`
+
+    assert set(HARDWARE_CLASS_FACTS) <= set(sent)
+    assert None not in (sent["torch_version"], sent["cpu_capability"], sent["deterministic"])
+
+
+def test_a_lease_request_with_new_facts_moves_the_device_to_their_class_before_leasing(submit_job, device):
+    submit_job(rows=4, rows_per_unit=4)
+    scalar = {**FACTS, "cpu_capability": "DEFAULT", "math_env": {"ATEN_CPU_CAPABILITY": "default"}}
+
+    response = device.client().post(LEASE, {"max_units": 1, "hardware": scalar}, format="json")
+
+    assert response.status_code == 200, response.json()
+    (lease,) = response.json()["leases"]
+    stored = device.refresh()
+    assert stored.hardware == scalar
+    assert stored.hardware_class == hardware_class_of(scalar) != hardware_class_of(FACTS)
+    assert Result.objects.get(pk=lease["result_id"]).hardware_class == hardware_class_of(scalar)
+
+
+def test_a_lease_request_without_facts_keeps_the_devices_class(submit_job, device):
+    submit_job(rows=4, rows_per_unit=4)
+    before = device.refresh().hardware_class
+
+    response = device.client().post(LEASE, {"max_units": 1}, format="json")
+
+    assert response.status_code == 200
+    assert device.refresh().hardware_class == before == hardware_class_of(FACTS)
+    assert Result.objects.get(pk=response.json()["leases"][0]["result_id"]).hardware_class == before
+
+
+def test_facts_that_change_only_memory_update_the_facts_but_not_the_class(device):
+    bigger = {**FACTS, "memory_bytes": 64 << 30}
+
+    response = device.client().post(LEASE, {"max_units": 1, "hardware": bigger}, format="json")
+
+    assert response.status_code == 200
+    stored = device.refresh()
+    assert stored.hardware["memory_bytes"] == 64 << 30
+    assert stored.hardware_class == hardware_class_of(FACTS)
+
+
+@pytest.mark.parametrize("bad", [["linux"], "linux", {"padding": "x" * MAX_HARDWARE_JSON}])
+def test_facts_that_are_not_a_small_object_are_refused_and_nothing_is_leased(submit_job, device, bad):
+    submit_job(rows=4, rows_per_unit=4)
+
+    response = device.client().post(LEASE, {"max_units": 1, "hardware": bad}, format="json")
+
+    assert response.status_code == 400
+    assert "hardware" in response.json()["error"]["fields"]
+    assert Device.objects.get(pk=device.pk).hardware == FACTS
+    assert not Result.objects.filter(device=device.device).exists()
