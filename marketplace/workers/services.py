@@ -151,7 +151,12 @@ def device_enroll(
 def device_authenticate(*, device_id: str, secret: str) -> Device | None:
     if not (device_id.isascii() and device_id.isdigit()):  # "²".isdigit() is true, but int() refuses it
         return None
-    device = Device.objects.select_related("owner").filter(pk=int(device_id)).first()
-    if device is None or not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):
+    # Every agent request runs this: one indexed fetch of only what authentication and the hot path use.
+    fields = ("owner__id", "owner__is_active", "secret_hash", "state", "public_key", "hardware", "hardware_class")
+    try:
+        device = Device.objects.select_related("owner").only(*fields).get(pk=int(device_id))
+    except Device.DoesNotExist:
+        return None
+    if not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):
         return None
     return device
