@@ -1,8 +1,10 @@
-"""The work loop: lease -> fetch and verify -> compute in the child -> upload -> sign -> report.
+"""The work loop: lease -> check the unit's signature -> fetch and verify inputs -> compute in the child
+-> upload -> sign -> report.
 
 Boring on purpose: one unit at a time in the main thread, one warm compute child (started with the
-loop, so its torch import overlaps with the first lease), a heartbeat thread renewing leases, and
-every lease that will not be computed is handed back so the server reissues it at once.
+loop; the first lease request waits for it, since it carries the child's hardware facts), a heartbeat
+thread renewing leases, and every lease that will not be computed is handed back so the server
+reissues it at once.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker_agent import kinds, protocol
+from worker_agent import hardware, kinds, protocol
 from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
 from worker_agent.heartbeat import Heartbeat, LeaseBook
 from worker_agent.jobfile import ChildJob, Limits, PayloadError
+from worker_agent.pinning import UnitSignatureInvalid, UnitVerifier
 from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
 from worker_agent.signing import sign_result
@@ -44,8 +47,9 @@ class LeaseLost(Exception):
 class Lease:
     result_id: int
     unit_id: int
-    job_id: int | None
     payload: dict[str, Any]
+    signature: str | None = None  # the marketplace's, over protocol.unit_message; checked before anything runs
+    key_id: str | None = None
 
     @property
     def label(self) -> str:
@@ -58,8 +62,15 @@ class Lease:
         result_id, unit_id, payload = raw.get("result_id"), raw.get("unit_id"), raw.get("payload")
         if not _is_id(result_id) or not _is_id(unit_id) or not isinstance(payload, dict):
             raise ValueError(f"malformed lease: {str(raw)[:200]}")
-        job_id = raw.get("job_id")
-        return cls(result_id, unit_id, job_id if _is_id(job_id) else None, payload)
+        # A missing or odd signature still makes a lease: one the agent refuses and hands back.
+        signature, key_id = raw.get("signature"), raw.get("key_id")
+        return cls(
+            result_id,
+            unit_id,
+            payload,
+            signature if isinstance(signature, str) else None,
+            key_id if isinstance(key_id, str) else None,
+        )
 
 
 def _is_id(value: Any) -> TypeGuard[int]:
@@ -117,16 +128,19 @@ class Agent:
         self.book = LeaseBook()
         self.queue: deque[Lease] = deque()
         self.cache = ArtifactCache(state.cache_dir, client, max_bytes=options.cache_max_bytes)
+        self.verifier = UnitVerifier(state=state, client=client)  # NotEnrolled without pinned keys
         self.summary = Summary()
         # A third of the lease: two beats can fail before the server reissues the unit.
         self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05))
         self.child = ComputeChild(state.work_dir)
+        self.facts = hardware.FactsReporter()  # sent with a lease request when they change
 
     def run(self) -> Summary:
         self._prepare_state()
         self.heartbeat.start()
         self.child.start()
         try:
+            self._refresh_keys()
             self._loop()
             self.child.stop()  # idle now: it exits cleanly
             self._give_back(self._queued_ids(), quick=False)
@@ -155,13 +169,15 @@ class Agent:
                 self._idle(max(self.options.poll_seconds, retry_after))
 
     def _lease(self) -> tuple[list[Lease], float]:
+        facts = self.facts.due(self.child, should_abort=lambda: "shutdown" if self.shutdown.warm.is_set() else None)
         try:
-            answer = self.client.lease(self._wanted())
+            answer = self.client.lease(self._wanted(), hardware=facts)
         except ServerUnavailable as exc:
             if self.options.burst:
                 raise
             log.error("could not lease work: %s", exc)
             return [], self.options.poll_seconds
+        self.facts.accepted(facts)
         leases = self._parse_leases(answer.get("leases"))
         if leases:
             log.info("leased %d unit%s", len(leases), "" if len(leases) == 1 else "s")
@@ -219,7 +235,7 @@ class Agent:
         except (LeaseLost, ChildAborted):
             log.warning("%s: lease lost; abandoned without a report", lease.label)
             self.summary.lost += 1
-        except (PayloadError, ArtifactError, AgentError) as exc:
+        except (UnitSignatureInvalid, PayloadError, ArtifactError, AgentError) as exc:
             self._fail(lease, str(exc))
         else:
             if outcome.ok:
@@ -230,6 +246,10 @@ class Agent:
         self.cache.prune()
 
     def _compute(self, lease: Lease, workdir: Path) -> ChildOutcome:
+        # First of all: nothing of a unit the marketplace did not sign is fetched, let alone run.
+        self.verifier.check(
+            unit_id=lease.unit_id, payload=lease.payload, key_id=lease.key_id, signature=lease.signature
+        )
         kind = kinds.load(lease.payload.get("kind"))
         limits = Limits.from_payload(lease.payload)
         artifacts = self._fetch(lease, kind.required_artifacts(lease.payload))
@@ -340,6 +360,13 @@ class Agent:
             log.warning("could not give back result %d: %s", result_id, exc)
             return False
         return True
+
+    def _refresh_keys(self) -> None:
+        """Learn of rotations and retirements at start; best effort, a unit by an unknown key asks again."""
+        try:
+            self.verifier.refresh(quick=True)
+        except AgentError as exc:
+            log.warning("could not refresh the marketplace keys: %s", exc)
 
     def _prepare_state(self) -> None:
         self.state.ensure()

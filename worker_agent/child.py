@@ -1,8 +1,9 @@
-"""The compute child: `python -m worker_agent.child serve WORKDIR`.
+"""The compute child: `python -m worker_agent.child serve WORKDIR` (or `facts`: print the facts and exit).
 
 A long-lived process, so torch is imported once per child rather than once per unit (the import
 costs ~2.5 s of CPU; a small unit ~10 ms). It limits itself, imports torch, sets the determinism
-switches, says `{"ready": true}` on stdout, then reads one `ChildJob` JSON line per unit
+switches, says `{"ready": true, "facts": {...}}` on stdout (`numerics_facts`: what decides its
+floating-point results, for the device's hardware class), then reads one `ChildJob` JSON line per unit
 on stdin and answers each with one `ChildStatus` JSON line on stdout. End of stdin means stop
 (exit 0). The parent (runner.py) kills and replaces the child whenever a unit runs out of time,
 crashes it, or fails in a way that may have left it unhealthy (out of memory, an internal error).
@@ -30,6 +31,7 @@ import ctypes
 import dataclasses
 import errno
 import importlib
+import json
 import math
 import os
 import resource
@@ -49,11 +51,24 @@ EXIT_USAGE = 2
 CPU_GRACE_SECONDS = 30  # the parent's wall clock acts first; RLIMIT_CPU is a backstop if it is gone
 RECYCLE_GROWTH_MB = 512
 PR_SET_PDEATHSIG = 1
+# Bump when the agent changes how it computes a unit (batching, loading, output writing): results
+# of two revisions may differ bitwise, so they must not share a hardware class.
+NUMERICS_REVISION = 1
+# Environment variables that steer which kernels ATen, oneDNN and MKL run (and so the last bits).
+NUMERICS_ENV = (
+    "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+    "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE",
+)
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[1] == "facts":
+        protocol = _take_stdout()
+        _prepare_torch()
+        _send(protocol, json.dumps(numerics_facts(), sort_keys=True).encode() + b"\n")
+        return EXIT_OK
     if len(argv) != 3 or argv[1] != "serve":
-        print("usage: python -m worker_agent.child serve WORKDIR", file=sys.stderr)
+        print("usage: python -m worker_agent.child serve WORKDIR | facts", file=sys.stderr)
         return EXIT_USAGE
     _die_with_parent()
     os.chdir(argv[2])  # stray relative paths land in the agent's scratch space
@@ -61,7 +76,7 @@ def main(argv: list[str]) -> int:
     protocol = _take_stdout()
     _prepare_torch()
     baseline = address_space_bytes()
-    _send(protocol, b'{"ready": true}\n')
+    _send(protocol, json.dumps({"ready": True, "facts": numerics_facts()}, sort_keys=True).encode() + b"\n")
     for line in sys.stdin.buffer:
         status = run_unit(ChildJob.from_line(line))
         now = address_space_bytes()
@@ -129,6 +144,26 @@ def _prepare_torch() -> None:
     with torch.inference_mode():
         torch.nn.functional.conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
         torch.nn.functional.linear(torch.zeros(1, 4), torch.zeros(2, 4))
+
+
+def numerics_facts() -> dict[str, object]:
+    """What decides this child's floating-point results (after `_prepare_torch`): the torch build,
+    the CPU kernels ATen dispatches to, device and dtype, the determinism switches, the steering
+    environment. The marketplace puts devices equal on these (and the agent's OS/CPU facts) in one
+    hardware class, and compares their results bitwise."""
+    import torch
+
+    return {
+        "torch_version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device_type": "cpu",
+        "dtype": "float32",
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "num_threads": torch.get_num_threads(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "math_env": {name: os.environ[name] for name in NUMERICS_ENV if name in os.environ},
+        "numerics_revision": NUMERICS_REVISION,
+    }
 
 
 @contextmanager

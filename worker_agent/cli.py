@@ -26,9 +26,11 @@ log = logging.getLogger("worker_agent")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 RUN_EPILOG = """\
---faulty wrong is a SABOTAGE MODE for demos and tests: the agent computes normally, then corrupts
-the output (class axis rolled by one, noise of scale 0.5) and signs and reports it like an honest
-result, so you can watch the marketplace's redundancy catch a cheater. Never use it for real work.
+--faulty is a SABOTAGE MODE for demos and tests, never for real work. `wrong`: the agent computes
+normally, then corrupts the output (class axis rolled by one, noise of scale 0.5, differing per
+result); `collude`: the same corruption seeded by the unit's input, so every colluding device sends
+identical wrong bytes for a unit; `lazy`: random output without computing. Each is signed and
+reported like an honest result, so you can watch the marketplace's verification catch it.
 """
 
 

@@ -116,8 +116,14 @@ class AgentClient:
     def enroll(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.post_json("/api/v1/agent/enroll", body)
 
-    def lease(self, max_units: int) -> dict[str, Any]:
-        return self.post_json("/api/v1/agent/lease", {"max_units": max_units})
+    def keys(self, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
+        return self._with_retries("GET /api/v1/agent/keys", lambda: self._json_once("GET", "/api/v1/agent/keys"), retry)
+
+    def lease(self, max_units: int, *, hardware: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"max_units": max_units}
+        if hardware is not None:
+            body["hardware"] = hardware  # the device's facts, when they changed since last sent
+        return self.post_json("/api/v1/agent/lease", body)
 
     def heartbeat(self, result_ids: list[int], *, retry: RetryPolicy | None = None) -> dict[str, Any]:
         return self.post_json("/api/v1/agent/heartbeat", {"result_ids": result_ids}, retry=retry)

@@ -1,4 +1,5 @@
-"""Enrolment: a fresh Ed25519 key, a proof that we hold it, and the device credentials in return."""
+"""Enrolment: a fresh Ed25519 key, a proof that we hold it, and in return the device credentials and the
+marketplace keys to pin (only units they sign will run)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 
 from worker_agent import hardware, signing
 from worker_agent.client import AgentClient, AgentError
+from worker_agent.pinning import KeyPins, parse_keys, save_pins
 from worker_agent.state import DEFAULT_LEASE_SECONDS, DeviceState, StateDir
 
 log = logging.getLogger(__name__)
@@ -27,15 +29,27 @@ def enroll(*, state: StateDir, client: AgentClient, server: str, token: str, nam
             "token": token,
             "name": name,
             "public_key": public_key,
-            "hardware": hardware.collect(),
+            "hardware": hardware.collect(hardware.numerics_facts()),  # the child's facts need torch
             "proof": signing.enroll_proof(key, token=token),
         }
     )
     device = _device_from_answer(answer, server=server, name=name, public_key=public_key)
-    # The key first: a device.json without its key would look enrolled but could sign nothing.
+    pins = _pins_from_answer(answer)
+    # device.json last: a device that looks enrolled can sign its results and check its units.
     state.save_key(key)
+    save_pins(state, pins)
     state.save_device(device)
     return device
+
+
+def _pins_from_answer(answer: dict[str, object]) -> KeyPins:
+    try:
+        keys = [key for key in parse_keys(answer.get("marketplace_keys")) if not key.retired]
+    except ValueError as exc:
+        raise AgentError(f"the server's enrolment answer has malformed marketplace keys: {exc}") from None
+    if not keys:
+        raise AgentError("the server's enrolment answer names no marketplace key; this agent could check no unit")
+    return KeyPins(keys)
 
 
 def _device_from_answer(answer: dict[str, object], *, server: str, name: str, public_key: str) -> DeviceState:

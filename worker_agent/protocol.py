@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -23,6 +24,22 @@ def result_message(*, result_id: int, unit_id: int, device_id: int, output_sha25
 def enroll_message(*, token: str, public_key_b64: str) -> bytes:
     """What a new device signs at enrolment, proving it holds the private key of the key it registers."""
     return f"idlegrid-enroll-v1\n{token}\n{public_key_b64}".encode()
+
+
+def canonical_json(value: Any) -> bytes:
+    """One byte string per JSON value, whatever the key order or spacing it travelled with."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def unit_message(*, unit_id: int, payload: dict[str, Any]) -> bytes:
+    """What the marketplace signs for each unit: its id and everything the agent will run (input hashes
+    included), so no byte of a unit can be changed, or moved to another unit id, without the agent noticing."""
+    return f"idlegrid-unit-v1\n{unit_id}\n".encode() + canonical_json(payload)
+
+
+def key_endorsement_message(*, key_id: str, public_key_b64: str) -> bytes:
+    """What the active marketplace key signs to vouch for its successor: agents pin the new key on that word."""
+    return f"idlegrid-key-v1\n{key_id}\n{public_key_b64}".encode()
 
 
 def b64encode(data: bytes) -> str:

@@ -80,6 +80,9 @@ class ComputeChild:
         self._ready = False
         self._fresh = True  # no unit sent yet: a crash's log tail includes the startup output
         self._started = 0.0
+        # What the last child that became ready reported about its numerics (child.numerics_facts);
+        # kept across restarts until the next child says otherwise.
+        self.facts: dict[str, object] | None = None
 
     def __enter__(self) -> ComputeChild:
         self.start()
@@ -156,6 +159,16 @@ class ComputeChild:
                                 child_pid=process.pid)
         return self._judge(status, job, elapsed, process.pid)
 
+    def wait_facts(self, should_abort: Callable[[], str | None] = lambda: None) -> dict[str, object] | None:
+        """The child's numerics facts, waiting for a starting child to be ready. None when it died or
+        hung while starting (the next unit finds out and replaces it) or should_abort said stop."""
+        self.start()
+        try:
+            self._await_ready(should_abort)
+        except (ChildAborted, _ChildGone):
+            pass
+        return self.facts
+
     def restart(self) -> None:
         """Kill the child and start the next one now, so its import overlaps with other work."""
         self.kill()
@@ -215,6 +228,8 @@ class ComputeChild:
         except ValueError:
             hello = None
         self._ready = isinstance(hello, dict) and hello.get("ready") is True
+        if self._ready and isinstance(hello, dict) and isinstance(hello.get("facts"), dict):
+            self.facts = hello["facts"]
         if self._ready:
             log.info("compute child %s ready after %.1fs", self.pid, time.monotonic() - self._started)
         return self._ready

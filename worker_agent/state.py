@@ -1,6 +1,7 @@
-"""The agent's state directory: who this device is (device.json) and its signing key (device_key.pem).
+"""The agent's state directory: who this device is (device.json), its signing key (device_key.pem) and
+the marketplace keys it trusts to sign units (marketplace_keys.json, see pinning.py).
 
-Both files hold secrets, so they are written atomically with mode 0600 and never logged.
+The first two hold secrets, so all are written atomically with mode 0600 and never logged.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class StateDir:
     @property
     def key_file(self) -> Path:
         return self.root / "device_key.pem"
+
+    @property
+    def pins_file(self) -> Path:
+        return self.root / "marketplace_keys.json"
 
     @property
     def cache_dir(self) -> Path:

@@ -230,7 +230,11 @@ def _load(directory: Path) -> Keyring | None:
     for name in names:
         if name.endswith(".json") and not name.startswith("."):
             path = directory / name
-            keys.append(MarketplaceKey.from_record(json.loads(path.read_text()), expected_id=path.stem))
+            try:
+                raw = json.loads(path.read_text())
+            except ValueError:
+                raise KeyringError(f"the key record {path} is not JSON") from None
+            keys.append(MarketplaceKey.from_record(raw, expected_id=path.stem))
     keys.sort(key=lambda key: (key.created_at, key.key_id))
     live = [key for key in keys if not key.retired]
     if not keys:

@@ -10,6 +10,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db.models import Max, Min
 
+from marketplace.core.signing import unit_sign
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.models import Result, WorkUnit
 
@@ -32,7 +33,7 @@ def known_answer_mix_in(*, device: Device, leased: int, now: datetime, expires: 
         quorum=1, max_results=1, results_created=1, replication_decided=True,
     )
     copy.inputs.set(source.inputs.all())
-    _sign(copy)
+    unit_sign(copy)  # signed like any unit, so nothing on the wire sets it apart
     result = Result.objects.create(
         unit=copy, job_id=source.job_id, state=Result.State.IN_PROGRESS, device=device, owner_id=device.owner_id,
         hardware_class=device.hardware_class, leased_at=now, lease_expires_at=expires,
@@ -52,11 +53,3 @@ def _pick_source(device: Device) -> WorkUnit | None:
     start = _random.randint(bounds["low"], bounds["high"])
     return candidates.filter(pk__gte=start).order_by("pk").first() or candidates.order_by("pk").first()
 
-
-def _sign(unit: WorkUnit) -> None:
-    """Sign the copy like any unit, so nothing on the wire sets it apart."""
-    try:
-        from marketplace.core.signing import unit_sign
-    except ImportError:  # signing lands with its own change; until then units carry no signature
-        return
-    unit_sign(unit)

@@ -172,6 +172,9 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> Non
 
     kind, alone = unit.job.kind, unit.quorum == 1
     audited = unit.results.order_by("pk").values_list("pk", flat=True).first() if unit.audit else None
+    # A ban needs the winning answer vouched for by a device already trusted: two colluders of different
+    # owners outvote one honest device, and banning it on their word would also re-verify all its work.
+    proven = bool(losers) and any(is_trusted(device_id=r.device_id, kind=kind) for r in agreeing)
     newly_valid = [r for r in agreeing if r.state == Result.State.REPORTED]
     _judge(newly_valid, Result.State.VALID, accepted_alone=alone)
     for result in newly_valid:
@@ -185,13 +188,16 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> Non
     for result in losers:
         trust_reset(device_id=result.device_id, kind=kind, reason="an invalid result")
         if result.pk == audited:
-            device_ban(device_id=result.device_id, reason=f"failed the audit of unit {unit.pk}")
+            if proven:
+                device_ban(device_id=result.device_id, reason=f"failed the audit of unit {unit.pk}")
         elif DISPUTE in result.metrics:
             _known_answer_resolve(result.metrics[DISPUTE], right=False)
-            device_ban(device_id=result.device_id, reason=f"wrong answer to known-answer unit {result.metrics[DISPUTE]}")
+            if proven:
+                device_ban(device_id=result.device_id, reason=f"wrong answer to known-answer unit {result.metrics[DISPUTE]}")
         elif result.state == Result.State.VALID:  # vouched for before, now shown wrong: it colluded
             Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
-            device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")
+            if proven:
+                device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.DONE, canonical_result=min(agreeing, key=lambda r: r.pk), finished_at=timezone.now()
     )

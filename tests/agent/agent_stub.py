@@ -1,7 +1,9 @@
 """A stub marketplace speaking the agent half of docs/protocol.md, kept in memory.
 
 `StubMarketplace.handle` is an httpx.MockTransport handler; `serve_http` puts the same handler
-behind a real socket so the agent can be run as a separate process.
+behind a real socket so the agent can be run as a separate process. Like the marketplace, the stub
+signs every unit it hands out with its key (`marketplace_key`, pinned by the `enrolled` fixture) and
+serves its keys at /api/v1/agent/keys; `rotate` makes a new key endorsed by the current one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import httpx
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from worker_agent import protocol
 
@@ -29,6 +31,25 @@ ARTIFACT_PATH = re.compile(r"^/api/v1/artifacts/([0-9a-f]{64})/$")
 
 def error(status: int, code: str, message: str) -> httpx.Response:
     return httpx.Response(status, json={"error": {"code": code, "message": message, "fields": {}}})
+
+
+def public_b64(key: Ed25519PrivateKey) -> str:
+    return protocol.b64encode(key.public_key().public_bytes_raw())
+
+
+def key_record(key_id: str, key: Ed25519PrivateKey, *, endorser: tuple[str, Ed25519PrivateKey] | None = None,
+               retired: bool = False) -> dict[str, Any]:
+    """A marketplace key as the wire carries it, endorsed by `endorser` (its id and private key) if given."""
+    endorsement = None
+    if endorser is not None:
+        message = protocol.key_endorsement_message(key_id=key_id, public_key_b64=public_b64(key))
+        endorsement = protocol.b64encode(endorser[1].sign(message))
+    return {"key_id": key_id, "public_key": public_b64(key), "endorsed_by": endorser[0] if endorser else None,
+            "endorsement": endorsement, "retired": retired}
+
+
+def sign_unit(key: Ed25519PrivateKey, *, unit_id: int, payload: dict[str, Any]) -> str:
+    return protocol.b64encode(key.sign(protocol.unit_message(unit_id=unit_id, payload=payload)))
 
 
 @dataclass
@@ -46,15 +67,31 @@ class StubMarketplace:
     lose_on_heartbeat: set[int] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    marketplace_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    key_id: str = "mk-stub-1"
+    keys: list[dict[str, Any]] = field(default_factory=list)  # what /api/v1/agent/keys answers
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys.append(key_record(self.key_id, self.marketplace_key))
+
+    def rotate(self, key_id: str) -> Ed25519PrivateKey:
+        """A new signing key, endorsed by the current one; units added from now on are signed by it."""
+        key = Ed25519PrivateKey.generate()
+        self.keys.append(key_record(key_id, key, endorser=(self.key_id, self.marketplace_key)))
+        self.key_id, self.marketplace_key = key_id, key
+        return key
 
     def add_artifact(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         self.artifacts[sha] = data
         return sha
 
-    def add_unit(self, payload: dict[str, Any], *, result_id: int, unit_id: int) -> None:
-        self.pending.append({"result_id": result_id, "unit_id": unit_id, "job_id": 1, "payload": payload,
-                             "expires_at": "2099-01-01T00:00:00Z"})
+    def add_unit(self, payload: dict[str, Any], *, result_id: int, unit_id: int, **lease: Any) -> None:
+        """Queue a lease, signed by the current key; `lease` overrides any of its fields (signature, key_id)."""
+        self.pending.append({"result_id": result_id, "unit_id": unit_id, "payload": payload,
+                             "expires_at": "2099-01-01T00:00:00Z", "key_id": self.key_id,
+                             "signature": sign_unit(self.marketplace_key, unit_id=unit_id, payload=payload), **lease})
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         with self.lock:
@@ -69,6 +106,8 @@ class StubMarketplace:
 
     def _route(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        if path == "/api/v1/agent/keys" and request.method == "GET":
+            return httpx.Response(200, json={"marketplace_keys": self.keys})
         if path == "/api/v1/agent/lease":
             return self._lease(json.loads(request.content))
         if path == "/api/v1/agent/heartbeat":

@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from worker_agent.pinning import KeyPins, parse_keys, save_pins  # noqa: E402
 from worker_agent.state import DeviceState, StateDir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,10 +41,12 @@ def state(tmp_path: Path) -> StateDir:
 
 @pytest.fixture
 def enrolled(state: StateDir, stub: StubMarketplace, device_key: Ed25519PrivateKey) -> DeviceState:
-    """A state dir as `idlegrid-agent enroll` leaves it, pointing at the stub (server set per test)."""
+    """A state dir as `idlegrid-agent enroll` leaves it, pointing at the stub (server set per test), with
+    the stub's signing key pinned."""
     device = DeviceState(server="http://stub", device_id=stub.device_id, device_secret=stub.device_secret,
                          name="test-box", lease_seconds=stub.lease_seconds)
     state.save_key(device_key)
+    save_pins(state, KeyPins(parse_keys(stub.keys)))
     state.save_device(device)
     return device
 

@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from agent_stub import key_record
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from worker_agent import cli, protocol
-from worker_agent.client import AgentClient
+from worker_agent.client import AgentClient, AgentError
 from worker_agent.enroll import AlreadyEnrolled, enroll
+from worker_agent.pinning import load_pins
 from worker_agent.state import HOME_ENV, StateDir, default_state_dir
 
 SECRET = "s3cret-device-secret"
@@ -25,6 +27,7 @@ class EnrolmentDesk:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.marketplace_keys = [key_record("mk-1", Ed25519PrivateKey.generate())]
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/api/v1/agent/enroll"
@@ -34,7 +37,8 @@ class EnrolmentDesk:
         public_key = Ed25519PublicKey.from_public_bytes(protocol.b64decode(body["public_key"]))
         message = protocol.enroll_message(token=body["token"], public_key_b64=body["public_key"])
         public_key.verify(protocol.b64decode(body["proof"]), message)  # raises when the proof is bad
-        return httpx.Response(201, json={"device_id": 42, "device_secret": SECRET, "lease_seconds": 90})
+        return httpx.Response(201, json={"device_id": 42, "device_secret": SECRET, "lease_seconds": 90,
+                                         "marketplace_keys": self.marketplace_keys})
 
 
 def enroll_with(desk: EnrolmentDesk, state: StateDir, **overrides: Any) -> Any:
@@ -61,13 +65,32 @@ def test_enrolment_sends_a_valid_proof_and_stores_the_device_in_0600_files(tmp_p
     assert len(protocol.b64decode(desk.bodies[0]["public_key"])) == 32
 
 
+def test_enrolment_pins_the_marketplace_keys_of_the_answer(tmp_path: Path) -> None:
+    desk, state = EnrolmentDesk(), StateDir(tmp_path / "home")
+
+    enroll_with(desk, state)
+
+    assert mode(state.pins_file) == 0o600
+    assert load_pins(state).trusted("mk-1").public_key == desk.marketplace_keys[0]["public_key"]
+
+
+def test_enrolment_refuses_an_answer_that_names_no_marketplace_key(tmp_path: Path) -> None:
+    desk, state = EnrolmentDesk(), StateDir(tmp_path / "home")
+    desk.marketplace_keys = []
+
+    with pytest.raises(AgentError, match="names no marketplace key"):
+        enroll_with(desk, state)
+
+    assert not state.is_enrolled()
+
+
 def test_enrolment_reports_hardware_facts_without_importing_torch(tmp_path: Path) -> None:
     desk = EnrolmentDesk()
 
     enroll_with(desk, StateDir(tmp_path / "home"))
 
     hardware = desk.bodies[0]["hardware"]
-    assert hardware["torch"] == metadata.version("torch")
+    assert hardware["torch_version"] == metadata.version("torch")  # the child's torch.__version__
     assert hardware["cpu_count"] >= 1 and hardware["memory_bytes"] > 0
     assert {"os", "os_release", "machine", "cpu_flags", "python", "agent_version"} <= set(hardware)
 

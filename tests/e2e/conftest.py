@@ -33,16 +33,21 @@ def _database_url() -> str:
 
 
 @pytest.fixture
-def cluster(transactional_db, tmp_path, settings) -> Cluster:
-    """gunicorn + Celery worker + beat against the test database; stopped by PID, always."""
+def cluster(transactional_db, tmp_path, settings, request) -> Cluster:
+    """gunicorn + Celery worker + beat against the test database; stopped by PID, always.
+    `@pytest.mark.cluster_env(NAME="value")` adds settings for the servers."""
     settings.IDLEGRID_ARTIFACT_DIR = tmp_path / "artifacts"
+    settings.IDLEGRID_SIGNING_KEY_DIR = tmp_path / "keys"  # one keyring for the servers and this process
     env = {
         "DATABASE_URL": _database_url(),
         "IDLEGRID_ARTIFACT_DIR": str(settings.IDLEGRID_ARTIFACT_DIR),
+        "IDLEGRID_SIGNING_KEY_DIR": str(settings.IDLEGRID_SIGNING_KEY_DIR),
         "IDLEGRID_LEASE_SECONDS": "6",
         "IDLEGRID_SWEEP_SECONDS": "1",
         "IDLEGRID_LEASE_RETRY_AFTER": "1",
     }
+    marker = request.node.get_closest_marker("cluster_env")
+    env.update(marker.kwargs if marker else {})
     running = Cluster(var_dir=tmp_path / "cluster", env_overrides=env)
     running.var_dir.mkdir(parents=True)
     if settings.CELERY_BROKER_URL.startswith("redis"):

@@ -15,3 +15,10 @@ def isolated(artifact_dir, enqueued):
 def fast_passwords(settings):
     # PBKDF2 costs ~0.4 s per persona; these tests check authorisation, not password hashing.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def signing_key_dir(settings, tmp_path):
+    """The marketplace's unit-signing keys of this test live under its tmp_path, never under var/."""
+    settings.IDLEGRID_SIGNING_KEY_DIR = tmp_path / "keys"
+    return settings.IDLEGRID_SIGNING_KEY_DIR

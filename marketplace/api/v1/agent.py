@@ -60,6 +60,8 @@ class EnrollApi(APIView):
         body = self.EnrollIn(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
+        # Read before the token is spent: a keyring that cannot be read must not cost a token.
+        marketplace_keys = [key.wire() for key in keyring().published()]
         device, secret = device_enroll(
             token=data["token"], name=data["name"], public_key_b64=data["public_key"],
             hardware=data["hardware"], proof_b64=data["proof"],
@@ -70,7 +72,7 @@ class EnrollApi(APIView):
                 "device_secret": secret,
                 "lease_seconds": settings.IDLEGRID_LEASE_SECONDS,
                 # Pinned by the agent: from now on it runs only units these keys (or keys they endorse) signed.
-                "marketplace_keys": [key.wire() for key in keyring().published()],
+                "marketplace_keys": marketplace_keys,
             },
             status=status.HTTP_201_CREATED,
         )

@@ -4,7 +4,7 @@ import re
 
 from django.core.management import call_command
 
-AGENT_OPERATIONS = {"agent_enroll", "agent_lease", "agent_heartbeat", "agent_report", "agent_fail"}
+AGENT_OPERATIONS = {"agent_enroll", "agent_keys", "agent_lease", "agent_heartbeat", "agent_report", "agent_fail"}
 JOB_OPERATIONS = {"job_create", "job_retrieve", "job_output"}
 OTHER_OPERATIONS = {"artifact_upload", "artifact_download", "enrollment_token_create", "device_list"}
 

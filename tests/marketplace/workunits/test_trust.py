@@ -71,6 +71,14 @@ def make_trusted(enrolled, helper, adaptive_job, report):
     assert DeviceTrust.objects.get(device=enrolled.device).trusted
 
 
+def already_trusted(make_device, person):
+    """A device with a trusted record (as if it had earned it), so that its word can convict others."""
+    enrolled = make_device(person)
+    DeviceTrust.objects.create(device=enrolled.device, kind=KIND, hardware_class=enrolled.device.hardware_class,
+                               consecutive_valid=2, trusted_since=timezone.now())
+    return enrolled
+
+
 def test_a_new_device_has_every_unit_replicated(adaptive_job, make_device, people):
     job = adaptive_job()
     newcomer = make_device(people[0])
@@ -178,7 +186,8 @@ def test_the_reopened_job_is_merged_again_with_the_right_answer(adaptive_job, ma
 
 def test_colluders_who_agreed_on_a_wrong_answer_are_both_banned_once_one_is_caught(adaptive_job, make_device,
                                                                                   people, report, honest_output):
-    mallory, trudy, bob, carol = (make_device(people[i]) for i in range(4))
+    mallory, trudy = make_device(people[0]), make_device(people[1])
+    bob, carol = already_trusted(make_device, people[2]), make_device(people[3])
     job = adaptive_job()
     first = compute(mallory, report, wrong=honest_output)
     compute(trudy, report, wrong=honest_output)  # the same wrong answer from another owner
@@ -197,6 +206,25 @@ def test_colluders_who_agreed_on_a_wrong_answer_are_both_banned_once_one_is_caug
     unit = WorkUnit.objects.get(pk=first.unit_id)
     assert unit.canonical_result.device_id in {bob.pk, carol.pk}
     assert Job.objects.get(pk=job.pk).corrections == 1
+
+
+def test_a_device_outvoted_by_devices_none_of_which_is_trusted_is_not_banned(adaptive_job, make_device, people,
+                                                                             report, honest_output, settings):
+    alice, bob = make_device(people[0]), make_device(people[1])
+    make_trusted(alice, bob, adaptive_job, report)
+    mallory, trudy = make_device(people[2]), make_device(people[3])
+    settings.IDLEGRID_AUDIT_RATE = 1.0
+    adaptive_job()
+
+    audited = compute(alice, report)
+    compute(mallory, report, wrong=honest_output)
+    unit_validate(unit_id=audited.unit_id)
+    compute(trudy, report, wrong=honest_output)  # two owners agree on the same wrong answer
+    assert unit_validate(unit_id=audited.unit_id) == "done"
+
+    assert alice.refresh().state == Device.State.ACTIVE  # their word alone convicts no one
+    assert not DeviceTrust.objects.get(device=alice.device).trusted
+    assert Result.objects.get(pk=audited.result_id).state == Result.State.INVALID
 
 
 def test_an_invalid_result_sends_a_trusted_device_back_to_probation(adaptive_job, make_device, people, report,
@@ -293,7 +321,7 @@ def test_a_wrong_answer_to_a_known_answer_unit_bans_the_device(adaptive_job, mak
     assert unit_validate(unit_id=copy.unit_id) == "disputed"
     disputed = WorkUnit.objects.get(pk=original.unit_id)
     assert disputed.state == WorkUnit.State.PENDING and disputed.quorum == 3  # one owner more than vouched
-    drain([make_device(people[3]), make_device(people[4])], report)
+    drain([already_trusted(make_device, people[3]), make_device(people[4])], report)
 
     assert cheat.refresh().state == Device.State.BANNED
     assert "known-answer" in cheat.device.ban_reason
@@ -310,7 +338,7 @@ def test_an_honest_device_disputing_a_known_answer_colluders_made_has_them_banne
 
     report(honest, copy.result_id)  # the right answer, which differs from the colluders' "known" one
     assert unit_validate(unit_id=copy.unit_id) == "disputed"
-    drain([make_device(people[3]), make_device(people[4])], report)
+    drain([already_trusted(make_device, people[3]), make_device(people[4])], report)
 
     assert {mallory.refresh().state, trudy.refresh().state} == {Device.State.BANNED}
     assert honest.refresh().state == Device.State.ACTIVE and honest.device.audits_passed == 1
