@@ -95,7 +95,10 @@ def main() -> int:
     started = time.monotonic()
     shutil.rmtree(args.var_dir, ignore_errors=True)
     args.var_dir.mkdir(parents=True)
-    cluster = Cluster(var_dir=args.var_dir, env_overrides={"IDLEGRID_SWEEP_SECONDS": "2"})
+    # No known-answer units: with three devices a disputed known answer could find no independent owner
+    # to settle it (it needs one more owner than vouched for the answer), and the job would wait.
+    cluster = Cluster(var_dir=args.var_dir, env_overrides={"IDLEGRID_SWEEP_SECONDS": "2",
+                                                           "IDLEGRID_KNOWN_ANSWER_RATE": "0"})
     ok = False
     try:
         console.print(f"[bold]Idlegrid demo[/] — files and logs under {args.var_dir}")
