@@ -1,0 +1,308 @@
+"""Verification under sabotage: the real verification services on a real database, driven by a simulated
+population of honest devices and saboteurs.
+
+    .venv/bin/python bench/sabotage.py                          # every scenario at its default size
+    .venv/bin/python bench/sabotage.py --scenario colluding_10  # the headline alone (200,000 units)
+    .venv/bin/python bench/sabotage.py --quick                  # every scenario, tiny (what the tests run)
+    .venv/bin/python bench/sabotage.py --database-url postgres://postgres@127.0.0.1:5432/postgres
+
+Each scenario runs in a child process (bench/sabotage_run.py) on a fresh database: by default a new
+SQLite file in a temporary folder under /dev/shm, migrated once and copied per scenario; with
+--database-url, fresh PostgreSQL databases on that server (a migrated template, then one copy per
+scenario), all dropped at the end. Jobs are real inference jobs of a tiny MLP (one row per unit) submitted
+through `job_submit`; devices enrol through `device_enroll` with real Ed25519 keys, lease through
+`workunit_lease`, upload through `artifact_store` and report signed results through `result_report`;
+validation, merging and the periodic sweep run the Celery tasks' own functions in process. Banned
+saboteurs re-enrol at once as new devices under new accounts (Sybil), so the saboteur share stays constant.
+
+Figures per scenario: the accepted-wrong rate (rows of the delivered job outputs, as they stand at the
+end, that disagree with the true output under the job's comparator), mean results computed per unit
+(known-answer copies, audits and re-verification included), the honest false-mismatch rate (honest
+devices' results judged invalid / judged), bans, jobs reopened, wall time. A table, then, as the last
+line, one JSON object of all figures. Exit status 1 when a scenario could not run to its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.sabotage_experiments import EXPERIMENTS  # noqa: E402
+from bench.sabotage_run import HEADLINE, SCENARIOS  # noqa: E402
+
+TARGETS = {"accepted_wrong_rate": 1e-5, "results_per_unit": 1.3, "honest_false_mismatch_rate": 1e-3, "bans_honest": 0}
+DEFAULT_UNITS = {name: 20_000 for name in SCENARIOS} | {HEADLINE: 200_000}
+# Devices scale with units so that each computes as much (~870 results) at every size: trust, audits and
+# bans then play out alike, and the cheaters still at work when the last job completes weigh the same.
+DEVICES_PER_UNIT = 300 / 200_000
+QUICK = {"units": 200, "devices": 16, "units_per_job": 100}
+SYBIL = ("banned saboteurs re-enrol at once as new devices under new accounts (Sybil), "
+         "so the saboteur share of the population stays constant")
+TRUST_FLAGS = {
+    "trust_threshold": "IDLEGRID_TRUST_THRESHOLD", "audit_rate": "IDLEGRID_AUDIT_RATE",
+    "known_answer_rate": "IDLEGRID_KNOWN_ANSWER_RATE", "audit_window": "IDLEGRID_AUDIT_WINDOW_SECONDS",
+}
+
+
+def log(message: str) -> None:
+    print(f"[sabotage] {message}", file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                        help="run this scenario (repeatable; default every one)")
+    parser.add_argument("--units", type=int, help=f"units per scenario (default {HEADLINE}: 200,000; others 20,000)")
+    parser.add_argument("--devices", type=int,
+                        help=f"population size (default {DEVICES_PER_UNIT * 1000:g} per 1,000 units: 300 for the headline)")
+    parser.add_argument("--batch", type=int, default=4, help="max_units per lease request (default 4)")
+    parser.add_argument("--units-per-job", type=int, default=2000, help="units (rows) per job (default 2000)")
+    parser.add_argument("--collusion-groups", type=int, default=1,
+                        help="colluders split into this many groups with their own schedules and answers (default 1: one coalition, the worst case)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--trust-threshold", type=int, help="IDLEGRID_TRUST_THRESHOLD for the run (default: the settings default)")
+    parser.add_argument("--audit-rate", type=float, help="IDLEGRID_AUDIT_RATE for the run")
+    parser.add_argument("--known-answer-rate", type=float, help="IDLEGRID_KNOWN_ANSWER_RATE for the run")
+    parser.add_argument("--audit-window", type=int, help="IDLEGRID_AUDIT_WINDOW_SECONDS for the run")
+    parser.add_argument("--database-url", help="a PostgreSQL server to create the bench databases on (default: SQLite under /dev/shm)")
+    parser.add_argument("--experiment", action="append", choices=sorted(EXPERIMENTS), default=[],
+                        help="patch a candidate design change into the bench process (never the product): see bench/sabotage_experiments.py")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (SQLite databases, artifacts) for inspection")
+    parser.add_argument("--quick", action="store_true", help=f"tiny: {QUICK['units']} units and {QUICK['devices']} devices per scenario")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.devices, args.units_per_job = QUICK["devices"], QUICK["units_per_job"]
+        args.units = args.units or QUICK["units"]
+    args.scenarios = args.scenario or list(SCENARIOS)
+    return args
+
+
+# --- databases -------------------------------------------------------------------------------------
+
+class SQLiteDatabases:
+    """A migrated template file, copied per scenario (a copy costs nothing beside a migration)."""
+
+    vendor = "sqlite"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.template = work / "template.sqlite3"
+
+    def template_url(self) -> str:
+        return f"sqlite:///{self.template}"
+
+    def scenario_url(self, name: str) -> str:
+        copy = self.work / f"{name}.sqlite3"
+        shutil.copyfile(self.template, copy)
+        return f"sqlite:///{copy}"
+
+    def close(self) -> None:
+        pass  # the files go with the temporary folder
+
+
+class PostgresDatabases:
+    """Fresh databases on a PostgreSQL server: a migrated template and one copy per scenario, all dropped."""
+
+    vendor = "postgresql"
+
+    def __init__(self, server_url: str) -> None:
+        import psycopg
+
+        parts = urlsplit(server_url)
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise BenchError(f"--database-url must be postgres://...; got {parts.scheme!r}")
+        self.psycopg, self.parts, self.created = psycopg, parts, []
+        self.maintenance = urlunsplit(parts if parts.path.strip("/") else parts._replace(path="/postgres"))
+        self.prefix = f"idlegrid_sabotage_{os.getpid()}"
+
+    def _create(self, name: str, template: str | None = None) -> str:
+        with self.psycopg.connect(self.maintenance, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        self.created.append(name)
+        return urlunsplit(self.parts._replace(path=f"/{name}"))
+
+    def template_url(self) -> str:
+        return self._create(f"{self.prefix}_template")
+
+    def scenario_url(self, name: str) -> str:
+        return self._create(f"{self.prefix}_{name}", template=f"{self.prefix}_template")
+
+    def close(self) -> None:
+        with self.psycopg.connect(self.maintenance, autocommit=True) as conn:
+            for name in reversed(self.created):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        log(f"dropped {len(self.created)} databases")
+
+
+@contextmanager
+def databases(args: argparse.Namespace, work: Path) -> Iterator[SQLiteDatabases | PostgresDatabases]:
+    dbs: SQLiteDatabases | PostgresDatabases = (
+        PostgresDatabases(args.database_url) if args.database_url else SQLiteDatabases(work)
+    )
+    try:
+        yield dbs
+    finally:
+        dbs.close()
+
+
+# --- child processes -------------------------------------------------------------------------------
+
+def child_env(args: argparse.Namespace, database_url: str, var_dir: Path) -> dict[str, str]:
+    """The caller's environment less anything that would point Django elsewhere; the trust overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IDLEGRID_", "CELERY_", "DATABASE_URL", "DJANGO_"))}
+    env.update({
+        "DJANGO_SETTINGS_MODULE": "marketplace.settings",
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": "filesystem://",  # never used: the bench stubs Celery's enqueue
+        "IDLEGRID_VAR_DIR": str(var_dir),
+        "IDLEGRID_ARTIFACT_DIR": str(var_dir / "artifacts"),
+        "IDLEGRID_ENROLLMENTS_PER_HOUR": "1000000",
+        "DEBUG": "false",
+        "LOG_LEVEL": "ERROR",  # every ban and reopened job logs a warning
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    })
+    for flag, setting in TRUST_FLAGS.items():
+        if getattr(args, flag) is not None:
+            env[setting] = str(getattr(args, flag))
+    return env
+
+
+def run_child(env: dict[str, str], *argv: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.sabotage_run", *argv], cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise BenchError(f"bench.sabotage_run {' '.join(argv[:2])} exited with {done.returncode}")
+
+
+def run_scenario(args: argparse.Namespace, name: str, dbs: SQLiteDatabases | PostgresDatabases, work: Path) -> dict[str, Any]:
+    folder = work / name
+    env = child_env(args, dbs.scenario_url(name), folder / "var")
+    out = folder / "figures.json"
+    units = args.units or DEFAULT_UNITS[name]
+    devices = args.devices or max(10, round(units * DEVICES_PER_UNIT))
+    log(f"{name}: {units} units, {devices} devices" + (f", EXPERIMENT {'+'.join(args.experiment)}" if args.experiment else ""))
+    run_child(
+        env, "--scenario", name, "--units", str(units), "--devices", str(devices), "--batch", str(args.batch),
+        "--units-per-job", str(args.units_per_job), "--collusion-groups", str(args.collusion_groups),
+        "--seed", str(args.seed), "--out", str(out), *(f"--experiment={e}" for e in args.experiment),
+    )
+    figures = json.loads(out.read_text())
+    if not args.keep:
+        shutil.rmtree(folder / "var", ignore_errors=True)  # artifacts of a finished scenario: free the memory
+    return figures
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def verdict(figures: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "accepted_wrong_rate": (figures["accepted_wrong_rate"] or 0) <= TARGETS["accepted_wrong_rate"],
+        "results_per_unit": (figures["results_per_unit"] or 0) <= TARGETS["results_per_unit"],
+        "honest_false_mismatch_rate": (figures["honest_false_mismatch_rate"] or 0) <= TARGETS["honest_false_mismatch_rate"],
+        "bans_honest": figures["bans_honest"] == 0,
+    }
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def render(report: dict[str, Any]) -> str:
+    header = ["scenario", "units", "acc-wrong", "rate", "1st-deliv", "res/unit", "honest-mism", "bans h/s",
+              "reopened", "failed", "trusted h/s", "wall s", "units/s", "targets"]
+    rows = [header]
+    for name, f in report["scenarios"].items():
+        met = verdict(f)
+        rows.append([
+            name + (" *" if name == HEADLINE else ""), f"{f['units']:,}", str(f["accepted_wrong_units"]),
+            _rate(f["accepted_wrong_rate"]), str(f["wrong_at_first_delivery_units"]), f"{f['results_per_unit']:.3f}",
+            _rate(f["honest_false_mismatch_rate"]), f"{f['bans_honest']}/{f['bans_saboteur']}",
+            str(f["jobs_reopened"]), f"{f['jobs_failed']}/{f['jobs']}",
+            f"{f['trusted_at_end']['honest']}/{f['trusted_at_end']['saboteur']}",
+            f"{f['wall_seconds']:.0f}", f"{f['units_per_second']:.1f}",
+            "met" if all(met.values()) else "missed: " + ",".join(k for k, ok in met.items() if not ok),
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    settings = ", ".join(f"{k.removeprefix('IDLEGRID_')}={v}" for k, v in report["settings"].items())
+    lines += [
+        f"* headline. targets: accepted-wrong <= {TARGETS['accepted_wrong_rate']:g}, results/unit <= "
+        f"{TARGETS['results_per_unit']}, honest false-mismatch <= {TARGETS['honest_false_mismatch_rate']:g}, no honest ban",
+        f"settings: {settings}; 20% saboteurs, lease batch {report['batch']}, "
+        + ", ".join(f"{name} {f['devices']} devices" for name, f in report["scenarios"].items()),
+        f"adversary: {SYBIL}",
+    ]
+    if report["experiments"]:
+        lines.append(f"EXPERIMENT: {', '.join(report['experiments'])} patched into the bench process; not the product")
+    return "\n".join(lines)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds: databases dropped, temporary folder removed
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    shm = Path("/dev/shm")
+    report: dict[str, Any] = {
+        "bench": "sabotage", "quick": args.quick, "experiments": args.experiment, "batch": args.batch,
+        "units_per_job": args.units_per_job, "collusion_groups": args.collusion_groups, "seed": args.seed,
+        "saboteur_share": 0.2, "adversary": SYBIL, "targets": TARGETS, "headline": HEADLINE,
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3], "scenarios": {},
+    }
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="idlegrid-sabotage-", dir=shm if shm.is_dir() else None))
+    try:
+        with databases(args, work) as dbs:
+            report["database"] = dbs.vendor
+            run_child(child_env(args, dbs.template_url(), work / "template-var"), "--migrate-only", "--out", "-")
+            for name in args.scenarios:
+                report["scenarios"][name] = figures = run_scenario(args, name, dbs, work)
+                figures["targets_met"] = verdict(figures)
+                log(f"{name}: accepted-wrong {figures['accepted_wrong_units']}, {figures['results_per_unit']} results/unit")
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report["settings"] = next(iter(report["scenarios"].values()))["settings"] if report["scenarios"] else {}
+    if HEADLINE in report["scenarios"]:
+        report["headline_met"] = all(report["scenarios"][HEADLINE]["targets_met"].values())
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        report = bench(args)
+    except BenchError as exc:
+        log(str(exc))
+        print(json.dumps({"bench": "sabotage", "error": str(exc)}))
+        return 1
+    print(render(report))
+    print(json.dumps(report, separators=(",", ":")))
+    return 1 if any(f["stalled"] for f in report["scenarios"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
