@@ -87,12 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url", help="a PostgreSQL server to create the bench databases on (default: SQLite under /dev/shm)")
     parser.add_argument("--experiment", action="append", choices=sorted(EXPERIMENTS), default=[],
                         help="patch a candidate design change into the bench process (never the product): see bench/sabotage_experiments.py")
+    parser.add_argument("--parallel", type=int, help="scenarios run at once, each in its own process (default 1; 2 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (SQLite databases, artifacts) for inspection")
     parser.add_argument("--quick", action="store_true", help=f"tiny: {QUICK['units']} units and {QUICK['devices']} devices per scenario")
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.units_per_job = QUICK["devices"], QUICK["units_per_job"]
         args.units = args.units or QUICK["units"]
+    args.parallel = args.parallel or (2 if args.quick else 1)
     args.scenarios = args.scenario or list(SCENARIOS)
     return args
 
@@ -193,22 +195,53 @@ def run_child(env: dict[str, str], *argv: str) -> None:
         raise BenchError(f"bench.sabotage_run {' '.join(argv[:2])} exited with {done.returncode}")
 
 
-def run_scenario(args: argparse.Namespace, name: str, dbs: SQLiteDatabases | PostgresDatabases, work: Path) -> dict[str, Any]:
-    folder = work / name
-    env = child_env(args, dbs.scenario_url(name), folder / "var")
-    out = folder / "figures.json"
-    units = args.units or DEFAULT_UNITS[name]
-    devices = args.devices or max(10, round(units * DEVICES_PER_UNIT))
-    log(f"{name}: {units} units, {devices} devices" + (f", EXPERIMENT {'+'.join(args.experiment)}" if args.experiment else ""))
-    run_child(
-        env, "--scenario", name, "--units", str(units), "--devices", str(devices), "--batch", str(args.batch),
-        "--units-per-job", str(args.units_per_job), "--collusion-groups", str(args.collusion_groups),
-        "--seed", str(args.seed), "--out", str(out), *(f"--experiment={e}" for e in args.experiment),
-    )
-    figures = json.loads(out.read_text())
-    if not args.keep:
-        shutil.rmtree(folder / "var", ignore_errors=True)  # artifacts of a finished scenario: free the memory
-    return figures
+class ScenarioRun:
+    """One scenario's child process, on its own database and folder."""
+
+    def __init__(self, args: argparse.Namespace, name: str, dbs: SQLiteDatabases | PostgresDatabases, work: Path) -> None:
+        self.name, self.keep, self.folder = name, args.keep, work / name
+        self.out = self.folder / "figures.json"
+        units = args.units or DEFAULT_UNITS[name]
+        devices = args.devices or max(10, round(units * DEVICES_PER_UNIT))
+        log(f"{name}: {units} units, {devices} devices" + (f", EXPERIMENT {'+'.join(args.experiment)}" if args.experiment else ""))
+        argv = [
+            "--scenario", name, "--units", str(units), "--devices", str(devices), "--batch", str(args.batch),
+            "--units-per-job", str(args.units_per_job), "--collusion-groups", str(args.collusion_groups),
+            "--seed", str(args.seed), "--out", str(self.out), *(f"--experiment={e}" for e in args.experiment),
+        ]
+        env = child_env(args, dbs.scenario_url(name), self.folder / "var")
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.sabotage_run", *argv], cwd=REPO, env=env)
+
+    def figures(self) -> dict[str, Any]:
+        if self.process.wait() != 0:
+            raise BenchError(f"scenario {self.name} exited with {self.process.returncode}")
+        if not self.keep:
+            shutil.rmtree(self.folder / "var", ignore_errors=True)  # its artifacts: free the memory
+        return json.loads(self.out.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def run_scenarios(args: argparse.Namespace, dbs: SQLiteDatabases | PostgresDatabases, work: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every scenario, at most --parallel at a time, the largest first; yields each as it finishes."""
+    pending = sorted(args.scenarios, key=lambda name: -(args.units or DEFAULT_UNITS[name]))
+    running: list[ScenarioRun] = []
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                running.append(ScenarioRun(args, pending.pop(0), dbs, work))
+            done = next((run for run in running if run.process.poll() is not None), None)
+            if done is None:
+                time.sleep(0.5)
+                continue
+            running.remove(done)
+            yield done.name, done.figures()
+    finally:
+        for run in running:
+            run.stop()
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -227,19 +260,20 @@ def _rate(value: float | None) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    header = ["scenario", "units", "acc-wrong", "rate", "1st-deliv", "res/unit", "honest-mism", "bans h/s",
-              "reopened", "failed", "trusted h/s", "wall s", "units/s", "targets"]
+    header = ["scenario", "units", "devices", "wrong", "wrong rate", "wrong 1st", "res/unit", "later half",
+              "honest mism", "bans h/s", "reopened", "failed", "wall s", "units/s", "targets"]
     rows = [header]
     for name, f in report["scenarios"].items():
         met = verdict(f)
+        later = f["later_half"]
         rows.append([
-            name + (" *" if name == HEADLINE else ""), f"{f['units']:,}", str(f["accepted_wrong_units"]),
-            _rate(f["accepted_wrong_rate"]), str(f["wrong_at_first_delivery_units"]), f"{f['results_per_unit']:.3f}",
+            name + (" *" if name == HEADLINE else ""), f"{f['units']:,}", str(f["devices"]),
+            str(f["accepted_wrong_units"]), _rate(f["accepted_wrong_rate"]), str(f["wrong_at_first_delivery_units"]),
+            f"{f['results_per_unit']:.3f}", f"{later['results_per_unit']:.3f} {_rate(later['accepted_wrong_rate'])}",
             _rate(f["honest_false_mismatch_rate"]), f"{f['bans_honest']}/{f['bans_saboteur']}",
             str(f["jobs_reopened"]), f"{f['jobs_failed']}/{f['jobs']}",
-            f"{f['trusted_at_end']['honest']}/{f['trusted_at_end']['saboteur']}",
             f"{f['wall_seconds']:.0f}", f"{f['units_per_second']:.1f}",
-            "met" if all(met.values()) else "missed: " + ",".join(k for k, ok in met.items() if not ok),
+            "met" if all(met.values()) else "missed: " + ", ".join(k for k, ok in met.items() if not ok),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -247,8 +281,9 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         f"* headline. targets: accepted-wrong <= {TARGETS['accepted_wrong_rate']:g}, results/unit <= "
         f"{TARGETS['results_per_unit']}, honest false-mismatch <= {TARGETS['honest_false_mismatch_rate']:g}, no honest ban",
-        f"settings: {settings}; 20% saboteurs, lease batch {report['batch']}, "
-        + ", ".join(f"{name} {f['devices']} devices" for name, f in report["scenarios"].items()),
+        "wrong: units of the delivered outputs still wrong at the end; wrong 1st: wrong in the outputs as first "
+        "delivered; later half: results/unit and wrong rate of the second half of the jobs (past the cold start)",
+        f"settings: {settings}; 20% saboteurs; lease batch {report['batch']}",
         f"adversary: {SYBIL}",
     ]
     if report["experiments"]:
@@ -274,10 +309,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         with databases(args, work) as dbs:
             report["database"] = dbs.vendor
             run_child(child_env(args, dbs.template_url(), work / "template-var"), "--migrate-only", "--out", "-")
-            for name in args.scenarios:
-                report["scenarios"][name] = figures = run_scenario(args, name, dbs, work)
+            finished = {}
+            for name, figures in run_scenarios(args, dbs, work):
+                finished[name] = figures
                 figures["targets_met"] = verdict(figures)
                 log(f"{name}: accepted-wrong {figures['accepted_wrong_units']}, {figures['results_per_unit']} results/unit")
+            report["scenarios"] = {name: finished[name] for name in args.scenarios}
     finally:
         if args.keep:
             log(f"kept {work}")

@@ -201,7 +201,10 @@ def envfloat(name: str, default: float, *, low: float = 0.0, high: float = 1.0) 
 
 # Adaptive replication: a device earns trust after this many consecutive valid replicated results;
 # a trusted device's units are then accepted on its word alone, except a random AUDIT_RATE of them.
-IDLEGRID_TRUST_THRESHOLD = envint("IDLEGRID_TRUST_THRESHOLD", 20, low=1, high=100_000)
+# 100, not 20: a device cheating on 10% of its units (colluders confirming each other) earns trust in a
+# quarter of its attempts at 20 and in about 1 of 700 at 100 (bench/sabotage.py), and a trusted
+# colluder's word both gets wrong results accepted alone and can convict honest devices.
+IDLEGRID_TRUST_THRESHOLD = envint("IDLEGRID_TRUST_THRESHOLD", 100, low=1, high=100_000)
 IDLEGRID_AUDIT_RATE = envfloat("IDLEGRID_AUDIT_RATE", 0.1)
 # Devices on probation get known-answer units mixed in at this rate.
 IDLEGRID_KNOWN_ANSWER_RATE = envfloat("IDLEGRID_KNOWN_ANSWER_RATE", 0.1)
