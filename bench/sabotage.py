@@ -213,8 +213,9 @@ class ScenarioRun:
         self.process = subprocess.Popen([sys.executable, "-m", "bench.sabotage_run", *argv], cwd=REPO, env=env)
 
     def figures(self) -> dict[str, Any]:
+        """Its figures, or {"error": ...} when it crashed (the other scenarios go on)."""
         if self.process.wait() != 0:
-            raise BenchError(f"scenario {self.name} exited with {self.process.returncode}")
+            return {"error": f"exited with {self.process.returncode} (its traceback is above)"}
         if not self.keep:
             shutil.rmtree(self.folder / "var", ignore_errors=True)  # its artifacts: free the memory
         return json.loads(self.out.read_text())
@@ -264,6 +265,9 @@ def render(report: dict[str, Any]) -> str:
               "honest mism", "bans h/s", "reopened", "failed", "wall s", "units/s", "targets"]
     rows = [header]
     for name, f in report["scenarios"].items():
+        if "error" in f:
+            rows.append([name, "-", "-", "error: " + f["error"]] + [""] * (len(header) - 4))
+            continue
         met = verdict(f)
         later = f["later_half"]
         rows.append([
@@ -312,6 +316,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             finished = {}
             for name, figures in run_scenarios(args, dbs, work):
                 finished[name] = figures
+                if "error" in figures:
+                    log(f"{name}: {figures['error']}")
+                    continue
                 figures["targets_met"] = verdict(figures)
                 log(f"{name}: accepted-wrong {figures['accepted_wrong_units']}, {figures['results_per_unit']} results/unit")
             report["scenarios"] = {name: finished[name] for name in args.scenarios}
@@ -320,8 +327,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    report["settings"] = next(iter(report["scenarios"].values()))["settings"] if report["scenarios"] else {}
-    if HEADLINE in report["scenarios"]:
+    ran = [f for f in report["scenarios"].values() if "error" not in f]
+    report["settings"] = ran[0]["settings"] if ran else {}
+    if HEADLINE in report["scenarios"] and "error" not in report["scenarios"][HEADLINE]:
         report["headline_met"] = all(report["scenarios"][HEADLINE]["targets_met"].values())
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     return report
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(render(report))
     print(json.dumps(report, separators=(",", ":")))
-    return 1 if any(f["stalled"] for f in report["scenarios"].values()) else 0
+    return 1 if any("error" in f or f["stalled"] for f in report["scenarios"].values()) else 0
 
 
 if __name__ == "__main__":

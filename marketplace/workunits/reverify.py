@@ -7,6 +7,7 @@ import logging
 from datetime import datetime
 
 from django.db.models import F
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from marketplace.jobs.models import Job
@@ -35,8 +36,11 @@ def device_results_reverify(*, device_id: int, since: datetime) -> int:
         .values_list("pk", "unit_id")
     )
     Result.objects.filter(pk__in=[pk for pk, _ in vouched]).update(state=Result.State.INVALID)
+    # Floored: a disputed known answer is one computation in two valid rows (the copy's, settled by
+    # verification._known_answer_resolve, and the one counted on the original), but one count; going
+    # below zero fails the counter's CHECK and with it the whole validation that banned the device.
     Device.objects.filter(pk=device_id).update(
-        valid_results=F("valid_results") - len(vouched), invalid_results=F("invalid_results") + len(vouched)
+        valid_results=Greatest(F("valid_results") - len(vouched), 0), invalid_results=F("invalid_results") + len(vouched)
     )
     reopened = sum(_unit_recheck(unit_id=unit_id) for _, unit_id in vouched)
     log.warning("device %s: %s valid results withdrawn, %s units reopened", device_id, len(vouched), reopened)

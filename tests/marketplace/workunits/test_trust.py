@@ -348,6 +348,23 @@ def test_an_honest_device_disputing_a_known_answer_colluders_made_has_them_banne
     assert Job.objects.get(pk=job.pk).corrections == 1
 
 
+def test_a_device_that_won_a_dispute_can_still_be_banned(adaptive_job, make_device, people, report,
+                                                          honest_output, settings):
+    _, _, copy, (_, _, challenger) = known_answer_of_a_decided_unit(
+        adaptive_job, make_device, people, report, settings, wrong=honest_output)
+    report(challenger, copy.result_id)
+    unit_validate(unit_id=copy.unit_id)
+    drain([already_trusted(make_device, people[3]), make_device(people[4])], report)
+    assert Result.objects.filter(device=challenger.device, state=Result.State.VALID).count() == 2  # copy + original
+
+    from marketplace.workers.trust import device_ban
+
+    assert device_ban(device_id=challenger.pk, reason="caught elsewhere")  # its counter is 1, not 2: no underflow
+
+    banned = challenger.refresh()
+    assert banned.state == Device.State.BANNED and banned.valid_results == 0
+
+
 def test_a_banned_device_can_no_longer_use_the_api(make_device, people):
     cheat = make_device(people[0])
     from marketplace.workers.trust import device_ban
