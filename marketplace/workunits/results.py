@@ -7,6 +7,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.db import transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
@@ -89,6 +90,9 @@ def result_report(
     signature = _check_signature(device, result, output_sha256, signature_b64)
     now = timezone.now()
     with transaction.atomic():
+        # The unit row is locked first: a concurrent report of another replica waits here, and then its
+        # count below sees this one reported (otherwise both could skip validation and nobody would run it).
+        unit = WorkUnit.objects.select_for_update().only("state", "quorum", "known_answer_of_id").get(pk=result.unit_id)
         moved = Result.objects.filter(
             pk=result.pk, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
         ).update(
@@ -101,10 +105,26 @@ def result_report(
         )
         if moved != 1:
             raise LeaseExpired(f"the lease on result {result_id} expired before the report arrived")
-        WorkUnit.objects.filter(pk=result.unit_id).update(need_validate=True)
-        validate_unit.delay_on_commit(result.unit_id)
+        if _validation_due(unit):
+            WorkUnit.objects.filter(pk=result.unit_id).update(need_validate=True)
+            validate_unit.delay_on_commit(result.unit_id)
     result.state = Result.State.REPORTED
     return result
+
+
+def _validation_due(unit: WorkUnit) -> bool:
+    """Whether validating now could decide or move the unit. A replicated unit with fewer answers than its
+    quorum and enough replicas still out only waits: validating it would find nothing to do (about half of
+    all validations). Whatever later stops a replica from answering (expiry, giving up, a ban) issues a
+    replacement or queues the unit for validation itself (replicas.replica_issue)."""
+    if unit.state != WorkUnit.State.PENDING or unit.known_answer_of_id is not None or unit.quorum < 2:
+        return True
+    counts = unit.results.aggregate(
+        answered=Count("pk", filter=Q(state__in=(Result.State.REPORTED, Result.State.VALID))),
+        out=Count("pk", filter=Q(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS))),
+    )
+    missing = unit.quorum - counts["answered"]
+    return missing <= 0 or counts["out"] < missing
 
 
 def result_fail(*, device: Device, result_id: int, error: Any) -> Result:

@@ -132,6 +132,26 @@ def test_it_accepts_a_signed_report_and_queues_the_unit_for_validation(
     assert leased.elapsed_seconds == 1.5
     assert leased.metrics == {"rows_per_second": 100.0}
     assert bytes(leased.signature) == base64.b64decode(device.sign(leased, honest))
+    # The unit needs two answers and its other replica is still out: nothing to validate yet.
+    assert WorkUnit.objects.get(pk=leased.unit_id).need_validate is False
+    assert enqueued == []
+
+
+def test_the_report_that_completes_a_quorum_queues_the_unit_for_validation(
+    leased, honest, device, make_device, other_contributor, upload, make_output, honest_output, enqueued,
+    django_capture_on_commit_callbacks,
+):
+    post_report(device, leased, honest)
+    other = make_device(other_contributor)
+    (lease,) = workunit_lease(device=other.device, max_units=1)
+    second = Result.objects.select_related("unit").get(pk=lease.result_id)
+    assert second.unit_id == leased.unit_id
+    sha = upload(make_output(honest_output(second.unit)), device=other.device)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post_report(other, second, sha)
+
+    assert response.status_code == 200, response.json()
     assert WorkUnit.objects.get(pk=leased.unit_id).need_validate is True
     assert enqueued == [("workunits.validate", (leased.unit_id,))]
 
