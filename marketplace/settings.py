@@ -210,6 +210,12 @@ IDLEGRID_AUDIT_RATE = envfloat("IDLEGRID_AUDIT_RATE", 0.1)
 IDLEGRID_KNOWN_ANSWER_RATE = envfloat("IDLEGRID_KNOWN_ANSWER_RATE", 0.1)
 # A banned device's valid results reported within this window are re-verified.
 IDLEGRID_AUDIT_WINDOW_SECONDS = envint("IDLEGRID_AUDIT_WINDOW_SECONDS", 30 * 86_400, low=60)
+# Once this many devices are trusted for a kind, a replicated unit is decided only with one of them in the
+# agreeing quorum: devices on probation (new Sybil identities among them) cannot decide units among themselves.
+IDLEGRID_TRUSTED_CONFIRMATION = envbool("IDLEGRID_TRUSTED_CONFIRMATION", True)
+IDLEGRID_TRUSTED_POOL_MIN = envint("IDLEGRID_TRUSTED_POOL_MIN", 3, low=1)
+# Units a device on probation may lease at once (BOINC's quota for new hosts).
+IDLEGRID_PROBATION_BATCH = envint("IDLEGRID_PROBATION_BATCH", 1, low=1, high=1000)
 
 # --- REST -----------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

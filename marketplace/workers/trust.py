@@ -47,6 +47,26 @@ def is_trusted(*, device_id: int, kind: str) -> bool:
     ).exists()
 
 
+def trusted_devices(*, kind: str) -> int:
+    """Active devices trusted for a kind (on their current hardware class)."""
+    return DeviceTrust.objects.filter(
+        kind=kind, trusted_since__isnull=False, device__state=Device.State.ACTIVE,
+        device__hardware_class=F("hardware_class"),
+    ).count()
+
+
+def lease_limit(*, device: Device, asked: int) -> int:
+    """How many units a device may lease at once: a device trusted for nothing on its hardware class (a new
+    device, a new Sybil identity) gets at most IDLEGRID_PROBATION_BATCH, BOINC's quota for new hosts: every
+    unit it takes costs a replica, so the less of the work it holds, the cheaper verification is."""
+    if asked <= settings.IDLEGRID_PROBATION_BATCH:
+        return asked
+    trusted = DeviceTrust.objects.filter(
+        device=device, hardware_class=device.hardware_class, trusted_since__isnull=False
+    ).exists()
+    return asked if trusted else settings.IDLEGRID_PROBATION_BATCH
+
+
 def trust_credit(*, device_id: int, kind: str, hardware_class: str) -> None:
     """A valid replicated (or known-answer) result: one more in the run; trust at the threshold."""
     trust, _ = DeviceTrust.objects.get_or_create(device_id=device_id, kind=kind, hardware_class=hardware_class)

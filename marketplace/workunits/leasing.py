@@ -11,7 +11,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from marketplace.workers.models import Device
-from marketplace.workers.trust import trust_reset
+from marketplace.workers.trust import lease_limit, trust_reset
 from marketplace.workunits.known_answers import known_answer_mix_in
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, replication_decide
@@ -68,9 +68,9 @@ def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
         "hardware_class": device.hardware_class,
         "now": now,
         "expires": expires,
-        "limit": max_units,
-        "candidates": max_units * 4,
+        "limit": lease_limit(device=device, asked=max_units),
     }
+    params["candidates"] = params["limit"] * 4
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_lease_sql(), params)
         rows = cursor.fetchall()

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from marketplace.jobs.models import Job
 from marketplace.workers.models import Device
+from marketplace.workers.trust import is_trusted
 from marketplace.workunits.models import Result, WorkUnit
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,12 @@ def _unit_recheck(*, unit_id: int) -> bool:
     quorum = max(unit.quorum, unit.job.spec.get("quorum", 2))
     if owners >= unit.quorum and remaining.filter(pk=unit.canonical_result_id).exists():
         return False
-    if owners >= unit.quorum:  # still a quorum, but the canonical result was the banned device's
+    vouched = list(remaining.values_list("device_id", flat=True))
+    # A trusted device's word decides a unit alone when it is not audited: it still stands for this one.
+    if owners >= unit.quorum or any(is_trusted(device_id=d, kind=unit.job.kind) for d in vouched):
+        if remaining.filter(pk=unit.canonical_result_id).exists():
+            return False
+        # still decided, but the canonical result was the banned device's: merge the job again
         WorkUnit.objects.filter(pk=unit.pk).update(canonical_result=remaining.order_by("pk").first())
         job_reopen(unit.job_id)
         return True

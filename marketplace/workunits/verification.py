@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -16,7 +17,7 @@ from django.utils import timezone
 from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.kinds import kind_module
 from marketplace.workers.models import Device
-from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset
+from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset, trusted_devices
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, unit_error
 from marketplace.workunits.reverify import job_reopen
@@ -152,12 +153,18 @@ def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
         WorkUnit.objects.filter(pk=unit.pk).update(quorum=unit.quorum)
     vouched = list(unit.results.filter(state=Result.State.VALID).exclude(device__state=Device.State.BANNED))
     groups = _group(unit.job.spec, kind, vouched + reported)
-    best = max(groups, key=lambda g: len({r.owner_id for r in g}))
+    # Most owners wins; between as many, the answer a trusted device vouches for.
+    best = max(groups, key=lambda g: (len({r.owner_id for r in g}), len(groups) > 1 and _confirmed(unit, g, kind)))
     owners = len({r.owner_id for r in best})
+    outstanding = unit.results.filter(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS)).count()
+    if owners >= unit.quorum and not _confirmed(unit, best, kind):
+        # Devices on probation (every new Sybil identity among them) may not decide a unit among
+        # themselves once trusted devices exist: one more replica, up to the cap, for a trusted one to confirm.
+        if outstanding or replica_issue(unit_id=unit.pk, reason="no trusted device confirms the answer"):
+            return "pending"
     if owners >= unit.quorum:
         _accept(unit, best, [r for group in groups if group is not best for r in group])
         return "done"
-    outstanding = unit.results.filter(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS)).count()
     for _ in range(max(0, unit.quorum - owners - outstanding)):
         if not replica_issue(unit_id=unit.pk, reason="results disagree"):
             break
@@ -165,6 +172,26 @@ def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
         unit_error(unit_id=unit.pk, reason=f"no {unit.quorum} agreeing results from different owners")
         return "error"
     return "pending"
+
+
+def _confirmed(unit: WorkUnit, agreeing: list[Result], kind: str) -> bool:
+    """Whether a quorum of a replicated unit may decide it: it includes a device trusted for the kind, or
+    too few devices are trusted yet for that to be asked (a cold start), or the rule is switched off."""
+    if unit.quorum < 2 or not settings.IDLEGRID_TRUSTED_CONFIRMATION:
+        return True
+    if any(is_trusted(device_id=r.device_id, kind=kind) for r in agreeing):
+        return True
+    return trusted_devices(kind=kind) < settings.IDLEGRID_TRUSTED_POOL_MIN
+
+
+def _colluders(losers: list[Result]) -> list[Result]:
+    """Losing results whose exact bytes a device of another owner also sent. Honest devices agree with the
+    winning answer (inside a class bitwise, across classes within the tolerance); two owners sending the same
+    wrong bytes against an answer a trusted device vouched for is collusion, not float noise."""
+    owners_by_output: dict[str, set[int]] = {}
+    for result in losers:
+        owners_by_output.setdefault(result.output_id, set()).add(result.owner_id)
+    return [r for r in losers if len(owners_by_output[r.output_id]) >= 2]
 
 
 def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> None:
@@ -185,6 +212,7 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> Non
         if DISPUTE in result.metrics:
             _known_answer_resolve(result.metrics[DISPUTE], right=True)
     _judge([r for r in losers if r.state == Result.State.REPORTED], Result.State.INVALID)
+    colluders = {r.pk for r in _colluders(losers)} if proven else set()
     for result in losers:
         trust_reset(device_id=result.device_id, kind=kind, reason="an invalid result")
         if result.pk == audited:
@@ -198,6 +226,8 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> Non
             Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
             if proven:
                 device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")
+        elif result.pk in colluders:
+            device_ban(device_id=result.device_id, reason=f"sent the same wrong answer as another owner for unit {unit.pk}")
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.DONE, canonical_result=min(agreeing, key=lambda r: r.pk), finished_at=timezone.now()
     )

@@ -22,3 +22,10 @@ def signing_key_dir(settings, tmp_path):
     """The marketplace's unit-signing keys of this test live under its tmp_path, never under var/."""
     settings.IDLEGRID_SIGNING_KEY_DIR = tmp_path / "keys"
     return settings.IDLEGRID_SIGNING_KEY_DIR
+
+
+@pytest.fixture(autouse=True)
+def probation_batch(settings):
+    """Most tests lease several units to a fresh device to test leasing itself; the quota that holds a
+    device on probation to one unit per request has its own tests (workunits/test_trusted_confirmation.py)."""
+    settings.IDLEGRID_PROBATION_BATCH = 100
