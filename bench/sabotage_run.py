@@ -234,6 +234,10 @@ class Submitter:
 
         self.rng = np.random.default_rng(seed)
         self.owner = get_user_model().objects.create_user("submitter")
+        from marketplace.ledger.services import balance_grant  # jobs are escrowed: fund the submitter
+
+        balance_grant(user=self.owner, amount=10**30, actor="bench", reason="sabotage bench funds",
+                      idempotency_key="bench-sabotage-submitter")
         arch, self.config = resolve("mlp", MLP)
         self.weights = {
             name: (self.rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)

@@ -1,11 +1,15 @@
 """The Idlegrid demo: one batch-inference job computed by three volunteer agents (one faulty on purpose),
-checked by quorum, merged, and compared with the same model run locally.
+checked by quorum, merged, and compared with the same model run locally; paid for by a deposit on a local
+chain (anvil) and paid out in one epoch root that the contributors claim (demo/payouts.py).
 
     bin/demo                # embedded defaults: SQLite, filesystem broker, files under var/demo
     bin/demo --keep         # leave var/demo and the logs for a look afterwards
+    bin/demo --fedavg       # federated training instead: a CNN trained in rounds across the agents
+                            # (demo/fedavg.py), checked against `python -m demo.fedavg_reference`
 
 Its last line is one JSON object of the figures; it exits non-zero if the job fails, the faulty
-device is not caught, or the accuracies differ.
+device is not caught, the accuracies differ, a claim differs from the ledger, or the chain and the
+ledger disagree.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,12 +28,16 @@ from rich.table import Table
 from safetensors.numpy import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from demo import digits
+from demo import digits, payouts
+from demo.api import Api
 from demo.cluster import ROOT, Cluster
 from marketplace.core.tensors import array_file_bytes
 
 console = Console(stderr=True)
 AGENTS = [("alice", "alice-laptop", False), ("bob", "bob-desktop", False), ("mallory", "mallory-box", True)]
+DEPOSIT = 100 * 10**18  # base units of the test token the submitter deposits (the job escrows ~0.02 of it)
+# Earnings are held this long before they settle: seconds here, so the epoch can close right after the job.
+AUDIT_WINDOW_SECONDS = 5
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,22 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the job")
     parser.add_argument("--keep", action="store_true", help="keep var dir and logs after a successful run")
+    parser.add_argument("--fedavg", action="store_true", help="run the federated training scenario (demo/fedavg.py)")
     return parser.parse_args()
-
-
-class Api:
-    def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=60)
-
-    def upload(self, data: bytes) -> str:
-        response = self.http.post("/api/v1/artifacts/", content=data, headers={"Content-Type": "application/octet-stream"})
-        response.raise_for_status()
-        return response.json()["sha256"]
-
-    def get(self, path: str) -> httpx.Response:
-        response = self.http.get(path)
-        response.raise_for_status()
-        return response
 
 
 def submit(api: Api, model, x_test: np.ndarray, args: argparse.Namespace) -> int:
@@ -92,26 +85,47 @@ def follow(api: Api, job_id: int, cluster: Cluster, timeout: float) -> dict:
 
 def main() -> int:
     args = parse_args()
+    if args.fedavg:
+        from demo import fedavg
+
+        return fedavg.run(args)
     started = time.monotonic()
     shutil.rmtree(args.var_dir, ignore_errors=True)
     args.var_dir.mkdir(parents=True)
-    # No known-answer units: with three devices a disputed known answer could find no independent owner
-    # to settle it (it needs one more owner than vouched for the answer), and the job would wait.
-    cluster = Cluster(var_dir=args.var_dir, env_overrides={"IDLEGRID_SWEEP_SECONDS": "2",
-                                                           "IDLEGRID_KNOWN_ANSWER_RATE": "0"})
+    console.print(f"[bold]Idlegrid demo[/] — files and logs under {args.var_dir}")
+    console.print("• starting a local chain (anvil) and deploying TestToken + PayoutLedger")
+    chain_seconds = time.monotonic()
+    chain = payouts.chain_start()
+    chain_seconds = time.monotonic() - chain_seconds
+    console.print(f"  anvil (pid {chain.node.pid}) at {chain.url}; PayoutLedger {chain.deployment.ledger}")
+    cluster = None
     ok = False
     try:
-        console.print(f"[bold]Idlegrid demo[/] — files and logs under {args.var_dir}")
+        # No known-answer units: with three devices a disputed known answer could find no independent owner
+        # to settle it (it needs one more owner than vouched for the answer), and the job would wait.
+        cluster = Cluster(var_dir=args.var_dir, env_overrides={
+            "IDLEGRID_SWEEP_SECONDS": "2", "IDLEGRID_KNOWN_ANSWER_RATE": "0",
+            "IDLEGRID_AUDIT_WINDOW_SECONDS": str(AUDIT_WINDOW_SECONDS), **chain.server_env()})
         console.print("• migrating the database and creating accounts")
         cluster.migrate()
         submitter = cluster.account("submitter")
         owners = {owner: cluster.account(owner) for owner, _, _ in AGENTS}
         console.print("• starting gunicorn, Celery worker and Celery beat")
         cluster.start_services()
+        state_dirs = {}
         for owner, device, faulty in AGENTS:
-            state_dir = cluster.enroll_agent(name=device, owner_token=owners[owner])
-            cluster.start_agent(device, state_dir, "--batch", "2", "--poll", "1", *(["--faulty", "wrong"] if faulty else []))
+            state_dirs[owner] = cluster.enroll_agent(name=device, owner_token=owners[owner])
+            cluster.start_agent(device, state_dirs[owner], "--batch", "2", "--poll", "1",
+                                *(["--faulty", "wrong"] if faulty else []))
             console.print(f"• agent {device} of {owner} enrolled and running{' [red](faulty on purpose)[/]' if faulty else ''}")
+        t0 = time.monotonic()
+        wallets = payouts.people_prepare(cluster=cluster, chain=chain, tokens={"submitter": submitter, **owners},
+                                         folder=args.var_dir / "wallets")
+        console.print("• each person linked a payout address (EIP-191 signature of the marketplace's challenge)")
+        deposit = payouts.submitter_fund(cluster=cluster, chain=chain, wallet=wallets["submitter"], amount=DEPOSIT)
+        chain_seconds += time.monotonic() - t0
+        console.print(f"• the submitter deposited {DEPOSIT} base units on chain; credited by the deposit follower "
+                      f"(block {deposit['block']})")
 
         console.print("• training a small CNN on scikit-learn's digits")
         data = digits.load()
@@ -125,20 +139,34 @@ def main() -> int:
         job_id = submit(api, model, data.x_test, args)
         console.print(f"• submitted job {job_id}: batch inference over {len(data.x_test)} held-out digits")
         job = follow(api, job_id, cluster, args.timeout)
-        summary = summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started)
+        payout = None
+        if job["state"] == "completed":
+            console.print(f"• settling: earnings held {AUDIT_WINDOW_SECONDS}s, then one epoch root on chain, "
+                          "claims with `idlegrid-agent claim`, reconciliation")
+            contributors = [(owner, state_dirs[owner], owners[owner], wallets[owner]) for owner, _, _ in AGENTS]
+            t0 = time.monotonic()
+            payout = payouts.payouts_settle(cluster=cluster, chain=chain, contributors=contributors, deposit=deposit,
+                                            faulty_devices=[device for _, device, faulty in AGENTS if faulty])
+            # what the money path adds to the run: chain, wallets and deposit before the job, settlement after
+            payout["seconds"] = round(chain_seconds + time.monotonic() - t0, 2)
+        summary = summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started, payout)
         ok = summary["ok"]
         print_summary(summary)
         print(json.dumps(summary))
         return 0 if ok else 1
     finally:
-        cluster.stop_all()
+        try:
+            if cluster is not None:
+                cluster.stop_all()
+        finally:
+            chain.stop()
         if ok and not args.keep:
             shutil.rmtree(args.var_dir, ignore_errors=True)
         elif not ok:
             console.print(f"logs kept in {args.var_dir / 'logs'}")
 
 
-def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started) -> dict:
+def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started, payout) -> dict:
     summary: dict = {"job_id": job["id"], "state": job["state"], "units": job["units_total"],
                      "units_done": job["units_done"], "results_valid": job["results_valid"],
                      "results_invalid": job["results_invalid"], "results_per_unit": job["results_per_unit"]}
@@ -162,8 +190,14 @@ def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, sta
         summary["accuracy_marketplace"] = None
     summary["accuracy_local"] = local_accuracy
     summary["accuracies_match"] = summary["accuracy_marketplace"] == local_accuracy
+    if payout is not None:
+        summary["payouts"] = payout
+        summary["tokens_paid"] = {owner: c["claimed_on_chain"] for owner, c in payout["contributors"].items()}
+        summary["root_tx_hash"] = payout["root_tx_hash"]
+        summary["ledger_equals_chain"] = payout["ledger_equals_chain"]
     summary["wall_seconds"] = round(time.monotonic() - started, 2)
-    summary["ok"] = job["state"] == "completed" and summary["faulty_caught"] and summary["accuracies_match"]
+    summary["ok"] = (job["state"] == "completed" and summary["faulty_caught"] and summary["accuracies_match"]
+                     and payout is not None and payout["ok"])
     return summary
 
 
@@ -181,6 +215,18 @@ def print_summary(summary: dict) -> None:
     for d in summary["devices"]:
         devices.add_row(d["device"], d["owner"], str(d["valid"]), str(d["invalid"]), "yes" if d["faulty_on_purpose"] else "")
     console.print(devices)
+    payout = summary.get("payouts")
+    if payout:
+        title = (f"payouts: epoch {payout['epoch']} ({payout['epoch_state']}), root tx {payout['root_tx_hash']}, "
+                 f"ledger == chain: {payout['ledger_equals_chain']}")
+        paid = Table("owner", "payout address", "ledger (base units)", "claimed on chain", "equal", title=title)
+        for owner, c in payout["contributors"].items():
+            paid.add_row(owner, c["address"], c["ledger_cumulative"], c["claimed_on_chain"],
+                         "yes" if c["claimed_equals_settled"] else "[red]NO[/]")
+        console.print(paid)
+        for device, amount in payout["faulty_forfeited"].items():
+            console.print(f"faulty device {device}: earned {payout['faulty_earned'][device]} base units, "
+                          f"{amount} forfeited")
     console.print("[green]demo passed[/]" if summary["ok"] else "[red]demo FAILED[/]")
 
 

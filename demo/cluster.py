@@ -114,9 +114,14 @@ class Cluster:
     def migrate(self) -> None:
         self.manage("migrate", "--no-input", "-v", "0")
 
-    def account(self, username: str) -> str:
-        """Create an account and return its API token."""
-        return json.loads(self.manage("account_create", username, "--exists-ok"))["token"]
+    def account(self, username: str, *, funds: int = 0) -> str:
+        """Create an account and return its API token; `funds` (base units) are granted once through the
+        ledger (`manage.py ledger_grant`, audited), for a submitter whose jobs must be escrowed."""
+        token = json.loads(self.manage("account_create", username, "--exists-ok"))["token"]
+        if funds:
+            self.manage("ledger_grant", username, "--amount", str(funds), "--reason", "cluster submitter funds",
+                        "--key", f"cluster-funds:{username}")
+        return token
 
     def start_services(self, *, beat: bool = True) -> None:
         py = sys.executable
@@ -157,6 +162,8 @@ class Cluster:
         env["IDLEGRID_AGENT_HOME"] = str(state_dir)
         for key in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"):
             env.pop(key, None)  # the agent knows only the REST API
+        for key in [k for k in env if k.startswith("IDLEGRID_CHAIN_")]:
+            del env[key]  # nor the marketplace's chain settings: the operator key above all
         return env
 
     def enroll_agent(self, *, name: str, owner_token: str) -> Path:

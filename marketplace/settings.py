@@ -8,6 +8,7 @@ DATABASE_URL selects PostgreSQL; CELERY_BROKER_URL selects Redis.
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -81,6 +82,7 @@ INSTALLED_APPS = [
     "marketplace.workers",
     "marketplace.jobs",
     "marketplace.workunits",
+    "marketplace.ledger",
     "marketplace.api",
 ]
 
@@ -208,14 +210,49 @@ IDLEGRID_TRUST_THRESHOLD = envint("IDLEGRID_TRUST_THRESHOLD", 100, low=1, high=1
 IDLEGRID_AUDIT_RATE = envfloat("IDLEGRID_AUDIT_RATE", 0.1)
 # Devices on probation get known-answer units mixed in at this rate.
 IDLEGRID_KNOWN_ANSWER_RATE = envfloat("IDLEGRID_KNOWN_ANSWER_RATE", 0.1)
-# A banned device's valid results reported within this window are re-verified.
-IDLEGRID_AUDIT_WINDOW_SECONDS = envint("IDLEGRID_AUDIT_WINDOW_SECONDS", 30 * 86_400, low=60)
+# A banned device's valid results reported within this window are re-verified; earnings are held as long.
+# Seconds are allowed (low=1) so the demo and the end-to-end tests can settle an epoch right after a job.
+IDLEGRID_AUDIT_WINDOW_SECONDS = envint("IDLEGRID_AUDIT_WINDOW_SECONDS", 30 * 86_400, low=1)
 # Once this many devices are trusted for a kind, a replicated unit is decided only with one of them in the
 # agreeing quorum: devices on probation (new Sybil identities among them) cannot decide units among themselves.
 IDLEGRID_TRUSTED_CONFIRMATION = envbool("IDLEGRID_TRUSTED_CONFIRMATION", True)
 IDLEGRID_TRUSTED_POOL_MIN = envint("IDLEGRID_TRUSTED_POOL_MIN", 3, low=1)
 # Units a device on probation may lease at once (BOINC's quota for new hosts).
 IDLEGRID_PROBATION_BATCH = envint("IDLEGRID_PROBATION_BATCH", 1, low=1, high=1000)
+
+# --- chain (marketplace/chain) --------------------------------------------------------------------
+# All optional: without them the marketplace runs with no chain, and chain_client() says what is missing.
+# `manage.py chain_deploy` prints these lines for a new deployment. The operator key signs publishRoot
+# only; keep it in a file (IDLEGRID_CHAIN_OPERATOR_KEY_FILE) outside the repository.
+IDLEGRID_CHAIN_RPC_URL = env("IDLEGRID_CHAIN_RPC_URL") or None
+if IDLEGRID_CHAIN_RPC_URL and not IDLEGRID_CHAIN_RPC_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"IDLEGRID_CHAIN_RPC_URL must be an http(s):// JSON-RPC URL, got {IDLEGRID_CHAIN_RPC_URL!r}")
+IDLEGRID_CHAIN_CONTRACT = env("IDLEGRID_CHAIN_CONTRACT") or None
+if IDLEGRID_CHAIN_CONTRACT and not re.fullmatch(r"0x[0-9a-fA-F]{40}", IDLEGRID_CHAIN_CONTRACT):
+    raise ImproperlyConfigured(f"IDLEGRID_CHAIN_CONTRACT must be a 0x address, got {IDLEGRID_CHAIN_CONTRACT!r}")
+IDLEGRID_CHAIN_OPERATOR_KEY = env("IDLEGRID_CHAIN_OPERATOR_KEY") or None
+if IDLEGRID_CHAIN_OPERATOR_KEY and not re.fullmatch(r"(0x)?[0-9a-fA-F]{64}", IDLEGRID_CHAIN_OPERATOR_KEY):
+    raise ImproperlyConfigured("IDLEGRID_CHAIN_OPERATOR_KEY must be 64 hex digits (the value is not shown)")
+# Blocks a deposit or a published root must be buried under before it counts (reorganisations up to this).
+IDLEGRID_CHAIN_CONFIRMATIONS = envint("IDLEGRID_CHAIN_CONFIRMATIONS", 2, low=0, high=10_000)
+IDLEGRID_EPOCH_SECONDS = envint("IDLEGRID_EPOCH_SECONDS", 3600, low=1, high=366 * 86_400)
+
+# --- ledger (marketplace/ledger) ------------------------------------------------------------------
+# Amounts are integer base units of the payout token (wei-like: 10**18 per token for 18 decimals).
+IDLEGRID_PRICE_PER_RESULT = envint("IDLEGRID_PRICE_PER_RESULT", 10**15, low=0)  # a job's spec may set its own
+IDLEGRID_PLATFORM_FEE_BPS = envint("IDLEGRID_PLATFORM_FEE_BPS", 500, low=0, high=10_000)  # 500 = 5% of each result
+# A job escrows price x units x this at submission; valid results past it are paid by the platform.
+IDLEGRID_EXPECTED_REPLICATION = envint("IDLEGRID_EXPECTED_REPLICATION", 2, low=1, high=20)
+IDLEGRID_WALLET_CHALLENGE_SECONDS = envint("IDLEGRID_WALLET_CHALLENGE_SECONDS", 600, low=10, high=86_400)
+IDLEGRID_CHAIN_START_BLOCK = envint("IDLEGRID_CHAIN_START_BLOCK", 0)  # the deployment block: deposits are read from it
+IDLEGRID_CHAIN_GAS_PRICE_WEI = envint("IDLEGRID_CHAIN_GAS_PRICE_WEI", 0) or None  # unset: the node's fee market
+CELERY_BEAT_SCHEDULE["ledger-sweep"] = {"task": "ledger.sweep", "schedule": timedelta(seconds=max(60, IDLEGRID_SWEEP_SECONDS))}
+if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:
+    CELERY_BEAT_SCHEDULE.update({
+        "ledger-settle-epoch": {"task": "ledger.settle_epoch", "schedule": timedelta(seconds=IDLEGRID_EPOCH_SECONDS)},
+        "ledger-follow-deposits": {"task": "ledger.follow_deposits", "schedule": timedelta(seconds=15)},
+        "ledger-reconcile-chain": {"task": "ledger.reconcile_chain", "schedule": timedelta(seconds=IDLEGRID_EPOCH_SECONDS)},
+    })
 
 # --- REST -----------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

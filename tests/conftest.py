@@ -106,14 +106,26 @@ def _person(django_user_model, username: str):
     return django_user_model.objects.create_user(username=username, password=f"{username}-password")
 
 
+SUBMITTER_FUNDS = 10**24  # base units: a million tokens of 18 decimals, plenty for any test's jobs
+
+
+def _funded(user):
+    """Submitters start with a balance granted through the ledger (audited), as an admin would grant it."""
+    from marketplace.ledger.services import balance_grant
+
+    balance_grant(user=user, amount=SUBMITTER_FUNDS, actor="tests", reason="test persona funds",
+                  idempotency_key=f"test-persona:{user.pk}")
+    return user
+
+
 @pytest.fixture
 def submitter(django_user_model):
-    return _person(django_user_model, "submitter")
+    return _funded(_person(django_user_model, "submitter"))
 
 
 @pytest.fixture
 def other_submitter(django_user_model):
-    return _person(django_user_model, "other_submitter")
+    return _funded(_person(django_user_model, "other_submitter"))
 
 
 @pytest.fixture

@@ -7,13 +7,15 @@ Exit codes: 0 success (or a warm shutdown), 1 a failure or a cold shutdown, 2 a 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
 
 import worker_agent
-from worker_agent import protocol
+from worker_agent import protocol, wallet
 from worker_agent.agent import Agent, RunOptions, Summary
 from worker_agent.client import AgentClient, AgentError, RetryPolicy
 from worker_agent.enroll import AlreadyEnrolled, enroll
@@ -29,8 +31,18 @@ RUN_EPILOG = """\
 --faulty is a SABOTAGE MODE for demos and tests, never for real work. `wrong`: the agent computes
 normally, then corrupts the output (class axis rolled by one, noise of scale 0.5, differing per
 result); `collude`: the same corruption seeded by the unit's input, so every colluding device sends
-identical wrong bytes for a unit; `lazy`: random output without computing. Each is signed and
-reported like an honest result, so you can watch the marketplace's verification catch it.
+identical wrong bytes for a unit; `lazy`: random output without computing (fedavg: the global
+weights sent back untrained); `poison` (fedavg only): the training update sign-flipped and scaled
+by 10. Each is signed and reported like an honest result, so you can watch the marketplace's
+verification catch it.
+"""
+
+
+CLAIM_EPILOG = f"""\
+The marketplace is asked with this device's credentials, or with your API token if ${wallet.API_TOKEN_ENV}
+is set. The key is read from --key-file or ${wallet.WALLET_KEY_ENV}, never from the command line, and
+never printed. Anyone's key can send the claim: the tokens always go to the payout address. Prints one
+JSON object: tx_hash (null when there was nothing new to claim), account, amount received, cumulative.
 """
 
 
@@ -77,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--backoff-cap", type=_positive_float, default=30.0, help="longest wait between retries, seconds (default 30)")
     run_cmd.add_argument("--cache-mb", type=_positive_int, default=2048, help="artifact cache size (default 2048)")
     run_cmd.set_defaults(handler=cmd_run)
+
+    claim_cmd = commands.add_parser(
+        "claim", parents=[common], help="claim your payouts: fetch your latest proof and send the claim on chain",
+        epilog=CLAIM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    claim_cmd.add_argument("--rpc-url", required=True, help="JSON-RPC URL of the chain the payout contract is on")
+    claim_cmd.add_argument("--key-file", type=Path, help=f"file holding the private key that signs and pays the gas (default: ${wallet.WALLET_KEY_ENV})")
+    claim_cmd.add_argument("--address", help="which of your payout addresses (default: the active one)")
+    claim_cmd.add_argument("--server", help="marketplace URL (default: the one this device enrolled with)")
+    claim_cmd.set_defaults(handler=cmd_claim)
     return parser
 
 
@@ -122,6 +144,33 @@ def cmd_run(args: argparse.Namespace, state: StateDir) -> int:
         code = _run_agent(agent)
     print(f"idlegrid-agent: {agent.summary.line()}", file=sys.stderr)
     return code
+
+
+def cmd_claim(args: argparse.Namespace, state: StateDir) -> int:
+    token = os.environ.get(wallet.API_TOKEN_ENV)
+    if token:
+        server = args.server or state.load_device().server
+        authorization = wallet.token_authorization(token)
+    else:
+        device = state.load_device()
+        server = args.server or device.server
+        authorization = wallet.device_authorization(device.device_id, device.device_secret)
+    try:
+        key = wallet.wallet_key_load(key_file=args.key_file)
+        payout = wallet.proof_fetch(server=server, authorization=authorization, address=args.address)
+        log.info("epoch %d: %s may claim up to %d in total from %s", payout.epoch, payout.account, payout.cumulative,
+                 payout.contract)
+        outcome = wallet.claim_send(rpc_url=args.rpc_url, payout=payout, key=key)
+    except wallet.WalletError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    if outcome.tx_hash is None:
+        log.info("nothing to claim: %s already received %d", outcome.account, outcome.cumulative)
+    else:
+        log.info("claimed %d for %s in transaction %s", outcome.amount, outcome.account, outcome.tx_hash)
+    print(json.dumps({"tx_hash": outcome.tx_hash, "account": outcome.account, "amount": str(outcome.amount),
+                      "cumulative": str(outcome.cumulative), "epoch": outcome.epoch, "gas_used": outcome.gas_used}))
+    return EXIT_OK
 
 
 def _run_agent(agent: Agent) -> int:

@@ -14,8 +14,9 @@ from typing import Any
 DEFAULT_SECONDS = 300.0
 DEFAULT_MEMORY_MB = 2048
 # Sabotage modes for demos and tests: wrong (noise differing per result), collude (the same wrong answer
-# for the same input on every colluding device), lazy (random output, nothing computed).
-FAULT_MODES = ("wrong", "collude", "lazy")
+# for the same input on every colluding device), lazy (random output, nothing computed), poison (fedavg
+# only: the training update sign-flipped and scaled; other kinds compute honestly under it).
+FAULT_MODES = ("wrong", "collude", "lazy", "poison")
 AGENT_PID_ENV = "IDLEGRID_AGENT_PID"  # lets the child notice an agent that died before it started
 
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 PROTOCOL_VERSION = 1
-TASK_KINDS = ("inference",)
+TASK_KINDS = ("inference", "fedavg")
 MAX_LEASE_BATCH = 64
 DEVICE_AUTH_SCHEME = "Device"
 

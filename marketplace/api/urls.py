@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.authtoken.views import obtain_auth_token
 
-from marketplace.api.v1 import accounts, agent, artifacts, jobs
+from marketplace.api.v1 import accounts, agent, artifacts, jobs, ledger
 
 app_name = "api"
 
@@ -12,8 +12,14 @@ urlpatterns = [
     path("jobs/", jobs.JobCreateApi.as_view(), name="job-create"),
     path("jobs/<int:job_id>/", jobs.JobDetailApi.as_view(), name="job-detail"),
     path("jobs/<int:job_id>/output/", jobs.JobOutputApi.as_view(), name="job-output"),
+    path("jobs/<int:job_id>/rounds/", jobs.JobRoundsApi.as_view(), name="job-rounds"),
     path("enrollment-tokens/", accounts.EnrollmentTokenCreateApi.as_view(), name="enrollment-token-create"),
     path("devices/", accounts.DeviceListApi.as_view(), name="device-list"),
+    path("ledger/balances/", ledger.BalancesApi.as_view(), name="ledger-balances"),
+    path("ledger/entries/", ledger.EntriesApi.as_view(), name="ledger-entries"),
+    path("wallet/challenge/", ledger.WalletChallengeApi.as_view(), name="wallet-challenge"),
+    path("wallet/", ledger.WalletApi.as_view(), name="wallet"),
+    path("payouts/proof/", ledger.PayoutProofApi.as_view(), name="payout-proof"),
     path("agent/enroll", agent.EnrollApi.as_view(), name="agent-enroll"),
     path("agent/keys", agent.KeysApi.as_view(), name="agent-keys"),
     path("agent/lease", agent.LeaseApi.as_view(), name="agent-lease"),

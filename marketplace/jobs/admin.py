@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from marketplace.jobs.models import Job
+from marketplace.jobs.models import FedRound, Job
 from marketplace.jobs.selectors import job_progress
 
 
@@ -18,3 +18,11 @@ class JobAdmin(admin.ModelAdmin):
     @admin.display(description="progress")
     def progress(self, job: Job) -> str:
         return ", ".join(f"{k}={v}" for k, v in job_progress(job=job).items())
+
+
+@admin.register(FedRound)
+class FedRoundAdmin(admin.ModelAdmin):
+    list_display = ["pk", "job", "index", "samples", "train_loss", "eval_loss", "eval_accuracy", "created_at"]
+    list_filter = ["job"]
+    readonly_fields = ["job", "index", "weights_in", "weights_out", "updates", "samples", "train_loss", "eval_loss",
+                       "eval_accuracy"]

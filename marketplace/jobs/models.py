@@ -14,6 +14,7 @@ class Job(models.Model):
 
     class Kind(models.TextChoices):
         INFERENCE = "inference"
+        FEDAVG = "fedavg"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
     kind = models.CharField(max_length=32, choices=Kind.choices)
@@ -32,3 +33,28 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.pk} ({self.kind}, {self.state})"
+
+
+class FedRound(models.Model):
+    """One aggregated round of a `fedavg` job: the global weights it trained from, the weights its
+    validated updates were aggregated into, and the marketplace's own evaluation of those. A row exists
+    only once the round is aggregated (one per round: the unique constraint backs the job row lock)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="rounds")
+    index = models.PositiveIntegerField()
+    weights_in = models.ForeignKey("artifacts.Artifact", on_delete=models.PROTECT, related_name="+")
+    weights_out = models.ForeignKey("artifacts.Artifact", on_delete=models.PROTECT, related_name="+")
+    # The canonical results aggregated, in shard order: an update not listed here never touched the model.
+    updates = models.JSONField(default=list)
+    samples = models.PositiveBigIntegerField()
+    train_loss = models.FloatField(help_text="samples-weighted mean of the updates' signed training loss")
+    eval_loss = models.FloatField()
+    eval_accuracy = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="fedround_unique_per_job")]
+        ordering = ["job", "index"]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} round {self.index}"

@@ -34,3 +34,27 @@ def job_progress(*, job: Job) -> dict:
         # verification cost: results computed per decided unit
         "results_per_unit": round(results["computed"] / decided, 4) if decided else None,
     }
+
+
+def job_rounds(*, job: Job) -> dict:
+    """A federated job's aggregated rounds, oldest first, and where the round in training stands."""
+    from marketplace.jobs.models import FedRound
+    from marketplace.jobs.rounds import round_current
+
+    rounds = [
+        {"round": r.index, "weights_in_sha256": r.weights_in_id, "weights_sha256": r.weights_out_id,
+         "updates": len(r.updates), "result_ids": r.updates, "samples": r.samples, "train_loss": r.train_loss,
+         "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy, "aggregated_at": r.created_at}
+        for r in FedRound.objects.filter(job=job).order_by("index")
+    ]
+    training = None
+    if job.state in (Job.State.RUNNING, Job.State.MERGING) and job.units_total:
+        index, shards = round_current(job=job), job.spec["shards"]
+        if not rounds or rounds[-1]["round"] < index:
+            done = WorkUnit.objects.filter(
+                job=job, known_answer_of__isnull=True, index__gte=index * shards, index__lt=(index + 1) * shards,
+                state=WorkUnit.State.DONE,
+            ).count()
+            training = {"round": index, "units_done": done, "units_total": shards}
+    return {"rounds_planned": job.spec["rounds"], "rounds": rounds, "training": training,
+            "privacy": job.spec.get("dp"), "target": job.spec.get("target")}

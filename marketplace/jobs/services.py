@@ -13,6 +13,7 @@ from marketplace.core.signing import keyring
 from marketplace.core.tensors import write_single
 from marketplace.jobs.kinds import kind_module
 from marketplace.jobs.models import Job
+from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workunits.models import Result, WorkUnit
 from worker_agent.protocol import unit_message
 
@@ -23,10 +24,14 @@ UNIT_BATCH = 500
 def job_submit(*, owner: AbstractBaseUser, kind: Any, spec: Any) -> Job:
     """Validate a job completely, then create it; splitting happens in a task after commit."""
     from marketplace.jobs.tasks import split_job
+    from marketplace.ledger.services import escrow_amount, job_escrow_fund, job_price_take
 
-    normal = kind_module(kind).validate_spec(spec, owner=owner)
-    with transaction.atomic():
+    spec, price = job_price_take(spec)  # the ledger's part of the spec, whatever the kind
+    module = kind_module(kind)
+    normal = {**module.validate_spec(spec, owner=owner), "price_per_result": price}
+    with transaction.atomic(durable=True):  # the job and its escrow commit together, or neither
         job = Job.objects.create(owner=owner, kind=kind, spec=normal)
+        job_escrow_fund(job=job, amount=escrow_amount(kind_module=module, spec=normal))
         split_job.delay_on_commit(job.pk)
     log.info("job %s submitted by %s: %s rows", job.pk, owner, normal.get("rows"))
     return job
@@ -59,9 +64,9 @@ def _create_units(job: Job, plans: list) -> None:
     # Adaptive: one replica now; the first lease decides how many more (marketplace/workers/trust.py).
     adaptive = job.spec.get("adaptive", False)
     first = 1 if adaptive else quorum
-    weights = job.spec["model"]["weights"]
     units, inputs = [], []
     for plan in plans:
+        weights = plan.payload["model"]["weights"]  # a fedavg round trains its own global weights
         shas = [artifact_store(chunks=[data], uploaded_by=job.owner)[0].sha256 for data in plan.inputs]
         plan.payload["inputs"] = dict(zip(plan.payload["inputs"], shas))
         units.append(
@@ -103,6 +108,10 @@ def job_merge(*, job_id: int) -> Job:
     if job.state != Job.State.MERGING:
         return job
     kind, storage = kind_module(job.kind), get_storage()
+    if getattr(kind, "ROUNDS", False):  # a round ends: aggregate it, then the next round or the end
+        from marketplace.jobs.rounds import round_aggregate
+
+        return round_aggregate(job_id=job_id)
     outputs = list(
         WorkUnit.objects.filter(job=job, known_answer_of__isnull=True)
         .order_by("index")
@@ -119,9 +128,10 @@ def job_merge(*, job_id: int) -> Job:
         uploaded_by=job.owner,
         max_bytes=2**62,
     )
-    Job.objects.filter(pk=job_id, state=Job.State.MERGING).update(
+    if Job.objects.filter(pk=job_id, state=Job.State.MERGING).update(
         state=Job.State.COMPLETED, output=artifact, finished_at=timezone.now()
-    )
+    ):
+        ledger_hooks.job_ended(job_id)  # unused escrow back to the submitter
     log.info("job %s completed: output %s", job_id, artifact.sha256)
     job.refresh_from_db()
     return job
@@ -133,5 +143,6 @@ def job_fail(*, job_id: int, reason: str) -> bool:
     )
     if failed:
         Result.objects.filter(job_id=job_id, state=Result.State.UNSENT).update(state=Result.State.CANCELLED)
+        ledger_hooks.job_ended(job_id)
         log.warning("job %s failed: %s", job_id, reason)
     return bool(failed)

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workers.models import Device, DeviceTrust
 
 log = logging.getLogger(__name__)
@@ -100,4 +101,5 @@ def device_ban(*, device_id: int, reason: str) -> bool:
     DeviceTrust.objects.filter(device_id=device_id).update(consecutive_valid=0, trusted_since=None)
     since = timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
     device_results_reverify(device_id=device_id, since=since)
+    ledger_hooks.device_banned(device_id)  # after the withdrawals above: the rest of its held earnings is forfeit
     return True

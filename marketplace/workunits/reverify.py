@@ -11,6 +11,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from marketplace.jobs.models import Job
+from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workers.models import Device
 from marketplace.workers.trust import is_trusted
 from marketplace.workunits.models import Result, WorkUnit
@@ -37,6 +38,7 @@ def device_results_reverify(*, device_id: int, since: datetime) -> int:
         .values_list("pk", "unit_id")
     )
     Result.objects.filter(pk__in=[pk for pk, _ in vouched]).update(state=Result.State.INVALID)
+    ledger_hooks.results_withdrawn([pk for pk, _ in vouched])  # their held earnings are taken back
     # Floored: a disputed known answer is one computation in two valid rows (the copy's, settled by
     # verification._known_answer_resolve, and the one counted on the original), but one count; going
     # below zero fails the counter's CHECK and with it the whole validation that banned the device.

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.kinds import kind_module
+from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workers.models import Device
 from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset, trusted_devices
 from marketplace.workunits.models import Result, WorkUnit
@@ -55,6 +56,8 @@ def _judge(results: Sequence[Result], state: str, *, accepted_alone: bool = Fals
         state=state, accepted_alone=accepted_alone
     )
     counter = "valid_results" if state == Result.State.VALID else "invalid_results"
+    if state == Result.State.VALID:
+        ledger_hooks.results_valid([r.pk for r in results])  # after commit; idempotent per result
     for result in results:
         Device.objects.filter(pk=result.device_id).update(**{counter: F(counter) + 1})
 

@@ -120,12 +120,12 @@ def test_a_unit_whose_artifact_is_corrupt_is_failed_not_computed(
 def test_a_unit_of_an_unknown_kind_is_failed_with_the_reason(
     stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
 ) -> None:
-    stub.add_unit({"kind": "fedavg"}, result_id=60, unit_id=6)
+    stub.add_unit({"kind": "sweep"}, result_id=60, unit_id=6)
 
     summary = make_agent(stub, enrolled, device_key, state).run()
 
     assert summary.failed == 1
-    assert stub.failures[60] == "unsupported task kind 'fedavg'; this agent runs: inference"
+    assert stub.failures[60] == "unsupported task kind 'sweep'; this agent runs: fedavg, inference"
 
 
 def test_it_leases_no_more_than_max_units_and_stops_there(

@@ -3,6 +3,7 @@ agent processes, all on the pytest-django test database so tests can also look a
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -68,6 +69,7 @@ class Client:
 
     def __init__(self, cluster: Cluster, username: str) -> None:
         self.token = cluster.account(username)
+        self.username = username
         self.http = httpx.Client(base_url=cluster.url, headers={"Authorization": f"Token {self.token}"}, timeout=60)
 
     def upload(self, data: bytes) -> str:
@@ -102,6 +104,7 @@ def mlp_job(client: Client, *, rows: int = 40, rows_per_unit: int = 10, batch_si
     dataset = client.upload(array_file_bytes(x, name="x"))
     spec = {"model": {**MLP, "weights": weights}, "dataset": dataset, "rows_per_unit": rows_per_unit,
             "batch_size": batch_size}
+    _fund(client)
     response = client.http.post("/api/v1/jobs/", json={"kind": "inference", "spec": spec})
     assert response.status_code == 201, response.text
     with torch.inference_mode():
@@ -109,5 +112,27 @@ def mlp_job(client: Client, *, rows: int = 40, rows_per_unit: int = 10, batch_si
     return response.json()["id"], expected.numpy()
 
 
+def _fund(client: Client) -> None:
+    """The submitter's escrow comes from a balance: granted through the ledger, on the shared test database."""
+    import uuid
+
+    from django.contrib.auth import get_user_model
+
+    from marketplace.ledger.services import balance_grant
+
+    balance_grant(user=get_user_model().objects.get(username=client.username), amount=10**24, actor="tests",
+                  reason="e2e submitter funds", idempotency_key=uuid.uuid4().hex)
+
+
 def enrolled(cluster: Cluster, owner: Client, name: str) -> Path:
     return cluster.enroll_agent(name=name, owner_token=owner.token)
+
+
+def wait_for_line(agent, pattern: re.Pattern, timeout: float = 120) -> re.Match:
+    """Wait for a line of the agent's log matching pattern; return the match."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if match := pattern.search(agent.log_path.read_text(errors="replace")):
+            return match
+        time.sleep(0.05)
+    raise AssertionError(f"no line matching {pattern.pattern!r} in the agent's log:\n{agent.log_tail()}")

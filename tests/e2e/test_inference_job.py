@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load as load_safetensors
 
 from marketplace.workers.models import Device
 from marketplace.workunits.models import Result, WorkUnit
-from tests.e2e.conftest import Client, enrolled, mlp_job
+from tests.e2e.conftest import Client, enrolled, mlp_job, wait_for_line
 
 
 def _owners(cluster, *names):
@@ -60,9 +63,11 @@ def test_the_faulty_agent_is_caught_whenever_it_computes(cluster):
 
 def test_an_agent_killed_mid_unit_has_its_unit_reissued_and_the_job_completes(cluster):
     submitter, alice, bob, carol = _owners(cluster, "submitter", "alice", "bob", "carol")
-    job_id, expected = mlp_job(submitter, rows=20, rows_per_unit=10)
     victim = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "1", "--poll", "0.5")
-    _wait_until(lambda: Result.objects.filter(device__name="alice-1", state=Result.State.IN_PROGRESS).exists(), step=0.02)
+    # A unit computes in milliseconds: hold the compute child still so the kill lands mid-unit, every time.
+    os.kill(int(wait_for_line(victim, re.compile(r"compute child (\d+) ready")).group(1)), signal.SIGSTOP)
+    job_id, expected = mlp_job(submitter, rows=20, rows_per_unit=10)
+    wait_for_line(victim, re.compile(r"unit \d+ \(result \d+\): computing"))
     killed = Result.objects.get(device__name="alice-1", state=Result.State.IN_PROGRESS)
     victim.signal(signal.SIGKILL)  # the whole process group: agent and its compute child
     victim.popen.wait(10)
@@ -81,12 +86,20 @@ def test_an_agent_killed_mid_unit_has_its_unit_reissued_and_the_job_completes(cl
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cluster_env(IDLEGRID_PROBATION_BATCH="2")  # a new device leases one unit at a time by default
 def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
     submitter, alice = _owners(cluster, "submitter", "alice")
-    job_id, _ = mlp_job(submitter, rows=20, rows_per_unit=10)
     agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "2", "--poll", "0.5")
-    _wait_until(lambda: Result.objects.filter(device__name="alice-1", state=Result.State.IN_PROGRESS).exists(), step=0.02)
-    agent.signal(signal.SIGTERM)
+    # A unit computes in milliseconds: hold the compute child still so the signal lands mid-unit, every time.
+    child = int(wait_for_line(agent, re.compile(r"compute child (\d+) ready")).group(1))
+    os.kill(child, signal.SIGSTOP)
+    try:
+        mlp_job(submitter, rows=20, rows_per_unit=10)
+        wait_for_line(agent, re.compile(r"unit \d+ \(result \d+\): computing"))
+        agent.signal(signal.SIGTERM)
+        time.sleep(0.5)  # the agent has taken the signal before its unit can finish
+    finally:
+        os.kill(child, signal.SIGCONT)
 
     assert agent.popen.wait(60) == 0, agent.log_tail()
     states = sorted(Result.objects.filter(device__name="alice-1").values_list("state", flat=True))

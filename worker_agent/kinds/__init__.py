@@ -4,7 +4,7 @@
   the agent process, so it must stay pure Python (no torch, no numpy).
 - `execute(job) -> metrics`: runs in the compute child; may import torch inside the function.
 
-Adding a kind (say `fedavg`) is one module here and one line in KIND_MODULES.
+Adding a kind is one module here and one line in KIND_MODULES.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from worker_agent.jobfile import ChildJob, PayloadError
 
 KIND_MODULES = {
     "inference": "worker_agent.kinds.inference",
+    "fedavg": "worker_agent.kinds.fedavg",
 }
 
 

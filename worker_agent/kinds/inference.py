@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker_agent import protocol
-from worker_agent.architectures import Architecture, ArchitectureError, resolve
+from worker_agent.architectures import Architecture
 from worker_agent.jobfile import ChildJob, PayloadError
 from worker_agent.kinds import JobError
+from worker_agent.kinds._payload import artifacts_distinct, model_resolve, payload_object, positive_int
 
 SABOTAGE_NOISE = 0.5
 
@@ -35,23 +35,16 @@ class InferenceSpec:
 # --- parent side (pure Python) --------------------------------------------------------------------
 
 def required_artifacts(payload: dict[str, Any]) -> list[str]:
-    model, inputs = _object(payload, "model"), _object(payload, "inputs")
+    model, inputs = payload_object(payload, "model"), payload_object(payload, "inputs")
     if "x" not in inputs:
         raise PayloadError("payload.inputs must name the input tensor file as `x`")
-    wanted = [model.get("weights"), *inputs.values()]
-    for sha in wanted:
-        if not protocol.is_sha256_hex(sha):
-            raise PayloadError(f"artifact reference {sha!r} is not a sha256")
-    return list(dict.fromkeys(wanted))  # one fetch per distinct artifact, order kept
+    return artifacts_distinct([model.get("weights"), *inputs.values()])
 
 
 def parse(payload: dict[str, Any]) -> InferenceSpec:
-    model, inputs, output = _object(payload, "model"), _object(payload, "inputs"), _object(payload, "output")
-    try:
-        arch, config = resolve(model.get("architecture"), model.get("config"))
-    except ArchitectureError as exc:
-        raise PayloadError(f"payload.model: {exc}") from None
-    rows, batch_size = _positive_int(payload, "rows"), _positive_int(payload, "batch_size")
+    model, inputs, output = payload_object(payload, "model"), payload_object(payload, "inputs"), payload_object(payload, "output")
+    arch, config = model_resolve(model)
+    rows, batch_size = positive_int(payload, "rows", "payload.rows"), positive_int(payload, "batch_size", "payload.batch_size")
     expected_shape = (rows, arch.output_dim(config))
     if output.get("dtype") != "float32":
         raise PayloadError(f"payload.output.dtype must be float32, got {output.get('dtype')!r}")
@@ -61,20 +54,6 @@ def parse(payload: dict[str, Any]) -> InferenceSpec:
     if not isinstance(name, str) or not name:
         raise PayloadError("payload.output.name must be a non-empty string")
     return InferenceSpec(arch, config, model["weights"], inputs["x"], rows, batch_size, name, expected_shape)
-
-
-def _object(payload: dict[str, Any], key: str) -> dict[str, Any]:
-    value = payload.get(key)
-    if not isinstance(value, dict):
-        raise PayloadError(f"payload.{key} must be an object")
-    return value
-
-
-def _positive_int(payload: dict[str, Any], key: str) -> int:
-    value = payload.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PayloadError(f"payload.{key} must be a positive integer, got {value!r}")
-    return value
 
 
 # --- child side (torch) ---------------------------------------------------------------------------

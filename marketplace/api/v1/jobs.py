@@ -10,7 +10,7 @@ from marketplace.api.authentication import IsPerson
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
-from marketplace.jobs.selectors import job_get_for_owner, job_progress
+from marketplace.jobs.selectors import job_get_for_owner, job_progress, job_rounds
 from marketplace.jobs.services import job_submit
 
 
@@ -83,3 +83,44 @@ class JobOutputApi(APIView):
         if job.state != Job.State.COMPLETED:
             raise Conflict(f"job {job.pk} is {job.state}; its output exists once it is completed")
         return file_response(job.output_id, filename=f"job-{job.pk}-output.safetensors")
+
+
+
+class RoundOut(serializers.Serializer):
+    round = serializers.IntegerField()
+    weights_in_sha256 = serializers.CharField(help_text="the global weights the round trained from")
+    weights_sha256 = serializers.CharField(help_text="the aggregated global weights (safetensors artifact)")
+    updates = serializers.IntegerField(help_text="validated updates aggregated")
+    result_ids = serializers.ListField(child=serializers.IntegerField(), help_text="the canonical results aggregated")
+    samples = serializers.IntegerField()
+    train_loss = serializers.FloatField(help_text="samples-weighted mean of the updates' signed training loss")
+    eval_loss = serializers.FloatField(help_text="on the held-out eval dataset, computed by the marketplace")
+    eval_accuracy = serializers.FloatField()
+    aggregated_at = serializers.DateTimeField()
+
+
+class TrainingOut(serializers.Serializer):
+    round = serializers.IntegerField()
+    units_done = serializers.IntegerField()
+    units_total = serializers.IntegerField()
+
+
+class RoundsOut(serializers.Serializer):
+    rounds_planned = serializers.IntegerField()
+    rounds = RoundOut(many=True)
+    training = TrainingOut(allow_null=True, help_text="the round being trained, if any")
+    privacy = serializers.DictField(allow_null=True, help_text="central DP parameters and the epsilon they give")
+    target = serializers.DictField(allow_null=True, help_text="early stop: metric and value")
+
+
+class JobRoundsApi(APIView):
+    """Per-round metrics of a federated (`fedavg`) job; the final weights are the job's output."""
+
+    permission_classes = [IsPerson]
+
+    @extend_schema(operation_id="job_rounds", responses=RoundsOut)
+    def get(self, request, job_id: int):
+        job = job_get_for_owner(job_id=job_id, owner=request.user)
+        if job.kind != Job.Kind.FEDAVG:
+            raise Conflict(f"job {job.pk} is a {job.kind} job; only fedavg jobs have rounds")
+        return Response(RoundsOut(job_rounds(job=job)).data)

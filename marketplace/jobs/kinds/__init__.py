@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from marketplace.core.exceptions import ValidationFailed
-from marketplace.jobs.kinds import inference
+from marketplace.jobs.kinds import fedavg, inference
 
-KINDS: dict[str, ModuleType] = {"inference": inference}
+KINDS: dict[str, ModuleType] = {"inference": inference, "fedavg": fedavg}
 
 
 def kind_module(kind: object) -> ModuleType:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from math import ceil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, array_file_bytes, read_array, read_header
 from marketplace.jobs import comparators
-from worker_agent.architectures import ArchitectureError, resolve
-from worker_agent.protocol import is_sha256_hex
+from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, spec_open
+from worker_agent.architectures import resolve
 
 DEFAULTS: dict[str, Any] = {
     "rows_per_unit": 256,
@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
 ALLOWED_KEYS = {"model", "dataset", *DEFAULTS}
 MAX_UNITS = 100_000
 OUTPUT_NAME = "y"
+_bounded_int = partial(bounded_int, defaults=DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -49,67 +50,15 @@ class UnitPlan:
     inputs: list[bytes]  # raw files to store as the unit's input artifacts, in payload order
 
 
-def _bounded_int(spec: dict[str, Any], key: str, low: int, high: int, errors: dict[str, str]) -> int:
-    value = spec.get(key, DEFAULTS[key])
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        errors[key] = f"must be an integer between {low} and {high}"
-        return DEFAULTS[key]
-    return value
-
-
 def _compare(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
     compare, problems = comparators.validate(spec.get("compare", {}))
     errors.update(problems)
     return compare
 
 
-def _artifact_header(
-    sha256: Any, field: str, owner: Any, errors: dict[str, str]
-) -> tuple[Path, dict[str, TensorInfo]] | None:
-    if not is_sha256_hex(sha256):
-        errors[field] = "must be the sha256 of an uploaded artifact (64 lowercase hex digits)"
-        return None
-    if not Artifact.objects.filter(sha256=sha256, owners=owner).exists():
-        errors[field] = f"you have uploaded no artifact {sha256}"
-        return None
-    path = get_storage().path(sha256)
-    try:
-        return path, read_header(path)
-    except TensorFileError as exc:
-        errors[field] = str(exc)
-        return None
-
-
-def _check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], errors: dict[str, str]) -> None:
-    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
-    if missing or extra:
-        errors["model.weights"] = f"tensor names do not match the architecture (missing {missing}, unexpected {extra})"
-        return
-    for name, shape in expected.items():
-        if header[name].dtype != "F32" or header[name].shape != shape:
-            errors["model.weights"] = (
-                f"tensor {name!r} is {header[name].dtype}{list(header[name].shape)}, expected F32{list(shape)}"
-            )
-            return
-
-
 def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     """Check everything about an inference spec, reading only artifact headers. Returns the normalised spec."""
-    if not isinstance(spec, dict):
-        raise ValidationFailed("spec must be an object", fields={"spec": "must be an object"})
-    errors: dict[str, str] = {}
-    unknown = sorted(set(spec) - ALLOWED_KEYS)
-    if unknown:
-        errors["spec"] = f"unknown keys: {', '.join(unknown)}"
-    model = spec.get("model")
-    arch = config = None
-    if not isinstance(model, dict) or set(model) != {"architecture", "config", "weights"}:
-        errors["model"] = "must be an object with exactly architecture, config and weights"
-    else:
-        try:
-            arch, config = resolve(model["architecture"], model["config"])
-        except ArchitectureError as exc:
-            errors["model.architecture" if "architecture" in str(exc) else "model.config"] = str(exc)
+    errors, model, arch, config = spec_open(spec, allowed_keys=ALLOWED_KEYS)
     normal: dict[str, Any] = {
         "rows_per_unit": _bounded_int(spec, "rows_per_unit", 1, 1_000_000, errors),
         "batch_size": _bounded_int(spec, "batch_size", 1, 65_536, errors),
@@ -125,10 +74,10 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     if normal["max_results_per_unit"] < normal["quorum"]:
         errors["max_results_per_unit"] = "must be at least quorum"
     if arch is not None and config is not None:
-        weights = _artifact_header(model["weights"], "model.weights", owner, errors)
+        weights = artifact_header(model["weights"], "model.weights", owner, errors)
         if weights is not None:
-            _check_weights(weights[1], arch.param_shapes(config), errors)
-        dataset = _artifact_header(spec.get("dataset"), "dataset", owner, errors)
+            check_weights(weights[1], arch.param_shapes(config), errors)
+        dataset = artifact_header(spec.get("dataset"), "dataset", owner, errors)
         if dataset is not None:
             rows = _check_dataset(dataset[1], arch.input_shape(config), errors)
             if rows and ceil(rows / normal["rows_per_unit"]) > MAX_UNITS:
@@ -218,3 +167,8 @@ def output_rows_bytes(path: Path) -> Iterator[bytes]:
             chunk = handle.read(min(remaining, 1024 * 1024))
             remaining -= len(chunk)
             yield chunk
+
+
+def units_expected(spec: dict[str, Any]) -> int:
+    """Units a validated spec splits into (the ledger escrows price x units x expected replication)."""
+    return ceil(spec["rows"] / spec["rows_per_unit"])

@@ -1,0 +1,84 @@
+"""Spec checks every job kind shares: the spec's outer shape, its model, bounded integers, artifact headers.
+
+Each helper records a problem under its field key in `errors` instead of raising, so a submitter sees
+every problem of a spec at once; the kind raises ValidationFailed when it has looked at everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from marketplace.artifacts.models import Artifact
+from marketplace.artifacts.storage import get_storage
+from marketplace.core.exceptions import ValidationFailed
+from marketplace.core.tensors import TensorFileError, TensorInfo, read_header
+from worker_agent.architectures import Architecture, ArchitectureError, resolve
+from worker_agent.protocol import is_sha256_hex
+
+
+def spec_open(
+    spec: Any, *, allowed_keys: set[str]
+) -> tuple[dict[str, str], Any, Architecture | None, dict[str, Any] | None]:
+    """Refuse a spec that is not an object; note unknown keys and resolve the model.
+
+    Returns (errors so far, the raw `model` value, its architecture, its resolved config); the last two
+    are None when the model could not be resolved (the reason is in errors)."""
+    if not isinstance(spec, dict):
+        raise ValidationFailed("spec must be an object", fields={"spec": "must be an object"})
+    errors: dict[str, str] = {}
+    unknown = sorted(set(spec) - allowed_keys)
+    if unknown:
+        errors["spec"] = f"unknown keys: {', '.join(unknown)}"
+    model = spec.get("model")
+    arch = config = None
+    if not isinstance(model, dict) or set(model) != {"architecture", "config", "weights"}:
+        errors["model"] = "must be an object with exactly architecture, config and weights"
+    else:
+        try:
+            arch, config = resolve(model["architecture"], model["config"])
+        except ArchitectureError as exc:
+            errors["model.architecture" if "architecture" in str(exc) else "model.config"] = str(exc)
+    return errors, model, arch, config
+
+
+def bounded_int(
+    spec: dict[str, Any], key: str, low: int, high: int, errors: dict[str, str], *, defaults: dict[str, Any]
+) -> int:
+    """spec[key] (defaults[key] when absent) if it is an integer in [low, high]; else the default, noting why."""
+    value = spec.get(key, defaults[key])
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        errors[key] = f"must be an integer between {low} and {high}"
+        return defaults[key]
+    return value
+
+
+def artifact_header(
+    sha256: Any, field: str, owner: Any, errors: dict[str, str]
+) -> tuple[Path, dict[str, TensorInfo]] | None:
+    """The stored path and tensor header of an artifact `owner` uploaded, or None (the reason in errors)."""
+    if not is_sha256_hex(sha256):
+        errors[field] = "must be the sha256 of an uploaded artifact (64 lowercase hex digits)"
+        return None
+    if not Artifact.objects.filter(sha256=sha256, owners=owner).exists():
+        errors[field] = f"you have uploaded no artifact {sha256}"
+        return None
+    path = get_storage().path(sha256)
+    try:
+        return path, read_header(path)
+    except TensorFileError as exc:
+        errors[field] = str(exc)
+        return None
+
+
+def check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], errors: dict[str, str]) -> None:
+    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or extra:
+        errors["model.weights"] = f"tensor names do not match the architecture (missing {missing}, unexpected {extra})"
+        return
+    for name, shape in expected.items():
+        if header[name].dtype != "F32" or header[name].shape != shape:
+            errors["model.weights"] = (
+                f"tensor {name!r} is {header[name].dtype}{list(header[name].shape)}, expected F32{list(shape)}"
+            )
+            return

@@ -1,0 +1,16 @@
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from marketplace.ledger.selectors import ledger_check, ledger_totals
+
+
+class Command(BaseCommand):
+    help = "Check the ledger's invariants (every posting balances, all balances sum to zero); print totals per kind."
+
+    def handle(self, *args, **options):
+        problems = ledger_check()
+        self.stdout.write(json.dumps({"totals": {k: str(v) for k, v in sorted(ledger_totals().items())},
+                                      "problems": problems}))
+        if problems:
+            raise CommandError(f"the ledger is unsound: {'; '.join(problems)}")

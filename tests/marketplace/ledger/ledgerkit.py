@@ -1,0 +1,28 @@
+"""Helpers shared by the ledger tests (imported by path: the test folders are not packages)."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from eth_account import Account as EthAccount
+from eth_account.messages import encode_defunct
+
+from marketplace.ledger.models import Account, Posting
+from marketplace.ledger.postings import account_get, posting_write
+from marketplace.ledger.wallets import wallet_challenge_create, wallet_link
+
+
+def link_wallet(user, key=None):
+    """Link a payout address to `user` the way a contributor does (sign the challenge); returns the key."""
+    key = key or EthAccount.create()
+    challenge = wallet_challenge_create(user=user)
+    signature = key.sign_message(encode_defunct(text=challenge.message)).signature.to_0x_hex()
+    wallet_link(user=user, nonce=challenge.nonce, address=key.address, signature=signature)
+    return key
+
+
+def settled_earnings(user, amount: int, key: str) -> None:
+    """Earnings past their audit window for `user`, as the settlement leaves them (paid here by the platform)."""
+    with transaction.atomic(durable=True):
+        posting_write(kind=Posting.Kind.SETTLEMENT, key=key, actor="tests", reason="earnings for a test",
+                      entries=[(account_get(Account.Kind.PLATFORM_VERIFICATION), -amount),
+                               (account_get(Account.Kind.CONTRIBUTOR_SETTLED, user_id=user.pk), amount)])

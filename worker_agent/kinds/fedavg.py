@@ -1,0 +1,202 @@
+"""The `fedavg` kind: train the round's global weights on one data shard, locally and deterministically.
+
+Replicas of a unit are compared by the marketplace, so local training must be a pure function of the
+unit: the data order comes from the unit's seed (a torch.Generator, never the global RNG), the child
+runs one thread with torch's deterministic algorithms (1 vs 2 threads differ in the last bits), the
+optimiser is plain SGD started fresh every unit (no state carried between rounds), and the output is
+safetensors (bytes a pure function of the tensors). Inside one hardware class two honest replicas are
+bitwise identical; across classes the marketplace compares with a tolerance.
+
+Output file: every parameter of the architecture under its own name (float32), plus the training
+metrics in the signed file itself, `__train_loss__` (float32 [1], the mean cross-entropy over every
+local step) and `__samples__` (int64 [1], the shard's rows). Metrics in the report body are not signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker_agent.architectures import Architecture
+from worker_agent.jobfile import ChildJob, PayloadError
+from worker_agent.kinds import JobError
+from worker_agent.kinds._payload import artifacts_distinct, model_resolve, payload_object, positive_int
+
+LOSS_NAME = "__train_loss__"
+SAMPLES_NAME = "__samples__"
+METRIC_NAMES = (LOSS_NAME, SAMPLES_NAME)
+# --faulty poison: the honest update, sign-flipped and boosted (a model-poisoning client's classic move).
+POISON_SCALE = -10.0
+SABOTAGE_NOISE = 0.05
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    arch: Architecture
+    config: dict[str, Any]
+    weights: str
+    x: str
+    y: str
+    samples: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    seed: int
+
+
+def unit_seed(seed: int, round_index: int, shard: int) -> int:
+    """The data-order seed of one unit: different per round and shard, the same for every replica.
+    The marketplace puts it in the payload; the reference loop derives it the same way."""
+    digest = hashlib.sha256(f"idlegrid-fedavg-v1\n{seed}\n{round_index}\n{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch.Generator takes a non-negative int64
+
+
+# --- parent side (pure Python) --------------------------------------------------------------------
+
+def required_artifacts(payload: dict[str, Any]) -> list[str]:
+    model, inputs = payload_object(payload, "model"), payload_object(payload, "inputs")
+    if set(inputs) != {"x", "y"}:
+        raise PayloadError("payload.inputs must name exactly the shard's `x` and `y` tensor files")
+    return artifacts_distinct([model.get("weights"), inputs["x"], inputs["y"]])
+
+
+def parse(payload: dict[str, Any]) -> TrainSpec:
+    model, inputs, train = payload_object(payload, "model"), payload_object(payload, "inputs"), payload_object(payload, "train")
+    arch, config = model_resolve(model)
+    learning_rate = train.get("learning_rate")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not (
+        math.isfinite(learning_rate) and learning_rate > 0
+    ):
+        raise PayloadError(f"payload.train.learning_rate must be a positive number, got {learning_rate!r}")
+    momentum = train.get("momentum", 0.0)
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+        raise PayloadError(f"payload.train.momentum must be a number in [0, 1), got {momentum!r}")
+    seed = train.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise PayloadError(f"payload.train.seed must be an integer in [0, 2**63), got {seed!r}")
+    required_artifacts(payload)
+    return TrainSpec(
+        arch=arch, config=config, weights=model["weights"], x=inputs["x"], y=inputs["y"],
+        samples=positive_int(payload, "samples", "payload.samples"),
+        epochs=positive_int(train, "epochs", "payload.train.epochs"),
+        batch_size=positive_int(train, "batch_size", "payload.train.batch_size"),
+        learning_rate=float(learning_rate), momentum=float(momentum), seed=seed,
+    )
+
+
+# --- child side (torch) ---------------------------------------------------------------------------
+
+def execute(job: ChildJob) -> dict[str, float]:
+    from safetensors.torch import save_file
+
+    spec = parse(job.payload)
+    started = time.perf_counter()
+    model = load_model(spec, job.artifact_path(spec.weights))
+    start_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    x, y = load_shard(spec, job.artifact_path(spec.x), job.artifact_path(spec.y))
+    loaded = time.perf_counter()
+    if job.fault == "lazy":  # a free rider: sends the global weights back untrained
+        weights, loss = start_weights, 0.0
+    else:
+        loss = train_local(model, x, y, epochs=spec.epochs, batch_size=spec.batch_size,
+                           learning_rate=spec.learning_rate, seed=spec.seed, momentum=spec.momentum)
+        weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    weights = sabotage(weights, start_weights, fault=job.fault, seed=job.fault_seed, unit_seed=spec.seed)
+    computed = time.perf_counter()
+    save_file(output_tensors(weights, loss=loss, samples=spec.samples), job.output_path)
+    return {
+        "samples": spec.samples,
+        "train_loss": round(loss, 6),
+        "load_seconds": round(loaded - started, 4),
+        "compute_seconds": round(computed - loaded, 4),
+    }
+
+
+def train_local(model: Any, x: Any, y: Any, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
+                momentum: float = 0.0) -> float:
+    """Minibatch SGD (with optional momentum, its state fresh every unit) on cross-entropy, in an order fixed by `seed`; returns the mean loss per sample.
+    Shared with the reference loop (demo/fedavg_reference.py), so both train exactly alike."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    model.train()
+    total, seen = 0.0, 0
+    for _ in range(epochs):
+        for batch in torch.randperm(x.shape[0], generator=generator).split(batch_size):
+            optimiser.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+    model.eval()
+    return total / seen
+
+
+def output_tensors(weights: dict[str, Any], *, loss: float, samples: int) -> dict[str, Any]:
+    import torch
+
+    tensors = {name: tensor.to(torch.float32).contiguous() for name, tensor in weights.items()}
+    tensors[LOSS_NAME] = torch.tensor([loss], dtype=torch.float32)
+    tensors[SAMPLES_NAME] = torch.tensor([samples], dtype=torch.int64)
+    return tensors
+
+
+def sabotage(weights: dict[str, Any], start: dict[str, Any], *, fault: str | None, seed: int, unit_seed: int) -> dict[str, Any]:
+    """Demo/test faults. poison: the update sign-flipped and scaled; wrong: noise differing per result;
+    collude: the same noise for the same unit on every colluding device; lazy was handled by the caller."""
+    import torch
+
+    if fault == "poison":
+        return {name: start[name] + POISON_SCALE * (weights[name] - start[name]) for name in weights}
+    if fault in ("wrong", "collude"):
+        generator = torch.Generator().manual_seed(seed if fault == "wrong" else unit_seed)
+        return {name: w + SABOTAGE_NOISE * torch.randn(w.shape, generator=generator) for name, w in sorted(weights.items())}
+    return weights
+
+
+def load_model(spec: TrainSpec, weights_path: Path) -> Any:
+    from worker_agent.kinds.inference import _check_parameters, _read_safetensors
+
+    state = _read_safetensors(weights_path, "weights")
+    _check_parameters(state, spec.arch.param_shapes(spec.config))
+    model = spec.arch.build(spec.config)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_shard(spec: TrainSpec, x_path: Path, y_path: Path) -> tuple[Any, Any]:
+    import torch
+
+    x, y = _one_tensor(x_path, "x"), _one_tensor(y_path, "y")
+    if x.dtype != torch.float32:
+        raise JobError(f"shard x has dtype {str(x.dtype).removeprefix('torch.')}, expected float32")
+    if y.dtype != torch.int64:
+        raise JobError(f"shard y has dtype {str(y.dtype).removeprefix('torch.')}, expected int64")
+    expected = [spec.samples, *spec.arch.input_shape(spec.config)]
+    if list(x.shape) != expected:
+        raise JobError(f"shard x has shape {list(x.shape)}, expected {expected}")
+    if list(y.shape) != [spec.samples]:
+        raise JobError(f"shard y has shape {list(y.shape)}, expected [{spec.samples}]")
+    classes = spec.arch.output_dim(spec.config)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise JobError(f"shard y holds labels outside [0, {classes})")
+    return x, y
+
+
+def _one_tensor(path: Path, name: str) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if list(handle.keys()) != [name]:
+                raise JobError(f"shard file must hold exactly one tensor `{name}` (found: {', '.join(handle.keys()) or 'none'})")
+            return handle.get_tensor(name)
+    except SafetensorError as exc:
+        raise JobError(f"shard {name} is not a valid safetensors file: {exc}") from None
