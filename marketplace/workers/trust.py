@@ -48,12 +48,13 @@ def is_trusted(*, device_id: int, kind: str) -> bool:
     ).exists()
 
 
-def trusted_devices(*, kind: str) -> int:
-    """Active devices trusted for a kind (on their current hardware class)."""
+def trusted_devices(*, kind: str, at_most: int) -> int:
+    """Active devices trusted for a kind (on their current hardware class), counted up to at_most: the
+    question asked on every replicated decision is only whether the pool has reached a size."""
     return DeviceTrust.objects.filter(
         kind=kind, trusted_since__isnull=False, device__state=Device.State.ACTIVE,
         device__hardware_class=F("hardware_class"),
-    ).count()
+    )[:at_most].count()
 
 
 def lease_limit(*, device: Device, asked: int) -> int:

@@ -184,7 +184,8 @@ def _confirmed(unit: WorkUnit, agreeing: list[Result], kind: str) -> bool:
         return True
     if any(is_trusted(device_id=r.device_id, kind=kind) for r in agreeing):
         return True
-    return trusted_devices(kind=kind) < settings.IDLEGRID_TRUSTED_POOL_MIN
+    pool = settings.IDLEGRID_TRUSTED_POOL_MIN
+    return trusted_devices(kind=kind, at_most=pool) < pool
 
 
 def _colluders(losers: list[Result]) -> list[Result]:
