@@ -112,6 +112,9 @@ def child_env(database_url: str, broker_url: str, var_dir: Path) -> dict[str, st
         "DATABASE_URL": database_url,
         "CELERY_BROKER_URL": broker_url,
         "IDLEGRID_VAR_DIR": str(var_dir),
+        # Each simulated agent leases and reports far faster than a real device may (report: 1200/minute by
+        # default); the throttles still run and cost what they cost, at rates no agent here reaches.
+        "IDLEGRID_THROTTLE_SCALE": "1000",
         "DEBUG": "false",
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

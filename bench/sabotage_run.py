@@ -421,7 +421,6 @@ def measure(submitter: Submitter, queue: TaskQueue, tally: Tally, population: Po
     from marketplace.workers.models import Device as DeviceRow
     from marketplace.workers.models import DeviceTrust
     from marketplace.workunits.models import Result, WorkUnit
-    from marketplace.workunits.verification import DISPUTE
 
     computed_states = (Result.State.REPORTED, Result.State.VALID, Result.State.INVALID)
     jobs = {job.pk: job for job in Job.objects.all()}
@@ -441,7 +440,7 @@ def measure(submitter: Submitter, queue: TaskQueue, tally: Tally, population: Po
     real_units = sum(job.units_total for job in jobs.values())
     # A disputed known answer is copied onto the original unit to be counted there (verification._dispute):
     # one computation, two rows; the copy on the original is not counted again.
-    computations = Result.objects.exclude(metrics__has_key=DISPUTE)
+    computations = Result.objects.filter(disputes_known_answer__isnull=True)
     results = computations.filter(state__in=computed_states)
     # The second half of the jobs, by submission: the population has left its cold start (every device on
     # probation) behind, as a long-running marketplace has.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -67,6 +68,7 @@ class Cluster:
     web_workers: int = 2
     port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
+    passwords: dict[str, str] = field(default_factory=dict)  # of the accounts made by account(), by username
 
     @property
     def url(self) -> str:
@@ -115,9 +117,11 @@ class Cluster:
         self.manage("migrate", "--no-input", "-v", "0")
 
     def account(self, username: str, *, funds: int = 0) -> str:
-        """Create an account and return its API token; `funds` (base units) are granted once through the
-        ledger (`manage.py ledger_grant`, audited), for a submitter whose jobs must be escrowed."""
-        token = json.loads(self.manage("account_create", username, "--exists-ok"))["token"]
+        """Create an account and return a new API token of it; `funds` (base units) are granted once through
+        the ledger (`manage.py ledger_grant`, audited), for a submitter whose jobs must be escrowed. The
+        account gets a random password (linking a payout address needs it), kept in `passwords`."""
+        password = self.passwords.setdefault(username, secrets.token_urlsafe(18))
+        token = json.loads(self.manage("account_create", username, "--exists-ok", "--password", password))["token"]
         if funds:
             self.manage("ledger_grant", username, "--amount", str(funds), "--reason", "cluster submitter funds",
                         "--key", f"cluster-funds:{username}")

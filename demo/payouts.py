@@ -167,14 +167,15 @@ def deposit_make(chain: LocalChain, wallet: Wallet, amount: int) -> str:
     return deposit
 
 
-def wallet_link(*, server: str, token: str, wallet: Wallet) -> dict:
-    """Link the wallet as the account's payout address: sign the marketplace's challenge (EIP-191)."""
+def wallet_link(*, server: str, token: str, password: str, wallet: Wallet) -> dict:
+    """Link the wallet as the account's payout address: the account's password and the marketplace's
+    challenge signed with the wallet's key (EIP-191). The first address takes effect at once."""
     with httpx.Client(base_url=server, headers={"Authorization": f"Token {token}"}, timeout=30) as http:
         challenge = http.get("/api/v1/wallet/challenge/")
         challenge.raise_for_status()
         signed = wallet.account().sign_message(encode_defunct(text=challenge.json()["message"]))
         linked = http.post("/api/v1/wallet/", json={"nonce": challenge.json()["nonce"], "address": wallet.address,
-                                                    "signature": Web3.to_hex(signed.signature)})
+                                                    "signature": Web3.to_hex(signed.signature), "password": password})
     if linked.status_code != 201:
         raise PayoutError(f"linking {wallet.name}'s address was refused: {linked.text}")
     return linked.json()
@@ -248,7 +249,7 @@ def people_prepare(*, cluster: Cluster, chain: LocalChain, tokens: dict[str, str
     wallets = {name: Wallet.create(name, folder) for name in tokens}
     gas_money_give(chain, list(wallets.values()))
     for name, token in tokens.items():
-        wallet_link(server=cluster.url, token=token, wallet=wallets[name])
+        wallet_link(server=cluster.url, token=token, password=cluster.passwords[name], wallet=wallets[name])
     return wallets
 
 

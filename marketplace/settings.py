@@ -53,13 +53,50 @@ def envint(name: str, default: int, *, low: int = 0, high: int = 2**62) -> int:
     return number
 
 
-DEBUG = envbool("DEBUG", False)
-VAR_DIR = Path(env("IDLEGRID_VAR_DIR") or BASE_DIR / "var").resolve()
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+def envrate(name: str, default: str) -> str:
+    """A request rate as DRF writes it, "<count>/<second|minute|hour|day>", checked here rather than at the
+    first request it would throttle."""
+    value = env(name) or default
+    count, _, period = value.partition("/")
+    if not (count.isascii() and count.isdigit() and int(count) >= 1 and period in RATE_PERIODS):
+        raise ImproperlyConfigured(f"{name} must look like 600/minute (per second, minute, hour or day), got {value!r}")
+    return value
 
+
+RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
+
+
+# --- private files --------------------------------------------------------------------------------
+# The var dir holds the embedded database (password hashes, token digests, the ledger), the unit-signing
+# keys, throttle counters and mail: this process's user alone may read it. A folder or file of ours that is
+# open to the group or others is narrowed; one owned by someone else is left as it is (chmod would fail).
+def private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _narrow(path)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create the file 0600 if it is missing (O_CREAT applies the mode atomically, whatever the umask allows
+    beyond it), else narrow it. SQLite gives its -wal and -shm files the database file's mode."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    _narrow(path)
+    return path
+
+
+def _narrow(path: Path) -> None:
+    info = path.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        path.chmod(info.st_mode & 0o700)
+
+
+DEBUG = envbool("DEBUG", False)
+VAR_DIR = private_dir(Path(env("IDLEGRID_VAR_DIR") or BASE_DIR / "var").resolve())
+
+IDLEGRID_PRODUCTION = envbool("IDLEGRID_PRODUCTION", False)
 _DEV_SECRET = "idlegrid-insecure-development-key-do-not-use-in-production"
 SECRET_KEY = env("SECRET_KEY") or _DEV_SECRET
-if SECRET_KEY == _DEV_SECRET and envbool("IDLEGRID_PRODUCTION", False):
+if SECRET_KEY == _DEV_SECRET and IDLEGRID_PRODUCTION:
     raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when IDLEGRID_PRODUCTION is true")
 
 ALLOWED_HOSTS = [h.strip() for h in (env("ALLOWED_HOSTS") or "localhost,127.0.0.1,[::1],testserver").split(",") if h.strip()]
@@ -73,7 +110,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "marketplace.core",
@@ -141,16 +178,19 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file (not :memory:) so the end-to-end tests' server processes share it; one per test run.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-idlegrid-{os.getpid()}.sqlite3")}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    _sqlite_file = Path(str(DATABASES["default"]["NAME"]))
+    if str(_sqlite_file) not in ("", ":memory:") and not str(_sqlite_file).startswith("file:") and _sqlite_file.parent.is_dir():
+        # Made 0600 here, before Django's first connection would create it with the umask's mode (0644).
+        private_file(_sqlite_file)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Celery ---------------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL") or "filesystem://"
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "broker"
-    (_broker_dir / "queue").mkdir(parents=True, exist_ok=True)
-    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
-    (_broker_dir / "control").mkdir(parents=True, exist_ok=True)
+    _broker_dir = private_dir(VAR_DIR / "broker")
+    for _folder in ("queue", "processed", "control"):
+        private_dir(_broker_dir / _folder)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
@@ -219,8 +259,28 @@ IDLEGRID_AUDIT_WINDOW_SECONDS = envint("IDLEGRID_AUDIT_WINDOW_SECONDS", 30 * 86_
 # agreeing quorum: devices on probation (new Sybil identities among them) cannot decide units among themselves.
 IDLEGRID_TRUSTED_CONFIRMATION = envbool("IDLEGRID_TRUSTED_CONFIRMATION", True)
 IDLEGRID_TRUSTED_POOL_MIN = envint("IDLEGRID_TRUSTED_POOL_MIN", 3, low=1)
-# Units a device on probation may lease at once (BOINC's quota for new hosts).
-IDLEGRID_PROBATION_BATCH = envint("IDLEGRID_PROBATION_BATCH", 1, low=1, high=1000)
+
+# --- the lease policy (marketplace/workunits/leasing.py, docs/design.md "Lease policy") --------------
+# Leases a device may hold at once, whatever it asks per request: a device trusted for nothing on its
+# hardware class (a new device, a new Sybil identity) holds IDLEGRID_PROBATION_LEASES (BOINC's quota for
+# new hosts: every unit it takes costs a replica); a trusted one up to IDLEGRID_MAX_LEASES.
+IDLEGRID_PROBATION_LEASES = envint("IDLEGRID_PROBATION_LEASES", 1, low=1, high=1000)
+IDLEGRID_MAX_LEASES = envint("IDLEGRID_MAX_LEASES", 64, low=1, high=10_000)
+# A batch is drawn at random from the oldest this-many replicas a device may take (at least 4 per unit it
+# asks for), so that who leases next cannot predict or steer which units it shares with whom; 1 leases
+# strictly oldest first.
+IDLEGRID_LEASE_DRAW_WINDOW = envint("IDLEGRID_LEASE_DRAW_WINDOW", 32, low=1, high=100_000)
+# A lease lives at most the unit's time limit plus this, however often it is renewed: a device cannot
+# sit on a unit by heartbeating it.
+IDLEGRID_LEASE_GRACE_SECONDS = envint("IDLEGRID_LEASE_GRACE_SECONDS", 60, low=1, high=86_400)
+# A device that gives up on a unit (`fail`) leases nothing for this long and starts its trust run again.
+IDLEGRID_GIVE_UP_COOLDOWN_SECONDS = envint("IDLEGRID_GIVE_UP_COOLDOWN_SECONDS", 60, low=0, high=86_400)
+# A unit fails its job only when devices of this many distinct owners gave up on it or let its lease
+# expire: one owner (or two) can never fail someone else's job.
+IDLEGRID_GIVE_UP_OWNERS = envint("IDLEGRID_GIVE_UP_OWNERS", 3, low=2, high=100)
+# Software facts of a device (torch, environment) may change its hardware class at most this often a day;
+# its CPU facts may not change at all (docs/protocol.md, "Hardware facts").
+IDLEGRID_HARDWARE_CHANGES_PER_DAY = envint("IDLEGRID_HARDWARE_CHANGES_PER_DAY", 4, low=1, high=1000)
 
 # --- chain (marketplace/chain) --------------------------------------------------------------------
 # All optional: without them the marketplace runs with no chain, and chain_client() says what is missing.
@@ -243,8 +303,12 @@ IDLEGRID_EPOCH_SECONDS = envint("IDLEGRID_EPOCH_SECONDS", 3600, low=1, high=366 
 # Amounts are integer base units of the payout token (wei-like: 10**18 per token for 18 decimals).
 IDLEGRID_PRICE_PER_RESULT = envint("IDLEGRID_PRICE_PER_RESULT", 10**15, low=0)  # a job's spec may set its own
 IDLEGRID_PLATFORM_FEE_BPS = envint("IDLEGRID_PLATFORM_FEE_BPS", 500, low=0, high=10_000)  # 500 = 5% of each result
-# A job escrows price x units x this at submission; valid results past it are paid by the platform.
-IDLEGRID_EXPECTED_REPLICATION = envint("IDLEGRID_EXPECTED_REPLICATION", 2, low=1, high=20)
+# Work the platform orders itself (known-answer copies, re-verification past a job's escrow) is paid at
+# this reference price out of the verification budget (`manage.py verification_budget_fund`), never at a
+# submitter's price; with the budget spent, the platform issues no such work (docs/ledger.md).
+IDLEGRID_VERIFICATION_PRICE = envint("IDLEGRID_VERIFICATION_PRICE", 10**15, low=0, high=10**36)
+# A decided unit is copied as a known answer at most this many times.
+IDLEGRID_KNOWN_ANSWER_MAX_COPIES = envint("IDLEGRID_KNOWN_ANSWER_MAX_COPIES", 3, low=1, high=100)
 IDLEGRID_WALLET_CHALLENGE_SECONDS = envint("IDLEGRID_WALLET_CHALLENGE_SECONDS", 600, low=10, high=86_400)
 IDLEGRID_CHAIN_START_BLOCK = envint("IDLEGRID_CHAIN_START_BLOCK", 0)  # the deployment block: deposits are read from it
 IDLEGRID_CHAIN_GAS_PRICE_WEI = envint("IDLEGRID_CHAIN_GAS_PRICE_WEI", 0) or None  # unset: the node's fee market
@@ -257,17 +321,127 @@ if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:
     })
 
 # --- REST -----------------------------------------------------------------------------------------
+# Request rates per throttle scope (marketplace/api/throttling.py), counted per device for device requests,
+# per person for people and per client address for anonymous ones. The defaults sit well above what an
+# honest agent sends (worker_agent/agent.py): idle, it polls every 5 s (--poll); busy, one lease per batch of
+# 4 units and one upload and one report per unit, so 1200/minute is 20 units a second from one device; it
+# heartbeats every lease_seconds/3, at most 90/minute with the shortest lease allowed (2 s).
+# IDLEGRID_THROTTLE_SCALE multiplies every rate, for benchmarks that drive one device far faster than that.
+IDLEGRID_THROTTLE_SCALE = envint("IDLEGRID_THROTTLE_SCALE", 1, low=1, high=1_000_000)
+_THROTTLE_RATES = {
+    "enroll": envrate("IDLEGRID_ENROLL_RATE", "30/minute"),  # per address
+    "token": envrate("IDLEGRID_TOKEN_RATE", "10/minute"),  # logins (password guesses), per address
+    "lease": envrate("IDLEGRID_LEASE_RATE", "600/minute"),
+    "heartbeat": envrate("IDLEGRID_HEARTBEAT_RATE", "120/minute"),
+    "fail": envrate("IDLEGRID_FAIL_RATE", "120/minute"),
+    "report": envrate("IDLEGRID_REPORT_RATE", "1200/minute"),
+    "upload": envrate("IDLEGRID_UPLOAD_RATE", "1200/minute"),  # devices and people alike
+    "job_create": envrate("IDLEGRID_JOB_CREATE_RATE", "60/minute"),
+    "wallet": envrate("IDLEGRID_WALLET_RATE", "20/minute"),  # challenges, links and cancels together
+}
+# Behind N proxies that each append to X-Forwarded-For, the client is the Nth address from the right. 0 (the
+# default) keys anonymous requests on REMOTE_ADDR alone; DRF's own default (None) keys on the whole
+# X-Forwarded-For header when there is one, which the client writes: a new value per guess was a new counter.
+IDLEGRID_NUM_PROXIES = envint("IDLEGRID_NUM_PROXIES", 0, low=0, high=10)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        "knox.auth.TokenAuthentication",  # people's API tokens: `Authorization: Token <token>`, hashed, expiring
+        "rest_framework.authentication.SessionAuthentication",  # the admin
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.api.exception_handler.handle",
+    # Every JSON body is parsed with limits on size, depth and count (marketplace/api/parsers.py).
+    "DEFAULT_PARSER_CLASSES": ["marketplace.api.parsers.BoundedJSONParser"],
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_THROTTLE_RATES": {"enroll": env("IDLEGRID_ENROLL_RATE") or "30/minute"},
+    # Throttles every view that names a `throttle_scope`; the others pass untouched (no cache round trip).
+    "DEFAULT_THROTTLE_CLASSES": ["marketplace.api.throttling.ScopedThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        scope: f"{int(rate.partition('/')[0]) * IDLEGRID_THROTTLE_SCALE}/{rate.partition('/')[2]}"
+        for scope, rate in _THROTTLE_RATES.items()
+    },
+    "NUM_PROXIES": IDLEGRID_NUM_PROXIES,
 }
+
+# --- people: passwords and API tokens --------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# API tokens (django-rest-knox): only a SHA-512 digest is stored; each expires after the TTL (no sliding
+# renewal: a stolen token dies on schedule however much it is used). A login past the per-person limit
+# revokes that person's oldest token (marketplace/accounts/services.py).
+IDLEGRID_TOKEN_TTL_SECONDS = envint("IDLEGRID_TOKEN_TTL_SECONDS", 30 * 86_400, low=60, high=366 * 86_400)
+IDLEGRID_TOKENS_PER_PERSON = envint("IDLEGRID_TOKENS_PER_PERSON", 20, low=1, high=1000)
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(seconds=IDLEGRID_TOKEN_TTL_SECONDS),
+    "TOKEN_LIMIT_PER_USER": IDLEGRID_TOKENS_PER_PERSON,
+    "AUTO_REFRESH": False,
+    "AUTH_HEADER_PREFIX": "Token",
+}
+# A new payout address replacing an active one takes effect this long after it was asked for (with the
+# password), while payouts keep going to the old one and the person is told by email: a thief who got
+# the password cannot redirect earnings before the owner can cancel (docs/ledger.md, "Wallets").
+# 0 makes a replacement immediate, as the first address always is.
+IDLEGRID_WALLET_CHANGE_DELAY_SECONDS = envint("IDLEGRID_WALLET_CHANGE_DELAY_SECONDS", 48 * 3600, low=0, high=90 * 86_400)
+
+# --- cache (throttle counters) ---------------------------------------------------------------------
+# Shared by every web process, so a limit holds however many workers and nodes answer. Redis when
+# IDLEGRID_CACHE_URL names one, else the broker's Redis (Celery's keys are "celery", "_kombu.*", "unacked*":
+# ours carry KEY_PREFIX). Never call cache.clear() on a shared Redis: Django's RedisCache clears by FLUSHDB.
+# The embedded default is Django's file-based cache: every process on the machine shares the folder.
+# Not the database cache: on SQLite each count would take the one write lock that lease and report
+# queue for (IMMEDIATE transactions), and its every write runs a COUNT(*) over the table to cull.
+IDLEGRID_CACHE_URL = env("IDLEGRID_CACHE_URL") or (CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else None)
+if IDLEGRID_CACHE_URL:
+    if not IDLEGRID_CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(f"IDLEGRID_CACHE_URL must be redis://, rediss:// or unix://, got {IDLEGRID_CACHE_URL!r}")
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": IDLEGRID_CACHE_URL,
+                          "KEY_PREFIX": env("IDLEGRID_CACHE_KEY_PREFIX") or "idlegrid"}}
+else:
+    # One small file per (scope, client); Django culls a random third past MAX_ENTRIES, which would forget
+    # live counters, so the cap is far above the clients one machine serves.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(private_dir(VAR_DIR / "cache")), "OPTIONS": {"MAX_ENTRIES": 50_000}}}
+
+# --- email (the payout-address change notice) -------------------------------------------------------
+# SMTP when EMAIL_HOST is set; else every message is a file under var/mail (the embedded default).
+EMAIL_HOST = env("EMAIL_HOST") or ""
+EMAIL_PORT = envint("EMAIL_PORT", 587, low=1, high=65_535)
+EMAIL_HOST_USER = env("EMAIL_HOST_USER") or ""
+EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD") or ""  # or EMAIL_HOST_PASSWORD_FILE
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", True)
+EMAIL_USE_SSL = envbool("EMAIL_USE_SSL", False)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL cannot both be true (STARTTLS or TLS from the start)")
+EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 10, low=1, high=300)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL") or "Idlegrid <idlegrid@localhost>"
+if EMAIL_HOST:
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    EMAIL_FILE_PATH = str(private_dir(VAR_DIR / "mail"))
+
+# --- security and HTTPS ---------------------------------------------------------------------------
+# Secure by default with IDLEGRID_PRODUCTION=true (`manage.py check --deploy` passes clean), off otherwise:
+# the demo and the tests serve plain HTTP on loopback. Each can be set on its own.
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", IDLEGRID_PRODUCTION)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # health checks probe the web process itself, over plain HTTP
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31_536_000 if IDLEGRID_PRODUCTION else 0, low=0, high=2 * 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", IDLEGRID_PRODUCTION)
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", IDLEGRID_PRODUCTION)
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", IDLEGRID_PRODUCTION)
+CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", IDLEGRID_PRODUCTION)
+SECURE_CONTENT_TYPE_NOSNIFF = envbool("SECURE_CONTENT_TYPE_NOSNIFF", True)
+# TLS ends at a proxy in front: it tells Django the scheme in this header, and must overwrite a client's copy.
+_proxy_ssl_header = env("IDLEGRID_PROXY_SSL_HEADER") or ""
+if _proxy_ssl_header:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", _proxy_ssl_header):
+        raise ImproperlyConfigured(f"IDLEGRID_PROXY_SSL_HEADER must be a header name such as X-Forwarded-Proto, got {_proxy_ssl_header!r}")
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https")
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "Idlegrid API",
     "DESCRIPTION": "Submit AI jobs, follow them, download results; agents lease units and report signed results.",
@@ -283,12 +457,16 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)
+STATIC_ROOT = private_dir(VAR_DIR / "static")
 # Served by whitenoise straight from the apps' static folders (Swagger UI and admin work offline,
 # with no collectstatic step); plain storage, since the manifest variant breaks test servers.
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
+
+# Artifacts and keys are read lazily by their modules; made here so that nothing under the var dir is ever
+# created with the umask's mode.
+for _folder in (IDLEGRID_ARTIFACT_DIR, IDLEGRID_SIGNING_KEY_DIR):
+    private_dir(_folder)
 
 LOGGING = {
     "version": 1,

@@ -16,3 +16,10 @@ urlpatterns = [
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("healthz", health, name="health"),
 ]
+
+# What never reaches a DRF view (an unknown path, a body past DATA_UPLOAD_MAX_MEMORY_SIZE, an uncaught
+# error) answers the API's JSON error shape under /api/ too; Django's HTML pages stay for the rest.
+handler400 = "marketplace.api.exception_handler.bad_request"
+handler403 = "marketplace.api.exception_handler.permission_denied"
+handler404 = "marketplace.api.exception_handler.not_found"
+handler500 = "marketplace.api.exception_handler.server_error"

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from marketplace.accounts.services import api_token_create
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.tensors import array_file_bytes
@@ -100,6 +100,22 @@ def infer(unit: WorkUnit) -> np.ndarray:
         return torch.cat([model(x[start:start + batch]) for start in range(0, len(x), batch)]).numpy()
 
 
+# --- the cache ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Throttle counters of this test run in a folder of its own, in the embedded default's backend. The
+    settings' cache is shared by design: var/cache with every other run on this checkout (test databases
+    all start at device 1 and user 1, so their counters would add up), or the broker's Redis, which
+    cache.clear() (tests/marketplace/conftest.py) would FLUSHDB."""
+    from django.test import override_settings
+
+    location = tmp_path_factory.mktemp("cache")
+    with override_settings(CACHES={"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                                               "LOCATION": str(location)}}):
+        yield location
+
+
 # --- people ---------------------------------------------------------------------------------------
 
 def _person(django_user_model, username: str):
@@ -145,13 +161,16 @@ def cheater(django_user_model):
 
 @pytest.fixture
 def api(db) -> Callable[..., APIClient]:
-    """api(user) is a client authenticated by the user's DRF token; api() is anonymous."""
+    """api(user) is a client authenticated by an API token (knox) of the user, one per user and test;
+    api() is anonymous."""
+    tokens: dict[int, str] = {}
 
     def make(user=None) -> APIClient:
         client = APIClient()
         if user is not None:
-            token, _ = Token.objects.get_or_create(user=user)
-            client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+            if user.pk not in tokens:
+                tokens[user.pk] = api_token_create(user=user)[1]
+            client.credentials(HTTP_AUTHORIZATION=f"Token {tokens[user.pk]}")
         return client
 
     return make

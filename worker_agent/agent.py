@@ -33,7 +33,6 @@ from worker_agent.state import DeviceState, StateDir
 
 log = logging.getLogger(__name__)
 
-GIVE_BACK_ERROR = "agent shutting down"
 QUICK_GIVE_BACK_SECONDS = 5.0  # a cold shutdown must end promptly even if the server is gone
 QUICK_CALL_TIMEOUT = 2.0
 OUTPUT_FILE = "output.safetensors"
@@ -317,6 +316,10 @@ class Agent:
             # 409 lease_expired: the unit was reissued; the server has moved on, and so do we.
             level = logging.WARNING if exc.status == 409 else logging.ERROR
             log.log(level, "%s: the server refused the report: %s", lease.label, exc)
+            if exc.status == 400:
+                # The output itself was refused (NaN in it, say): give the lease up now rather than let it
+                # sit until it expires; another owner's device gets the unit.
+                self._give_up(lease, f"the server refused the output: {exc.message}")
             return False
         except AgentError as exc:
             log.error("%s: could not report: %s", lease.label, exc)
@@ -326,6 +329,9 @@ class Agent:
     def _fail(self, lease: Lease, error: str) -> None:
         log.warning("%s failed: %s", lease.label, error)
         self.summary.failed += 1
+        self._give_up(lease, error)
+
+    def _give_up(self, lease: Lease, error: str) -> None:
         try:
             self.client.fail(lease.result_id, error)
         except AgentError as exc:
@@ -351,11 +357,12 @@ class Agent:
             log.info("gave back %d of %d unit(s)", given, len(result_ids))
 
     def _give_back_one(self, result_id: int, *, quick: bool) -> bool:
+        # `release`, not `fail`: handing back at shutdown is no give-up, and costs the device nothing.
         try:
             if quick:
-                self.client.fail(result_id, GIVE_BACK_ERROR, retry=ONE_SHOT, timeout=QUICK_CALL_TIMEOUT)
+                self.client.release(result_id, retry=ONE_SHOT, timeout=QUICK_CALL_TIMEOUT)
             else:
-                self.client.fail(result_id, GIVE_BACK_ERROR)
+                self.client.release(result_id)
         except AgentError as exc:
             log.warning("could not give back result %d: %s", result_id, exc)
             return False

@@ -2,6 +2,8 @@
 
 Connect errors, timeouts, 5xx and 429 are retried with exponential backoff and full jitter; any
 other 4xx is the server's considered answer and is raised at once as ApiError with its message.
+Answers are read and parsed bounded (worker_agent/safejson.py): a server, or whatever answers in its
+place, cannot make the agent hold an endless body or recurse through a deep one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 import httpx
 
 import worker_agent
-from worker_agent import protocol
+from worker_agent import protocol, safejson
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,12 @@ T = TypeVar("T")
 CHUNK_BYTES = 1 << 20
 # Transport errors worth another try; UnsupportedProtocol and friends are configuration mistakes.
 RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# A JSON answer: a lease batch of 64 units' payloads is kilobytes; these bounds leave room to grow.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+ANSWER_DEPTH = 64
+ANSWER_ITEMS = 1_000_000
+# An error answer is read this far for its message; the rest is dropped.
+MAX_ERROR_BYTES = 64 * 1024
 
 
 class AgentError(Exception):
@@ -43,13 +51,20 @@ class ApiError(AgentError):
         self.fields = fields or {}
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> ApiError:
+    def from_response(cls, response: httpx.Response, body: bytes | None = None) -> ApiError:
+        """From the answer's body (`body`, when read already, capped; else the response's content)."""
+        content = response.content if body is None else body
         try:
-            error = response.json()["error"]
+            error = answer_json(content)["error"]
             return cls(response.status_code, str(error.get("code", "")), str(error["message"]), error.get("fields"))
         except (ValueError, KeyError, TypeError, AttributeError):
-            text = response.text.strip()[:200] or response.reason_phrase
+            text = content[:200].decode("utf-8", "replace").strip() or response.reason_phrase
             return cls(response.status_code, "", text)
+
+
+def answer_json(content: bytes, *, max_bytes: int = MAX_ANSWER_BYTES) -> Any:
+    """A server answer's JSON, bounded; raises safejson.JSONRefused (a ValueError) saying why not."""
+    return safejson.loads(content, max_bytes=max_bytes, max_depth=ANSWER_DEPTH, max_items=ANSWER_ITEMS)
 
 
 class ServerUnavailable(AgentError):
@@ -137,6 +152,12 @@ class AgentClient:
         body = {"error": error[:2000]}
         return self.post_json(f"/api/v1/agent/results/{result_id}/fail", body, retry=retry, timeout=timeout)
 
+    def release(
+        self, result_id: int, *, retry: RetryPolicy | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Hand back a lease never started (shutting down): free, unlike `fail`, which costs a cool-down."""
+        return self.post_json(f"/api/v1/agent/results/{result_id}/release", {}, retry=retry, timeout=timeout)
+
     def download(self, sha256: str, destination: Path) -> str:
         """Stream an artifact into `destination`; returns the sha256 of what actually arrived."""
         path = f"/api/v1/artifacts/{sha256}/"
@@ -180,16 +201,22 @@ class AgentClient:
     def _json_once(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            response = self._http.request(method, path, **kwargs, **extra)
+            response = self._http.send(self._http.build_request(method, path, **kwargs, **extra), stream=True)
+            try:
+                _raise_for_status(response)
+                content = _read_capped(response, MAX_ANSWER_BYTES)
+            finally:
+                response.close()
         except RETRYABLE_ERRORS as exc:
             raise _Retryable(_describe(exc)) from exc
         except httpx.HTTPError as exc:
             raise AgentError(f"{method} {path}: {_describe(exc)}") from exc
-        _raise_for_status(response)
+        if content is None:
+            raise AgentError(f"{method} {path}: the server sent an answer larger than {MAX_ANSWER_BYTES} bytes")
         try:
-            answer = response.json()
-        except ValueError:
-            raise AgentError(f"{method} {path}: the server sent a body that is not JSON") from None
+            answer = answer_json(content)
+        except safejson.JSONRefused as exc:
+            raise AgentError(f"{method} {path}: the server's answer is refused: {exc}") from None
         if not isinstance(answer, dict):
             raise AgentError(f"{method} {path}: the server sent {type(answer).__name__}, expected an object")
         return answer
@@ -214,14 +241,34 @@ def _copy(chunks: Any, sink: BinaryIO, digest: Any) -> None:
         sink.write(chunk)
 
 
+def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The (decoded) body, or None once it passes `limit` bytes: reading stops there."""
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_prefix(response: httpx.Response, limit: int) -> bytes:
+    """At most the first `limit` bytes of the body; the rest is not read."""
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk[: limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
 def _raise_for_status(response: httpx.Response) -> None:
     status = response.status_code
     if status == 429 or status >= 500:
-        response.read()
         raise _Retryable(f"HTTP {status} {response.reason_phrase}", _retry_after(response))
     if status >= 400:
-        response.read()
-        raise ApiError.from_response(response)
+        raise ApiError.from_response(response, _read_prefix(response, MAX_ERROR_BYTES))
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from worker_agent.client import answer_json
 from worker_agent.protocol import DEVICE_AUTH_SCHEME
 
 log = logging.getLogger("worker_agent.wallet")
@@ -142,15 +143,17 @@ def proof_fetch(*, server: str, authorization: str, address: str | None = None, 
     if response.status_code != 200:
         raise WalletError(f"GET {PROOF_PATH}: HTTP {response.status_code}: {_error_message(response)}")
     try:
-        return proof_parse(response.json())
-    except ValueError:
-        raise WalletError(f"GET {PROOF_PATH}: the answer is not JSON") from None
+        # Bounded like every server answer (worker_agent/safejson.py): this process goes on to import web3,
+        # whose py_ecc raises the recursion limit to 100000.
+        return proof_parse(answer_json(response.content))
+    except ValueError as exc:
+        raise WalletError(f"GET {PROOF_PATH}: the answer is not usable JSON: {exc}") from None
 
 
 def _error_message(response: httpx.Response) -> str:
     try:
-        body = response.json()
-        return str(body.get("error", {}).get("message") or body.get("detail") or body)
+        body = answer_json(response.content)
+        return str(body.get("error", {}).get("message") or body.get("detail") or body)[:500]
     except (ValueError, AttributeError):
         return response.text[:200]
 

@@ -23,6 +23,10 @@ class DeviceAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("unknown device or wrong secret")
         if device.state != Device.State.ACTIVE:
             raise exceptions.AuthenticationFailed("this device is disabled")
+        # A deactivated account's devices stop too: they would lease, report and earn for it otherwise (as
+        # knox refuses the account's tokens). is_active came with the device, in the same query.
+        if not device.owner.is_active:
+            raise exceptions.AuthenticationFailed("the account that owns this device is deactivated")
         return device.owner, device
 
     def authenticate_header(self, request):

@@ -1,12 +1,16 @@
 from django.urls import path
-from rest_framework.authtoken.views import obtain_auth_token
 
-from marketplace.api.v1 import accounts, agent, artifacts, jobs, ledger
+from marketplace.api.v1 import accounts, agent, artifacts, auth, jobs, ledger
 
 app_name = "api"
 
 urlpatterns = [
-    path("auth/token/", obtain_auth_token, name="token"),
+    # The login view names no parser classes: it parses with the API's default, the bounded JSON parser.
+    path("auth/token/", auth.TokenCreateApi.as_view(), name="token"),
+    path("auth/tokens/", auth.TokenListApi.as_view(), name="token-list"),
+    path("auth/tokens/<str:token_key>/", auth.TokenRevokeApi.as_view(), name="token-revoke"),
+    path("auth/logout/", auth.LogoutApi.as_view(), name="logout"),
+    path("auth/logout-all/", auth.LogoutAllApi.as_view(), name="logout-all"),
     path("artifacts/", artifacts.ArtifactUploadApi.as_view(), name="artifact-upload"),
     path("artifacts/<str:sha256>/", artifacts.ArtifactDownloadApi.as_view(), name="artifact-download"),
     path("jobs/", jobs.JobCreateApi.as_view(), name="job-create"),
@@ -19,6 +23,7 @@ urlpatterns = [
     path("ledger/entries/", ledger.EntriesApi.as_view(), name="ledger-entries"),
     path("wallet/challenge/", ledger.WalletChallengeApi.as_view(), name="wallet-challenge"),
     path("wallet/", ledger.WalletApi.as_view(), name="wallet"),
+    path("wallet/pending/", ledger.WalletPendingApi.as_view(), name="wallet-pending"),
     path("payouts/proof/", ledger.PayoutProofApi.as_view(), name="payout-proof"),
     path("agent/enroll", agent.EnrollApi.as_view(), name="agent-enroll"),
     path("agent/keys", agent.KeysApi.as_view(), name="agent-keys"),
@@ -26,4 +31,5 @@ urlpatterns = [
     path("agent/heartbeat", agent.HeartbeatApi.as_view(), name="agent-heartbeat"),
     path("agent/results/<int:result_id>/report", agent.ReportApi.as_view(), name="agent-report"),
     path("agent/results/<int:result_id>/fail", agent.FailApi.as_view(), name="agent-fail"),
+    path("agent/results/<int:result_id>/release", agent.ReleaseApi.as_view(), name="agent-release"),
 ]

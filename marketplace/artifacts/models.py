@@ -15,6 +15,9 @@ class Artifact(models.Model):
     )
     # Everyone who uploaded these bytes may use them (content addressing dedups across people).
     owners = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="+")
+    # Every device that uploaded these bytes: a device may report only an output it holds (possession, not
+    # knowledge of a hash), and two honest devices of one hardware class upload the very same bytes.
+    devices = models.ManyToManyField("workers.Device", blank=True, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -29,6 +29,6 @@ def artifact_get_for_device(*, sha256: str, device: Device) -> Artifact:
     leased = Result.objects.filter(
         Q(device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=timezone.now()) & Q(unit__inputs=artifact)
     ).exists()
-    if leased or artifact.uploaded_by_device_id == device.pk:
+    if leased or artifact.devices.filter(pk=device.pk).exists():
         return artifact
     raise NotFound(f"no artifact {sha256} among the inputs of your leases")

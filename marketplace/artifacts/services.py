@@ -31,9 +31,6 @@ def artifact_store(
     )
     if uploaded_by is not None:
         artifact.owners.add(uploaded_by)
+    if device is not None:
+        artifact.devices.add(device)  # it holds these bytes: it may report them (results._check_output)
     return artifact, created
-
-
-def artifact_store_bytes(*, data: bytes, uploaded_by: AbstractBaseUser | None = None) -> Artifact:
-    artifact, _ = artifact_store(chunks=[data], uploaded_by=uploaded_by)
-    return artifact

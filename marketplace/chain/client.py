@@ -29,8 +29,9 @@ from marketplace.chain.merkle import account_normalize
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 UINT192_MAX = 2**192 - 1
 UINT64_MAX = 2**64 - 1
-# publishRoot measured at ~71,400 gas for the first epoch and ~37,200 after (bench/gas.py): a fixed limit,
-# not an estimate, so re-signing one (epoch, nonce, fee) gives the very same transaction and hash.
+# publishRoot measured at ~79,100 gas for the first epoch and ~44,900 after (bench/gas.py, over TestToken; the
+# funds check's balanceOf costs more on a proxied token): a fixed limit, not an estimate, so re-signing one
+# (epoch, nonce, fee) gives the very same transaction and hash.
 PUBLISH_GAS_LIMIT = 150_000
 DEFAULT_PRIORITY_FEE_WEI = 10**9
 RPC_TIMEOUT_SECONDS = 10
@@ -79,6 +80,7 @@ class ChainRevert(ChainError):
 @runtime_checkable
 class ChainClient(Protocol):
     chain_id: int
+    contract_address: str
 
     def block_number(self) -> int: ...
     def deposits(self, *, from_block: int, to_block: int) -> list[DepositEvent]: ...
@@ -91,6 +93,7 @@ class ChainClient(Protocol):
     def published_root(self) -> bytes: ...
     def published_total(self) -> int: ...
     def claimed(self, account: str) -> int: ...
+    def total_claimed(self) -> int: ...
     def token_balance(self, account: str) -> int: ...
 
 
@@ -350,6 +353,10 @@ class Web3ChainClient:
     def claimed(self, account: str) -> int:
         account = account_normalize(account)
         return int(self._read("claimed()", lambda: self._contract.functions.claimed(account).call()))
+
+    def total_claimed(self) -> int:
+        """Everything claims have paid out: a root may commit at most this plus the contract's token balance."""
+        return int(self._read("totalClaimed()", lambda: self._contract.functions.totalClaimed().call()))
 
     def token_balance(self, account: str) -> int:
         account = account_normalize(account)

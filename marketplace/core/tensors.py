@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+from worker_agent import safejson
+
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# A header is {name: {"dtype", "shape": [...], "data_offsets": [a, b]}, "__metadata__": {str: str}}:
+# 3 levels deep. Bounded before json.loads runs: a header nested 100,000 deep (it fits in 200 KB)
+# overflows the C stack of a process whose recursion limit py_ecc raised (worker_agent/safejson.py).
+HEADER_DEPTH = 4
+MAX_TENSORS = 100_000
+MAX_DIMS = 16
+# Per tensor: its member, its object and 3 members, the shape list and its dims, the offsets list and 2.
+HEADER_ITEMS = MAX_TENSORS * (MAX_DIMS + 10)
+HEADER_NUMBER_DIGITS = 20  # shapes and offsets are u64 in the format
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 NUMPY_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
@@ -43,33 +54,44 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise TensorFileError("not a safetensors file: its header length is impossible (is it a pickle?)")
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise TensorFileError("not a safetensors file: its header is not JSON") from None
+        header = safejson.loads(raw, max_bytes=MAX_HEADER_BYTES, max_depth=HEADER_DEPTH, max_items=HEADER_ITEMS,
+                                max_number_digits=HEADER_NUMBER_DIGITS)
+    except safejson.JSONRefused as exc:
+        raise TensorFileError(f"not a safetensors file: its header is refused: {exc}") from None
     if not isinstance(header, dict):
         raise TensorFileError("not a safetensors file: its header is not an object")
     header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise TensorFileError(f"the header lists more than {MAX_TENSORS} tensors")
     base = 8 + header_len
     tensors = {name: _tensor_info(name, entry, base, size) for name, entry in header.items()}
     return tensors
 
 
+def _label(name: str) -> str:
+    """A tensor's name for a message: names are the sender's and may be megabytes long."""
+    return repr(name) if len(name) <= 100 else f"{name[:100]!r}..."
+
+
 def _tensor_info(name: str, entry: object, base: int, size: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise TensorFileError(f"tensor {name!r}: malformed header entry")
+        raise TensorFileError(f"tensor {_label(name)}: malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise TensorFileError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list is unhashable: TypeError, a 500
+        raise TensorFileError(f"tensor {_label(name)}: unknown dtype {repr(dtype)[:50]}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise TensorFileError(f"tensor {name!r}: malformed shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise TensorFileError(f"tensor {name!r}: malformed data_offsets")
+        raise TensorFileError(f"tensor {_label(name)}: malformed shape {str(shape)[:100]}")
+    if len(shape) > MAX_DIMS:
+        raise TensorFileError(f"tensor {_label(name)}: more than {MAX_DIMS} dimensions")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise TensorFileError(f"tensor {_label(name)}: malformed data_offsets")
     count = 1
     for dim in shape:
         count *= dim
     start, end = base + offsets[0], base + offsets[1]
     if not (base <= start <= end <= size) or end - start != count * DTYPE_SIZES[dtype]:
-        raise TensorFileError(f"tensor {name!r}: data_offsets do not match its shape and the file size")
+        raise TensorFileError(f"tensor {_label(name)}: data_offsets do not match its shape and the file size")
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
 
 

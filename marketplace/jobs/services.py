@@ -71,7 +71,7 @@ def _create_units(job: Job, plans: list) -> None:
         plan.payload["inputs"] = dict(zip(plan.payload["inputs"], shas))
         units.append(
             WorkUnit(job=job, index=plan.index, payload=plan.payload, quorum=quorum, max_results=cap,
-                     results_created=first, replication_decided=not adaptive)
+                     results_created=first, replication_decided=not adaptive, hidden_rows=plan.hidden_rows)
         )
         inputs.append([weights, *shas])
     WorkUnit.objects.bulk_create(units)
@@ -115,12 +115,12 @@ def job_merge(*, job_id: int) -> Job:
     outputs = list(
         WorkUnit.objects.filter(job=job, known_answer_of__isnull=True)
         .order_by("index")
-        .values_list("canonical_result__output_id", flat=True)
+        .values_list("canonical_result__output_id", "hidden_rows")
     )
 
     def chunks():
-        for sha in outputs:
-            yield from kind.output_rows_bytes(storage.path(sha))
+        for sha, hidden in outputs:
+            yield from kind.output_rows_bytes(storage.path(sha), hidden_rows=hidden)
 
     shape = kind.merged_shape(job.spec)
     artifact, _ = artifact_store(

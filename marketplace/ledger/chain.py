@@ -171,13 +171,19 @@ def chain_reconcile(*, client: ChainClient) -> Reconciliation:
         if total != published.total:
             diff.append(f"epoch {published.number}: contract total {total} != ledger total {published.total}")
     deposited = -balance(account_get(K.CHAIN_CUSTODY))
-    claimed = 0
+    # The contract's own sum of every claim paid, the figure its publishRoot rule uses.
+    claimed = client.total_claimed()
     if published is not None:
+        to_leaves = 0
         for address, cumulative in published.leaves.values_list("address", "cumulative"):
             paid = client.claimed(address)
-            claimed += paid
+            to_leaves += paid
             if paid > cumulative:
                 diff.append(f"{address} claimed {paid}, more than its cumulative {cumulative}")
+        # Amounts are cumulative, so every address ever paid is a leaf of the latest epoch: anything more
+        # went to addresses the ledger never paid (a root that did not come from this ledger).
+        if to_leaves != claimed:
+            diff.append(f"claims paid {claimed} in all but {to_leaves} to the ledger's payout addresses")
     contract = getattr(client, "contract_address", None) or getattr(settings, "IDLEGRID_CHAIN_CONTRACT", "")
     held = client.token_balance(contract) if contract else None
     if held is not None and held != deposited - claimed:

@@ -9,6 +9,12 @@ Crash-safe publishing: a nonce is reserved on the Epoch row before anything is s
 transaction hash is recorded as soon as the node returns it; a re-run first asks the chain whether the
 epoch is there already, then looks up recorded receipts, and sends again only with the same nonce
 (so at most one of its transactions can be mined). The contract also refuses a second root for an epoch.
+
+Solvent publishing: a root may commit at most what the contract can pay, its token balance plus what claims
+already took out (PayoutLedger refuses more with RootExceedsFunds). `epoch_publish` checks that first and
+refuses an underfunded epoch before a nonce is reserved, so earnings the chain does not hold (a grant, a
+known answer paid by the platform, a deposit not made yet) never become claims against other people's
+deposits; `epoch_settle` tries again on its next run.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from marketplace.chain.merkle import tree_build
-from marketplace.ledger.exceptions import EpochOutOfOrder
+from marketplace.ledger.exceptions import EpochOutOfOrder, EpochUnderfunded
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, AuditEntry, Epoch, EpochLeaf, Line, Posting, WalletLink
 from marketplace.ledger.postings import account_get, posting_write
+from marketplace.ledger.wallets import wallet_changes_activate
 
 if TYPE_CHECKING:
     from marketplace.chain.client import ChainClient
@@ -50,6 +57,9 @@ def epoch_close(*, now: datetime | None = None) -> Epoch | None:
     and build the tree of all addresses' cumulative amounts. None if no address's amount changed."""
     from marketplace.ledger.services import earnings_settle
 
+    # Payout-address changes due by now first: the epoch pays the address in effect at its close, and
+    # never a pending one (_epoch_post reads active links only).
+    wallet_changes_activate(now=now)
     earnings_settle(now=now)
     try:
         return _epoch_post()
@@ -148,9 +158,32 @@ def _nonce_release(epoch: Epoch, why: str) -> None:
     epoch.refresh_from_db()
 
 
+def _funds_check(epoch: Epoch, *, client: ChainClient) -> None:
+    """EpochUnderfunded unless the contract can pay the epoch's total (its rule for publishRoot), so an
+    underfunded root is never sent: sending it would only spend a nonce and gas on a revert."""
+    # totalClaimed first: a claim landing between the two reads then lowers the sum (the balance is read
+    # after the tokens left) instead of counting the claimed amount twice. The sum never falls otherwise
+    # (deposits add to the balance, claims move tokens from the balance to totalClaimed).
+    claimed = client.total_claimed()
+    held = client.token_balance(client.contract_address)
+    funds = held + claimed
+    if epoch.total <= funds:
+        return
+    shortfall = epoch.total - funds
+    why = (f"epoch {epoch.number} commits {epoch.total} but the contract can pay {funds} "
+           f"(holds {held}, claims paid {claimed}): short by {shortfall}")
+    log.error("%s; not sent, published once deposits cover it", why)
+    with transaction.atomic(durable=True):
+        AuditEntry.objects.create(actor="system:settlement", action="epoch.underfunded", reason=why,
+                                  data={"epoch": epoch.number, "total": str(epoch.total), "held": str(held),
+                                        "claimed": str(claimed), "shortfall": str(shortfall)})
+    raise EpochUnderfunded(why)
+
+
 def epoch_publish(*, epoch_id: int, client: ChainClient) -> str:
     """Publish the epoch's root on chain, exactly once, whatever crashed before. Returns the transaction
-    hash ("" if the chain had the epoch and no hash was ever recorded here)."""
+    hash ("" if the chain had the epoch and no hash was ever recorded here). EpochUnderfunded, with nothing
+    reserved or sent, while the contract cannot pay the epoch's total."""
     epoch = Epoch.objects.get(pk=epoch_id)
     if epoch.state in (Epoch.State.PUBLISHED, Epoch.State.FINAL):
         return epoch.tx_hash
@@ -164,6 +197,7 @@ def epoch_publish(*, epoch_id: int, client: ChainClient) -> str:
         settled = _resolve_reserved_nonce(epoch, client=client)
         if settled is not None:
             return settled
+    _funds_check(epoch, client=client)
     nonce = epoch.nonce if epoch.nonce is not None else _nonce_reserve(epoch, client=client)
     gas_price = getattr(settings, "IDLEGRID_CHAIN_GAS_PRICE_WEI", None) or None
     tx_hash = client.publish_root_send(epoch=epoch.number, root=bytes.fromhex(epoch.root[2:]), total=epoch.total,
@@ -220,14 +254,24 @@ def epoch_confirm(*, epoch_id: int, client: ChainClient) -> bool:
 
 def epoch_settle(*, client: ChainClient, now: datetime | None = None) -> Epoch | None:
     """The periodic settlement: confirm what was published, finish publishing an epoch still on its way
-    (epochs reach the contract in order), else close a new epoch and publish it."""
+    (epochs reach the contract in order), else close a new epoch and publish it. An underfunded epoch
+    waits (logged and audited by epoch_publish) and is tried again on the next run."""
     for epoch_id in Epoch.objects.filter(state=Epoch.State.PUBLISHED).values_list("pk", flat=True):
         epoch_confirm(epoch_id=epoch_id, client=client)
     waiting = Epoch.objects.filter(state__in=(Epoch.State.CLOSED, Epoch.State.SENDING)).order_by("number").first()
     if waiting is not None:
-        epoch_publish(epoch_id=waiting.pk, client=client)
+        _publish_when_funded(epoch_id=waiting.pk, client=client)
         return waiting
     epoch = epoch_close(now=now)
     if epoch is not None:
-        epoch_publish(epoch_id=epoch.pk, client=client)
+        _publish_when_funded(epoch_id=epoch.pk, client=client)
     return epoch
+
+
+def _publish_when_funded(*, epoch_id: int, client: ChainClient) -> None:
+    try:
+        epoch_publish(epoch_id=epoch_id, client=client)
+    except EpochUnderfunded:
+        # Not a failure of the run: raising would make the periodic task fail every time until a deposit
+        # arrives, and a later run publishes the same epoch (nothing was reserved or sent).
+        return

@@ -18,3 +18,10 @@ class NoProof(NotFound):
 
 class EpochOutOfOrder(Conflict):
     code = "epoch_out_of_order"
+
+
+class EpochUnderfunded(Conflict):
+    """409: the epoch's total exceeds what the payout contract can pay (its token balance plus everything
+    already claimed); nothing was sent. Published once deposits cover it."""
+
+    code = "epoch_underfunded"

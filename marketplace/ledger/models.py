@@ -60,7 +60,9 @@ class Account(models.Model):
         CHAIN_CUSTODY = "chain_custody"  # tokens deposited into the payout contract (runs negative)
         PLATFORM_FEE = "platform_fee"
         PLATFORM_FORFEIT = "platform_forfeit"  # held earnings of banned devices
-        PLATFORM_VERIFICATION = "platform_verification"  # known answers and replication past the escrow
+        # The verification budget: funded from grants (`verification_budget_fund`), spent on work the platform
+        # orders (known-answer copies, re-verification past a job's escrow). Never negative (ledger_check).
+        PLATFORM_VERIFICATION = "platform_verification"
         PLATFORM_GRANTS = "platform_grants"  # admin/dev grants (runs negative)
 
     key = models.CharField(max_length=120, unique=True)
@@ -92,6 +94,7 @@ class Posting(AppendOnly):
         RELEASE = "release"
         DEPOSIT = "deposit"
         SUSPENSE_CLAIM = "suspense_claim"
+        BUDGET = "budget"  # the platform funds its verification budget
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     # Whatever would post the same money twice (a task run twice, two racing workers) names the same key.
@@ -138,10 +141,12 @@ class Earning(models.Model):
         SETTLED = "settled"
         REVERSED = "reversed"  # the result was withdrawn: the money went back where it came from
         FORFEITED = "forfeited"  # the device was banned: the money went to the platform
+        UNPAID = "unpaid"  # valid, but nothing could pay it (a free job, a spent verification budget)
 
     class Source(models.TextChoices):
         ESCROW = "escrow"
-        PLATFORM = "platform"  # known-answer units, and results past what the job escrowed
+        PLATFORM = "platform"  # the verification budget: known-answer copies, re-verification past the escrow
+        UNPAID = "unpaid"
 
     result = models.OneToOneField("workunits.Result", on_delete=models.PROTECT, related_name="earning")
     device = models.ForeignKey("workers.Device", on_delete=models.PROTECT, related_name="+")
@@ -152,7 +157,7 @@ class Earning(models.Model):
     net = AmountField()  # credited to the contributor (gross minus the platform fee)
     state = models.CharField(max_length=16, choices=State.choices, default=State.HELD)
     settle_after = models.DateTimeField()
-    credit = models.OneToOneField(Posting, on_delete=models.PROTECT, related_name="+")
+    credit = models.OneToOneField(Posting, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     closed_by = models.ForeignKey(Posting, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -178,21 +183,36 @@ class WalletChallenge(models.Model):
 
 
 class WalletLink(models.Model):
-    """A payout address a user proved to hold. One active per user; an address belongs to one user."""
+    """A payout address a user proved to hold. One active per user; an address belongs to one user.
+
+    Pending: asked for to replace the active address, taking effect at `effective_at` (active false, not
+    unlinked). Epochs pay active links only, so a pending one is paid nothing until it is activated; at most
+    one is pending per user. A cancelled or replaced link is unlinked (`unlinked_at`); `cancelled_at` tells
+    a cancelled change from an address that was once active."""
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     address = models.CharField(max_length=42)  # EIP-55 checksum form
     active = models.BooleanField(default=True)
     signature = models.CharField(max_length=132)
     challenge = models.OneToOneField(WalletChallenge, on_delete=models.PROTECT, related_name="+")
-    linked_at = models.DateTimeField(auto_now_add=True)
+    linked_at = models.DateTimeField(auto_now_add=True)  # when it was asked for
+    effective_at = models.DateTimeField(null=True, blank=True)  # when it took (or, pending, takes) effect
     unlinked_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["user"], condition=Q(active=True), name="wallet_one_active_per_user"),
             models.UniqueConstraint(fields=["address"], condition=Q(active=True), name="wallet_address_active_once"),
+            models.UniqueConstraint(fields=["user"], condition=Q(active=False, unlinked_at__isnull=True),
+                                    name="wallet_one_pending_per_user"),
         ]
+        indexes = [models.Index(fields=["effective_at"], condition=Q(active=False, unlinked_at__isnull=True),
+                                name="wallet_pending_due")]
+
+    @property
+    def pending(self) -> bool:
+        return not self.active and self.unlinked_at is None
 
 
 class Epoch(models.Model):

@@ -10,7 +10,8 @@ from django.db.models import Q, QuerySet
 
 from marketplace.ledger.exceptions import NoProof
 from marketplace.ledger.fields import AmountSum
-from marketplace.ledger.models import Account, Epoch, EpochLeaf, Line, Posting, WalletLink
+from marketplace.ledger.models import Account, Earning, Epoch, EpochLeaf, Line, Posting, WalletLink
+from marketplace.ledger.postings import account_key, balance
 
 K = Account.Kind
 
@@ -68,6 +69,12 @@ def proof_for(*, user: AbstractBaseUser, address: str | None = None) -> dict[str
     }
 
 
+def verification_budget_available() -> int:
+    """What the platform's verification budget still holds (funded minus spent; never below zero)."""
+    account = Account.objects.filter(key=account_key(K.PLATFORM_VERIFICATION)).first()
+    return 0 if account is None else max(0, balance(account))
+
+
 def ledger_totals() -> dict[str, int]:
     """Balance per account kind; all kinds together sum to zero."""
     rows = Line.objects.values("account__kind").annotate(total=AmountSum("amount")).values_list("account__kind", "total")
@@ -75,7 +82,17 @@ def ledger_totals() -> dict[str, int]:
 
 
 def ledger_check() -> list[str]:
-    """Invariants of the whole ledger: every posting balances, all balances sum to zero. [] when sound."""
+    """Invariants of the whole ledger; [] when sound.
+
+    - every posting balances, all balances sum to zero, no posting is empty;
+    - no balance the marketplace owes or holds runs negative (a submitter's balance, a job's escrow, the
+      verification budget): the platform never spends more than its budget, a job never pays more than
+      it escrowed;
+    - every credit traces to one valid result and a funded source: one Earning per credit posting; its
+      result exists, was computed by its device and is not a second row of one computation (a disputed
+      known answer); it draws on that result's own job escrow (source `escrow`) or on the verification
+      budget (source `platform`), and on nothing else; and it is still valid unless the money went back
+      (reversed) or to the platform (forfeited)."""
     problems = []
     for posting_id, total in Line.objects.values("posting_id").annotate(total=AmountSum("amount")).values_list("posting_id", "total"):
         if int(total or 0) != 0:
@@ -86,4 +103,40 @@ def ledger_check() -> list[str]:
     empty = Posting.objects.filter(lines__isnull=True).count()
     if empty:
         problems.append(f"{empty} postings have no lines")
+    never_negative = (K.SUBMITTER_BALANCE, K.JOB_ESCROW, K.PLATFORM_VERIFICATION, K.CONTRIBUTOR_HELD,
+                      K.CONTRIBUTOR_SETTLED)
+    for key, total in (Account.objects.filter(kind__in=never_negative).annotate(total=AmountSum("lines__amount"))
+                       .values_list("key", "total")):
+        if int(total or 0) < 0:
+            problems.append(f"{key} is negative ({total}): more was spent than it held")
+    problems += _credits_traced()
+    return problems
+
+
+def _credits_traced() -> list[str]:
+    from marketplace.workunits.models import Result
+
+    problems = []
+    credits = Posting.objects.filter(kind=Posting.Kind.CREDIT)
+    earnings = {e.credit_id: e for e in Earning.objects.filter(credit__in=credits).select_related("result")}
+    debits: dict[int, list[str]] = {}
+    for posting_id, key in Line.objects.filter(posting__in=credits, amount__lt=0).values_list("posting_id", "account__key"):
+        debits.setdefault(posting_id, []).append(key)
+    for posting_id in credits.values_list("pk", flat=True):
+        earning = earnings.get(posting_id)
+        if earning is None:
+            problems.append(f"credit posting {posting_id} has no earning (no result it pays for)")
+            continue
+        result = earning.result
+        where = f"credit posting {posting_id} (result {result.pk})"
+        if result.device_id != earning.device_id or result.job_id != earning.job_id:
+            problems.append(f"{where} pays another device or job than the result's")
+        if result.disputes_known_answer_id is not None:
+            problems.append(f"{where} pays a disputed known answer's second row: one computation paid twice")
+        expected = {Earning.Source.ESCROW: [account_key(K.JOB_ESCROW, job_id=result.job_id)],
+                    Earning.Source.PLATFORM: [account_key(K.PLATFORM_VERIFICATION)]}.get(earning.source)
+        if debits.get(posting_id) != expected:
+            problems.append(f"{where} draws on {debits.get(posting_id)}, not its funded source {expected}")
+        if result.state != Result.State.VALID and earning.state not in (Earning.State.REVERSED, Earning.State.FORFEITED):
+            problems.append(f"{where} is {earning.state} but its result is {result.state}")
     return problems

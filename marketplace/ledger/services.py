@@ -35,20 +35,12 @@ MAX_PRICE = 10**36  # per result; keeps price x units x replication far inside 7
 # --- settings -------------------------------------------------------------------------------------
 
 def price_default() -> int:
-    return int(getattr(settings, "IDLEGRID_PRICE_PER_RESULT", 10**15))
-
-
-def fee_bps() -> int:
-    return int(getattr(settings, "IDLEGRID_PLATFORM_FEE_BPS", 500))
-
-
-def replication_expected() -> int:
-    return int(getattr(settings, "IDLEGRID_EXPECTED_REPLICATION", 2))
+    return settings.IDLEGRID_PRICE_PER_RESULT
 
 
 def fee_of(gross: int) -> int:
     """The platform's share, rounded down: the contributor never gets less than their exact share."""
-    return gross * fee_bps() // 10_000
+    return gross * settings.IDLEGRID_PLATFORM_FEE_BPS // 10_000
 
 
 def _platform(kind: str) -> Account:
@@ -71,7 +63,25 @@ def balance_grant(*, user: AbstractBaseUser, amount: int, actor: str, reason: st
         )
 
 
+def verification_budget_fund(*, amount: int, actor: str, reason: str, idempotency_key: str) -> Posting | None:
+    """Put `amount` into the platform's verification budget, out of the platform's grants: the only money
+    the platform spends on work it orders itself (known-answer copies, re-verification past a job's
+    escrow). What it spends can never exceed what was put here (`ledger_check`)."""
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise ValidationFailed("a budget is a positive integer in base units", fields={"amount": "must be > 0"})
+    if not reason.strip():
+        raise ValidationFailed("funding the budget needs a reason for the audit", fields={"reason": "required"})
+    with transaction.atomic(durable=True):
+        return posting_write(
+            kind=Posting.Kind.BUDGET, key=f"budget:{idempotency_key}", actor=actor, reason=reason,
+            entries=[(_platform(K.PLATFORM_GRANTS), -amount), (_platform(K.PLATFORM_VERIFICATION), amount)],
+        )
+
+
 # --- escrow ---------------------------------------------------------------------------------------
+
+PRICE_PROBLEM = "must be an integer number of base units between 0 and 10**36 (a string for large values)"
+
 
 def job_price_take(spec: Any) -> tuple[Any, str]:
     """Split `price_per_result` (base units, an integer or a string of digits) off a job spec before the
@@ -80,14 +90,13 @@ def job_price_take(spec: Any) -> tuple[Any, str]:
         return spec, str(price_default())
     rest = {k: v for k, v in spec.items() if k != "price_per_result"}
     value = spec["price_per_result"]
-    problem = "must be an integer number of base units between 0 and 10**36 (a string for large values)"
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValidationFailed("the job spec is invalid", fields={"price_per_result": problem})
-    if isinstance(value, str) and not value.isdigit():
-        raise ValidationFailed("the job spec is invalid", fields={"price_per_result": problem})
-    if not 0 <= int(value) <= MAX_PRICE:
-        raise ValidationFailed("the job spec is invalid", fields={"price_per_result": problem})
-    return rest, str(int(value))
+    if isinstance(value, str):
+        # ASCII digits only ("²".isdigit() is true) and short: int() refuses past 4,300 digits with a
+        # ValueError, and 10**36 has 37.
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 40 else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRICE:
+        raise ValidationFailed("the job spec is invalid", fields={"price_per_result": PRICE_PROBLEM})
+    return rest, str(value)
 
 
 def job_price(job: Job) -> int:
@@ -95,10 +104,13 @@ def job_price(job: Job) -> int:
 
 
 def escrow_amount(*, kind_module: Any, spec: dict) -> int:
+    """What a job's own spec can cost at most: every unit it plans, each paid for up to its cap of results
+    (`max_results_per_unit`, which bounds the quorum and every replica disagreement can ask for). Unused
+    escrow returns when the job ends; nothing the submitter ordered is ever paid by the platform."""
     units = kind_module.units_expected(spec)
     if isinstance(units, bool) or not isinstance(units, int) or units < 0:
         raise TypeError(f"{kind_module.__name__}.units_expected returned {units!r}, not a count")
-    return int(spec.get("price_per_result", price_default())) * units * replication_expected()
+    return int(spec.get("price_per_result", price_default())) * units * int(spec["max_results_per_unit"])
 
 
 def job_escrow_fund(*, job: Job, amount: int) -> Posting | None:
@@ -113,7 +125,7 @@ def job_escrow_fund(*, job: Job, amount: int) -> Posting | None:
     available = balance(source)
     if available < amount:
         raise InsufficientBalance(
-            f"this job escrows {amount} base units (price x units x expected replication) but your balance is "
+            f"this job escrows {amount} base units (price x units x max_results_per_unit) but your balance is "
             f"{available}; deposit or ask for a grant first",
             fields={"required": str(amount), "available": str(available)},
         )
@@ -147,29 +159,31 @@ def job_escrow_release(*, job_id: int) -> Posting | None:
 # --- earnings -------------------------------------------------------------------------------------
 
 def result_credit(*, result_id: int, now: datetime | None = None) -> Earning | None:
-    """Credit a VALID result's device owner: the price from the job's escrow (or from the platform for a
-    known-answer unit or when the escrow is spent), the fee to the platform, the rest held for the audit
-    window. Once per result, however often it is called."""
+    """Credit a VALID result's device owner, once per result however often it is called.
+
+    Work the submitter ordered (a result of one of the job's own units) is paid at the job's price from
+    the job's escrow, the fee to the platform, the rest held for the audit window. Work the platform
+    ordered (a known-answer copy), or a re-verification past what the escrow still holds, is paid at
+    IDLEGRID_VERIFICATION_PRICE out of the verification budget, without a fee; never at the job's price,
+    which the submitter chose. When neither source can pay (a free job, a spent budget) the result is
+    recorded unpaid, so that nothing is ever minted."""
     now = now or timezone.now()
     with transaction.atomic(durable=True):
         result = Result.objects.select_related("unit", "job").filter(pk=result_id).first()
         if result is None or result.state != Result.State.VALID or result.device_id is None:
             return None
+        if result.disputes_known_answer_id is not None:
+            return None  # the same computation as the copy's answer, which is the one paid
         if Earning.objects.filter(result_id=result_id).exists() or posting_exists(f"credit:result={result_id}"):
             return None
-        job, gross = result.job, job_price(result.job)
-        if gross == 0:
-            return None
-        fee, net = fee_of(gross), gross - fee_of(gross)
+        job = result.job
         held = account_get(K.CONTRIBUTOR_HELD, device_id=result.device_id)
-        escrow = account_get(K.JOB_ESCROW, job_id=job.pk)
-        account_lock(escrow)
-        if result.unit.known_answer_of_id is None and balance(escrow) >= gross:
-            source = Earning.Source.ESCROW
-            entries = [(escrow, -gross), (_platform(K.PLATFORM_FEE), fee), (held, net)]
-        else:  # the platform pays verification the submitter did not order, and takes no fee from itself
-            source, gross = Earning.Source.PLATFORM, net
-            entries = [(_platform(K.PLATFORM_VERIFICATION), -net), (held, net)]
+        source, gross, net, entries = _credit_source(result, held)
+        earning = {"result_id": result_id, "device_id": result.device_id, "job_id": job.pk,
+                   "user_id": result.owner_id or result.device.owner_id, "source": source, "gross": gross, "net": net,
+                   "settle_after": now + timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)}
+        if source == Earning.Source.UNPAID:
+            return Earning.objects.create(**earning, state=Earning.State.UNPAID, credit=None)
         posting = posting_write(
             kind=Posting.Kind.CREDIT, key=f"credit:result={result_id}", actor="system:verification",
             reason=f"valid result {result_id} of job {job.pk}", entries=entries,
@@ -177,25 +191,52 @@ def result_credit(*, result_id: int, now: datetime | None = None) -> Earning | N
         )
         if posting is None:  # a racing credit of the same result committed first
             return None
-        return Earning.objects.create(
-            result_id=result_id, device_id=result.device_id, user_id=result.owner_id or result.device.owner_id,
-            job_id=job.pk, source=source, gross=gross, net=net, credit=posting,
-            settle_after=now + timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS),
-        )
+        return Earning.objects.create(**earning, credit=posting)
+
+
+def _credit_source(result: Result, held: Account) -> tuple[str, int, int, list[tuple[Account, int]]]:
+    """(source, gross, net, entries) of a valid result's credit; the source account is locked."""
+    if result.unit.known_answer_of_id is None:
+        gross = job_price(result.job)
+        if gross == 0:
+            return Earning.Source.UNPAID, 0, 0, []
+        escrow = account_get(K.JOB_ESCROW, job_id=result.job_id)
+        account_lock(escrow)
+        if balance(escrow) >= gross:
+            fee = fee_of(gross)
+            return Earning.Source.ESCROW, gross, gross - fee, [
+                (escrow, -gross), (_platform(K.PLATFORM_FEE), fee), (held, gross - fee)]
+    price = settings.IDLEGRID_VERIFICATION_PRICE
+    budget = _platform(K.PLATFORM_VERIFICATION)
+    account_lock(budget)
+    if price == 0 or balance(budget) < price:
+        log.warning("result %s is valid but unpaid: the verification budget cannot pay %s", result.pk, price)
+        return Earning.Source.UNPAID, 0, 0, []
+    return Earning.Source.PLATFORM, price, price, [(budget, -price), (held, price)]
 
 
 def _credit_lines_reversed(earning: Earning) -> list[tuple[Account, int]]:
     return [(line.account, -line.amount) for line in earning.credit.lines.select_related("account")]
 
 
+def _earning_held_locked(earning_id: int) -> Earning | None:
+    """The earning, row-locked (PostgreSQL) so a concurrent reversal, forfeit or settlement waits; None
+    unless it is still held."""
+    earning = Earning.objects.select_for_update(of=("self",)).select_related("credit").get(pk=earning_id)
+    if earning.state == Earning.State.HELD:
+        return earning
+    if earning.state == Earning.State.SETTLED:
+        log.warning("result %s was withdrawn after its earning settled; settled earnings are final", earning.result_id)
+    return None
+
+
 def earning_reverse(*, earning_id: int, reason: str) -> bool:
     """Take back a held earning whose result was withdrawn: every line of its credit, mirrored, so the
-    money returns to the escrow (which pays the re-verification) or the platform. Settled is final."""
+    money returns to the escrow (which pays the re-verification) or the budget. Settled is final. The
+    earning row is locked first and the posting and the state move commit together or not at all."""
     with transaction.atomic(durable=True):
-        earning = Earning.objects.select_related("credit").get(pk=earning_id)
-        if earning.state != Earning.State.HELD:
-            if earning.state == Earning.State.SETTLED:
-                log.warning("result %s was withdrawn after its earning settled; settled earnings are final", earning.result_id)
+        earning = _earning_held_locked(earning_id)
+        if earning is None:
             return False
         posting = posting_write(
             kind=Posting.Kind.REVERSAL, key=f"reversal:result={earning.result_id}", actor="system:verification",
@@ -205,10 +246,10 @@ def earning_reverse(*, earning_id: int, reason: str) -> bool:
 
 
 def earning_forfeit(*, earning_id: int, reason: str) -> bool:
-    """A banned device's held earning goes to the platform."""
+    """A banned device's held earning goes to the platform (locked and atomic, as earning_reverse)."""
     with transaction.atomic(durable=True):
-        earning = Earning.objects.get(pk=earning_id)
-        if earning.state != Earning.State.HELD:
+        earning = _earning_held_locked(earning_id)
+        if earning is None:
             return False
         posting = posting_write(
             kind=Posting.Kind.FORFEIT, key=f"forfeit:result={earning.result_id}", actor="system:trust", reason=reason,
@@ -220,9 +261,13 @@ def earning_forfeit(*, earning_id: int, reason: str) -> bool:
 
 
 def _earning_close(earning: Earning, state: str, posting: Posting | None) -> bool:
+    """Close a held earning with its posting; raising rolls the posting back with it (the caller's
+    durable block), so money never moves without the state that explains it."""
     if posting is None:
         raise RuntimeError(f"earning {earning.pk} is held but its closing posting exists: ledger and rows disagree")
-    return bool(Earning.objects.filter(pk=earning.pk, state=Earning.State.HELD).update(state=state, closed_by=posting))
+    if not Earning.objects.filter(pk=earning.pk, state=Earning.State.HELD).update(state=state, closed_by=posting):
+        raise RuntimeError(f"earning {earning.pk} changed while it was being closed; nothing was posted")
+    return True
 
 
 def results_withdrawn_reverse(*, result_ids: list[int]) -> int:
@@ -273,7 +318,8 @@ def earnings_sync(*, now: datetime | None = None, limit: int = 1000) -> dict[str
     the ledger does not show yet (a crash between a commit and its hook), do now."""
     now = now or timezone.now()
     since = now - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
-    missing = list(Result.objects.filter(state=Result.State.VALID, earning__isnull=True, device__isnull=False)
+    missing = list(Result.objects.filter(state=Result.State.VALID, earning__isnull=True, device__isnull=False,
+                                         disputes_known_answer__isnull=True)
                    .filter(Q(reported_at__gte=since) | Q(reported_at__isnull=True)).values_list("pk", flat=True)[:limit])
     credited = sum(result_credit(result_id=pk, now=now) is not None for pk in missing)
     withdrawn = list(Earning.objects.filter(state=Earning.State.HELD).exclude(result__state=Result.State.VALID)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from marketplace.ledger import services
+from marketplace.ledger import services, wallets
 
 
 def _client():
@@ -15,7 +15,10 @@ def _client():
 
 @shared_task(name="ledger.sweep", acks_late=True)
 def sweep_earnings() -> dict:
-    return services.earnings_sync()
+    # Payout-address changes take effect here too, within a sweep period of their time, not only when an
+    # epoch closes: GET /api/v1/wallet/ then shows the address in effect.
+    activated = wallets.wallet_changes_activate()
+    return {**services.earnings_sync(), "wallet_changes_activated": activated}
 
 
 @shared_task(name="ledger.settle_epoch", acks_late=True)

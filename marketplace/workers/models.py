@@ -16,11 +16,21 @@ class Device(models.Model):
     secret_hash = models.CharField(max_length=64, unique=True)
     hardware = models.JSONField(default=dict)
     hardware_class = models.CharField(max_length=64, db_index=True)
+    # The facts of the machine itself (CPU, OS) as enrolled: a lease request whose facts differ on these is
+    # refused; the device must enrol again (HARDWARE_PINNED_FACTS in workers/services.py).
+    hardware_enrolled = models.JSONField(default=dict)
     state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
     valid_results = models.PositiveIntegerField(default=0)
     invalid_results = models.PositiveIntegerField(default=0)
     audits_passed = models.PositiveIntegerField(default=0)
     audits_failed = models.PositiveIntegerField(default=0)
+    # Leases that ended without an answer: given up (`fail`, which also costs a cool-down and the trust run),
+    # expired, or handed back unstarted (`release`).
+    gave_up = models.PositiveIntegerField(default=0)
+    expired = models.PositiveIntegerField(default=0)
+    released = models.PositiveIntegerField(default=0)
+    # After a give-up the device leases nothing until then.
+    cooldown_until = models.DateTimeField(null=True, blank=True)
     banned_at = models.DateTimeField(null=True, blank=True)
     ban_reason = models.TextField(blank=True)
     # Set with a ban: the device's unsettled earnings are held (the payouts ledger forfeits them).
@@ -54,3 +64,19 @@ class DeviceTrust(models.Model):
 
     def __str__(self) -> str:
         return f"trust of device {self.device_id} for {self.kind}: {'trusted' if self.trusted else 'probation'}"
+
+
+class HardwareChange(models.Model):
+    """A device's hardware class changed (new torch, another environment): the new class starts on
+    probation, and changes are limited per day (IDLEGRID_HARDWARE_CHANGES_PER_DAY)."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="hardware_changes")
+    old_class = models.CharField(max_length=64)
+    new_class = models.CharField(max_length=64)
+    changed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["device", "changed_at"])]
+
+    def __str__(self) -> str:
+        return f"device {self.device_id}: {self.old_class[:12]} -> {self.new_class[:12]}"

@@ -15,8 +15,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from marketplace.accounts.models import EnrollmentToken
-from marketplace.core.exceptions import Forbidden, RateLimited, ValidationFailed
-from marketplace.workers.models import Device
+from marketplace.core.exceptions import Conflict, Forbidden, RateLimited, ValidationFailed
+from marketplace.core.numbers import decimal_parse
+from marketplace.workers.models import Device, HardwareChange
 from worker_agent.protocol import b64decode, enroll_message
 
 # The facts that decide a device's floating-point results; devices equal on all of them form one
@@ -33,7 +34,24 @@ HARDWARE_CLASS_FACTS = (
     "torch_version", "cpu_capability", "device_type", "dtype", "deterministic", "num_threads",
     "matmul_precision", "math_env", "numerics_revision",
 )
+# The facts of the machine itself: they do not change under one device key, so a lease request whose
+# facts differ on them is refused (the device enrols again as a new device, on probation). Without this a
+# device could claim a new class at will and pick, lease by lease, whether its results are compared
+# bitwise (inside a class) or within the tolerance (across classes). The software facts (torch, the
+# environment) may change, a limited number of times a day, each new class starting on probation.
+HARDWARE_PINNED_FACTS = ("os", "machine", "cpu_vendor", "cpu_model", "cpu_flags")
 MAX_HARDWARE_JSON = 8192
+
+
+class HardwareChanged(Conflict):
+    code = "hardware_changed"
+
+
+def pinned_facts(hardware: dict[str, Any]) -> dict[str, Any]:
+    facts = {key: hardware.get(key) for key in HARDWARE_PINNED_FACTS}
+    if isinstance(facts["cpu_flags"], list) and all(isinstance(flag, str) for flag in facts["cpu_flags"]):
+        facts["cpu_flags"] = sorted(set(facts["cpu_flags"]))
+    return facts
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +97,30 @@ def _hardware_problem(hardware: Any) -> str | None:
 def device_hardware_update(*, device: Device, hardware: Any) -> bool:
     """The agent's current facts, sent with a lease request when they changed since it last sent them
     (a new torch, another environment). Stores them and the class they make, before anything is
-    leased under the old class. Returns whether anything changed; `device` is updated in place."""
+    leased under the old class. Refused when the machine's own facts differ from those it enrolled with
+    (409 hardware_changed), or when its class changed IDLEGRID_HARDWARE_CHANGES_PER_DAY times in the
+    last day (429). A new class starts on probation (trust is kept per class). Returns whether anything
+    changed; `device` is updated in place."""
     problem = _hardware_problem(hardware)
     if problem:
         raise ValidationFailed("the hardware facts are invalid", fields={"hardware": problem})
     hardware_class = hardware_class_of(hardware)
     if hardware == device.hardware and hardware_class == device.hardware_class:
         return False
-    Device.objects.filter(pk=device.pk).update(hardware=hardware, hardware_class=hardware_class)
+    enrolled = Device.objects.values_list("hardware_enrolled", flat=True).get(pk=device.pk)
+    changed = sorted(k for k, v in pinned_facts(hardware).items() if enrolled and enrolled.get(k) != v)
+    if changed:
+        raise HardwareChanged(
+            f"this device's {', '.join(changed)} differ from what it enrolled with; enrol the machine again "
+            "as a new device", fields={"hardware": f"changed: {', '.join(changed)}"})
     if hardware_class != device.hardware_class:
+        day = timezone.now() - timedelta(days=1)
+        if HardwareChange.objects.filter(device=device, changed_at__gte=day).count() >= settings.IDLEGRID_HARDWARE_CHANGES_PER_DAY:
+            raise RateLimited(f"this device's hardware class changed {settings.IDLEGRID_HARDWARE_CHANGES_PER_DAY} "
+                              "times in the last day; keep its software and environment steady")
+        HardwareChange.objects.create(device=device, old_class=device.hardware_class, new_class=hardware_class)
         log.info("device %s changed hardware class %s -> %s", device.pk, device.hardware_class[:12], hardware_class[:12])
+    Device.objects.filter(pk=device.pk).update(hardware=hardware, hardware_class=hardware_class)
     device.hardware, device.hardware_class = hardware, hardware_class
     return True
 
@@ -139,6 +171,7 @@ def device_enroll(
             secret_hash=_hash_secret(secret),
             hardware=hardware,
             hardware_class=hardware_class_of(hardware),
+            hardware_enrolled=pinned_facts(hardware),
             last_seen_at=now,
         )
         # Spend the token by conditional UPDATE: of two concurrent enrolments only one wins.
@@ -149,12 +182,14 @@ def device_enroll(
 
 
 def device_authenticate(*, device_id: str, secret: str) -> Device | None:
-    if not (device_id.isascii() and device_id.isdigit()):  # "²".isdigit() is true, but int() refuses it
+    pk = decimal_parse(device_id)  # None for "²" and for 5,000 digits, which int() refuses with a ValueError
+    if pk is None:
         return None
     # Every agent request runs this: one indexed fetch of only what authentication and the hot path use.
-    fields = ("owner__id", "owner__is_active", "secret_hash", "state", "public_key", "hardware", "hardware_class")
+    fields = ("owner__id", "owner__is_active", "secret_hash", "state", "public_key", "hardware", "hardware_class",
+              "cooldown_until")
     try:
-        device = Device.objects.select_related("owner").only(*fields).get(pk=int(device_id))
+        device = Device.objects.select_related("owner").only(*fields).get(pk=pk)
     except Device.DoesNotExist:
         return None
     if not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):

@@ -57,16 +57,15 @@ def trusted_devices(*, kind: str, at_most: int) -> int:
     )[:at_most].count()
 
 
-def lease_limit(*, device: Device, asked: int) -> int:
-    """How many units a device may lease at once: a device trusted for nothing on its hardware class (a new
-    device, a new Sybil identity) gets at most IDLEGRID_PROBATION_BATCH, BOINC's quota for new hosts: every
-    unit it takes costs a replica, so the less of the work it holds, the cheaper verification is."""
-    if asked <= settings.IDLEGRID_PROBATION_BATCH:
-        return asked
+def lease_cap(*, device: Device) -> int:
+    """How many leases a device may hold at once: a device trusted for nothing on its hardware class (a new
+    device, a new Sybil identity) holds at most IDLEGRID_PROBATION_LEASES, BOINC's quota for new hosts:
+    every unit it takes costs a replica, so the less of the work it holds, the cheaper verification is,
+    and the fewer units a hoarder can sit on."""
     trusted = DeviceTrust.objects.filter(
         device=device, hardware_class=device.hardware_class, trusted_since__isnull=False
     ).exists()
-    return asked if trusted else settings.IDLEGRID_PROBATION_BATCH
+    return settings.IDLEGRID_MAX_LEASES if trusted else settings.IDLEGRID_PROBATION_LEASES
 
 
 def trust_credit(*, device_id: int, kind: str, hardware_class: str) -> None:
@@ -89,8 +88,21 @@ def audit_passed(*, device_id: int) -> None:
 
 
 def device_ban(*, device_id: int, reason: str) -> bool:
-    """Ban for good, hold earnings, free its leases, re-verify its recent valid results. Runs once."""
+    """Ban for good, hold earnings, free its leases, re-verify its recent valid results. Runs once.
+
+    Locks first what a validation of the device's pending units locks, in the order validation takes
+    them (the unit rows, then their results), and only then the device's own rows: a validation that
+    read one of these reports finishes first, and the ban then withdraws what it decided (on PostgreSQL,
+    the other order deadlocked the two: tests/marketplace/test_races.py)."""
+    from django.db.models import Subquery
+
+    from marketplace.workunits.models import Result, WorkUnit
     from marketplace.workunits.reverify import device_results_reverify
+
+    pending = Result.objects.filter(device_id=device_id, state__in=(Result.State.IN_PROGRESS, Result.State.REPORTED))
+    list(WorkUnit.objects.select_for_update().filter(pk__in=Subquery(pending.values("unit_id"))).order_by("pk")
+         .values_list("pk", flat=True))
+    list(pending.select_for_update().order_by("pk").values_list("pk", flat=True))
 
     banned = Device.objects.filter(pk=device_id).exclude(state=Device.State.BANNED).update(
         state=Device.State.BANNED, banned_at=timezone.now(), ban_reason=reason[:2000], earnings_held=True,

@@ -1,6 +1,13 @@
-"""Known-answer units: copies of units already decided by a replicated quorum, mixed into the leases of
-devices on probation. On the wire they are ordinary units (same payload, a unit id like any other), so
-a device cannot tell them apart; a wrong answer to one is a failed audit."""
+"""Known-answer units: copies of units already decided by a replicated quorum, given to devices on
+probation in place of ordinary units. On the wire they are ordinary units (same payload, a unit id like
+any other, a place inside the device's quota at a random position of its batch), so a device cannot tell
+them apart; a wrong answer to one is a failed audit.
+
+The platform orders this work, so the platform pays for it: at IDLEGRID_VERIFICATION_PRICE out of its
+verification budget (marketplace/ledger), never at the copied job's price, and a copy is made only while
+the budget can pay for it and for every copy still out. A unit is copied at most
+IDLEGRID_KNOWN_ANSWER_MAX_COPIES times.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +15,77 @@ import random
 from datetime import datetime
 
 from django.conf import settings
-from django.db.models import Max, Min
+from django.db.models import F, Max, Min
 
 from marketplace.core.signing import unit_sign
+from marketplace.ledger.selectors import verification_budget_available
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.models import Result, WorkUnit
 
 _random = random.SystemRandom()
 
 
-def known_answer_mix_in(*, device: Device, leased: int, now: datetime, expires: datetime) -> list[tuple[int, int, int]]:
-    """With probability IDLEGRID_KNOWN_ANSWER_RATE per unit leased by a device on probation, add one
-    known-answer unit to the lease. Returns (result_id, unit_id, job_id) rows like the lease query."""
+def known_answer_draw(*, device: Device, slots: int) -> int:
+    """How many of a lease's `slots` go to known answers: each with probability IDLEGRID_KNOWN_ANSWER_RATE,
+    for a device trusted for nothing (on probation)."""
     rate = settings.IDLEGRID_KNOWN_ANSWER_RATE
-    if rate <= 0 or not any(_random.random() < rate for _ in range(leased)):
-        return []
-    if DeviceTrust.objects.filter(device=device, trusted_since__isnull=False).exists():
-        return []
-    source = _pick_source(device)
-    if source is None:
-        return []
-    copy = WorkUnit.objects.create(
-        job_id=source.job_id, index=source.index, payload=source.payload, known_answer_of=source,
-        quorum=1, max_results=1, results_created=1, replication_decided=True,
-    )
-    copy.inputs.set(source.inputs.all())
-    unit_sign(copy)  # signed like any unit, so nothing on the wire sets it apart
-    result = Result.objects.create(
-        unit=copy, job_id=source.job_id, state=Result.State.IN_PROGRESS, device=device, owner_id=device.owner_id,
-        hardware_class=device.hardware_class, leased_at=now, lease_expires_at=expires,
-    )
-    return [(result.pk, copy.pk, source.job_id)]
+    if rate <= 0:
+        return 0
+    drawn = sum(_random.random() < rate for _ in range(slots))
+    if drawn == 0 or DeviceTrust.objects.filter(device=device, trusted_since__isnull=False).exists():
+        return 0
+    return drawn
+
+
+def copies_affordable(*, wanted: int) -> int:
+    """How many more copies the verification budget can pay for, with every copy still out counted as
+    spent: a copy's answer is paid when it is validated, so the budget must already hold its price."""
+    price = settings.IDLEGRID_VERIFICATION_PRICE
+    if price == 0:
+        return wanted
+    out = WorkUnit.objects.filter(known_answer_of__isnull=False, state=WorkUnit.State.PENDING).count()
+    return max(0, min(wanted, verification_budget_available() // price - out))
+
+
+def known_answers_lease(*, device: Device, count: int, now: datetime, expires: datetime) -> list[tuple[int, int, int]]:
+    """Make up to `count` known-answer copies leased to the device. Returns (result_id, unit_id, job_id)
+    rows like the lease query."""
+    rows = []
+    for _ in range(copies_affordable(wanted=count)):
+        source = _pick_source(device)
+        if source is None:
+            break
+        copy = WorkUnit.objects.create(
+            job_id=source.job_id, index=source.index, payload=source.payload, known_answer_of=source,
+            quorum=1, max_results=1, results_created=1, replication_decided=True,
+        )
+        copy.inputs.set(source.inputs.all())
+        unit_sign(copy)  # signed like any unit, so nothing on the wire sets it apart
+        result = Result.objects.create(
+            unit=copy, job_id=source.job_id, state=Result.State.IN_PROGRESS, device=device, owner_id=device.owner_id,
+            hardware_class=device.hardware_class, leased_at=now, lease_expires_at=expires,
+        )
+        rows.append((result.pk, copy.pk, source.job_id))
+    return rows
 
 
 def _pick_source(device: Device) -> WorkUnit | None:
-    """A random unit decided by a replicated quorum (never one accepted on one device's word), of a job
-    still running or completed, that no device of this owner computed."""
+    """A random unit decided by a replicated quorum (never one accepted on one device's word), copied fewer
+    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, that no device of this owner computed. Claimed by a
+    conditional UPDATE of its copy count, so two concurrent leases cannot both make the last copy."""
+    limit = settings.IDLEGRID_KNOWN_ANSWER_MAX_COPIES
     candidates = WorkUnit.objects.filter(
         state=WorkUnit.State.DONE, known_answer_of__isnull=True, canonical_result__accepted_alone=False,
+        known_answer_copies__lt=limit,
     ).exclude(results__owner_id=device.owner_id)
-    bounds = candidates.aggregate(low=Min("pk"), high=Max("pk"))
-    if bounds["low"] is None:
-        return None
-    start = _random.randint(bounds["low"], bounds["high"])
-    return candidates.filter(pk__gte=start).order_by("pk").first() or candidates.order_by("pk").first()
-
+    for _ in range(3):  # a lost race for the last copy of one unit tries another
+        bounds = candidates.aggregate(low=Min("pk"), high=Max("pk"))
+        if bounds["low"] is None:
+            return None
+        start = _random.randint(bounds["low"], bounds["high"])
+        source = candidates.filter(pk__gte=start).order_by("pk").first() or candidates.order_by("pk").first()
+        if source is not None and WorkUnit.objects.filter(pk=source.pk, known_answer_copies__lt=limit).update(
+            known_answer_copies=F("known_answer_copies") + 1
+        ):
+            return source
+    return None

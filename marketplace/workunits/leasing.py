@@ -1,38 +1,57 @@
-"""The hot path: lease a batch of replicas in one SQL statement, renew leases, expire the dead ones."""
+"""The hot path: lease a batch of replicas in one SQL statement, renew leases, expire the dead ones.
+
+The lease policy (docs/design.md, "Lease policy") is what keeps one device from stalling other people's
+jobs: a device holds at most its quota of leases at once (IDLEGRID_PROBATION_LEASES on probation,
+IDLEGRID_MAX_LEASES once trusted), whatever it asks per request; a lease lives at most the unit's time
+limit plus IDLEGRID_LEASE_GRACE_SECONDS however often it is renewed; an owner never gets a second
+replica of a unit any of its devices touched (answered, gave up, let expire or handed back); a device
+that gave up waits out a cool-down. Known-answer copies take places inside the quota, at a random
+position, so the wire does not tell them apart.
+"""
 
 from __future__ import annotations
 
+import logging
+import random
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
 from marketplace.workers.models import Device
-from marketplace.workers.trust import lease_limit, trust_reset
-from marketplace.workunits.known_answers import known_answer_mix_in
+from marketplace.workers.trust import lease_cap, trust_reset
+from marketplace.workunits.known_answers import known_answer_draw, known_answers_lease
 from marketplace.workunits.models import Result, WorkUnit
-from marketplace.workunits.replicas import replica_issue, replication_decide
+from marketplace.workunits.replicas import replica_replace, replication_decide
 from worker_agent.protocol import b64encode
 
-# One statement claims the batch. Candidates are locked with SKIP LOCKED so concurrent leases never
-# wait on each other; GROUP BY keeps two replicas of one unit out of one batch, and NOT EXISTS keeps
-# a replica away from an owner who already holds one of that unit (a quorum needs distinct owners).
+log = logging.getLogger(__name__)
+_random = random.SystemRandom()
+
+# One statement claims the batch. Candidates are the oldest unsent replicas this owner may take (NOT
+# EXISTS: an owner never gets a replica of a unit any of its devices already had, in whatever state it
+# ended, so a quorum needs distinct owners and a give-up or an expiry cannot be retried by the same
+# owner); they are locked with SKIP LOCKED so concurrent leases never wait on each other. GROUP BY keeps
+# one replica per unit, and the batch is drawn at random from that window of old work: two devices that
+# lease back to back (two colluders, say) do not receive replicas of the same units, and none can steer
+# which units it shares with whom. The window is bounded, so the oldest work still goes first.
 _LEASE_SQL = """
 WITH candidates AS (
     SELECT r.id, r.unit_id FROM workunits_result r
     WHERE r.state = 'unsent'
       AND NOT EXISTS (
-          SELECT 1 FROM workunits_result o
-          WHERE o.unit_id = r.unit_id AND o.owner_id = %(owner)s
-            AND o.state IN ('in_progress', 'reported', 'valid', 'invalid'))
+          SELECT 1 FROM workunits_result o WHERE o.unit_id = r.unit_id AND o.owner_id = %(owner)s)
     ORDER BY r.id
     LIMIT %(candidates)s
     {lock}
 ), picked AS (
-    SELECT MIN(id) AS id FROM candidates GROUP BY unit_id ORDER BY MIN(id) LIMIT %(limit)s
+    SELECT MIN(id) AS id FROM candidates GROUP BY unit_id ORDER BY {order} LIMIT %(limit)s
 )
 UPDATE workunits_result
 SET state = 'in_progress', device_id = %(device)s, owner_id = %(owner)s, hardware_class = %(hardware_class)s,
@@ -53,52 +72,106 @@ class Lease:
     key_id: str
 
 
-def _lease_sql() -> str:
+def _lease_sql(*, draw: bool) -> str:
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
-    return _LEASE_SQL.format(lock=lock)
+    return _LEASE_SQL.format(lock=lock, order="random()" if draw else "MIN(id)")
+
+
+def lease_room(*, device: Device, asked: int, now: datetime | None = None) -> int:
+    """How many more leases the device may take now: none during a cool-down, else its quota minus what
+    it already holds (the quota counts per device, never per request)."""
+    now = now or timezone.now()
+    if device.cooldown_until is not None and device.cooldown_until > now:
+        return 0
+    held = Result.objects.filter(device=device, state=Result.State.IN_PROGRESS).count()
+    return max(0, min(asked, lease_cap(device=device) - held))
+
+
+def cooldown_remaining(*, device: Device, now: datetime | None = None) -> float:
+    """Seconds left of the device's cool-down after a give-up (0 when none)."""
+    now = now or timezone.now()
+    if device.cooldown_until is None or device.cooldown_until <= now:
+        return 0.0
+    return (device.cooldown_until - now).total_seconds()
 
 
 def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
-    """Lease up to max_units replicas of distinct units to a device, oldest first."""
+    """Lease up to max_units replicas of distinct units to a device, within its quota, from the oldest work."""
     now = timezone.now()
-    expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
-    params = {
-        "owner": device.owner_id,
-        "device": device.pk,
-        "hardware_class": device.hardware_class,
-        "now": now,
-        "expires": expires,
-        "limit": lease_limit(device=device, asked=max_units),
-    }
-    params["candidates"] = params["limit"] * 4
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_lease_sql(), params)
-        rows = cursor.fetchall()
-        if rows:
-            replication_decide(device=device, unit_ids=[unit_id for _, unit_id, _ in rows])
-            rows += known_answer_mix_in(device=device, leased=len(rows), now=now, expires=expires)
-    if not rows:
+    room = lease_room(device=device, asked=max_units, now=now)
+    if room == 0:
         return []
-    units = {
-        pk: (payload, b64encode(bytes(signature)) if signature is not None else None, key_id)
-        for pk, payload, signature, key_id in WorkUnit.objects.filter(
-            pk__in=[unit_id for _, unit_id, _ in rows]
-        ).values_list("id", "payload", "signature", "signing_key_id")
-    }
-    rows.sort()
-    return [Lease(result_id, unit_id, job_id, expires, *units[unit_id]) for result_id, unit_id, job_id in rows]
+    expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
+    drawn = known_answer_draw(device=device, slots=room)
+    with transaction.atomic(), connection.cursor() as cursor:
+        # Known answers first, so that a place drawn for one that cannot be made (no budget, no source)
+        # goes to ordinary work.
+        rows = known_answers_lease(device=device, count=drawn, now=now, expires=expires) if drawn else []
+        if room > len(rows):
+            window = settings.IDLEGRID_LEASE_DRAW_WINDOW
+            params = {
+                "owner": device.owner_id, "device": device.pk, "hardware_class": device.hardware_class,
+                "now": now, "expires": expires, "limit": room - len(rows),
+                "candidates": max(window, 4 * (room - len(rows))),
+            }
+            cursor.execute(_lease_sql(draw=window > 1), params)
+            leased = cursor.fetchall()
+            if leased:
+                replication_decide(device=device, unit_ids=[unit_id for _, unit_id, _ in leased])
+            rows += leased
+        if not rows:
+            return []
+        units = {
+            pk: (payload, b64encode(bytes(signature)) if signature is not None else None, key_id)
+            for pk, payload, signature, key_id in WorkUnit.objects.filter(
+                pk__in=[unit_id for _, unit_id, _ in rows]
+            ).values_list("id", "payload", "signature", "signing_key_id")
+        }
+        deadlines = _deadlines_set(rows, units, now=now, expires=expires)
+    leases = [
+        Lease(result_id, unit_id, job_id, min(expires, deadlines[result_id]), *units[unit_id])
+        for result_id, unit_id, job_id in rows
+    ]
+    if settings.IDLEGRID_LEASE_DRAW_WINDOW > 1:
+        _random.shuffle(leases)  # the position in a batch says nothing either (copies are made first)
+    else:
+        leases.sort(key=lambda lease: lease.unit_id)  # strictly oldest first, as configured
+    return leases
+
+
+def _time_limit(payload: dict[str, Any]) -> float:
+    limits = payload.get("limits") if isinstance(payload, dict) else None
+    seconds = limits.get("seconds") if isinstance(limits, dict) else None
+    return float(seconds) if isinstance(seconds, int | float) and seconds > 0 else 300.0
+
+
+def _deadlines_set(rows: list[tuple[int, int, int]], units: dict[int, tuple], *, now: datetime,
+                   expires: datetime) -> dict[int, datetime]:
+    """Record each new lease's hard deadline (leased now + the unit's time limit + the grace): one UPDATE
+    per distinct time limit, which is one for a batch of one job's units."""
+    grace = settings.IDLEGRID_LEASE_GRACE_SECONDS
+    by_deadline: dict[datetime, list[int]] = defaultdict(list)
+    deadlines = {}
+    for result_id, unit_id, _ in rows:
+        deadline = now + timedelta(seconds=_time_limit(units[unit_id][0]) + grace)
+        by_deadline[deadline].append(result_id)
+        deadlines[result_id] = deadline
+    for deadline, result_ids in by_deadline.items():
+        Result.objects.filter(pk__in=result_ids).update(lease_deadline=deadline, lease_expires_at=min(expires, deadline))
+    return deadlines
 
 
 def lease_renew(*, device: Device, result_ids: list[int]) -> tuple[list[int], datetime]:
-    """Extend the device's live leases; returns the ids renewed (the others were lost) and the new deadline."""
+    """Extend the device's live leases, never past each one's deadline; returns the ids still held (the
+    others were lost) and the new expiry of a lease not yet at its deadline."""
     now = timezone.now()
     expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
     live = Result.objects.filter(
         pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
     )
-    live.update(lease_expires_at=expires)
+    live.update(lease_expires_at=Least(Value(expires), Coalesce(F("lease_deadline"), Value(expires))))
     renewed = list(
-        Result.objects.filter(pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at=expires)
+        Result.objects.filter(pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now)
         .order_by("pk")
         .values_list("pk", flat=True)
     )
@@ -107,21 +180,33 @@ def lease_renew(*, device: Device, result_ids: list[int]) -> tuple[list[int], da
 
 
 def leases_expire(*, batch: int = 1000) -> int:
-    """Expire leases past their deadline and issue a replacement replica for each. Safe to run twice."""
+    """Expire leases past their expiry and issue a replacement replica for each. Safe to run twice. One
+    lease that cannot be expired (a broken row) is logged and skipped; the others still expire."""
     now = timezone.now()
     expired = 0
+    failed: set[int] = set()
     while True:
-        with transaction.atomic():
-            rows = list(
-                Result.objects.select_for_update(skip_locked=True)
-                .filter(state=Result.State.IN_PROGRESS, lease_expires_at__lt=now)
-                .values_list("pk", "unit_id", "device_id", "job__kind")[:batch]
-            )
-            if not rows:
-                return expired
-            for pk, unit_id, device_id, kind in rows:
-                # Conditional: a report racing this sweep wins or loses as a whole.
-                if Result.objects.filter(pk=pk, state=Result.State.IN_PROGRESS).update(state=Result.State.EXPIRED):
-                    expired += 1
-                    trust_reset(device_id=device_id, kind=kind, reason="a lease expired")
-                    replica_issue(unit_id=unit_id, reason="a lease expired")
+        rows = list(
+            Result.objects.filter(state=Result.State.IN_PROGRESS, lease_expires_at__lt=now)
+            .exclude(pk__in=failed).order_by("lease_expires_at")
+            .values_list("pk", "unit_id", "device_id", "owner_id", "job__kind")[:batch]
+        )
+        if not rows:
+            return expired
+        for row in rows:
+            try:
+                expired += _lease_expire(*row)
+            except Exception:  # isolated: one bad row must not stop every other lease from expiring
+                log.exception("lease of result %s could not be expired; skipped this sweep", row[0])
+                failed.add(row[0])
+
+
+def _lease_expire(pk: int, unit_id: int, device_id: int, owner_id: int, kind: str) -> int:
+    with transaction.atomic():
+        # Conditional: a report racing this sweep wins or loses as a whole.
+        if not Result.objects.filter(pk=pk, state=Result.State.IN_PROGRESS).update(state=Result.State.EXPIRED):
+            return 0
+        Device.objects.filter(pk=device_id).update(expired=F("expired") + 1)
+        trust_reset(device_id=device_id, kind=kind, reason="a lease expired")
+        replica_replace(unit_id=unit_id, reason="a lease expired", gave_up_owner=owner_id)
+    return 1

@@ -30,6 +30,11 @@ class WorkUnit(models.Model):
     signing_key_id = models.CharField(max_length=64, blank=True)
     # A known-answer unit copies a decided unit; its result is checked against that unit's answer.
     known_answer_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    # How many known-answer copies of this (decided) unit were made: bounded by IDLEGRID_KNOWN_ANSWER_MAX_COPIES.
+    known_answer_copies = models.PositiveSmallIntegerField(default=0)
+    # Rows of the submitter's own known answers hidden among the unit's rows, [[position, known row], ...]:
+    # server-side only (never in the payload), checked at validation and dropped from the merged output.
+    hidden_rows = models.JSONField(default=list, blank=True)
     # An audit: a unit whose first replica went to a trusted device but which is replicated all the same.
     audit = models.BooleanField(default=False)
     # Whether the replication level was chosen (at the first lease, from the leasing device's trust).
@@ -62,7 +67,8 @@ class Result(models.Model):
         VALID = "valid"
         INVALID = "invalid"
         EXPIRED = "expired"
-        CLIENT_ERROR = "client_error"
+        CLIENT_ERROR = "client_error"  # the device gave up on it (`fail`)
+        RELEASED = "released"  # the device handed it back unstarted (`release`, at shutdown)
         CANCELLED = "cancelled"
 
     unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="results")
@@ -73,6 +79,8 @@ class Result(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     leased_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # The latest a renewal may push lease_expires_at: leased_at + the unit's time limit + the grace.
+    lease_deadline = models.DateTimeField(null=True, blank=True)
     reported_at = models.DateTimeField(null=True, blank=True)
     output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     signature = models.BinaryField(max_length=64, null=True, blank=True)
@@ -83,6 +91,13 @@ class Result(models.Model):
     hardware_class = models.CharField(max_length=64, blank=True)
     # Accepted on a trusted device's word alone: re-verified if that device is ever banned.
     accepted_alone = models.BooleanField(default=False)
+    # Set by the marketplace only: this row counts, on the original unit, the answer a device gave to a
+    # known-answer copy of it (verification._dispute). One computation in two rows: this one is never paid.
+    disputes_known_answer = models.ForeignKey(
+        WorkUnit, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    # The output disagreed with the submitter's own known answers hidden in the unit (WorkUnit.hidden_rows).
+    failed_known_rows = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -90,6 +105,8 @@ class Result(models.Model):
             # The lease query reads only unsent rows; finished rows never enter this index.
             models.Index(fields=["id"], condition=Q(state="unsent"), name="result_unsent"),
             models.Index(fields=["lease_expires_at"], condition=Q(state="in_progress"), name="result_in_progress"),
+            # The leases a device holds now: its quota is counted on every lease request.
+            models.Index(fields=["device"], condition=Q(state="in_progress"), name="result_held"),
             models.Index(fields=["unit", "owner"]),
             models.Index(fields=["job", "state"]),
         ]

@@ -1,7 +1,20 @@
-"""Issuing replicas of a unit under its cap, and what happens when the cap is reached."""
+"""Issuing replicas of a unit, and what happens when no more can be had.
+
+Two ways a unit gets another replica, counted differently:
+
+- `replica_issue`: the unit needs one more *answer* (results disagree, a trusted device must confirm, a
+  ban or a dispute re-decides it). It counts against the unit's cap of results (`max_results`): past
+  the cap the unit errors, since that many answers came and no quorum formed.
+- `replica_replace`: a replica ended *without an answer* (given up, expired, handed back, freed by a
+  ban). The replacement does not count against the cap, so no device can use up a unit's cap by
+  leasing and dropping it; owners who gave up or let a lease expire are counted instead, and the unit
+  errors (failing its job) only once devices of IDLEGRID_GIVE_UP_OWNERS distinct owners did. The lease
+  query keeps every owner off a unit it touched, so each owner counts at most once.
+"""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
@@ -10,14 +23,20 @@ from marketplace.workers.models import Device
 from marketplace.workunits.models import Result, WorkUnit
 
 IN_FLIGHT = (Result.State.UNSENT, Result.State.IN_PROGRESS, Result.State.REPORTED)
+GAVE_UP = (Result.State.CLIENT_ERROR, Result.State.EXPIRED)
+
+
+def _validate_later(unit_id: int) -> None:
+    from marketplace.workunits.tasks import validate_unit  # tasks import leasing, which imports this module
+
+    if WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.PENDING).update(need_validate=True):
+        validate_unit.delay_on_commit(unit_id)
 
 
 def replica_issue(*, unit_id: int, reason: str) -> bool:
     """Create one more unsent replica if the unit is pending, its job running and the unit under its cap; else
     error the unit when nothing is left in flight, or queue it for validation when only reported results are.
     Runs inside the caller's transaction. Returns whether a replica was made."""
-    from marketplace.workunits.tasks import validate_unit  # tasks import leasing, which imports this module
-
     # A failed job computes nothing more: its unsent replicas were cancelled, so issue none.
     counted = WorkUnit.objects.filter(
         pk=unit_id, state=WorkUnit.State.PENDING, results_created__lt=F("max_results"), job__state=Job.State.RUNNING
@@ -26,15 +45,44 @@ def replica_issue(*, unit_id: int, reason: str) -> bool:
         job_id = WorkUnit.objects.values_list("job_id", flat=True).get(pk=unit_id)
         Result.objects.create(unit_id=unit_id, job_id=job_id)
         return True
+    _nothing_more(unit_id, f"{reason}, and the unit reached its cap of results without a quorum")
+    return False
+
+
+def replica_replace(*, unit_id: int, reason: str, gave_up_owner: int | None = None) -> bool:
+    """A replica ended without an answer: replace it (uncounted) so the unit is not left short. When the
+    owner gave up or let the lease expire (`gave_up_owner`), the unit errors instead once devices of
+    IDLEGRID_GIVE_UP_OWNERS distinct owners have. A known-answer copy is never replaced: it was made for
+    one device. Runs inside the caller's transaction. Returns whether a replica was made."""
+    unit = WorkUnit.objects.only("state", "known_answer_of_id", "job_id").get(pk=unit_id)
+    if unit.state != WorkUnit.State.PENDING:
+        return False
+    if unit.known_answer_of_id is not None:
+        unit_error(unit_id=unit_id, reason=f"{reason} (a known-answer copy: nothing to replace)")
+        return False
+    if gave_up_owner is not None:
+        gave_up = Result.objects.filter(unit_id=unit_id, state__in=GAVE_UP).exclude(owner_id=None)
+        owners = gave_up.values("owner_id").distinct().count()
+        if owners >= settings.IDLEGRID_GIVE_UP_OWNERS:
+            errors = sorted({e[:120] or "lease expired" for e in gave_up.values_list("error", flat=True)})[:5]
+            unit_error(unit_id=unit_id, reason=(
+                f"devices of {owners} different owners gave up on it or let its lease expire "
+                f"({'; '.join(errors)})"))
+            return False
+    if not Job.objects.filter(pk=unit.job_id, state=Job.State.RUNNING).exists():
+        return False
+    Result.objects.create(unit_id=unit_id, job_id=unit.job_id)
+    return True
+
+
+def _nothing_more(unit_id: int, reason: str) -> None:
     in_flight = Result.objects.filter(unit_id=unit_id, state__in=IN_FLIGHT)
     if not in_flight.exists():
-        unit_error(unit_id=unit_id, reason=f"{reason}, and the unit reached its cap of results without a quorum")
+        unit_error(unit_id=unit_id, reason=reason)
     elif not in_flight.exclude(state=Result.State.REPORTED).exists():
         # Only reported results are left and none can be added: validation must decide (quorum or error),
         # or nothing would ever look at this unit again.
-        if WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.PENDING).update(need_validate=True):
-            validate_unit.delay_on_commit(unit_id)
-    return False
+        _validate_later(unit_id)
 
 
 def replication_decide(*, device: Device, unit_ids: list[int]) -> None:

@@ -4,8 +4,9 @@ the jobs whose outputs it touched are reopened and merged anew."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -19,15 +20,20 @@ from marketplace.workunits.models import Result, WorkUnit
 log = logging.getLogger(__name__)
 
 
+# An owner's answers checked again after one of them failed a submitter's known rows: at most this many
+# of its most recent decided units, each re-decided with one owner more than vouched for it.
+RECHECK_MAX_UNITS = 200
+
+
 def device_results_reverify(*, device_id: int, since: datetime) -> int:
     """Free the banned device's leases, refuse its pending reports, and reopen every decided unit that
     counted one of its valid results since `since`. Returns the number of units reopened."""
-    from marketplace.workunits.replicas import replica_issue
+    from marketplace.workunits.replicas import replica_replace
     from marketplace.workunits.tasks import validate_unit
 
     for pk, unit_id in Result.objects.filter(device_id=device_id, state=Result.State.IN_PROGRESS).values_list("pk", "unit_id"):
         if Result.objects.filter(pk=pk, state=Result.State.IN_PROGRESS).update(state=Result.State.EXPIRED):
-            replica_issue(unit_id=unit_id, reason="the device holding the lease was banned")
+            replica_replace(unit_id=unit_id, reason="the device holding the lease was banned")
     pending = list(Result.objects.filter(device_id=device_id, state=Result.State.REPORTED).values_list("unit_id", flat=True))
     Result.objects.filter(device_id=device_id, state=Result.State.REPORTED).update(state=Result.State.INVALID)
     for unit_id in pending:
@@ -35,22 +41,23 @@ def device_results_reverify(*, device_id: int, since: datetime) -> int:
             validate_unit.delay_on_commit(unit_id)
     vouched = list(
         Result.objects.filter(device_id=device_id, state=Result.State.VALID, reported_at__gte=since)
-        .values_list("pk", "unit_id")
+        .values_list("pk", "unit_id", "disputes_known_answer_id")
     )
-    Result.objects.filter(pk__in=[pk for pk, _ in vouched]).update(state=Result.State.INVALID)
-    ledger_hooks.results_withdrawn([pk for pk, _ in vouched])  # their held earnings are taken back
-    # Floored: a disputed known answer is one computation in two valid rows (the copy's, settled by
-    # verification._known_answer_resolve, and the one counted on the original), but one count; going
-    # below zero fails the counter's CHECK and with it the whole validation that banned the device.
+    Result.objects.filter(pk__in=[pk for pk, _, _ in vouched]).update(state=Result.State.INVALID)
+    ledger_hooks.results_withdrawn([pk for pk, _, _ in vouched])  # their held earnings are taken back
+    # A disputed known answer's row on the original unit was never counted (verification._judge): only the
+    # device's own computations move between the counters. Floored all the same: going below zero fails
+    # the counter's CHECK and with it the whole validation that banned the device.
+    counted = sum(1 for _, _, mirror in vouched if mirror is None)
     Device.objects.filter(pk=device_id).update(
-        valid_results=Greatest(F("valid_results") - len(vouched), 0), invalid_results=F("invalid_results") + len(vouched)
+        valid_results=Greatest(F("valid_results") - counted, 0), invalid_results=F("invalid_results") + counted
     )
-    reopened = sum(_unit_recheck(unit_id=unit_id) for _, unit_id in vouched)
+    reopened = sum(_unit_reverify(unit_id=unit_id) for _, unit_id, _ in vouched)
     log.warning("device %s: %s valid results withdrawn, %s units reopened", device_id, len(vouched), reopened)
     return reopened
 
 
-def _unit_recheck(*, unit_id: int) -> bool:
+def _unit_reverify(*, unit_id: int) -> bool:
     """Reopen a decided unit whose remaining valid results (from unbanned devices) no longer make a quorum."""
     from marketplace.workunits.replicas import replica_issue
 
@@ -79,6 +86,47 @@ def _unit_recheck(*, unit_id: int) -> bool:
     for _ in range(quorum - owners):
         replica_issue(unit_id=unit.pk, reason="re-verification after a ban")
     return True
+
+
+def unit_recheck(*, unit_id: int, reason: str) -> bool:
+    """Decide a done unit again, asking one owner more than vouched for its answer: as many replicas as
+    there were vouching owners are issued. An honest answer is confirmed by them and stands; a wrong one
+    (colluders who decided it together) loses to the new owners, and the results that vouched for it are
+    overturned (verification._accept). The job reopens meanwhile. False when the unit is not done (already
+    being re-decided, say). Runs inside the caller's transaction."""
+    from marketplace.workunits.replicas import replica_issue
+
+    unit = WorkUnit.objects.only("state", "known_answer_of_id", "job_id").get(pk=unit_id)
+    if unit.known_answer_of_id is not None or unit.state != WorkUnit.State.DONE:
+        return False
+    vouching = Result.objects.filter(unit_id=unit_id, state=Result.State.VALID).values("owner_id").distinct().count()
+    reopened = WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.DONE).update(
+        state=WorkUnit.State.PENDING, canonical_result=None, finished_at=None, quorum=vouching + 1,
+        replication_decided=True, max_results=F("max_results") + vouching + 2,
+    )
+    if not reopened:
+        return False
+    log.info("unit %s re-decided: %s", unit_id, reason)
+    job_reopen(unit.job_id)
+    for _ in range(vouching):
+        replica_issue(unit_id=unit_id, reason=reason)
+    return True
+
+
+def owner_answers_recheck(*, owner_id: int, reason: str) -> int:
+    """Check again the owner's recent answers (its devices' valid results of the audit window, the most
+    recent RECHECK_MAX_UNITS units), each unit re-decided with one owner more than vouched for it. Nothing
+    is taken from the owner unless the re-decision overturns its answer. Returns the units reopened."""
+    since = timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
+    units = list(
+        Result.objects.filter(owner_id=owner_id, state=Result.State.VALID, reported_at__gte=since,
+                              unit__state=WorkUnit.State.DONE, unit__known_answer_of__isnull=True)
+        .order_by("-reported_at").values_list("unit_id", flat=True).distinct()[:RECHECK_MAX_UNITS]
+    )
+    reopened = sum(unit_recheck(unit_id=unit_id, reason=reason) for unit_id in units)
+    if reopened:
+        log.warning("owner %s: %s of its answers are checked again (%s)", owner_id, reopened, reason)
+    return reopened
 
 
 def job_reopen(job_id: int) -> None:

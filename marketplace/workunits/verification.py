@@ -2,7 +2,15 @@
 owners agree; agreeing results are valid, the others invalid; disagreement issues another replica.
 A unit whose first lease went to a trusted device has quorum 1 (accepted on its word) unless it was
 chosen for an audit; a wrong audited or known-answer result, or a valid result later overturned, bans
-the device (see marketplace/workers/trust.py)."""
+the device (see marketplace/workers/trust.py).
+
+A unit may hide some of the submitter's own known answers among its rows (`WorkUnit.hidden_rows`): an
+answer that disagrees with them can never decide the unit, and once an answer that agrees with them
+decides it, every device that disagreed loses and its owner's other answers are checked again.
+
+Every marker this module keeps is a column the marketplace writes; nothing an agent sends (its report's
+`metrics` above all) is read here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import logging
 from collections.abc import Sequence
 
 from django.conf import settings
-from django.db import transaction
+from django.db import OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -21,10 +29,13 @@ from marketplace.workers.models import Device
 from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset, trusted_devices
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, unit_error
-from marketplace.workunits.reverify import job_reopen
+from marketplace.workunits.reverify import owner_answers_recheck, unit_recheck
 
 log = logging.getLogger(__name__)
-DISPUTE = "disputes_known_answer"  # marks a challenger's answer counted on the original unit
+
+
+class _Raced(Exception):
+    """A result this validation counted was moved by someone else meanwhile: nothing of it is kept."""
 
 
 def _agree(spec: dict, kind: str, a: Result, b: Result) -> bool:
@@ -37,11 +48,27 @@ def _agree(spec: dict, kind: str, a: Result, b: Result) -> bool:
     )
 
 
-def _group(spec: dict, kind: str, results: Sequence[Result]) -> list[list[Result]]:
+def _known_rows_ok(unit: WorkUnit, results: Sequence[Result]) -> dict[int, bool]:
+    """Per result: whether its output agrees with the submitter's known answers hidden in the unit (all
+    True for a unit without any). Read once per distinct output."""
+    if not unit.hidden_rows:
+        return {r.pk: True for r in results}
+    storage, by_output = get_storage(), {}
+    module = kind_module(unit.job.kind)
+    for result in results:
+        if result.output_id not in by_output:
+            by_output[result.output_id] = module.known_rows_agree(
+                unit.job.spec, unit.hidden_rows, storage.path(result.output_id))
+    return {r.pk: by_output[r.output_id] for r in results}
+
+
+def _group(spec: dict, kind: str, results: Sequence[Result], known_ok: dict[int, bool]) -> list[list[Result]]:
+    """Results that agree, in groups; an answer that passes the submitter's known rows never shares a
+    group with one that fails them."""
     groups: list[list[Result]] = []
     for result in results:
         for group in groups:
-            if _agree(spec, kind, group[0], result):
+            if known_ok[group[0].pk] == known_ok[result.pk] and _agree(spec, kind, group[0], result):
                 group.append(result)
                 break
         else:
@@ -49,39 +76,70 @@ def _group(spec: dict, kind: str, results: Sequence[Result]) -> list[list[Result
     return groups
 
 
-def _judge(results: Sequence[Result], state: str, *, accepted_alone: bool = False) -> None:
+def _judge(results: Sequence[Result], state: str, *, accepted_alone: bool = False, strict: bool = False) -> None:
+    """Move reported results to valid or invalid, count them on their devices and (valid) credit them.
+    `strict`: every one of them must still be reported, or the whole validation is redone (_Raced)."""
     if not results:
         return
-    Result.objects.filter(pk__in=[r.pk for r in results], state=Result.State.REPORTED).update(
-        state=state, accepted_alone=accepted_alone
-    )
+    ids = [r.pk for r in results]
+    moved = Result.objects.filter(pk__in=ids, state=Result.State.REPORTED).update(state=state, accepted_alone=accepted_alone)
+    if strict and moved != len(ids):
+        raise _Raced(f"{len(ids) - moved} of results {ids} were moved while they were being judged")
     counter = "valid_results" if state == Result.State.VALID else "invalid_results"
+    # A disputed known answer's row on the original unit repeats the copy's answer: counted and paid once,
+    # on the copy (_known_answer_resolve).
+    own = [r for r in results if r.disputes_known_answer_id is None]
     if state == Result.State.VALID:
-        ledger_hooks.results_valid([r.pk for r in results])  # after commit; idempotent per result
-    for result in results:
+        ledger_hooks.results_valid([r.pk for r in own])  # after commit; idempotent per result
+    for result in own:
         Device.objects.filter(pk=result.device_id).update(**{counter: F(counter) + 1})
 
 
 def unit_validate(*, unit_id: int) -> str:
-    """Judge a unit's reported results. Safe to run twice and concurrently (the unit row is locked)."""
-    with transaction.atomic():
-        unit = WorkUnit.objects.select_for_update().select_related("job").get(pk=unit_id)
-        WorkUnit.objects.filter(pk=unit_id).update(need_validate=False)
-        reported = list(unit.results.filter(state=Result.State.REPORTED).order_by("reported_at", "pk"))
-        if unit.state == WorkUnit.State.DONE:
-            _judge_late(unit, reported)
-            return "done"
-        if unit.state == WorkUnit.State.ERROR or not reported:
-            return unit.state
-        if unit.known_answer_of_id is not None:
-            return _judge_known_answer(unit, reported)
-        return _seek_quorum(unit, reported)
+    """Judge a unit's reported results. Safe to run twice and concurrently: the unit row and its reported
+    results are locked, and if anything this validation counted moved meanwhile (a ban withdrew it), all
+    of it rolls back and the unit is queued to be looked at again."""
+    try:
+        with transaction.atomic():
+            return _validate(unit_id)
+    except (_Raced, OperationalError) as exc:
+        if isinstance(exc, OperationalError) and not _deadlock(exc):
+            raise
+        # Nothing of this validation was kept; the unit waits for the next one (the sweep, at the latest).
+        log.warning("unit %s: validation raced (%s); it will be validated again", unit_id, exc)
+        WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.PENDING).update(need_validate=True)
+        return "retry"
+
+
+def _deadlock(exc: OperationalError) -> bool:
+    """PostgreSQL chose this transaction to break a deadlock (SQLSTATE 40P01) or a serialization failure."""
+    return getattr(exc.__cause__, "sqlstate", None) in ("40P01", "40001")
+
+
+def _validate(unit_id: int) -> str:
+    unit = WorkUnit.objects.select_for_update().select_related("job").get(pk=unit_id)
+    WorkUnit.objects.filter(pk=unit_id).update(need_validate=False)
+    # Locked: a ban that would withdraw one of these waits until this validation has committed, then
+    # withdraws it (reverify), rather than moving it under a decision that counted it.
+    reported = list(
+        unit.results.select_for_update(of=("self",)).filter(state=Result.State.REPORTED)
+        .exclude(device__state=Device.State.BANNED).order_by("reported_at", "pk")
+    )
+    if unit.state == WorkUnit.State.DONE:
+        _judge_late(unit, reported)
+        return "done"
+    if unit.state == WorkUnit.State.ERROR or not reported:
+        return unit.state
+    if unit.known_answer_of_id is not None:
+        return _judge_known_answer(unit, reported)
+    return _seek_quorum(unit, reported)
 
 
 def _judge_late(unit: WorkUnit, reported: list[Result]) -> None:
     """A replica reported after the unit was decided is judged against the canonical result."""
     canonical = Result.objects.get(pk=unit.canonical_result_id)
-    agreeing = [r for r in reported if _agree(unit.job.spec, unit.job.kind, canonical, r)]
+    known_ok = _known_rows_ok(unit, reported)
+    agreeing = [r for r in reported if known_ok[r.pk] and _agree(unit.job.spec, unit.job.kind, canonical, r)]
     _judge(agreeing, Result.State.VALID)
     for result in agreeing:
         trust_credit(device_id=result.device_id, kind=unit.job.kind, hardware_class=result.hardware_class)
@@ -89,6 +147,7 @@ def _judge_late(unit: WorkUnit, reported: list[Result]) -> None:
     _judge(wrong, Result.State.INVALID)
     for result in wrong:
         trust_reset(device_id=result.device_id, kind=unit.job.kind, reason="an invalid result")
+    _known_rows_failed(unit, [r for r in wrong if not known_ok[r.pk]], proven=_trusted_in([canonical], unit.job.kind))
 
 
 def _judge_known_answer(unit: WorkUnit, reported: list[Result]) -> str:
@@ -113,32 +172,26 @@ def _dispute(copy: WorkUnit, original: WorkUnit, challenger: Result) -> None:
     """A known answer is only as good as the quorum that made it (colluders may have made it). A different
     answer reopens the original unit, counts the challenger's answer there, and requires one owner more
     than vouched for the old answer; whoever loses the re-decision is banned: the challenger, or the
-    devices that vouched for a wrong answer (see _accept)."""
-    vouching = original.results.filter(state=Result.State.VALID).values("owner_id").distinct().count()
-    reopened = WorkUnit.objects.filter(pk=original.pk, state=WorkUnit.State.DONE).update(
-        state=WorkUnit.State.PENDING, canonical_result=None, finished_at=None, quorum=vouching + 1,
-        replication_decided=True, max_results=F("max_results") + vouching + 2,
-    )
+    devices that vouched for a wrong answer (see _accept). The row counted on the original is marked by
+    its own column (never by anything the device sent) and is neither paid nor counted again."""
     Result.objects.create(
         unit=original, job_id=original.job_id, state=Result.State.REPORTED, device_id=challenger.device_id,
         owner_id=challenger.owner_id, hardware_class=challenger.hardware_class, leased_at=challenger.leased_at,
         lease_expires_at=challenger.lease_expires_at, reported_at=challenger.reported_at,
-        output_id=challenger.output_id, signature=challenger.signature, metrics={DISPUTE: copy.pk},
+        output_id=challenger.output_id, signature=challenger.signature, disputes_known_answer=copy,
     )
-    if not reopened:  # already being re-decided: the challenger's answer simply joins that decision
-        return
-    job_reopen(original.job_id)
-    for _ in range(vouching):
-        replica_issue(unit_id=original.pk, reason="a known answer was disputed")
+    # Already being re-decided: the challenger's answer simply joins that decision.
+    unit_recheck(unit_id=original.pk, reason="a known answer was disputed")
 
 
 def _known_answer_resolve(copy_id: int, *, right: bool) -> None:
-    """The dispute over a known answer is settled: judge the challenger's answer on the copy accordingly."""
-    copy = WorkUnit.objects.get(pk=copy_id)
+    """The dispute over a known answer is settled: judge the challenger's answer on the copy accordingly
+    (that row is the computation: it is the one counted and paid)."""
+    copy = WorkUnit.objects.select_related("job").get(pk=copy_id)
     answer = copy.results.filter(state=Result.State.REPORTED).first()
     if answer is None:
         return
-    Result.objects.filter(pk=answer.pk).update(state=Result.State.VALID if right else Result.State.INVALID)
+    _judge([answer], Result.State.VALID if right else Result.State.INVALID)
     if right:
         trust_credit(device_id=answer.device_id, kind=copy.job.kind, hardware_class=answer.hardware_class)
         audit_passed(device_id=answer.device_id)
@@ -154,27 +207,58 @@ def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
         # Left to one trusted device's word, but that device lost its trust since: replicate after all.
         unit.quorum = max(2, unit.job.spec.get("quorum", 2))
         WorkUnit.objects.filter(pk=unit.pk).update(quorum=unit.quorum)
-    vouched = list(unit.results.filter(state=Result.State.VALID).exclude(device__state=Device.State.BANNED))
-    groups = _group(unit.job.spec, kind, vouched + reported)
-    # Most owners wins; between as many, the answer a trusted device vouches for.
-    best = max(groups, key=lambda g: (len({r.owner_id for r in g}), len(groups) > 1 and _confirmed(unit, g, kind)))
-    owners = len({r.owner_id for r in best})
+    vouched = list(unit.results.select_for_update(of=("self",)).filter(state=Result.State.VALID)
+                   .exclude(device__state=Device.State.BANNED))
+    considered = vouched + reported
+    known_ok = _known_rows_ok(unit, considered)
+    groups = _group(unit.job.spec, kind, considered, known_ok)
+    # Only an answer that agrees with the submitter's known rows may decide (every answer, without them).
+    eligible = [g for g in groups if known_ok[g[0].pk]]
     outstanding = unit.results.filter(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS)).count()
-    if owners >= unit.quorum and not _confirmed(unit, best, kind):
-        # Devices on probation (every new Sybil identity among them) may not decide a unit among
-        # themselves once trusted devices exist: one more replica, up to the cap, for a trusted one to confirm.
-        if outstanding or replica_issue(unit_id=unit.pk, reason="no trusted device confirms the answer"):
-            return "pending"
-    if owners >= unit.quorum:
-        _accept(unit, best, [r for group in groups if group is not best for r in group])
-        return "done"
+    if eligible:
+        # Most owners wins; between as many, the answer a trusted device vouches for.
+        best = max(eligible, key=lambda g: (_owners(g), len(groups) > 1 and _confirmed(unit, g, kind)))
+        owners = _owners(best)
+        if owners >= unit.quorum and not _confirmed(unit, best, kind):
+            # Devices on probation (every new Sybil identity among them) may not decide a unit among
+            # themselves once trusted devices exist: one more replica, up to the cap, for a trusted one to confirm.
+            if outstanding or replica_issue(unit_id=unit.pk, reason="no trusted device confirms the answer"):
+                return "pending"
+        if owners >= unit.quorum:
+            _accept(unit, best, [r for group in groups if group is not best for r in group], known_ok)
+            return "done"
+    else:
+        owners = 0
     for _ in range(max(0, unit.quorum - owners - outstanding)):
         if not replica_issue(unit_id=unit.pk, reason="results disagree"):
             break
     if outstanding == 0 and unit.results.filter(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS)).count() == 0:
-        unit_error(unit_id=unit.pk, reason=f"no {unit.quorum} agreeing results from different owners")
+        _no_quorum(unit, groups, known_ok)
         return "error"
     return "pending"
+
+
+def _owners(group: Sequence[Result]) -> int:
+    return len({r.owner_id for r in group})
+
+
+def _no_quorum(unit: WorkUnit, groups: list[list[Result]], known_ok: dict[int, bool]) -> None:
+    """The unit reached its cap of results without an answer that may decide it. When devices of a quorum
+    of owners agreed on an answer the submitter's known rows refused, the known rows are what is wrong:
+    that answer is paid (the submitter ordered the work), nobody loses trust, and the job fails saying so."""
+    refused = [g for g in groups if not known_ok[g[0].pk] and _owners(g) >= unit.quorum]
+    if refused:
+        agreed = max(refused, key=_owners)
+        _judge([r for r in agreed if r.state == Result.State.REPORTED], Result.State.VALID)
+        unit_error(unit_id=unit.pk, reason=(
+            f"devices of {_owners(agreed)} owners agreed on an answer that your known answers refuse, and none "
+            "agreed with them: check the known answers you submitted"))
+        return
+    unit_error(unit_id=unit.pk, reason=f"no {unit.quorum} agreeing results from different owners")
+
+
+def _trusted_in(results: Sequence[Result], kind: str) -> bool:
+    return any(is_trusted(device_id=r.device_id, kind=kind) for r in results)
 
 
 def _confirmed(unit: WorkUnit, agreeing: list[Result], kind: str) -> bool:
@@ -182,7 +266,7 @@ def _confirmed(unit: WorkUnit, agreeing: list[Result], kind: str) -> bool:
     too few devices are trusted yet for that to be asked (a cold start), or the rule is switched off."""
     if unit.quorum < 2 or not settings.IDLEGRID_TRUSTED_CONFIRMATION:
         return True
-    if any(is_trusted(device_id=r.device_id, kind=kind) for r in agreeing):
+    if _trusted_in(agreeing, kind):
         return True
     pool = settings.IDLEGRID_TRUSTED_POOL_MIN
     return trusted_devices(kind=kind, at_most=pool) < pool
@@ -198,23 +282,39 @@ def _colluders(losers: list[Result]) -> list[Result]:
     return [r for r in losers if len(owners_by_output[r.output_id]) >= 2]
 
 
-def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> None:
+def _known_rows_failed(unit: WorkUnit, failed: list[Result], *, proven: bool) -> None:
+    """Devices whose answer disagreed with the submitter's known rows, now that an answer agreeing with them
+    decided the unit: they lose (judged invalid by the caller), and each owner's other recent answers are
+    checked again by other owners. With a trusted device among the winners, the evidence is strong enough
+    for a ban; at a cold start (nobody trusted yet) a hostile submitter and two accounts of its own could
+    otherwise frame an honest device, so there the re-check alone must find what the owner did."""
+    if not failed:
+        return
+    Result.objects.filter(pk__in=[r.pk for r in failed]).update(failed_known_rows=True)
+    for result in failed:
+        if proven:
+            device_ban(device_id=result.device_id, reason=f"its answer to unit {unit.pk} failed the submitter's known rows")
+    for owner_id in {r.owner_id for r in failed}:
+        owner_answers_recheck(owner_id=owner_id, reason=f"an answer to unit {unit.pk} failed the submitter's known rows")
+
+
+def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result], known_ok: dict[int, bool]) -> None:
     from marketplace.jobs.services import job_merge_if_done
 
     kind, alone = unit.job.kind, unit.quorum == 1
     audited = unit.results.order_by("pk").values_list("pk", flat=True).first() if unit.audit else None
     # A ban needs the winning answer vouched for by a device already trusted: two colluders of different
     # owners outvote one honest device, and banning it on their word would also re-verify all its work.
-    proven = bool(losers) and any(is_trusted(device_id=r.device_id, kind=kind) for r in agreeing)
+    proven = bool(losers) and _trusted_in(agreeing, kind)
     newly_valid = [r for r in agreeing if r.state == Result.State.REPORTED]
-    _judge(newly_valid, Result.State.VALID, accepted_alone=alone)
+    _judge(newly_valid, Result.State.VALID, accepted_alone=alone, strict=True)
     for result in newly_valid:
-        if not alone:
+        if not alone and result.disputes_known_answer_id is None:
             trust_credit(device_id=result.device_id, kind=kind, hardware_class=result.hardware_class)
         if result.pk == audited:
             audit_passed(device_id=result.device_id)
-        if DISPUTE in result.metrics:
-            _known_answer_resolve(result.metrics[DISPUTE], right=True)
+        if result.disputes_known_answer_id is not None:
+            _known_answer_resolve(result.disputes_known_answer_id, right=True)
     _judge([r for r in losers if r.state == Result.State.REPORTED], Result.State.INVALID)
     colluders = {r.pk for r in _colluders(losers)} if proven else set()
     for result in losers:
@@ -222,16 +322,18 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result]) -> Non
         if result.pk == audited:
             if proven:
                 device_ban(device_id=result.device_id, reason=f"failed the audit of unit {unit.pk}")
-        elif DISPUTE in result.metrics:
-            _known_answer_resolve(result.metrics[DISPUTE], right=False)
+        elif result.disputes_known_answer_id is not None:
+            _known_answer_resolve(result.disputes_known_answer_id, right=False)
             if proven:
-                device_ban(device_id=result.device_id, reason=f"wrong answer to known-answer unit {result.metrics[DISPUTE]}")
+                device_ban(device_id=result.device_id,
+                           reason=f"wrong answer to known-answer unit {result.disputes_known_answer_id}")
         elif result.state == Result.State.VALID:  # vouched for before, now shown wrong: it colluded
             Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
             if proven:
                 device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")
         elif result.pk in colluders:
             device_ban(device_id=result.device_id, reason=f"sent the same wrong answer as another owner for unit {unit.pk}")
+    _known_rows_failed(unit, [r for r in losers if not known_ok[r.pk]], proven=proven)
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.DONE, canonical_result=min(agreeing, key=lambda r: r.pk), finished_at=timezone.now()
     )

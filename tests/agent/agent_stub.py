@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from worker_agent import protocol
 
-RESULT_PATH = re.compile(r"^/api/v1/agent/results/(\d+)/(report|fail)$")
+RESULT_PATH = re.compile(r"^/api/v1/agent/results/(\d+)/(report|fail|release)$")
 ARTIFACT_PATH = re.compile(r"^/api/v1/artifacts/([0-9a-f]{64})/$")
 
 
@@ -63,6 +63,7 @@ class StubMarketplace:
     leased: dict[int, dict[str, Any]] = field(default_factory=dict)
     reports: dict[int, dict[str, Any]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
+    releases: list[int] = field(default_factory=list)  # handed back unstarted (`release`, at shutdown)
     heartbeats: list[list[int]] = field(default_factory=list)
     lose_on_heartbeat: set[int] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)
@@ -120,6 +121,8 @@ class StubMarketplace:
         if match := RESULT_PATH.match(path):
             result_id, action = int(match.group(1)), match.group(2)
             body = json.loads(request.content)
+            if action == "release":
+                return self._release(result_id)
             return self._report(result_id, body) if action == "report" else self._fail(result_id, body)
         return error(404, "not_found", f"no route {path}")
 
@@ -170,6 +173,12 @@ class StubMarketplace:
             return error(409, "lease_expired", f"the lease on result {result_id} expired")
         self.failures[result_id] = body["error"]
         return httpx.Response(200, json={"state": "client_error"})
+
+    def _release(self, result_id: int) -> httpx.Response:
+        if self.leased.pop(result_id, None) is None:
+            return error(409, "lease_expired", f"the lease on result {result_id} expired")
+        self.releases.append(result_id)
+        return httpx.Response(200, json={"state": "released"})
 
 
 @contextmanager

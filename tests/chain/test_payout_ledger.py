@@ -1,4 +1,5 @@
-"""PayoutLedger on py-evm and on anvil: deposits, one root per epoch, claims of cumulative earnings, pause."""
+"""PayoutLedger on py-evm and on anvil: deposits, one root per epoch and never more than it can pay, claims of
+cumulative earnings, pause."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import random
 
 from chainkit import TOKENS, Ledger, ledger_deploy, pyevm_chain_make, reverted
+from eth_utils import keccak
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3.logs import DISCARD
@@ -47,6 +49,7 @@ def test_a_deposit_of_nothing_or_without_allowance_is_refused(ledger: Ledger):
 def test_the_operator_publishes_epochs_one_after_the_other(ledger: Ledger):
     first = tree_build(leaves=[(ledger.contributors[0], 5)])
     second = tree_build(leaves=[(ledger.contributors[0], 5), (ledger.contributors[1], 7)])
+    ledger.fund(12)
     assert ledger.client.published_epoch() == 0
 
     ledger.publish(1, first)
@@ -69,6 +72,7 @@ def test_only_the_operator_may_publish_a_root(ledger: Ledger):
 
 
 def test_a_second_root_for_one_epoch_and_a_skipped_epoch_are_refused(ledger: Ledger):
+    ledger.fund(6)
     tree = tree_build(leaves=[(ledger.contributors[0], 5)])
     ledger.publish(1, tree)
     other = tree_build(leaves=[(ledger.contributors[0], 6)])
@@ -83,6 +87,7 @@ def test_a_second_root_for_one_epoch_and_a_skipped_epoch_are_refused(ledger: Led
 
 
 def test_a_root_whose_total_shrinks_or_that_is_empty_is_refused(ledger: Ledger):
+    ledger.fund(5)
     ledger.publish(1, tree_build(leaves=[(ledger.contributors[0], 5)]))
     smaller = tree_build(leaves=[(ledger.contributors[0], 4)])
     publish = ledger.contract.functions.publishRoot
@@ -94,8 +99,32 @@ def test_a_root_whose_total_shrinks_or_that_is_empty_is_refused(ledger: Ledger):
     assert empty.name == "EmptyRoot"
 
 
+def test_a_root_may_commit_at_most_the_tokens_held_plus_those_already_claimed(ledger: Ledger):
+    alice, bob = ledger.contributors[:2]
+    publish = ledger.contract.functions.publishRoot
+    ledger.fund(100)
+    over = tree_build(leaves=[(alice, 61), (bob, 40)])
+
+    refusal = reverted(lambda: publish(1, over.root, over.total).transact({"from": ledger.operator}))
+
+    assert (refusal.name, refusal.values) == ("RootExceedsFunds", (101, 100))
+    assert refusal.data[:4] == keccak(text="RootExceedsFunds(uint256,uint256)")[:4]
+    assert ledger.client.published_epoch() == 0
+    ledger.publish(1, first := tree_build(leaves=[(alice, 60), (bob, 40)]))  # exactly what it holds
+    ledger.claim(first, alice)
+    ledger.fund(5)  # 45 held + 60 claimed
+    grown = tree_build(leaves=[(alice, 60), (bob, 46)])
+
+    too_much = reverted(lambda: publish(2, grown.root, grown.total).transact({"from": ledger.operator}))
+
+    assert (too_much.name, too_much.values) == ("RootExceedsFunds", (106, 105))
+    ledger.publish(2, tree_build(leaves=[(alice, 60), (bob, 45)]))
+    assert (ledger.client.published_epoch(), ledger.client.published_total()) == (2, 105)
+
+
 def test_the_client_sends_a_root_once_even_when_the_same_transaction_is_sent_again(ledger: Ledger):
     tree = tree_build(leaves=[(ledger.contributors[0], 5)])
+    ledger.fund(5)
     nonce = ledger.client.operator_nonce(pending=True)
 
     first = ledger.client.publish_root_send(epoch=1, root=tree.root, total=5, nonce=nonce, gas_price_wei=10**10)
@@ -126,6 +155,39 @@ def test_a_contributor_claims_its_cumulative_earnings_less_what_it_already_claim
     (event,) = ledger.contract.events.Claimed().process_receipt(receipt, errors=DISCARD)
     assert (event.args.account, event.args.amount, event.args.cumulative) == (alice, 15, 45)
     assert ledger.balance(ledger.contract.address) == 100 - 45
+
+
+def test_total_claimed_grows_by_exactly_what_each_claim_pays(ledger: Ledger):
+    alice, bob = ledger.contributors[:2]
+    ledger.fund(100)
+    ledger.publish(1, first := tree_build(leaves=[(alice, 30), (bob, 10)]))
+    assert ledger.client.total_claimed() == 0
+
+    ledger.claim(first, alice)
+    assert ledger.client.total_claimed() == 30
+    ledger.claim(first, bob, sender=ledger.relayer)
+    assert ledger.client.total_claimed() == 40
+    ledger.publish(2, second := tree_build(leaves=[(alice, 45), (bob, 10)]))
+    ledger.claim(second, alice)
+
+    assert ledger.client.total_claimed() == 55 == ledger.balance(alice) + ledger.balance(bob)
+    assert ledger.balance(ledger.contract.address) == 100 - 55
+
+
+def test_total_claimed_shares_the_storage_slot_the_pause_check_reads(ledger: Ledger):
+    # Slot 1 is Pausable's `bool _paused` (byte 0) with totalClaimed + 1 above it: the packing that keeps a
+    # claim's update a warm SSTORE (see the contract). A reordered declaration would move it and fail here.
+    def slot1() -> int:
+        return int.from_bytes(ledger.w3.eth.get_storage_at(ledger.contract.address, 1), "big")
+
+    alice = ledger.contributors[0]
+    assert slot1() == 1 << 8
+    ledger.fund(100)
+    ledger.publish(1, tree := tree_build(leaves=[(alice, 30), (ledger.contributors[1], 10)]))
+    ledger.claim(tree, alice)
+    assert slot1() == 31 << 8
+    ledger.send(ledger.contract.functions.pause(), ledger.admin)
+    assert slot1() == 31 << 8 | 1
 
 
 def test_a_double_claim_pays_nothing_more(ledger: Ledger):

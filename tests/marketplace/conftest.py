@@ -25,7 +25,28 @@ def signing_key_dir(settings, tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def probation_batch(settings):
+def probation_leases(settings):
     """Most tests lease several units to a fresh device to test leasing itself; the quota that holds a
-    device on probation to one unit per request has its own tests (workunits/test_trusted_confirmation.py)."""
-    settings.IDLEGRID_PROBATION_BATCH = 100
+    device on probation to one lease at a time has its own tests (workunits/test_lease_policy.py)."""
+    settings.IDLEGRID_PROBATION_LEASES = 100
+
+
+@pytest.fixture(autouse=True)
+def lease_oldest_first(settings):
+    """Tests say which unit a device gets: leases go strictly oldest first. The random draw that keeps
+    colluders from steering which units they share has its own tests (workunits/test_lease_policy.py)."""
+    settings.IDLEGRID_LEASE_DRAW_WINDOW = 1
+
+
+@pytest.fixture
+def verification_budget(db):
+    """verification_budget(amount=10**21): fund the platform's verification budget (known-answer copies are
+    made only while it can pay for them), through the audited service as an operator would."""
+    import uuid
+
+    from marketplace.ledger.services import verification_budget_fund
+
+    def fund(amount: int = 10**21):
+        return verification_budget_fund(amount=amount, actor="tests", reason="test budget", idempotency_key=uuid.uuid4().hex)
+
+    return fund

@@ -316,6 +316,7 @@ def test_a_result_signature_is_refused_on_another_devices_lease(
     thief = make_device(other_contributor, name="thief")
     (stolen,) = workunit_lease(device=thief.device, max_units=1)  # the other replica of a unit
     sha = upload(make_output(honest_output(first.unit)), device=device.device)
+    upload(make_output(honest_output(first.unit)), device=thief.device)  # it holds the bytes too: only keys differ
 
     # The honest device's signature, replayed by the thief on its own lease...
     replayed = post_report(thief, stolen.result_id, sha, device.sign(first, sha))

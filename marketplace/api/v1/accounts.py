@@ -45,8 +45,14 @@ class DeviceOut(serializers.ModelSerializer):
     class Meta:
         model = Device
         fields = ["id", "name", "state", "hardware", "hardware_class", "valid_results", "invalid_results",
-                  "audits_passed", "audits_failed", "banned_at", "ban_reason", "earnings_held", "trust",
-                  "created_at", "last_seen_at"]
+                  "audits_passed", "audits_failed", "gave_up", "expired", "released", "cooldown_until",
+                  "banned_at", "ban_reason", "earnings_held", "trust", "created_at", "last_seen_at"]
+        extra_kwargs = {
+            "gave_up": {"help_text": "leases given up (`fail`): each costs a cool-down and the trust run"},
+            "expired": {"help_text": "leases that expired without a report"},
+            "released": {"help_text": "leases handed back unstarted (`release`, at shutdown): free"},
+            "cooldown_until": {"help_text": "after a give-up the device leases nothing until then"},
+        }
 
 
 class DeviceListApi(APIView):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -13,8 +15,8 @@ from rest_framework.views import APIView
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
 from marketplace.core.signing import keyring
 from marketplace.workers.services import device_enroll, device_hardware_update
-from marketplace.workunits.leasing import lease_renew, workunit_lease
-from marketplace.workunits.results import result_fail, result_report
+from marketplace.workunits.leasing import cooldown_remaining, lease_renew, workunit_lease
+from marketplace.workunits.results import result_fail, result_release, result_report
 from worker_agent.protocol import MAX_LEASE_BATCH
 
 
@@ -102,6 +104,8 @@ class LeaseOut(serializers.Serializer):
 
 
 class LeaseApi(AgentApi):
+    throttle_scope = "lease"  # per device (marketplace/api/throttling.py)
+
     class LeaseIn(serializers.Serializer):
         max_units = serializers.IntegerField(min_value=1, max_value=MAX_LEASE_BATCH, default=1)
         # Sent when the agent's facts changed since it last sent them (and with a run's first lease);
@@ -120,15 +124,19 @@ class LeaseApi(AgentApi):
         if "hardware" in body.validated_data:
             device_hardware_update(device=request.auth, hardware=body.validated_data["hardware"])
         leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"])
+        # Nothing leased: come back later; after a give-up, not before the cool-down ends.
+        wait = max(settings.IDLEGRID_LEASE_RETRY_AFTER, math.ceil(cooldown_remaining(device=request.auth)))
         return Response({
             "leases": [LeaseOut(lease).data for lease in leases],
-            "retry_after": 0 if leases else settings.IDLEGRID_LEASE_RETRY_AFTER,
+            "retry_after": 0 if leases else wait,
         })
 
 
 class HeartbeatApi(AgentApi):
+    throttle_scope = "heartbeat"  # per device (marketplace/api/throttling.py)
+
     class HeartbeatIn(serializers.Serializer):
-        result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), max_length=1000)
+        result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1), max_length=1000)
 
     @extend_schema(
         operation_id="agent_heartbeat",
@@ -150,6 +158,8 @@ class HeartbeatApi(AgentApi):
 
 
 class ReportApi(AgentApi):
+    throttle_scope = "report"  # per device (marketplace/api/throttling.py)
+
     class ReportIn(serializers.Serializer):
         output_sha256 = serializers.CharField(max_length=64)
         signature = serializers.CharField(max_length=200)
@@ -173,6 +183,8 @@ class ReportApi(AgentApi):
 
 
 class FailApi(AgentApi):
+    throttle_scope = "fail"  # per device (marketplace/api/throttling.py)
+
     class FailIn(serializers.Serializer):
         error = serializers.CharField(max_length=4000)
 
@@ -185,4 +197,19 @@ class FailApi(AgentApi):
         body = self.FailIn(data=request.data)
         body.is_valid(raise_exception=True)
         result = result_fail(device=request.auth, result_id=result_id, error=body.validated_data["error"])
+        return Response({"state": result.state})
+
+
+class ReleaseApi(AgentApi):
+    throttle_scope = "fail"  # per device (marketplace/api/throttling.py)
+
+    @extend_schema(
+        operation_id="agent_release",
+        request=None,
+        responses=inline_serializer("Released", {"state": serializers.CharField()}),
+        description=("Hand back a lease never started (the agent is shutting down): reissued at once, without "
+                     "the cost of giving up (`fail`). The device's owner never gets this unit again."),
+    )
+    def post(self, request, result_id: int):
+        result = result_release(device=request.auth, result_id=result_id)
         return Response({"state": result.state})

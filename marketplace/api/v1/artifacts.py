@@ -11,7 +11,9 @@ from marketplace.api.authentication import DeviceAuthentication
 from marketplace.artifacts.selectors import artifact_get_for_device, artifact_get_for_user
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
+from marketplace.core.exceptions import NotFound
 from marketplace.workers.models import Device
+from worker_agent.protocol import is_sha256_hex
 
 CHUNK = 1024 * 1024
 
@@ -38,6 +40,7 @@ ArtifactOut = inline_serializer("Artifact", {"sha256": serializers.CharField(), 
 class ArtifactUploadApi(APIView):
     authentication_classes = [DeviceAuthentication, *APIView.authentication_classes]
     parser_classes = [StreamParser]
+    throttle_scope = "upload"
 
     @extend_schema(
         operation_id="artifact_upload",
@@ -70,6 +73,9 @@ class ArtifactDownloadApi(APIView):
 
     @extend_schema(operation_id="artifact_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
     def get(self, request, sha256: str):
+        if not is_sha256_hex(sha256):
+            # No such name is stored; and PostgreSQL refuses a query on text holding U+0000 (".../%00/" was a 500).
+            raise NotFound(f"no artifact {sha256[:64]!r}: artifacts are named by 64 lowercase hex digits")
         if isinstance(request.auth, Device):
             artifact = artifact_get_for_device(sha256=sha256, device=request.auth)
         else:

@@ -53,6 +53,7 @@ def job_out(job: Job) -> dict:
 
 class JobCreateApi(APIView):
     permission_classes = [IsPerson]
+    throttle_scope = "job_create"
 
     class JobCreateIn(serializers.Serializer):
         kind = serializers.CharField()

@@ -3,6 +3,8 @@ Merkle proof a contributor sends to the PayoutLedger contract to claim."""
 
 from __future__ import annotations
 
+import re
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -11,11 +13,21 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsPerson
+from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import NotFound, ValidationFailed
-from marketplace.ledger.models import Line
+from marketplace.core.numbers import decimal_parse
+from marketplace.ledger.models import Line, WalletLink
 from marketplace.ledger.selectors import balances_for, entries_for, proof_for
-from marketplace.ledger.wallets import wallet_active, wallet_challenge_create, wallet_link
+from marketplace.ledger.wallets import (
+    WalletLinked,
+    wallet_active,
+    wallet_challenge_create,
+    wallet_change_cancel,
+    wallet_link,
+    wallet_pending,
+)
 
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 AMOUNT_HELP = "integer base units of the payout token, as a decimal string (amounts exceed 2**53)"
 MAX_ENTRIES = 200
 
@@ -64,12 +76,14 @@ class EntriesApi(APIView):
         lines = entries_for(user=request.user)
         before, limit = request.query_params.get("before"), request.query_params.get("limit", "50")
         if before is not None:
-            if not before.isdigit():
+            before_id = decimal_parse(before)
+            if before_id is None:
                 raise ValidationFailed("before must be an entry id", fields={"before": "not an integer"})
-            lines = lines.filter(pk__lt=int(before))
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_ENTRIES:
+            lines = lines.filter(pk__lt=before_id)
+        count = decimal_parse(limit, max_digits=len(str(MAX_ENTRIES)))
+        if count is None or not 1 <= count <= MAX_ENTRIES:
             raise ValidationFailed(f"limit must be 1..{MAX_ENTRIES}", fields={"limit": "out of range"})
-        return Response(EntryOut(lines[: int(limit)], many=True).data)
+        return Response(EntryOut(lines[:count], many=True).data)
 
 
 class ChallengeOut(serializers.Serializer):
@@ -78,15 +92,44 @@ class ChallengeOut(serializers.Serializer):
     expires_at = serializers.DateTimeField()
 
 
-class WalletOut(serializers.Serializer):
+class PendingOut(serializers.Serializer):
     address = serializers.CharField()
-    linked_at = serializers.DateTimeField()
+    requested_at = serializers.DateTimeField(source="linked_at")
+    effective_at = serializers.DateTimeField(help_text="payouts go to this address from then on; cancel before")
+
+
+class WalletOut(serializers.Serializer):
+    address = serializers.CharField(allow_null=True, help_text="the active payout address: epochs pay it")
+    linked_at = serializers.DateTimeField(allow_null=True)
+    pending = PendingOut(allow_null=True, help_text="a change waiting for its time, if any")
+
+
+class LinkedOut(WalletOut):
+    notice = serializers.CharField(help_text="what took effect when, and who was told")
+
+
+def wallet_out(active: WalletLink | None, pending: WalletLink | None) -> dict:
+    return WalletOut({"address": active and active.address, "linked_at": active and active.linked_at,
+                      "pending": pending}).data
+
+
+def _notice(linked: WalletLinked) -> str:
+    new, when = linked.link.address, linked.link.effective_at.isoformat(timespec="seconds")
+    if linked.previous is None:
+        return f"{new} is your payout address from now on."
+    told = ("A notice naming both addresses went to the account's email address." if linked.notified
+            else "The account has no email address: nobody was told.")
+    if linked.link.active:
+        return f"{new} replaced {linked.previous.address} at once (no change delay is configured). {told}"
+    return (f"{new} becomes your payout address at {when}; until then payouts keep going to "
+            f"{linked.previous.address}. {told} Cancel with DELETE /api/v1/wallet/pending/.")
 
 
 class WalletChallengeApi(APIView):
     permission_classes = [IsPerson]
+    throttle_scope = "wallet"
 
-    @extend_schema(operation_id="wallet_challenge", responses=ChallengeOut,
+    @extend_schema(operation_id="wallet_challenge", responses={200: ChallengeOut, 429: ErrorOut},
                    description="A one-time message to sign with the payout address's key. Expires.")
     def get(self, request):
         challenge = wallet_challenge_create(user=request.user)
@@ -95,25 +138,49 @@ class WalletChallengeApi(APIView):
 
 class WalletApi(APIView):
     permission_classes = [IsPerson]
+    throttle_scope = "wallet"
 
     class LinkIn(serializers.Serializer):
+        password = serializers.CharField(max_length=1024, trim_whitespace=False,
+                                         help_text="the account's password: a token alone cannot change payouts")
         nonce = serializers.CharField(max_length=64)
         address = serializers.CharField(max_length=42)
         signature = serializers.CharField(max_length=132, help_text="0x + 65 bytes hex (personal_sign)")
 
-    @extend_schema(operation_id="wallet_retrieve", responses={200: WalletOut, 404: OpenApiTypes.OBJECT})
+    @extend_schema(operation_id="wallet_retrieve", responses={200: WalletOut, 404: ErrorOut, 429: ErrorOut},
+                   description="The active payout address, and a pending change with the time it takes effect.")
     def get(self, request):
-        link = wallet_active(user=request.user)
-        if link is None:
+        active, pending = wallet_active(user=request.user), wallet_pending(user=request.user)
+        if active is None and pending is None:
             raise NotFound("no payout address linked")
-        return Response(WalletOut(link).data)
+        return Response(wallet_out(active, pending))
 
-    @extend_schema(operation_id="wallet_link", request=LinkIn, responses={201: WalletOut})
+    @extend_schema(
+        operation_id="wallet_link", request=LinkIn,
+        responses={201: LinkedOut, 202: LinkedOut, 400: ErrorOut, 409: ErrorOut, 429: ErrorOut},
+        description="Link the address whose key signed the challenge. 201: it is the payout address now (none was "
+                    "active). 202: it replaces the active one after IDLEGRID_WALLET_CHANGE_DELAY_SECONDS, and "
+                    "the account's email address is told; a newer change replaces a pending one.",
+    )
     def post(self, request):
         body = self.LinkIn(data=request.data)
         body.is_valid(raise_exception=True)
-        link = wallet_link(user=request.user, **body.validated_data)
-        return Response(WalletOut(link).data, status=status.HTTP_201_CREATED)
+        linked = wallet_link(user=request.user, **body.validated_data)
+        active = linked.link if linked.link.active else linked.previous
+        data = {**wallet_out(active, None if linked.link.active else linked.link), "notice": _notice(linked)}
+        return Response(data, status=status.HTTP_201_CREATED if linked.link.active else status.HTTP_202_ACCEPTED)
+
+
+class WalletPendingApi(APIView):
+    permission_classes = [IsPerson]
+    throttle_scope = "wallet"
+
+    @extend_schema(operation_id="wallet_change_cancel", responses={200: WalletOut, 404: ErrorOut, 429: ErrorOut},
+                   description="Cancel the pending payout-address change; the active address stays. No password "
+                               "needed: cancelling only keeps what the account already proved.")
+    def delete(self, request):
+        wallet_change_cancel(user=request.user)
+        return Response(wallet_out(wallet_active(user=request.user), None))
 
 
 class ProofOut(serializers.Serializer):
@@ -140,4 +207,8 @@ class PayoutProofApi(APIView):
         description="claim(account, cumulative, proof) on the PayoutLedger contract pays cumulative minus what was claimed.",
     )
     def get(self, request):
-        return Response(ProofOut(proof_for(user=request.user, address=request.query_params.get("address"))).data)
+        address = request.query_params.get("address")
+        # Refused before the query: PostgreSQL cannot compare text holding U+0000 ("?address=%00" was a 500).
+        if address is not None and not ADDRESS.fullmatch(address):
+            raise ValidationFailed("address must be 0x and 40 hex digits", fields={"address": "not an address"})
+        return Response(ProofOut(proof_for(user=request.user, address=address)).data)

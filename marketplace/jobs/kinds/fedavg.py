@@ -233,8 +233,10 @@ def plan_round(spec: dict[str, Any], *, round_index: int, weights: str) -> Itera
         )
 
 
-def check_output(payload: dict[str, Any], path: Path) -> None:
-    """Refuse an output that is not the architecture's float32 weights plus the two metric tensors."""
+def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:
+    """Refuse an output that is not the architecture's float32 weights plus the two metric tensors, or
+    holds NaN or infinity: an update that is not finite can never be aggregated (`allow_nonfinite` is an
+    inference option and does not apply)."""
     header = read_header(path)
     arch, config = resolve(payload["model"]["architecture"], payload["model"]["config"])
     expected: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -251,6 +253,8 @@ def check_output(payload: dict[str, Any], path: Path) -> None:
     samples = int(read_array(path, header[SAMPLES_NAME])[0])
     if samples != payload["samples"]:
         raise TensorFileError(f"the output says {samples} samples; the shard has {payload['samples']}")
+    if not all(np.isfinite(read_array(path, header[name])).all() for name in expected if name != SAMPLES_NAME):
+        raise TensorFileError("the update holds NaN or infinity")
 
 
 def read_update(path: Path) -> tuple[dict[str, np.ndarray], float]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from math import ceil
 from pathlib import Path
@@ -36,9 +37,18 @@ DEFAULTS: dict[str, Any] = {
     # Adaptive replication: a trusted device's units are accepted on its word, audited at random.
     # False replicates every unit to the quorum, whoever computes it.
     "adaptive": True,
+    # NaN or infinity in an output is refused at report unless the submitter allows it (a model that
+    # legitimately overflows); two owners returning the same all-NaN bytes would otherwise agree.
+    "allow_nonfinite": False,
 }
-ALLOWED_KEYS = {"model", "dataset", *DEFAULTS}
+# The submitter's own known answers (optional): a safetensors artifact with `x` (rows shaped like the
+# dataset's) and `y` (the outputs the submitter computed for them), hidden among every unit's rows.
+KNOWN_ANSWER_KEYS = ("known_answers", "known_answers_per_unit")
+ALLOWED_KEYS = {"model", "dataset", *DEFAULTS, *KNOWN_ANSWER_KEYS}
 MAX_UNITS = 100_000
+MAX_KNOWN_ROWS = 10_000
+MAX_KNOWN_PER_UNIT = 16
+_random = random.SystemRandom()  # where known rows hide must not be predictable by anyone
 OUTPUT_NAME = "y"
 _bounded_int = partial(bounded_int, defaults=DEFAULTS)
 
@@ -48,6 +58,7 @@ class UnitPlan:
     index: int
     payload: dict[str, Any]
     inputs: list[bytes]  # raw files to store as the unit's input artifacts, in payload order
+    hidden_rows: list[list[int]] = field(default_factory=list)  # [[position, known row], ...]: server side only
 
 
 def _compare(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
@@ -68,9 +79,10 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
         "unit_timeout_seconds": _bounded_int(spec, "unit_timeout_seconds", 1, 86_400, errors),
         "unit_memory_mb": _bounded_int(spec, "unit_memory_mb", 256, 65_536, errors),
     }
-    normal["adaptive"] = spec.get("adaptive", DEFAULTS["adaptive"])
-    if not isinstance(normal["adaptive"], bool):
-        errors["adaptive"] = "must be true or false"
+    for flag in ("adaptive", "allow_nonfinite"):
+        normal[flag] = spec.get(flag, DEFAULTS[flag])
+        if not isinstance(normal[flag], bool):
+            errors[flag] = "must be true or false"
     if normal["max_results_per_unit"] < normal["quorum"]:
         errors["max_results_per_unit"] = "must be at least quorum"
     if arch is not None and config is not None:
@@ -83,6 +95,7 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
             if rows and ceil(rows / normal["rows_per_unit"]) > MAX_UNITS:
                 errors["rows_per_unit"] = f"would make more than {MAX_UNITS:,} units; use larger units"
             normal["rows"] = rows
+        normal.update(_known_answers(spec, owner, arch.input_shape(config), config["out_features"], errors))
     if errors:
         raise ValidationFailed("the job spec is invalid", fields=errors)
     normal["model"] = {"architecture": model["architecture"], "config": config, "weights": model["weights"]}
@@ -104,15 +117,55 @@ def _check_dataset(header: dict[str, TensorInfo], input_shape: tuple[int, ...], 
     return x.shape[0]
 
 
+def _known_answers(spec: dict[str, Any], owner: Any, input_shape: tuple[int, ...], out_features: int,
+                   errors: dict[str, str]) -> dict[str, Any]:
+    """Check the optional known answers: x [k, *input_shape] and y [k, out_features], float32, finite."""
+    if "known_answers" not in spec:
+        if "known_answers_per_unit" in spec:
+            errors["known_answers_per_unit"] = "is only meaningful with known_answers"
+        return {}
+    per_unit = bounded_int(spec, "known_answers_per_unit", 1, MAX_KNOWN_PER_UNIT, errors,
+                           defaults={"known_answers_per_unit": 1})
+    found = artifact_header(spec["known_answers"], "known_answers", owner, errors)
+    if found is None:
+        return {}
+    path, header = found
+    x, y = header.get("x"), header.get("y")
+    if x is None or y is None or len(header) != 2:
+        errors["known_answers"] = "must hold exactly two tensors, 'x' (inputs) and 'y' (the outputs you computed)"
+        return {}
+    k = x.shape[0] if x.shape else 0
+    if x.dtype != "F32" or tuple(x.shape[1:]) != input_shape or not 1 <= k <= MAX_KNOWN_ROWS:
+        errors["known_answers"] = (f"'x' is {x.dtype}{list(x.shape)}; it must be F32[k, {', '.join(map(str, input_shape))}] "
+                                   f"with 1 <= k <= {MAX_KNOWN_ROWS:,}")
+        return {}
+    if y.dtype != "F32" or tuple(y.shape) != (k, out_features):
+        errors["known_answers"] = f"'y' is {y.dtype}{list(y.shape)}; it must be F32[{k}, {out_features}] (one row per x)"
+        return {}
+    if not (np.isfinite(read_array(path, x)).all() and np.isfinite(read_array(path, y)).all()):
+        errors["known_answers"] = "holds NaN or infinity"
+        return {}
+    return {"known_answers": spec["known_answers"], "known_answers_per_unit": min(per_unit, k), "known_rows": k}
+
+
 def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
-    """Slice the dataset by rows, one input file per unit, reading one slice at a time."""
+    """Slice the dataset by rows, one input file per unit, reading one slice at a time. With known
+    answers, each unit also gets `known_answers_per_unit` of the submitter's known rows at random
+    positions among its own: the payload and the input say nothing of which rows they are."""
     path = get_storage().path(spec["dataset"])
     x = read_header(path)["x"]
     _, config = resolve(spec["model"]["architecture"], spec["model"]["config"])
     out_dim = config["out_features"]
     step = spec["rows_per_unit"]
+    known_x = None
+    if spec.get("known_answers"):
+        known_path = get_storage().path(spec["known_answers"])
+        known_x = read_array(known_path, read_header(known_path)["x"])
     for index, start in enumerate(range(0, x.shape[0], step)):
         rows = read_array(path, x, rows=slice(start, min(start + step, x.shape[0])))
+        hidden: list[list[int]] = []
+        if known_x is not None:
+            rows, hidden = _hide_known_rows(rows, known_x, spec["known_answers_per_unit"])
         payload = {
             "kind": "inference",
             "model": spec["model"],
@@ -122,11 +175,37 @@ def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [int(rows.shape[0]), out_dim]},
             "limits": {"seconds": spec["unit_timeout_seconds"], "memory_mb": spec["unit_memory_mb"]},
         }
-        yield UnitPlan(index=index, payload=payload, inputs=[array_file_bytes(rows, name="x")])
+        yield UnitPlan(index=index, payload=payload, inputs=[array_file_bytes(rows, name="x")], hidden_rows=hidden)
 
 
-def check_output(payload: dict[str, Any], path: Path) -> None:
-    """Refuse an output that is not the one float32 tensor of the expected shape."""
+def _hide_known_rows(rows: np.ndarray, known_x: np.ndarray, count: int) -> tuple[np.ndarray, list[list[int]]]:
+    """The unit's rows with `count` distinct known rows inserted at random positions; [[position, known row]]."""
+    picks = _random.sample(range(len(known_x)), count)
+    total = len(rows) + count
+    positions = sorted(_random.sample(range(total), count))
+    mixed = np.empty((total, *rows.shape[1:]), dtype=rows.dtype)
+    own = np.ones(total, dtype=bool)
+    own[positions] = False
+    mixed[own] = rows
+    mixed[positions] = known_x[picks]
+    return mixed, [[position, pick] for position, pick in zip(positions, picks)]
+
+
+def known_rows_agree(spec: dict[str, Any], hidden_rows: list[list[int]], output: Path) -> bool:
+    """Whether an output's hidden rows agree with the submitter's known answers, under the job's comparator
+    (the submitter computed them on another machine: `exact` is judged as the default allclose there)."""
+    known = get_storage().path(spec["known_answers"])
+    want = read_array(known, read_header(known)["y"])[[pick for _, pick in hidden_rows]]
+    got = read_output(output)[[position for position, _ in hidden_rows]]
+    compare = comparators.effective(spec["compare"])
+    if compare["method"] == "exact":
+        compare = comparators.effective(DEFAULTS["compare"])
+    return comparators.agree(compare, got, want)
+
+
+def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:
+    """Refuse an output that is not the one float32 tensor of the expected shape, or holds NaN or infinity
+    (unless the job allows them)."""
     header = read_header(path)
     expected = payload["output"]
     info = header.get(expected["name"])
@@ -134,6 +213,8 @@ def check_output(payload: dict[str, Any], path: Path) -> None:
         raise TensorFileError(f"the output must hold exactly one tensor named {expected['name']!r}")
     if info.dtype != "F32" or list(info.shape) != expected["shape"]:
         raise TensorFileError(f"the output is {info.dtype}{list(info.shape)}, expected F32{expected['shape']}")
+    if not allow_nonfinite and not np.isfinite(read_array(path, info)).all():
+        raise TensorFileError("the output holds NaN or infinity, which this job does not allow (allow_nonfinite)")
 
 
 def read_output(path: Path) -> np.ndarray:
@@ -157,9 +238,14 @@ def merged_shape(spec: dict[str, Any]) -> tuple[int, int]:
     return spec["rows"], spec["model"]["config"]["out_features"]
 
 
-def output_rows_bytes(path: Path) -> Iterator[bytes]:
-    """A unit output's raw tensor bytes, in chunks, for the streamed merge."""
+def output_rows_bytes(path: Path, *, hidden_rows: list[list[int]] | None = None) -> Iterator[bytes]:
+    """A unit output's raw tensor bytes, in chunks, for the streamed merge; the submitter's known rows
+    hidden in the unit are left out (a unit's output is small: it is read whole then)."""
     info = read_header(path)[OUTPUT_NAME]
+    if hidden_rows:
+        y = read_array(path, info)
+        yield np.delete(y, [position for position, _ in hidden_rows], axis=0).tobytes()
+        return
     with path.open("rb") as handle:
         handle.seek(info.start)
         remaining = info.end - info.start

@@ -261,8 +261,102 @@ def test_it_refuses_an_output_that_was_not_uploaded(leased, device):
     response = post_report(device, leased, "ab" * 32)
 
     assert response.status_code == 400
-    assert response.json()["error"]["fields"] == {"output_sha256": "unknown"}
+    assert response.json()["error"]["fields"] == {"output_sha256": "not uploaded by this device"}
     assert_nothing_reported(leased)
+
+
+def test_attack_a_device_cannot_report_an_output_another_device_uploaded(
+    leased, device, make_device, other_contributor, upload, make_output, honest_output
+):
+    # Before: naming the sha256 of an honest device's output, signed with its own key, was accepted as
+    # valid and paid: a free ride on someone else's work. A report needs possession of the bytes.
+    honest = make_device(other_contributor)
+    sha = upload(make_output(honest_output(leased.unit)), device=honest.device)
+
+    response = post_report(device, leased, sha)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"] == {"output_sha256": "not uploaded by this device"}
+    assert_nothing_reported(leased)
+
+
+def test_two_devices_that_uploaded_the_same_bytes_may_both_report_them(
+    job, device, make_device, other_contributor, upload, make_output, honest_output
+):
+    # Honest devices of one hardware class compute the very same bytes: each uploads them, each holds them.
+    (mine,) = workunit_lease(device=device.device, max_units=1)
+    other = make_device(other_contributor)
+    (theirs,) = workunit_lease(device=other.device, max_units=1)
+    unit = WorkUnit.objects.get(pk=mine.unit_id)
+    assert theirs.unit_id == unit.pk
+    output = make_output(honest_output(unit))
+    for enrolled, lease in ((device, mine), (other, theirs)):
+        sha = upload(output, device=enrolled.device)
+        result = Result.objects.get(pk=lease.result_id)
+        assert post_report(enrolled, result, sha).status_code == 200
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_it_refuses_an_output_holding_nan_or_infinity(leased, device, upload, make_output, honest_output, value):
+    y = honest_output(leased.unit)
+    y[0, 0] = value
+    sha = upload(make_output(y), device=device.device)
+
+    response = post_report(device, leased, sha)
+
+    assert response.status_code == 400
+    assert "NaN or infinity" in response.json()["error"]["message"]
+    assert_nothing_reported(leased)
+
+
+def test_a_job_may_allow_nan_in_its_outputs(submit_job, make_device, contributor, upload, make_output, honest_output):
+    submit_job(rows=4, rows_per_unit=4, allow_nonfinite=True)
+    device = make_device(contributor)
+    (lease,) = workunit_lease(device=device.device, max_units=1)
+    result = Result.objects.select_related("unit").get(pk=lease.result_id)
+    y = honest_output(result.unit)
+    y[:] = np.nan
+    sha = upload(make_output(y), device=device.device)
+
+    assert post_report(device, result, sha).status_code == 200
+
+
+@pytest.mark.parametrize("metrics, field", [
+    ({"disputes_known_answer": 999999}, "metrics.disputes_known_answer"),
+    ({"audit": True}, "metrics.audit"),
+    ({"__train_loss__": 1.0}, "metrics.__train_loss__"),
+    ({"loss": {"nested": 1}}, "metrics.loss"),
+    ({"loss": [1, 2]}, "metrics.loss"),
+    ({"note": "x" * 300}, "metrics.note"),
+    ({"big": 2**70}, "metrics.big"),
+], ids=["the old dispute marker", "reserved", "underscore", "nested", "a list", "long text", "huge int"])
+def test_metrics_are_information_only(leased, honest, device, metrics, field):
+    # Before: a device's free-form metrics could name the server's dispute marker: a bogus value stuck jobs
+    # for good, and the id of a real unit got a wrong answer accepted into a completed job's output.
+    response = post_report(device, leased, honest, metrics=metrics)
+
+    assert response.status_code == 400
+    assert field in response.json()["error"]["fields"]
+    assert_nothing_reported(leased)
+
+
+def test_metrics_are_bounded_in_size(leased, honest, device):
+    metrics = {f"m{i}": "x" * 200 for i in range(30)}  # 30 keys of 200 characters: ~6 KB
+
+    response = post_report(device, leased, honest, metrics=metrics)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"] == {"metrics": "too large"}
+    assert_nothing_reported(leased)
+
+
+def test_plain_metrics_are_stored_as_information(leased, honest, device):
+    response = post_report(device, leased, honest, metrics={"loss": 0.25, "batches": 4, "device": "cpu", "ok": True})
+
+    assert response.status_code == 200
+    leased.refresh_from_db()
+    assert leased.metrics == {"loss": 0.25, "batches": 4, "device": "cpu", "ok": True}
+    assert leased.disputes_known_answer_id is None
 
 
 @pytest.mark.parametrize("output", [
@@ -317,7 +411,7 @@ def test_giving_up_frees_the_unit_for_another_device(leased, device, make_device
     leased.refresh_from_db()
     assert (leased.state, leased.error) == (Result.State.CLIENT_ERROR, "out of memory")
     unit = WorkUnit.objects.get(pk=leased.unit_id)
-    assert unit.results_created == 3
+    assert unit.results_created == 2  # a give-up is no answer: the cap of results is untouched
     assert unit.results.filter(state=Result.State.UNSENT).count() == 2
     others = workunit_lease(device=make_device(other_contributor).device, max_units=64)
     assert unit.pk in [lease.unit_id for lease in others]

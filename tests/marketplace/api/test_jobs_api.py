@@ -1,7 +1,7 @@
 """GET /api/v1/jobs/{id}/: a submitter follows their own jobs only."""
 
 import pytest
-from rest_framework.authtoken.models import Token
+from knox.models import AuthToken
 
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import WorkUnit
@@ -47,10 +47,10 @@ def test_a_token_is_issued_for_a_username_and_password(api, submitter):
     response = api().post("/api/v1/auth/token/", {"username": "submitter", "password": "submitter-password"},
                           format="json")
 
-    assert response.status_code == 200
+    assert response.status_code == 201
     token = response.json()["token"]
     assert api().get("/api/v1/devices/", HTTP_AUTHORIZATION=f"Token {token}").json() == []
-    assert Token.objects.get(user=submitter).key == token
+    assert AuthToken.objects.get(user=submitter).token_key == response.json()["token_key"] == token[:15]
 
 
 @pytest.mark.usefixtures("submitter")

@@ -82,3 +82,46 @@ def test_facts_that_are_not_a_small_object_are_refused_and_nothing_is_leased(sub
     assert "hardware" in response.json()["error"]["fields"]
     assert Device.objects.get(pk=device.pk).hardware == FACTS
     assert not Result.objects.filter(device=device.device).exists()
+
+
+# --- a device cannot choose how it is compared ------------------------------------------------------
+
+@pytest.mark.parametrize("fact, value", [("cpu_model", "AMD EPYC 9654"), ("cpu_flags", ["avx", "avx2"]),
+                                         ("machine", "aarch64"), ("cpu_vendor", "AuthenticAMD")])
+def test_attack_a_device_cannot_claim_other_cpu_facts_than_it_enrolled_with(submit_job, device, fact, value):
+    # Before: each lease could claim a new hardware class, and nothing checked it, so a device picked
+    # lease by lease whether its results were compared bitwise (one class) or within the tolerance.
+    submit_job(rows=4, rows_per_unit=4)
+
+    response = device.client().post(LEASE, {"max_units": 1, "hardware": {**FACTS, fact: value}}, format="json")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "hardware_changed"
+    assert fact in response.json()["error"]["message"]
+    stored = device.refresh()
+    assert (stored.hardware, stored.hardware_class) == (FACTS, hardware_class_of(FACTS))
+    assert not Result.objects.filter(device=device.device).exists()
+
+
+def test_software_changes_of_class_are_limited_per_day_and_each_starts_on_probation(
+    submit_job, device, settings
+):
+    from django.utils import timezone
+
+    from marketplace.workers.models import DeviceTrust, HardwareChange
+
+    settings.IDLEGRID_HARDWARE_CHANGES_PER_DAY = 2
+    DeviceTrust.objects.create(device=device.device, kind="inference", hardware_class=hardware_class_of(FACTS),
+                               consecutive_valid=100, trusted_since=timezone.now())
+    submit_job(rows=40, rows_per_unit=4)
+    answers = []
+    for revision in (2, 3, 4):
+        facts = {**FACTS, "numerics_revision": revision}
+        answers.append(device.client().post(LEASE, {"max_units": 1, "hardware": facts}, format="json").status_code)
+
+    assert answers == [200, 200, 429]
+    assert HardwareChange.objects.filter(device=device.device).count() == 2
+    stored = device.refresh()
+    assert stored.hardware["numerics_revision"] == 3
+    assert not DeviceTrust.objects.filter(device=device.device, hardware_class=stored.hardware_class,
+                                          trusted_since__isnull=False).exists()  # the new class: probation

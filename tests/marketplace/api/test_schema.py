@@ -7,6 +7,8 @@ from django.core.management import call_command
 AGENT_OPERATIONS = {"agent_enroll", "agent_keys", "agent_lease", "agent_heartbeat", "agent_report", "agent_fail"}
 JOB_OPERATIONS = {"job_create", "job_retrieve", "job_output"}
 OTHER_OPERATIONS = {"artifact_upload", "artifact_download", "enrollment_token_create", "device_list"}
+AUTH_OPERATIONS = {"auth_token_create", "auth_token_list", "auth_token_revoke", "auth_logout", "auth_logout_all"}
+WALLET_OPERATIONS = {"wallet_challenge", "wallet_retrieve", "wallet_link", "wallet_change_cancel"}
 
 
 def operation_ids(schema):
@@ -23,6 +25,16 @@ def test_the_schema_describes_the_agent_and_job_operations(client):
     assert AGENT_OPERATIONS | JOB_OPERATIONS | OTHER_OPERATIONS <= operation_ids(schema)
     assert "/api/v1/agent/results/{result_id}/report" in schema["paths"]
     assert schema["components"]["securitySchemes"]["deviceAuth"]["in"] == "header"
+
+
+def test_the_schema_describes_the_token_and_wallet_operations_and_the_token_scheme(client):
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+
+    assert AUTH_OPERATIONS | WALLET_OPERATIONS <= operation_ids(schema)
+    token_scheme = schema["components"]["securitySchemes"]["knoxApiToken"]
+    assert (token_scheme["in"], token_scheme["name"]) == ("header", "Authorization")
+    assert "Token" in token_scheme["description"]
+    assert set(schema["paths"]["/api/v1/wallet/"]["post"]["responses"]) >= {"201", "202", "400", "429"}
 
 
 def test_the_schema_validates_without_warnings(tmp_path):

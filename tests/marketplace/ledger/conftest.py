@@ -16,6 +16,20 @@ from marketplace.workunits.verification import unit_validate
 
 
 @pytest.fixture(autouse=True)
+def ledger_sound(request):
+    """After every money test, the ledger's invariants hold (`manage.py ledger_check`): balanced postings,
+    nothing owed or held below zero, platform spending within its budget, every credit traced to a valid
+    result and a funded source. Runs before the test's database is rolled back."""
+    marker = request.node.get_closest_marker("django_db")
+    transactional = "transactional_db" in request.fixturenames or bool(marker and marker.kwargs.get("transaction"))
+    request.getfixturevalue("transactional_db" if transactional else "db")
+    yield
+    from marketplace.ledger.selectors import ledger_check
+
+    assert ledger_check() == []
+
+
+@pytest.fixture(autouse=True)
 def no_known_answers(settings):
     """Known-answer units are random by design; the tests that pay for them make them on purpose."""
     settings.IDLEGRID_KNOWN_ANSWER_RATE = 0
@@ -61,7 +75,9 @@ def _hash(*parts: object) -> str:
 class FakeChain:
     """Blocks with hashes and Deposited events, a PayoutLedger's published state and an operator nonce.
     `mine()` adds a block; `reorg(depth)` replaces the last `depth` blocks (their events are dropped unless
-    `keep_events`). publishRoot follows the contract's rule: epoch == published + 1, else it reverts."""
+    `keep_events`). publishRoot follows the contract's rules, else it reverts: epoch == published + 1, the
+    total never decreases and never exceeds the token balance plus the claims paid. `tokens` is every token
+    that came in (`deposit`); a test sets `claims[address]` to what that address has claimed."""
 
     chain_id: int = 31337
     hashes: list[str] = field(default_factory=lambda: [_hash("genesis")])
@@ -84,7 +100,8 @@ class FakeChain:
             for tx_hash, (nonce, epoch, root, total) in sorted(self.pending.items(), key=lambda kv: kv[1][0]):
                 if nonce != self.nonce_mined:
                     continue
-                ok = epoch == self.published[0] + 1 and total >= self.published[2]
+                funds = self.token_balance(self.contract_address) + self.total_claimed()
+                ok = epoch == self.published[0] + 1 and self.published[2] <= total <= funds
                 if ok:
                     self.published = (epoch, root, total)
                     self.roots_accepted.append((epoch, root))
@@ -153,6 +170,9 @@ class FakeChain:
 
     def claimed(self, account: str) -> int:
         return self.claims.get(account, 0)
+
+    def total_claimed(self) -> int:
+        return sum(self.claims.values())
 
     def token_balance(self, account: str) -> int:
         return self.tokens - sum(self.claims.values()) if account == self.contract_address else 0

@@ -1,6 +1,7 @@
 """The ledger against the real PayoutLedger contract on py-evm (in process), through the chain engineer's
-Web3ChainClient: a deposit credited once, an epoch published exactly once whatever crashed, a contributor
-claiming with the API's proof, and the chain reconciled with the ledger."""
+Web3ChainClient: a deposit credited once, an epoch published exactly once whatever crashed and only once
+the contract holds its tokens, a contributor claiming with the API's proof, and the chain reconciled with
+the ledger."""
 
 import pytest
 from eth_account import Account as EthAccount
@@ -10,6 +11,7 @@ from web3 import EthereumTesterProvider, Web3
 from marketplace.chain.client import Web3ChainClient, contract_artifact, deploy
 from marketplace.ledger.chain import chain_reconcile, deposits_follow
 from marketplace.ledger.epochs import epoch_close, epoch_publish
+from marketplace.ledger.exceptions import EpochUnderfunded
 from marketplace.ledger.models import Account, Epoch
 from marketplace.ledger.postings import account_get, balance
 
@@ -90,6 +92,7 @@ def test_a_deposit_on_chain_is_credited_once_to_the_linked_submitter(evm, submit
 
 @pytest.mark.parametrize("after", [True, False], ids=["killed-after-send", "killed-before-send"])
 def test_killed_around_the_send_then_rerun_publishes_exactly_one_root(evm, epoch, after):
+    evm.deposit(3 * TOKENS)
     with pytest.raises(Killed):
         epoch_publish(epoch_id=epoch.pk, client=Dying(evm.client, after=after))
 
@@ -122,10 +125,26 @@ def test_a_contributor_claims_with_the_apis_proof_and_the_chain_reconciles(evm, 
     assert report.figures["contract_tokens"] == str(7 * TOKENS)
 
 
+def test_an_epoch_the_contract_cannot_pay_is_not_sent_until_a_deposit_covers_it(evm, epoch):
+    evm.deposit(2 * TOKENS)
+    nonce = evm.client.operator_nonce(pending=True)
+
+    with pytest.raises(EpochUnderfunded, match=f"short by {TOKENS}$"):
+        epoch_publish(epoch_id=epoch.pk, client=evm.client)
+
+    assert evm.client.operator_nonce(pending=True) == nonce and evm.roots_published() == 0
+    assert Epoch.objects.get(pk=epoch.pk).nonce is None
+    evm.deposit(TOKENS)
+    epoch_publish(epoch_id=epoch.pk, client=evm.client)
+    assert evm.roots_published() == 1 and evm.client.published_total() == 3 * TOKENS
+
+
 def test_reconciliation_reports_a_chain_that_disagrees_with_the_ledger(evm, epoch, caplog):
-    epoch_publish(epoch_id=epoch.pk, client=evm.client)  # 3 tokens claimable, none deposited
+    # Tokens minted straight to the contract: enough to publish, but no Deposited event the ledger credits.
+    evm.send(evm.token.functions.mint(evm.ledger.address, 3 * TOKENS), evm.admin.address)
+    epoch_publish(epoch_id=epoch.pk, client=evm.client)
 
     report = chain_reconcile(client=evm.client)
 
-    assert any("underfunded by 3000000000000000000" in d for d in report.differences)
+    assert report.differences == [f"the contract holds {3 * TOKENS} tokens; deposits credited 0 - claimed 0 = 0"]
     assert any(record.levelname == "ERROR" for record in caplog.records)

@@ -21,15 +21,16 @@ from marketplace.ledger.epochs import (
     epoch_settle,
     epoch_verify,
 )
-from marketplace.ledger.exceptions import EpochOutOfOrder
+from marketplace.ledger.exceptions import EpochOutOfOrder, EpochUnderfunded
 from marketplace.ledger.fields import AmountSum
-from marketplace.ledger.models import Account, Epoch, EpochLeaf, Line
+from marketplace.ledger.models import Account, AuditEntry, Epoch, EpochLeaf, Line
 from marketplace.ledger.postings import account_get, balance
 from marketplace.ledger.selectors import ledger_check
 from marketplace.workunits.models import WorkUnit
 
 K = Account.Kind
 _names = itertools.count()
+DEPOSITOR = "0x" + "22" * 20  # a submitter's address on the fake chain
 
 
 def payout_total() -> int:
@@ -147,8 +148,9 @@ class KilledAfterSend:
 
 
 @pytest.fixture
-def closed_epoch(earner):
+def closed_epoch(earner, chain):
     earner(10**18)
+    chain.deposit(DEPOSITOR, 10**18)  # the contract refuses a root its tokens do not cover
     return epoch_close()
 
 
@@ -212,6 +214,7 @@ def test_epochs_reach_the_chain_in_order(earner, chain):
     epoch_close()
     earner(2)
     second = epoch_close()
+    chain.deposit(DEPOSITOR, 3)
 
     with pytest.raises(EpochOutOfOrder):
         epoch_publish(epoch_id=second.pk, client=chain)
@@ -219,3 +222,63 @@ def test_epochs_reach_the_chain_in_order(earner, chain):
     epoch_settle(client=chain)
 
     assert [epoch for epoch, _ in chain.roots_accepted] == [1, 2]
+
+
+# --- funds ----------------------------------------------------------------------------------------
+
+def test_an_underfunded_epoch_is_refused_before_a_nonce_is_reserved_and_published_once_funds_arrive(
+        earner, chain, caplog):
+    earner(10**18)
+    epoch = epoch_close()
+    chain.deposit(DEPOSITOR, 10**18 - 1)
+
+    with pytest.raises(EpochUnderfunded, match="short by 1$"):
+        epoch_publish(epoch_id=epoch.pk, client=chain)
+
+    assert chain.pending == {} and chain.receipts == {} and chain.operator_nonce(pending=True) == 0
+    epoch.refresh_from_db()
+    assert (epoch.state, epoch.nonce, epoch.tx_hash, epoch.attempts) == (Epoch.State.CLOSED, None, "", [])
+    refusal = AuditEntry.objects.get(action="epoch.underfunded")
+    assert refusal.data == {"epoch": 1, "total": str(10**18), "held": str(10**18 - 1), "claimed": "0", "shortfall": "1"}
+    assert not AuditEntry.objects.filter(action="epoch.nonce_reserved").exists()
+    assert [r.levelname for r in caplog.records if "short by 1" in r.getMessage()] == ["ERROR"]
+
+    chain.deposit(DEPOSITOR, 1)
+    epoch_publish(epoch_id=epoch.pk, client=chain)
+
+    epoch.refresh_from_db()
+    assert epoch.state == Epoch.State.PUBLISHED and epoch.nonce == 0
+    assert chain.roots_accepted == [(1, bytes.fromhex(epoch.root[2:]))]
+
+
+def test_tokens_already_claimed_count_towards_what_the_next_epoch_may_commit(earner, chain):
+    user, key = earner(60)
+    first = epoch_close()
+    chain.deposit(DEPOSITOR, 60)
+    epoch_publish(epoch_id=first.pk, client=chain)
+    chain.claims[key.address] = 60  # claimed: the contract now holds none of its tokens
+    settled_earnings(user, 40, key="more")
+    second = epoch_close()
+    chain.deposit(DEPOSITOR, 39)
+
+    with pytest.raises(EpochUnderfunded, match=r"can pay 99 \(holds 39, claims paid 60\): short by 1$"):
+        epoch_publish(epoch_id=second.pk, client=chain)
+    chain.deposit(DEPOSITOR, 1)
+    epoch_publish(epoch_id=second.pk, client=chain)
+
+    assert Epoch.objects.get(pk=second.pk).state == Epoch.State.PUBLISHED
+    assert [epoch for epoch, _ in chain.roots_accepted] == [1, 2] and chain.published_total() == 100
+
+
+def test_the_periodic_settlement_waits_for_funds_without_failing_and_publishes_on_a_later_run(earner, chain):
+    earner(5)
+
+    waiting = epoch_settle(client=chain)
+    assert epoch_settle(client=chain) == waiting  # the same epoch waits; no new one is closed meanwhile
+
+    assert Epoch.objects.get().state == Epoch.State.CLOSED and chain.roots_accepted == []
+    assert AuditEntry.objects.filter(action="epoch.underfunded").count() == 2
+    chain.deposit(DEPOSITOR, 5)
+    assert epoch_settle(client=chain) == waiting
+    assert Epoch.objects.get().state == Epoch.State.PUBLISHED
+    assert [epoch for epoch, _ in chain.roots_accepted] == [1]

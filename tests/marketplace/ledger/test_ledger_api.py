@@ -12,8 +12,8 @@ def test_a_submitter_sees_their_balance_and_escrow_as_strings(api, submitter, su
 
     body = api(submitter).get("/api/v1/ledger/balances/").json()
 
-    assert body["escrowed"] == str(2 * 10**15)
-    assert body["available"] == str(10**24 - 2 * 10**15)
+    assert body["escrowed"] == str(6 * 10**15)
+    assert body["available"] == str(10**24 - 6 * 10**15)
 
 
 def test_entries_list_the_persons_own_lines_newest_first(api, submitter, other_submitter, submit_job):
@@ -23,7 +23,7 @@ def test_entries_list_the_persons_own_lines_newest_first(api, submitter, other_s
 
     assert [e["kind"] for e in entries] == ["escrow", "escrow", "grant"]
     assert {e["account"] for e in entries} == {f"submitter_balance:user={submitter.pk}", f"job_escrow:job={job.pk}"}
-    assert [e["amount"] for e in entries[:2]] in ([str(-2 * 10**15), str(2 * 10**15)], [str(2 * 10**15), str(-2 * 10**15)])
+    assert [e["amount"] for e in entries[:2]] in ([str(-6 * 10**15), str(6 * 10**15)], [str(6 * 10**15), str(-6 * 10**15)])
     assert api(other_submitter).get("/api/v1/ledger/entries/").json()[0]["kind"] == "grant"
     assert api(submitter).get("/api/v1/ledger/entries/?limit=0").status_code == 400
 
@@ -44,6 +44,7 @@ def test_the_proof_is_for_the_callers_address_in_the_latest_published_epoch(api,
     key = link_wallet(contributor)
     settled_earnings(contributor, 3 * 10**21, key="c")
     epoch = epoch_close()
+    chain.deposit("0x" + "22" * 20, 3 * 10**21)  # the tokens the root commits
     epoch_publish(epoch_id=epoch.pk, client=chain)
 
     body = api(contributor).get("/api/v1/payouts/proof/").json()
@@ -58,6 +59,7 @@ def test_a_device_reads_its_owners_proof(api, contributor, chain, settings, make
     settings.IDLEGRID_CHAIN_CONTRACT = "0x" + "ab" * 20
     key = link_wallet(contributor)
     settled_earnings(contributor, 5 * 10**18, key="d")
+    chain.deposit("0x" + "22" * 20, 5 * 10**18)
     epoch_publish(epoch_id=epoch_close().pk, client=chain)
 
     response = make_device(contributor).client().get("/api/v1/payouts/proof/")

@@ -18,6 +18,8 @@ from marketplace.workunits.models import Result, WorkUnit
 PRICE = 10**15  # the default IDLEGRID_PRICE_PER_RESULT
 FEE = PRICE * 500 // 10_000  # the default IDLEGRID_PLATFORM_FEE_BPS
 NET = PRICE - FEE
+CAP = 6  # the default max_results_per_unit: what a job escrows for, per unit
+VERIFICATION_PRICE = 10**15  # the default IDLEGRID_VERIFICATION_PRICE
 
 K = Account.Kind
 
@@ -34,20 +36,32 @@ def held(device) -> int:
     return balance(account_get(K.CONTRIBUTOR_HELD, device_id=device.pk))
 
 
-def test_a_job_escrows_price_times_units_times_replication(submit_job, submitter):
+def test_a_job_escrows_what_its_own_spec_can_cost(submit_job, submitter):
     before = available(submitter)
 
-    job = submit_job(rows=8, rows_per_unit=4)  # 2 units, expected replication 2
+    job = submit_job(rows=8, rows_per_unit=4)  # 2 units, each paid for up to its cap of 6 results
 
-    assert escrow(job) == PRICE * 2 * 2
-    assert available(submitter) == before - PRICE * 4
+    assert escrow(job) == PRICE * 2 * CAP
+    assert available(submitter) == before - PRICE * 2 * CAP
     assert job.spec["price_per_result"] == str(PRICE)
 
 
 def test_a_job_may_name_its_own_price(submit_job, submitter):
     job = submit_job(rows=4, rows_per_unit=4, price_per_result=str(7 * 10**20))  # beyond 2**63
 
-    assert escrow(job) == 7 * 10**20 * 2
+    assert escrow(job) == 7 * 10**20 * CAP
+
+
+@pytest.mark.parametrize("price", ["²", "1" * 5000, "-5", 10**37, "1e30"], ids=["superscript", "5000 digits",
+                                                                              "negative", "too big", "float text"])
+def test_an_unreadable_price_is_a_clear_400(api, inference_spec, submitter, price):
+    spec = inference_spec(rows=4, rows_per_unit=4, price_per_result=price)
+
+    response = api(submitter).post("/api/v1/jobs/", {"kind": "inference", "spec": spec}, format="json")
+
+    assert response.status_code == 400
+    assert "price_per_result" in response.json()["error"]["fields"]
+    assert Job.objects.count() == 0
 
 
 def test_a_submission_the_balance_cannot_cover_is_refused_with_402_and_changes_nothing(
@@ -62,7 +76,7 @@ def test_a_submission_the_balance_cannot_cover_is_refused_with_402_and_changes_n
     assert response.status_code == 402
     error = response.json()["error"]
     assert error["code"] == "insufficient_balance"
-    assert error["fields"] == {"required": str(PRICE * 4), "available": str(PRICE)}
+    assert error["fields"] == {"required": str(PRICE * 2 * CAP), "available": str(PRICE)}
     assert Job.objects.count() == 0
     assert ledger_totals() == postings_before
     assert available(poor) == PRICE
@@ -88,7 +102,7 @@ def test_each_valid_result_credits_its_owner_once_minus_the_fee(submit_job, comp
 
     assert held(first) == held(second) == NET
     assert balance(account_get(K.PLATFORM_FEE)) == 2 * FEE
-    assert escrow(job) == 0
+    assert escrow(job) == (CAP - 2) * PRICE
     assert Earning.objects.filter(state=Earning.State.HELD).count() == 2
     assert ledger_check() == []
 
@@ -111,18 +125,47 @@ def test_the_sweep_credits_a_valid_result_whose_hook_never_ran(submit_job, make_
     assert Earning.objects.count() == 2
 
 
-def test_results_past_the_escrow_are_paid_by_the_platform_without_a_fee(submit_job, compute_unit, make_device,
-                                                                         cheater, settings):
-    settings.IDLEGRID_EXPECTED_REPLICATION = 1  # escrow covers one result per unit, two are valid
-    job = submit_job(rows=4, rows_per_unit=4)
+def test_a_result_past_what_the_escrow_holds_is_paid_from_the_budget_at_the_verification_price(
+    submit_job, compute_unit, make_device, cheater, verification_budget
+):
+    # Re-verification may raise a unit past its cap (a ban, a dispute): when the escrow is spent, the
+    # platform pays, at its own reference price out of its budget, never at the submitter's price.
+    job = submit_job(rows=4, rows_per_unit=4, quorum=2, max_results_per_unit=2, price_per_result=str(10**20))
     unit = WorkUnit.objects.get(job=job)
-
     compute_unit(unit)
-
-    sources = sorted(Earning.objects.values_list("source", flat=True))
-    assert sources == [Earning.Source.ESCROW, Earning.Source.PLATFORM]
-    assert balance(account_get(K.PLATFORM_VERIFICATION)) == -NET
     assert escrow(job) == 0
+    verification_budget(10 * VERIFICATION_PRICE)
+    extra = Result.objects.create(unit=unit, job=job, state=Result.State.VALID, device=make_device(cheater).device,
+                                  owner=cheater, reported_at=timezone.now())
+
+    earning = services.result_credit(result_id=extra.pk)
+
+    assert (earning.source, earning.gross, earning.net) == (Earning.Source.PLATFORM, VERIFICATION_PRICE, VERIFICATION_PRICE)
+    assert balance(account_get(K.PLATFORM_VERIFICATION)) == 9 * VERIFICATION_PRICE
+
+
+def test_with_the_budget_spent_such_a_result_is_recorded_unpaid(submit_job, compute_unit, make_device, cheater):
+    job = submit_job(rows=4, rows_per_unit=4, quorum=2, max_results_per_unit=2)
+    unit = WorkUnit.objects.get(job=job)
+    compute_unit(unit)
+    extra = Result.objects.create(unit=unit, job=job, state=Result.State.VALID, device=make_device(cheater).device,
+                                  owner=cheater, reported_at=timezone.now())
+
+    earning = services.result_credit(result_id=extra.pk)
+
+    assert (earning.source, earning.state, earning.net, earning.credit) == (
+        Earning.Source.UNPAID, Earning.State.UNPAID, 0, None)
+    assert balance(account_get(K.PLATFORM_VERIFICATION)) == 0
+    assert services.earnings_sync()["credited"] == 0  # recorded: the sweep does not try it again
+
+
+def test_a_free_job_pays_nothing_and_records_it(submit_job, compute_unit):
+    job = submit_job(rows=4, rows_per_unit=4, price_per_result=0)
+
+    compute_unit(WorkUnit.objects.get(job=job))
+
+    assert set(Earning.objects.values_list("state", flat=True)) == {Earning.State.UNPAID}
+    assert services.earnings_sync()["credited"] == 0
 
 
 def test_a_withdrawn_result_gives_its_credit_back_to_the_escrow(submit_job, compute_unit, django_capture_on_commit_callbacks):
@@ -137,7 +180,7 @@ def test_a_withdrawn_result_gives_its_credit_back_to_the_escrow(submit_job, comp
 
     assert Earning.objects.get(result=r1).state == Earning.State.REVERSED
     assert held(first) == 0
-    assert escrow(job) == PRICE  # ready to pay the replica that re-verifies the unit
+    assert escrow(job) == (CAP - 1) * PRICE  # it regained the price: ready to pay the replica that re-verifies
     assert balance(account_get(K.PLATFORM_FEE)) == fees_before - FEE
     assert ledger_check() == []
 
@@ -188,14 +231,13 @@ def test_a_failed_job_returns_its_unused_escrow(submit_job, compute_unit, submit
         assert job_fail(job_id=job.pk, reason="a unit errored")
 
     assert escrow(job) == 0
-    assert available(submitter) == paid_in + 2 * PRICE
+    assert available(submitter) == paid_in + (2 * CAP - 2) * PRICE  # two results were paid of the 12 escrowed
     assert services.job_escrow_release(job_id=job.pk) is None  # twice: nothing more
 
 
-def test_every_base_unit_is_accounted_for_when_a_job_completes(submit_job, compute_unit, submitter, settings, make_device,
+def test_every_base_unit_is_accounted_for_when_a_job_completes(submit_job, compute_unit, submitter, make_device,
                                                                 contributor, other_contributor,
                                                                 django_capture_on_commit_callbacks):
-    settings.IDLEGRID_EXPECTED_REPLICATION = 3  # one result per unit will be left over
     start = available(submitter)
     job = submit_job(rows=8, rows_per_unit=4)
     devices = [make_device(contributor), make_device(other_contributor)]
@@ -210,7 +252,7 @@ def test_every_base_unit_is_accounted_for_when_a_job_completes(submit_job, compu
     contributors = sum(held(device) for device in {d.pk: d for d, _ in pairs}.values())
     fees = balance(account_get(K.PLATFORM_FEE))
     assert paid == contributors + fees == 4 * PRICE
-    assert escrow(job) == 0  # the refund: 6 escrowed, 4 used, 2 back
+    assert escrow(job) == 0  # the refund: 12 escrowed, 4 used, 8 back
     assert sum(ledger_totals().values()) == 0
     assert ledger_check() == []
 
@@ -230,16 +272,31 @@ def test_the_hooks_post_after_real_commits_outside_any_test_transaction(submit_j
     assert ledger_check() == []
 
 
-def test_a_known_answer_unit_is_paid_by_the_platform_not_the_submitter(submit_job, make_device, contributor):
-    job = submit_job(rows=4, rows_per_unit=4)
+def test_a_known_answer_unit_is_paid_by_the_budget_at_the_verification_price(submit_job, make_device, contributor,
+                                                                            verification_budget):
+    job = submit_job(rows=4, rows_per_unit=4, price_per_result=str(10**20))
     unit = WorkUnit.objects.get(job=job)
     copy = WorkUnit.objects.create(job=job, index=unit.index, payload=unit.payload, known_answer_of=unit)
     device = make_device(contributor)
     result = Result.objects.create(unit=copy, job=job, state=Result.State.VALID, device=device.device,
                                    owner=contributor, reported_at=timezone.now())
+    verification_budget(VERIFICATION_PRICE)
 
     earning = services.result_credit(result_id=result.pk)
 
-    assert (earning.source, earning.net) == (Earning.Source.PLATFORM, NET)
-    assert escrow(job) == 2 * PRICE
-    assert balance(account_get(K.PLATFORM_VERIFICATION)) == -NET
+    assert (earning.source, earning.net) == (Earning.Source.PLATFORM, VERIFICATION_PRICE)  # never 10**20
+    assert escrow(job) == CAP * 10**20  # the submitter pays nothing for it
+    assert balance(account_get(K.PLATFORM_VERIFICATION)) == 0
+
+
+def test_a_disputed_known_answers_second_row_is_never_paid(submit_job, make_device, contributor, verification_budget):
+    job = submit_job(rows=4, rows_per_unit=4)
+    unit = WorkUnit.objects.get(job=job)
+    copy = WorkUnit.objects.create(job=job, index=unit.index, payload=unit.payload, known_answer_of=unit)
+    device = make_device(contributor)
+    mirror = Result.objects.create(unit=unit, job=job, state=Result.State.VALID, device=device.device,
+                                   owner=contributor, reported_at=timezone.now(), disputes_known_answer=copy)
+
+    assert services.result_credit(result_id=mirror.pk) is None
+    assert services.earnings_sync()["credited"] == 0
+    assert not Earning.objects.exists()

@@ -1,4 +1,5 @@
-"""Payout addresses are linked by signing a one-time challenge with the address's key (EIP-191)."""
+"""Payout addresses are linked by signing a one-time challenge with the address's key (EIP-191), with the
+account's password (test_wallet_changes.py: what the password and the change delay protect)."""
 
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ def challenge(api, contributor):
 
 
 def link(api, user, **body):
+    body.setdefault("password", f"{user.username}-password")  # the personas' (tests/conftest.py)
     return api(user).post("/api/v1/wallet/", body, format="json")
 
 
@@ -86,7 +88,9 @@ def test_another_persons_challenge_cannot_be_used(api, contributor, other_contri
     assert response.json()["error"]["fields"] == {"nonce": "unknown"}
 
 
-def test_a_new_link_replaces_the_active_one_and_an_address_belongs_to_one_person(api, contributor, other_contributor):
+def test_without_a_change_delay_a_new_link_replaces_the_active_one_and_an_address_belongs_to_one_person(
+        api, contributor, other_contributor, settings):
+    settings.IDLEGRID_WALLET_CHANGE_DELAY_SECONDS = 0
     first, second = EthAccount.create(), EthAccount.create()
     for key in (first, second):
         c = api(contributor).get("/api/v1/wallet/challenge/").json()

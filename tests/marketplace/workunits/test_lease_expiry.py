@@ -1,4 +1,6 @@
-"""leases_expire: overdue leases expire and their units get a replacement replica, exactly once."""
+"""leases_expire: overdue leases expire and their units get a replacement replica, exactly once. A
+replacement does not count against the unit's cap of results (an expiry is no answer); the owner who let
+it expire never gets the unit again, and the job fails only once devices of several owners did."""
 
 from datetime import timedelta
 
@@ -25,7 +27,7 @@ def test_it_expires_an_overdue_lease_and_issues_a_replacement(submit_job, make_d
     assert leases_expire() == 1
 
     unit = WorkUnit.objects.get(job=job)
-    assert unit.results_created == 3
+    assert unit.results_created == 2  # the replacement is not counted against the cap
     assert Result.objects.get(pk=late.result_id).state == Result.State.EXPIRED
     assert Result.objects.get(pk=on_time.result_id).state == Result.State.IN_PROGRESS
     assert unit.results.filter(state=Result.State.UNSENT).count() == 1
@@ -41,7 +43,7 @@ def test_expiring_twice_issues_one_replacement(submit_job, make_device, contribu
 
     assert Result.objects.filter(job=job).count() == 9
     assert Result.objects.filter(job=job, state=Result.State.UNSENT).count() == 6
-    assert list(WorkUnit.objects.filter(job=job).values_list("results_created", flat=True)) == [3, 3, 3]
+    assert list(WorkUnit.objects.filter(job=job).values_list("results_created", flat=True)) == [2, 2, 2]
 
 
 def test_it_leaves_live_leases_alone(submit_job, make_device, contributor):
@@ -53,7 +55,8 @@ def test_it_leaves_live_leases_alone(submit_job, make_device, contributor):
     assert Result.objects.filter(job=job).count() == 2
 
 
-def test_the_replacement_may_go_back_to_the_same_owner(submit_job, make_device, contributor, other_contributor):
+def test_the_replacement_never_goes_back_to_the_owner_that_let_it_expire(submit_job, make_device, contributor,
+                                                                          other_contributor, cheater):
     submit_job(rows=4, rows_per_unit=4)
     laptop = make_device(contributor)
     (late,) = workunit_lease(device=laptop.device, max_units=1)
@@ -61,10 +64,11 @@ def test_the_replacement_may_go_back_to_the_same_owner(submit_job, make_device, 
     overdue(late.result_id)
     leases_expire()
 
-    (again,) = workunit_lease(device=laptop.device, max_units=1)
-
-    assert again.unit_id == late.unit_id
-    assert again.result_id != late.result_id
+    assert workunit_lease(device=laptop.device, max_units=1) == []
+    assert workunit_lease(device=make_device(contributor, name="desktop").device, max_units=1) == []
+    (replacement,) = workunit_lease(device=make_device(cheater).device, max_units=1)
+    assert replacement.unit_id == late.unit_id and replacement.result_id != late.result_id
+    assert laptop.refresh().expired == 1
 
 
 def test_a_late_report_for_an_expired_lease_is_refused(submit_job, make_device, contributor, upload, make_output,
@@ -116,16 +120,25 @@ def test_a_report_racing_the_sweep_loses_as_a_whole(submit_job, make_device, con
     assert (result.state, result.output_id) == (Result.State.EXPIRED, None)
 
 
-def test_expiry_at_the_cap_with_nothing_in_flight_fails_the_job(submit_job, make_device, contributor,
-                                                                 other_contributor):
+def test_expiries_fail_the_job_only_once_devices_of_several_owners_let_the_unit_expire(
+    submit_job, make_device, contributor, other_contributor, cheater, settings
+):
+    settings.IDLEGRID_GIVE_UP_OWNERS = 3
     job = submit_job(rows=4, rows_per_unit=4, quorum=2, max_results_per_unit=2)
     leases = [workunit_lease(device=make_device(owner).device, max_units=1)[0]
               for owner in (contributor, other_contributor)]
     overdue(*[lease.result_id for lease in leases])
 
-    assert leases_expire() == 2
+    assert leases_expire() == 2  # two owners: the unit is replaced twice, past its cap of 2 results
+    job.refresh_from_db()
+    assert job.state == Job.State.RUNNING
+    assert Result.objects.filter(job=job, state=Result.State.UNSENT).count() == 2
+
+    (third,) = workunit_lease(device=make_device(cheater).device, max_units=1)
+    overdue(third.result_id)
+    assert leases_expire() == 1
 
     job.refresh_from_db()
     assert job.state == Job.State.FAILED
+    assert "devices of 3 different owners gave up on it or let its lease expire" in job.error
     assert WorkUnit.objects.get(job=job).state == WorkUnit.State.ERROR
-    assert Result.objects.filter(job=job).count() == 2

@@ -65,3 +65,34 @@ def test_a_split_that_cannot_succeed_fails_the_job(submit_job):
     assert job.state == Job.State.FAILED
     assert job.error.startswith("splitting failed")
     assert WorkUnit.objects.filter(job=job).count() == 0
+
+
+def test_one_unit_that_cannot_be_validated_does_not_stop_the_sweep(
+    submit_job, make_device, report, contributor, other_contributor, monkeypatch
+):
+    # Before: the sweep validated every waiting unit in one loop and stopped at the first that raised
+    # (a hostile value had made one raise), leaving every other unit and job unattended.
+    from marketplace.workunits import sweep as sweeping
+
+    units = [WorkUnit.objects.get(job=submit_job(rows=4, rows_per_unit=4)) for _ in range(3)]
+    for owner in (contributor, other_contributor):
+        device = make_device(owner)
+        for lease in workunit_lease(device=device.device, max_units=8):
+            report(device, lease.result_id)
+    broken = units[0].pk
+    validate = sweeping.unit_validate
+
+    def validate_or_break(*, unit_id):
+        if unit_id == broken:
+            raise ValueError("a corrupt output file")
+        return validate(unit_id=unit_id)
+
+    monkeypatch.setattr(sweeping, "unit_validate", validate_or_break)
+
+    done = sweep()
+
+    assert (done["validated"], done["failed"]) == (2, 1)
+    assert done["failures"] == [f"unit {broken}"]
+    states = {u.pk: u.state for u in WorkUnit.objects.filter(pk__in=[u.pk for u in units])}
+    assert states == {broken: WorkUnit.State.PENDING, units[1].pk: WorkUnit.State.DONE, units[2].pk: WorkUnit.State.DONE}
+    assert WorkUnit.objects.get(pk=broken).need_validate is True  # tried again next time

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from marketplace.jobs.models import Job
 from marketplace.jobs.services import job_merge
+from marketplace.ledger.services import verification_budget_fund
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.leasing import leases_expire, workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
@@ -275,22 +276,24 @@ def test_a_unit_left_to_a_device_that_lost_its_trust_is_replicated_after_all(ada
     assert unit.quorum == 2 and unit.results.filter(state=Result.State.UNSENT).count() == 1
 
 
-def test_a_device_on_probation_gets_known_answer_units(adaptive_job, make_device, people, report, settings):
+def test_a_device_on_probation_gets_known_answer_units(adaptive_job, make_device, people, report, settings,
+                                                      verification_budget):
     alice, bob, newcomer = make_device(people[0]), make_device(people[1]), make_device(people[2])
     adaptive_job()
     first = compute(alice, report)
     compute(bob, report)
     unit_validate(unit_id=first.unit_id)
     adaptive_job()
+    verification_budget()
     settings.IDLEGRID_KNOWN_ANSWER_RATE = 1.0
 
     leases = workunit_lease(device=newcomer.device, max_units=1)
 
-    assert len(leases) == 2
-    copy = WorkUnit.objects.get(pk=leases[1].unit_id)
+    assert len(leases) == 1  # inside its quota of one: the copy takes the ordinary unit's place
+    copy = WorkUnit.objects.get(pk=leases[0].unit_id)
     assert copy.known_answer_of_id == first.unit_id
-    assert leases[1].payload == WorkUnit.objects.get(pk=first.unit_id).payload
-    report(newcomer, leases[1].result_id)
+    assert leases[0].payload == WorkUnit.objects.get(pk=first.unit_id).payload
+    report(newcomer, leases[0].result_id)
     assert unit_validate(unit_id=copy.pk) == "done"
     assert newcomer.refresh().audits_passed == 1
     assert DeviceTrust.objects.get(device=newcomer.device).consecutive_valid == 1
@@ -305,11 +308,12 @@ def known_answer_of_a_decided_unit(adaptive_job, make_device, people, report, se
     compute(second_owner, report, wrong=wrong)
     assert unit_validate(unit_id=first.unit_id) == "done"
     adaptive_job()
+    verification_budget_fund(amount=10**21, actor="tests", reason="known answers", idempotency_key="known-answer-test")
     settings.IDLEGRID_KNOWN_ANSWER_RATE = 1.0
-    leases = workunit_lease(device=newcomer.device, max_units=1)
+    (lease,) = workunit_lease(device=newcomer.device, max_units=1)
     settings.IDLEGRID_KNOWN_ANSWER_RATE = 0.0
-    assert WorkUnit.objects.get(pk=leases[1].unit_id).known_answer_of_id == first.unit_id
-    return job, first, leases[1], (first_owner, second_owner, newcomer)
+    assert WorkUnit.objects.get(pk=lease.unit_id).known_answer_of_id == first.unit_id
+    return job, first, lease, (first_owner, second_owner, newcomer)
 
 
 def test_a_wrong_answer_to_a_known_answer_unit_bans_the_device(adaptive_job, make_device, people, report,
@@ -356,10 +360,11 @@ def test_a_device_that_won_a_dispute_can_still_be_banned(adaptive_job, make_devi
     unit_validate(unit_id=copy.unit_id)
     drain([already_trusted(make_device, people[3]), make_device(people[4])], report)
     assert Result.objects.filter(device=challenger.device, state=Result.State.VALID).count() == 2  # copy + original
+    assert challenger.refresh().valid_results == 1  # one computation, counted once (on the copy)
 
     from marketplace.workers.trust import device_ban
 
-    assert device_ban(device_id=challenger.pk, reason="caught elsewhere")  # its counter is 1, not 2: no underflow
+    assert device_ban(device_id=challenger.pk, reason="caught elsewhere")
 
     banned = challenger.refresh()
     assert banned.state == Device.State.BANNED and banned.valid_results == 0

@@ -128,11 +128,3 @@ def test_the_rule_can_be_switched_off(job, make_device, people, report, rules):
     compute(make_device(people[1]), report)
 
     assert unit_validate(unit_id=first.unit_id) == "done"
-
-
-def test_a_device_on_probation_leases_one_unit_per_request(submit_job, make_device, people, rules):
-    rules.IDLEGRID_PROBATION_BATCH = 1
-    submit_job(rows=16, rows_per_unit=4, adaptive=True)
-
-    assert len(workunit_lease(device=make_device(people[0]).device, max_units=4)) == 1
-    assert len(workunit_lease(device=trusted(make_device, people[1]).device, max_units=4)) == 4  # the other replica of the first unit, and 3 more

@@ -6,7 +6,8 @@ from marketplace.ledger.selectors import ledger_check, ledger_totals
 
 
 class Command(BaseCommand):
-    help = "Check the ledger's invariants (every posting balances, all balances sum to zero); print totals per kind."
+    help = ("Check the ledger's invariants (every posting balances, all balances sum to zero, nothing owed or held "
+            "is negative, every credit traces to a valid result and a funded source); print totals per kind.")
 
     def handle(self, *args, **options):
         problems = ledger_check()

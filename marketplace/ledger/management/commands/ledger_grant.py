@@ -22,7 +22,7 @@ class Command(BaseCommand):
         user = get_user_model().objects.filter(username=username).first()
         if user is None:
             raise CommandError(f"no account named {username!r}")
-        if not amount.isdigit():
+        if not (amount.isascii() and amount.isdigit() and len(amount) <= 78):
             raise CommandError(f"--amount must be a positive integer of base units, got {amount!r}")
         try:
             posting = balance_grant(user=user, amount=int(amount), actor="command:ledger_grant", reason=reason,

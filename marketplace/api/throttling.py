@@ -1,0 +1,90 @@
+"""Request rates per scope, counted in the shared cache (settings: REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]).
+
+A view opts in with `throttle_scope = "<scope>"`. Who is counted: the device for device requests, the person
+for people, and for anonymous requests the client address DRF's `get_ident` gives under NUM_PROXIES
+(IDLEGRID_NUM_PROXIES: 0 means REMOTE_ADDR alone, so a forged X-Forwarded-For changes nothing).
+
+How: a sliding window estimated from two fixed windows, this one's count plus the previous one's weighted
+by how much of it the sliding window still covers (the estimate Cloudflare describes for its rate
+limiting). Three numbers per (scope, client) in one cache entry, whatever the rate: DRF's
+SimpleRateThrottle keeps one timestamp per request instead and rewrites the whole list every time, 1200
+of them at report's default rate, more under IDLEGRID_THROTTLE_SCALE.
+
+The count is read, then written (as DRF's throttles do): requests of one client that are in flight at the
+same moment can count once between them, so a client gets past the rate by at most its concurrency (the
+web server's workers). Refused requests are not counted: a client that waits out Retry-After gets in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+from rest_framework.settings import api_settings
+from rest_framework.throttling import BaseThrottle
+
+from marketplace.workers.models import Device
+
+
+def rate_of(scope: str) -> tuple[int, int]:
+    """(requests allowed, window in seconds) of a scope; its rate is checked at settings load (envrate)."""
+    count, _, period = api_settings.DEFAULT_THROTTLE_RATES[scope].partition("/")
+    return int(count), settings.RATE_PERIODS[period]
+
+
+class ScopedThrottle(BaseThrottle):
+    def __init__(self) -> None:
+        self.wait_seconds: float | None = None
+
+    def allow_request(self, request, view) -> bool:
+        scope = getattr(view, "throttle_scope", None)
+        if not scope:
+            return True
+        limit, window = rate_of(scope)
+        key = f"throttle:{scope}:{self.client(request)}"
+        now = time.time()
+        slot = int(now // window)
+        elapsed = now - slot * window
+        current, previous = _counts(cache.get(key), slot)
+        if current + previous * (1 - elapsed / window) + 1 > limit:
+            self.wait_seconds = _wait(current, previous, limit=limit, window=window, elapsed=elapsed)
+            return False
+        # Kept until the end of the next window, where this window's count is still the previous one.
+        cache.set(key, (slot, current + 1, previous), timeout=math.ceil(2 * window - elapsed))
+        return True
+
+    def client(self, request) -> str:
+        if isinstance(request.auth, Device):
+            return f"device:{request.auth.pk}"
+        if request.user is not None and request.user.is_authenticated:
+            return f"user:{request.user.pk}"
+        return f"addr:{self.get_ident(request)}"
+
+    def wait(self) -> float | None:
+        # At least a second: DRF sends Retry-After only when the wait it rounds up is not 0.
+        return None if self.wait_seconds is None else max(self.wait_seconds, 1.0)
+
+
+def _counts(state: object, slot: int) -> tuple[int, int]:
+    """(this window's count, the previous window's) from the stored (slot, count, previous count)."""
+    if not (isinstance(state, tuple) and len(state) == 3 and all(isinstance(n, int) for n in state)):
+        return 0, 0
+    stored_slot, count, before = state
+    if stored_slot == slot:
+        return count, before
+    if stored_slot == slot - 1:
+        return 0, count
+    return 0, 0
+
+
+def _wait(current: int, previous: int, *, limit: int, window: int, elapsed: float) -> float:
+    """Seconds until one more request fits under the estimate: in this window once the previous window's
+    weight has fallen far enough, else in the next one, where this window's count is the one that decays."""
+    if current + 1 <= limit and previous:
+        at = window * (1 - (limit - 1 - current) / previous)
+        if at < window:
+            return max(at - elapsed, 0.0)
+    later = window * max(0.0, 1 - (limit - 1) / current) if current else 0.0
+    return window - elapsed + later
