@@ -62,6 +62,26 @@ def submit(api: Api, model, x_test: np.ndarray, args: argparse.Namespace) -> int
     return response.json()["id"]
 
 
+AGENT_OPTIONS = ("--batch", "2", "--poll", "1")
+REPORTED = r"done in [0-9.]+s, reported"  # worker_agent/agent.py, once a unit's result was accepted
+
+
+def agents_start(cluster: Cluster, state_dirs: dict) -> None:
+    """The faulty agent starts first, alone on the job, and the honest ones once it has reported a result:
+    so that it surely computes a share of the job whatever the timing (with all three started together,
+    the honest two once took every unit in a second while it was in its idle wait, and it was never
+    caught because it never answered). Which units it gets, and how many, still varies; that it answers
+    some, wrongly, and that each is judged invalid, does not."""
+    for owner, device, faulty in sorted(AGENTS, key=lambda agent: not agent[2]):
+        process = cluster.start_agent(device, state_dirs[owner], *AGENT_OPTIONS,
+                                      *(["--faulty", "wrong"] if faulty else []))
+        if faulty:
+            process.wait_for_log(REPORTED, timeout=300)
+            console.print(f"• {device} started first and has reported a result; now the honest agents")
+        else:
+            console.print(f"• agent {device} of {owner} running")
+
+
 def follow(api: Api, job_id: int, cluster: Cluster, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     columns = [TextColumn("[bold]job {task.fields[job]}[/] {task.fields[state]:<9}"), BarColumn(),
@@ -115,9 +135,7 @@ def main() -> int:
         state_dirs = {}
         for owner, device, faulty in AGENTS:
             state_dirs[owner] = cluster.enroll_agent(name=device, owner_token=owners[owner])
-            cluster.start_agent(device, state_dirs[owner], "--batch", "2", "--poll", "1",
-                                *(["--faulty", "wrong"] if faulty else []))
-            console.print(f"• agent {device} of {owner} enrolled and running{' [red](faulty on purpose)[/]' if faulty else ''}")
+            console.print(f"• agent {device} of {owner} enrolled{' [red](faulty on purpose)[/]' if faulty else ''}")
         t0 = time.monotonic()
         wallets = payouts.people_prepare(cluster=cluster, chain=chain, tokens={"submitter": submitter, **owners},
                                          folder=args.var_dir / "wallets")
@@ -138,6 +156,7 @@ def main() -> int:
         api = Api(cluster.url, submitter)
         job_id = submit(api, model, data.x_test, args)
         console.print(f"• submitted job {job_id}: batch inference over {len(data.x_test)} held-out digits")
+        agents_start(cluster, state_dirs)
         job = follow(api, job_id, cluster, args.timeout)
         payout = None
         if job["state"] == "completed":

@@ -54,6 +54,22 @@ class Process:
             pass
         return self.popen.returncode
 
+    def wait_for_log(self, pattern: str, *, timeout: float) -> None:
+        """Wait until the process's log matches `pattern` (a regular expression); raise on timeout or exit."""
+        import re
+
+        compiled, deadline = re.compile(pattern), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if compiled.search(self.log_path.read_text(errors="replace")):
+                    return
+            except OSError:
+                pass
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited before its log said {pattern!r}:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}'s log did not say {pattern!r} within {timeout:.0f}s:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -121,7 +137,8 @@ class Cluster:
         the ledger (`manage.py ledger_grant`, audited), for a submitter whose jobs must be escrowed. The
         account gets a random password (linking a payout address needs it), kept in `passwords`."""
         password = self.passwords.setdefault(username, secrets.token_urlsafe(18))
-        token = json.loads(self.manage("account_create", username, "--exists-ok", "--password", password))["token"]
+        # "--password=...": a generated password may start with "-", which argparse would take for an option
+        token = json.loads(self.manage("account_create", username, "--exists-ok", f"--password={password}"))["token"]
         if funds:
             self.manage("ledger_grant", username, "--amount", str(funds), "--reason", "cluster submitter funds",
                         "--key", f"cluster-funds:{username}")

@@ -78,13 +78,18 @@ def run(args: argparse.Namespace) -> int:
         owners = {owner: cluster.account(owner) for owner, _, _ in AGENTS}
         console.print("• starting gunicorn, Celery worker and Celery beat")
         cluster.start_services()
-        for owner, device, fault in AGENTS:
-            state_dir = cluster.enroll_agent(name=device, owner_token=owners[owner])
-            cluster.start_agent(device, state_dir, "--batch", "1", "--poll", "0.5", *(["--faulty", fault] if fault else []))
-            console.print(f"• agent {device} of {owner} running{' [red](poisons its updates on purpose)[/]' if fault else ''}")
+        state_dirs = {owner: cluster.enroll_agent(name=device, owner_token=owners[owner]) for owner, device, _ in AGENTS}
         data, initial = digits.load(), fedavg_reference.initial_model().state_dict()
         api = Api(cluster.url, submitter)
         job_id = submit(api, data, initial)
+        # The poisoner starts first and alone, and the honest agents once it has reported an update: so it
+        # surely trains a share of round 0 whatever the timing (as in the inference demo, demo/__main__.py).
+        for owner, device, fault in sorted(AGENTS, key=lambda agent: agent[2] is None):
+            process = cluster.start_agent(device, state_dirs[owner], "--batch", "1", "--poll", "0.5",
+                                          *(["--faulty", fault] if fault else []))
+            if fault:
+                process.wait_for_log(r"done in [0-9.]+s, reported", timeout=300)
+            console.print(f"• agent {device} of {owner} running{' [red](poisons its updates on purpose; started first)[/]' if fault else ''}")
         settings = fedavg_reference.SETTINGS
         console.print(f"• job {job_id}: {settings['rounds']} rounds x {settings['shards']} shards of "
                       f"{len(data.x_train)} training digits, {settings['local_epochs']} local epochs")

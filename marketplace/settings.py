@@ -197,6 +197,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(_broker_dir / "processed"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        # The folder is polled: at kombu's default of 1 s a worker took about one message a second, fewer
+        # than beat sends with IDLEGRID_SWEEP_SECONDS=1, and a job's merge waited behind hundreds of sweeps.
+        "polling_interval": 0.1,
     }
 elif not CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     raise ImproperlyConfigured("CELERY_BROKER_URL must be redis://... or filesystem://")
@@ -211,9 +214,13 @@ CELERY_TASK_TIME_LIMIT = envint("IDLEGRID_TASK_TIME_LIMIT", 600, low=1)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30 if CELERY_TASK_TIME_LIMIT > 60 else None
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 IDLEGRID_SWEEP_SECONDS = envint("IDLEGRID_SWEEP_SECONDS", 10, low=1)
+# Periodic tasks expire when their period has passed: the next one does the same work, and a backlog of
+# stale sweeps (a worker that was busy or down) must not stand in front of a job's merge.
+_PERIODIC = {"expires": IDLEGRID_SWEEP_SECONDS}
 CELERY_BEAT_SCHEDULE = {
-    "expire-leases": {"task": "workunits.expire_leases", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS)},
-    "sweep": {"task": "workunits.sweep", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS)},
+    "expire-leases": {"task": "workunits.expire_leases", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS),
+                      "options": _PERIODIC},
+    "sweep": {"task": "workunits.sweep", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS), "options": _PERIODIC},
 }
 
 # --- Idlegrid -------------------------------------------------------------------------------------
@@ -275,8 +282,10 @@ IDLEGRID_LEASE_DRAW_WINDOW = envint("IDLEGRID_LEASE_DRAW_WINDOW", 32, low=1, hig
 IDLEGRID_LEASE_GRACE_SECONDS = envint("IDLEGRID_LEASE_GRACE_SECONDS", 60, low=1, high=86_400)
 # A device that gives up on a unit (`fail`) leases nothing for this long and starts its trust run again.
 IDLEGRID_GIVE_UP_COOLDOWN_SECONDS = envint("IDLEGRID_GIVE_UP_COOLDOWN_SECONDS", 60, low=0, high=86_400)
-# A unit fails its job only when devices of this many distinct owners gave up on it or let its lease
-# expire: one owner (or two) can never fail someone else's job.
+# A unit fails its job only when devices of this many distinct owners with validated work elsewhere gave up
+# on it or let its lease expire (or three times as many owners of any kind): one owner, or a handful of
+# fresh accounts that never computed anything right, can never fail someone else's job. Found by the
+# adversary suite (tests/e2e/test_adversaries.py): four hostile accounts counted alone failed two jobs.
 IDLEGRID_GIVE_UP_OWNERS = envint("IDLEGRID_GIVE_UP_OWNERS", 3, low=2, high=100)
 # Software facts of a device (torch, environment) may change its hardware class at most this often a day;
 # its CPU facts may not change at all (docs/protocol.md, "Hardware facts").
@@ -312,7 +321,8 @@ IDLEGRID_KNOWN_ANSWER_MAX_COPIES = envint("IDLEGRID_KNOWN_ANSWER_MAX_COPIES", 3,
 IDLEGRID_WALLET_CHALLENGE_SECONDS = envint("IDLEGRID_WALLET_CHALLENGE_SECONDS", 600, low=10, high=86_400)
 IDLEGRID_CHAIN_START_BLOCK = envint("IDLEGRID_CHAIN_START_BLOCK", 0)  # the deployment block: deposits are read from it
 IDLEGRID_CHAIN_GAS_PRICE_WEI = envint("IDLEGRID_CHAIN_GAS_PRICE_WEI", 0) or None  # unset: the node's fee market
-CELERY_BEAT_SCHEDULE["ledger-sweep"] = {"task": "ledger.sweep", "schedule": timedelta(seconds=max(60, IDLEGRID_SWEEP_SECONDS))}
+CELERY_BEAT_SCHEDULE["ledger-sweep"] = {"task": "ledger.sweep", "schedule": timedelta(seconds=max(60, IDLEGRID_SWEEP_SECONDS)),
+                                        "options": {"expires": max(60, IDLEGRID_SWEEP_SECONDS)}}
 if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:
     CELERY_BEAT_SCHEDULE.update({
         "ledger-settle-epoch": {"task": "ledger.settle_epoch", "schedule": timedelta(seconds=IDLEGRID_EPOCH_SECONDS)},

@@ -8,8 +8,9 @@ Two ways a unit gets another replica, counted differently:
 - `replica_replace`: a replica ended *without an answer* (given up, expired, handed back, freed by a
   ban). The replacement does not count against the cap, so no device can use up a unit's cap by
   leasing and dropping it; owners who gave up or let a lease expire are counted instead, and the unit
-  errors (failing its job) only once devices of IDLEGRID_GIVE_UP_OWNERS distinct owners did. The lease
-  query keeps every owner off a unit it touched, so each owner counts at most once.
+  errors (failing its job) only once devices of IDLEGRID_GIVE_UP_OWNERS distinct owners with validated
+  work elsewhere did (or three times as many owners of any kind). The lease query keeps every owner off
+  a unit it touched, so each owner counts at most once.
 """
 
 from __future__ import annotations
@@ -60,18 +61,29 @@ def replica_replace(*, unit_id: int, reason: str, gave_up_owner: int | None = No
     if unit.known_answer_of_id is not None:
         unit_error(unit_id=unit_id, reason=f"{reason} (a known-answer copy: nothing to replace)")
         return False
-    if gave_up_owner is not None:
-        gave_up = Result.objects.filter(unit_id=unit_id, state__in=GAVE_UP).exclude(owner_id=None)
-        owners = gave_up.values("owner_id").distinct().count()
-        if owners >= settings.IDLEGRID_GIVE_UP_OWNERS:
-            errors = sorted({e[:120] or "lease expired" for e in gave_up.values_list("error", flat=True)})[:5]
-            unit_error(unit_id=unit_id, reason=(
-                f"devices of {owners} different owners gave up on it or let its lease expire "
-                f"({'; '.join(errors)})"))
-            return False
+    if gave_up_owner is not None and _given_up_for_good(unit_id):
+        return False
     if not Job.objects.filter(pk=unit.job_id, state=Job.State.RUNNING).exists():
         return False
     Result.objects.create(unit_id=unit_id, job_id=unit.job_id)
+    return True
+
+
+def _given_up_for_good(unit_id: int) -> bool:
+    """Error the unit if enough owners gave up on it (or let it expire): IDLEGRID_GIVE_UP_OWNERS owners whose
+    devices have validated work to show (a give-up from an account that never computed anything right
+    costs nothing, so Sybil accounts must not count), or three times as many owners of any kind (so a
+    unit that no device can compute still ends, on a network of newcomers too). Returns whether it did."""
+    gave_up = Result.objects.filter(unit_id=unit_id, state__in=GAVE_UP).exclude(owner_id=None)
+    owners = set(gave_up.values_list("owner_id", flat=True))
+    need = settings.IDLEGRID_GIVE_UP_OWNERS
+    credible = Device.objects.filter(owner_id__in=owners, valid_results__gt=0).values("owner_id").distinct().count()
+    if credible < need and len(owners) < 3 * need:
+        return False
+    errors = sorted({e[:120] or "lease expired" for e in gave_up.values_list("error", flat=True)})[:5]
+    unit_error(unit_id=unit_id, reason=(
+        f"devices of {len(owners)} different owners gave up on it or let its lease expire, {credible} of them "
+        f"with validated work elsewhere ({'; '.join(errors)})"))
     return True
 
 

@@ -94,8 +94,10 @@ class Client:
 MLP = {"architecture": "mlp", "config": {"in_features": 16, "hidden": [32], "out_features": 4}}
 
 
-def mlp_job(client: Client, *, rows: int = 40, rows_per_unit: int = 10, batch_size: int = 5, seed: int = 0):
-    """Submit an MLP inference job; return (job_id, expected logits computed locally the agents' way)."""
+def mlp_job(client: Client, *, rows: int = 40, rows_per_unit: int = 10, batch_size: int = 5, seed: int = 0,
+            **spec_extra):
+    """Submit an MLP inference job; return (job_id, expected logits computed locally the agents' way).
+    `spec_extra` adds spec fields (unit_timeout_seconds, say)."""
     torch.manual_seed(seed)
     arch, config = resolve(MLP["architecture"], MLP["config"])
     model = arch.build(config).eval()
@@ -103,7 +105,7 @@ def mlp_job(client: Client, *, rows: int = 40, rows_per_unit: int = 10, batch_si
     weights = client.upload(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
     dataset = client.upload(array_file_bytes(x, name="x"))
     spec = {"model": {**MLP, "weights": weights}, "dataset": dataset, "rows_per_unit": rows_per_unit,
-            "batch_size": batch_size}
+            "batch_size": batch_size, **spec_extra}
     _fund(client)
     response = client.http.post("/api/v1/jobs/", json={"kind": "inference", "spec": spec})
     assert response.status_code == 201, response.text

@@ -80,13 +80,14 @@ def test_an_agent_killed_mid_unit_has_its_unit_reissued_and_the_job_completes(cl
     killed.refresh_from_db()
     assert killed.state == Result.State.EXPIRED
     unit = WorkUnit.objects.get(pk=killed.unit_id)
-    assert unit.results_created == 3  # two first replicas and the one reissued for the dead lease
+    assert unit.results.count() == 3  # two first replicas and the one reissued for the dead lease,
+    assert unit.results_created == 2  # which does not count against the unit's cap of results (no answer)
     assert unit.canonical_result.device.name in {"bob-1", "carol-1"}
     merged = load_safetensors(submitter.http.get(f"/api/v1/jobs/{job_id}/output/").content)["y"]
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.cluster_env(IDLEGRID_PROBATION_BATCH="2")  # a new device leases one unit at a time by default
+@pytest.mark.cluster_env(IDLEGRID_PROBATION_LEASES="2")  # a new device holds one lease at a time by default
 def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
     submitter, alice = _owners(cluster, "submitter", "alice")
     agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "2", "--poll", "0.5")
@@ -103,8 +104,10 @@ def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
 
     assert agent.popen.wait(60) == 0, agent.log_tail()
     states = sorted(Result.objects.filter(device__name="alice-1").values_list("state", flat=True))
-    # the unit it was computing was reported; the one it had not started was given back at once
-    assert states == [Result.State.CLIENT_ERROR, Result.State.REPORTED], (states, agent.log_tail())
+    # the unit it was computing was reported; the one it had not started was handed back at once, for free
+    assert states == [Result.State.RELEASED, Result.State.REPORTED], (states, agent.log_tail())
+    device = Device.objects.get(name="alice-1")
+    assert (device.released, device.gave_up, device.cooldown_until) == (1, 0, None)
 
 
 def test_the_agent_process_loads_neither_django_nor_torch(cluster):

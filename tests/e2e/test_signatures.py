@@ -8,6 +8,7 @@ import json
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.models import Job
 from marketplace.workunits.models import Result, WorkUnit
 from tests.e2e.conftest import Client, enrolled, mlp_job
@@ -98,6 +99,11 @@ def test_a_signed_result_replayed_for_another_lease_is_refused(cluster):
     # 2. Another owner's device, enrolled with a key this test holds: the signature names the device.
     as_mallory, enrolment = _enrol_in_test(cluster, mallory, "mallory-1")
     mallory_lease = _lease_one(as_mallory)
+    # She even holds the bytes (uploaded them herself: a report must name an output the device uploaded),
+    # so only the signature stands in her way.
+    stolen = get_storage().path(sha).read_bytes()
+    assert as_mallory.post("/api/v1/artifacts/", content=stolen,
+                           headers={"Content-Type": "application/octet-stream"}).status_code == 200
     other_device = _report(as_mallory, mallory_lease["result_id"], sha, signature)
 
     for response in (same_device, other_device):

@@ -38,6 +38,9 @@ def test_a_colluding_pair_is_caught_and_the_job_it_fooled_is_corrected(cluster):
         assert agent.popen.wait(60) == 0
 
     # 2. Honest newcomers, on probation, are handed known-answer copies of the fooled units among their
+    # work (the platform pays for them out of its verification budget, which an operator funds first).
+    cluster.manage("verification_budget_fund", "--amount", str(10**21), "--reason", "known answers for the test")
+    #
     # work. They answer right, which disputes the colluders' "known" answers: the units are decided again
     # with one owner more than vouched for them, the colluders are banned, and the fooled job corrected.
     # Which decided unit a known-answer copy repeats is random, so honest work continues, job after job,

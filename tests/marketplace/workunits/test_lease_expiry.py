@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from marketplace.core.exceptions import LeaseExpired
 from marketplace.jobs.models import Job
+from marketplace.workers.models import Device
 from marketplace.workunits.leasing import leases_expire, workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.results import result_report
@@ -125,8 +126,13 @@ def test_expiries_fail_the_job_only_once_devices_of_several_owners_let_the_unit_
 ):
     settings.IDLEGRID_GIVE_UP_OWNERS = 3
     job = submit_job(rows=4, rows_per_unit=4, quorum=2, max_results_per_unit=2)
-    leases = [workunit_lease(device=make_device(owner).device, max_units=1)[0]
-              for owner in (contributor, other_contributor)]
+
+    def proven(owner):  # a device with validated work elsewhere: its expiry counts
+        enrolled = make_device(owner)
+        Device.objects.filter(pk=enrolled.pk).update(valid_results=1)
+        return enrolled.refresh()
+
+    leases = [workunit_lease(device=proven(owner), max_units=1)[0] for owner in (contributor, other_contributor)]
     overdue(*[lease.result_id for lease in leases])
 
     assert leases_expire() == 2  # two owners: the unit is replaced twice, past its cap of 2 results
@@ -134,7 +140,7 @@ def test_expiries_fail_the_job_only_once_devices_of_several_owners_let_the_unit_
     assert job.state == Job.State.RUNNING
     assert Result.objects.filter(job=job, state=Result.State.UNSENT).count() == 2
 
-    (third,) = workunit_lease(device=make_device(cheater).device, max_units=1)
+    (third,) = workunit_lease(device=proven(cheater), max_units=1)
     overdue(third.result_id)
     assert leases_expire() == 1
 

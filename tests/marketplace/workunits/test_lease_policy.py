@@ -224,20 +224,39 @@ def test_a_unit_fails_its_job_once_devices_of_several_owners_gave_up_and_the_err
 ):
     policy.IDLEGRID_GIVE_UP_COOLDOWN_SECONDS = 0
     job = submit_job(rows=4, rows_per_unit=4)
-    for person, error in zip(people[:2], ["out of memory", "segfault"]):
-        device = make_device(person)
-        (lease,) = workunit_lease(device=device.device, max_units=1)
-        result_fail(device=device.device, result_id=lease.result_id, error=error)
-    assert Job.objects.get(pk=job.pk).state == Job.State.RUNNING  # two owners are not enough
 
-    device = make_device(people[2])
-    (lease,) = workunit_lease(device=device.device, max_units=1)
-    result_fail(device=device.device, result_id=lease.result_id, error="out of memory")
+    def give_up(person, error, *, proven=True):
+        device = make_device(person)
+        if proven:  # it has validated work elsewhere: its give-up is credible
+            Device.objects.filter(pk=device.pk).update(valid_results=5)
+        (lease,) = workunit_lease(device=device.refresh(), max_units=1)
+        result_fail(device=device.device, result_id=lease.result_id, error=error)
+
+    give_up(people[0], "out of memory")
+    give_up(people[1], "segfault")
+    assert Job.objects.get(pk=job.pk).state == Job.State.RUNNING  # two owners are not enough
+    give_up(people[2], "nope", proven=False)
+    assert Job.objects.get(pk=job.pk).state == Job.State.RUNNING  # nor a fresh account that proved nothing
+
+    give_up(people[3], "out of memory")
 
     job.refresh_from_db()
     assert job.state == Job.State.FAILED
-    assert "devices of 3 different owners gave up on it" in job.error
+    assert "devices of 4 different owners gave up on it or let its lease expire, 3 of them with validated" in job.error
     assert "out of memory" in job.error and "segfault" in job.error
+
+
+def test_fresh_accounts_alone_fail_a_unit_only_in_numbers_no_one_computes_it_with(
+    submit_job, make_device, django_user_model, policy
+):
+    # A unit nobody can compute must still end on a network of newcomers: three times the owners.
+    policy.IDLEGRID_GIVE_UP_COOLDOWN_SECONDS = 0
+    job = submit_job(rows=4, rows_per_unit=4)
+    for index in range(9):
+        device = make_device(django_user_model.objects.create_user(f"new{index}"))
+        (lease,) = workunit_lease(device=device.device, max_units=1)
+        result_fail(device=device.device, result_id=lease.result_id, error="out of memory")
+        assert (Job.objects.get(pk=job.pk).state == Job.State.FAILED) == (index == 8)
 
 
 # --- handing back at shutdown ---------------------------------------------------------------------
