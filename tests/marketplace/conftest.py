@@ -50,3 +50,25 @@ def verification_budget(db):
         return verification_budget_fund(amount=amount, actor="tests", reason="test budget", idempotency_key=uuid.uuid4().hex)
 
     return fund
+
+
+@pytest.fixture
+def people(django_user_model):
+    """Twelve people (person0 ... person11), for tests that need devices of many distinct owners."""
+    return [django_user_model.objects.create_user(f"person{i}") for i in range(12)]
+
+
+@pytest.fixture
+def trusted_device(make_device):
+    """trusted_device(owner): a device with a trusted record for inference (as if it had earned it)."""
+    from django.utils import timezone
+
+    from marketplace.workers.models import DeviceTrust
+
+    def make(owner, **options):
+        enrolled = make_device(owner, **options)
+        DeviceTrust.objects.create(device=enrolled.device, kind="inference", hardware_class=enrolled.device.hardware_class,
+                                   consecutive_valid=1000, trusted_since=timezone.now())
+        return enrolled
+
+    return make

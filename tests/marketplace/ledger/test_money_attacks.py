@@ -1,7 +1,6 @@
 """Money that cannot be minted: the attacks of the hardening issue, each as it was run before, now ending
 with the platform paying at most its budget and the ledger's invariants holding (conftest.ledger_sound)."""
 
-import pytest
 
 from marketplace.ledger.models import Account, Earning
 from marketplace.ledger.postings import account_get, balance
@@ -12,10 +11,6 @@ from marketplace.workunits.models import Result, WorkUnit
 K = Account.Kind
 VERIFICATION_PRICE = 10**15
 
-
-@pytest.fixture
-def people(django_user_model):
-    return [django_user_model.objects.create_user(f"person{i}") for i in range(12)]
 
 
 def platform_spent() -> int:

@@ -23,10 +23,6 @@ from worker_agent.architectures import resolve
 KNOWN = 6
 
 
-@pytest.fixture
-def people(django_user_model):
-    return [django_user_model.objects.create_user(f"person{i}") for i in range(8)]
-
 
 def model_of(spec):
     arch, config = resolve(spec["model"]["architecture"], spec["model"]["config"])

@@ -28,17 +28,6 @@ def policy(settings):
     return settings
 
 
-@pytest.fixture
-def people(django_user_model):
-    return [django_user_model.objects.create_user(f"person{i}") for i in range(8)]
-
-
-def trusted(make_device, person):
-    enrolled = make_device(person)
-    DeviceTrust.objects.create(device=enrolled.device, kind="inference", hardware_class=enrolled.device.hardware_class,
-                               consecutive_valid=100, trusted_since=timezone.now())
-    return enrolled
-
 
 def overdue(*result_ids):
     Result.objects.filter(pk__in=result_ids).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
@@ -81,10 +70,10 @@ def test_a_device_gets_its_next_lease_once_it_reported(submit_job, make_device, 
     assert second.unit_id != first.unit_id
 
 
-def test_a_trusted_device_holds_up_to_its_quota_in_total(submit_job, make_device, people, policy):
+def test_a_trusted_device_holds_up_to_its_quota_in_total(trusted_device, submit_job, make_device, people, policy):
     policy.IDLEGRID_MAX_LEASES = 5
     submit_job(rows=40, rows_per_unit=4)
-    device = trusted(make_device, people[0])
+    device = trusted_device(people[0])
 
     assert len(workunit_lease(device=device.device, max_units=3)) == 3
     assert len(workunit_lease(device=device.device, max_units=3)) == 2
@@ -147,9 +136,9 @@ def test_heartbeats_cannot_extend_a_lease_past_its_deadline(submit_job, make_dev
 
 # --- giving up ------------------------------------------------------------------------------------
 
-def test_giving_up_costs_a_cool_down_the_trust_run_and_is_counted(submit_job, make_device, people, report, policy):
+def test_giving_up_costs_a_cool_down_the_trust_run_and_is_counted(trusted_device, submit_job, make_device, people, report, policy):
     submit_job(rows=16, rows_per_unit=4)
-    device = trusted(make_device, people[0])
+    device = trusted_device(people[0])
     (lease,) = workunit_lease(device=device.device, max_units=1)
 
     result_fail(device=device.device, result_id=lease.result_id, error="out of memory")
@@ -261,9 +250,9 @@ def test_fresh_accounts_alone_fail_a_unit_only_in_numbers_no_one_computes_it_wit
 
 # --- handing back at shutdown ---------------------------------------------------------------------
 
-def test_a_release_is_free_but_keeps_the_owner_off_the_unit(submit_job, make_device, people, policy):
+def test_a_release_is_free_but_keeps_the_owner_off_the_unit(trusted_device, submit_job, make_device, people, policy):
     submit_job(rows=8, rows_per_unit=4)
-    device = trusted(make_device, people[0])
+    device = trusted_device(people[0])
     (first, second) = workunit_lease(device=device.device, max_units=2)
 
     result_release(device=device.device, result_id=second.result_id)
@@ -315,13 +304,13 @@ def test_a_release_of_a_lease_the_sweep_expired_is_refused(submit_job, make_devi
 
 # --- who shares which unit with whom --------------------------------------------------------------
 
-def test_two_devices_leasing_back_to_back_do_not_get_the_same_units(submit_job, make_device, people, policy):
+def test_two_devices_leasing_back_to_back_do_not_get_the_same_units(trusted_device, submit_job, make_device, people, policy):
     # Before: leases went out oldest first, so two colluders leasing one after the other received the two
     # replicas of the same units and decided them together. Now each batch is drawn at random from a
     # window of the oldest work: sharing all 8 units of a batch has a chance of about 1 in 100,000.
     policy.IDLEGRID_LEASE_DRAW_WINDOW = 32
     submit_job(rows=160, rows_per_unit=4)
-    first, second = trusted(make_device, people[0]), trusted(make_device, people[1])
+    first, second = trusted_device(people[0]), trusted_device(people[1])
 
     mine = {lease.unit_id for lease in workunit_lease(device=first.device, max_units=8)}
     theirs = {lease.unit_id for lease in workunit_lease(device=second.device, max_units=8)}
@@ -332,11 +321,11 @@ def test_two_devices_leasing_back_to_back_do_not_get_the_same_units(submit_job, 
     assert mine <= oldest  # still from the oldest work (16 units fill the window of 32 replicas)
 
 
-def test_the_order_of_a_batch_is_random_too(submit_job, make_device, people, policy):
+def test_the_order_of_a_batch_is_random_too(trusted_device, submit_job, make_device, people, policy):
     policy.IDLEGRID_LEASE_DRAW_WINDOW = 32
     submit_job(rows=400, rows_per_unit=4)
     orders = set()
     for person in people[:4]:
-        leases = workunit_lease(device=trusted(make_device, person).device, max_units=8)
+        leases = workunit_lease(device=trusted_device(person).device, max_units=8)
         orders.add(tuple(lease.unit_id for lease in leases) == tuple(sorted(lease.unit_id for lease in leases)))
     assert orders != {True}  # four sorted batches of 8 by chance: 1 in 40320**4

@@ -25,10 +25,6 @@ def small_threshold(settings):
     return settings
 
 
-@pytest.fixture
-def people(django_user_model):
-    return [django_user_model.objects.create_user(f"person{i}") for i in range(6)]
-
 
 @pytest.fixture
 def adaptive_job(submit_job):

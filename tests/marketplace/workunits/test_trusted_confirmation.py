@@ -22,10 +22,6 @@ def rules(settings):
     return settings
 
 
-@pytest.fixture
-def people(django_user_model):
-    return [django_user_model.objects.create_user(f"person{i}") for i in range(8)]
-
 
 @pytest.fixture
 def job(submit_job):
