@@ -13,6 +13,9 @@ Saboteurs return plausible wrong outputs (same shape and dtype):
 - `colluding`: a group cheats on the units whose input digest hashes (salted by the group) into the
   first `cheat_rate` of the range, so its members cheat on the same units, and all return the same
   wrong bytes for a unit, derived from the group and the unit's input, so they agree with each other.
+- `colluding_row`: the same schedule and shared bytes as `colluding`, but only one row of the unit is
+  wrong (chosen, like the wrong values, from the group and the unit's input): a pair that knows a
+  submitter may hide its own known rows in a unit, but not which rows they are, and bets on one row.
 - `lazy`: every unit, random output.
 """
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 HONEST_NOISE = 1e-7  # relative, per element, across hardware classes
-KINDS = ("honest", "always_wrong", "intermittent", "colluding", "lazy")
+KINDS = ("honest", "always_wrong", "intermittent", "colluding", "colluding_row", "lazy")
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,11 @@ class Device:
             return self.rng.standard_normal(truth.shape).astype(np.float32), True
         if kind == "intermittent" and self.rng.random() < self.behaviour.cheat_rate:
             return _plausible_wrong(truth, self.rng), True
-        if kind == "colluding" and colluders_cheat(self.behaviour, input_sha):
+        if kind in ("colluding", "colluding_row") and colluders_cheat(self.behaviour, input_sha):
             shared = np.random.default_rng(_seed("wrong", self.behaviour.group, input_sha))
-            return _plausible_wrong(truth, shared), True
+            if kind == "colluding":
+                return _plausible_wrong(truth, shared), True
+            wrong, row = truth.copy(), int(shared.integers(len(truth)))
+            wrong[row] = _plausible_wrong(truth[row], shared)
+            return wrong, True
         return honest_output(truth, hardware_class=self.hardware_class, input_sha=input_sha), False

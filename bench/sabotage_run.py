@@ -31,17 +31,54 @@ import numpy as np  # noqa: E402
 
 from bench.sabotage_devices import Behaviour, Device, mlp_forward  # noqa: E402
 
-SCENARIOS: dict[str, tuple[Behaviour | None, float]] = {
-    "honest": (None, 0.0),
-    "always_wrong": (Behaviour("always_wrong"), 0.2),
-    "intermittent_10": (Behaviour("intermittent", 0.10), 0.2),
-    "intermittent_1": (Behaviour("intermittent", 0.01), 0.2),
-    "colluding_10": (Behaviour("colluding", 0.10), 0.2),
-    "lazy": (Behaviour("lazy"), 0.2),
+
+@dataclass(frozen=True)
+class Scenario:
+    """Who computes and what the submitter sends.
+
+    `share`: saboteurs as a share of --devices (the six steady-state scenarios). `pair`: a cold network,
+    --devices honest devices plus two saboteurs of two owners sharing one schedule and one set of wrong
+    bytes, everyone enrolled at the start and on probation (nobody trusted). `known_per_unit`: the
+    submitter's own known rows hidden in each unit (0: no `known_answers` in the spec)."""
+
+    saboteur: Behaviour | None = None
+    share: float = 0.0
+    pair: bool = False
+    rows_per_unit: int = 1
+    known_per_unit: int = 0
+
+    def saboteurs(self, devices: int) -> int:
+        if self.saboteur is None:
+            return 0
+        return 2 if self.pair else round(devices * self.share)
+
+
+# At a cold network nothing can ban (every ban needs the word of a device already trusted), so a pair loses
+# nothing but the pay for the units it loses by cheating: it cheats on every unit, the most wrong rows it
+# can deliver. Four rows per unit, so that one corrupted row of a unit means something.
+PAIR_CHEAT_RATE = 1.0
+COLD_ROWS_PER_UNIT = 4
+SCENARIOS: dict[str, Scenario] = {
+    "honest": Scenario(),
+    "always_wrong": Scenario(Behaviour("always_wrong"), share=0.2),
+    "intermittent_10": Scenario(Behaviour("intermittent", 0.10), share=0.2),
+    "intermittent_1": Scenario(Behaviour("intermittent", 0.01), share=0.2),
+    "colluding_10": Scenario(Behaviour("colluding", 0.10), share=0.2),
+    "lazy": Scenario(Behaviour("lazy"), share=0.2),
+    "cold_colluding_pair": Scenario(Behaviour("colluding", PAIR_CHEAT_RATE), pair=True, rows_per_unit=COLD_ROWS_PER_UNIT),
+    "cold_colluding_pair_known": Scenario(
+        Behaviour("colluding", PAIR_CHEAT_RATE), pair=True, rows_per_unit=COLD_ROWS_PER_UNIT, known_per_unit=1),
+    "cold_subtle_pair": Scenario(Behaviour("colluding_row", PAIR_CHEAT_RATE), pair=True, rows_per_unit=COLD_ROWS_PER_UNIT),
+    "cold_subtle_pair_known": Scenario(
+        Behaviour("colluding_row", PAIR_CHEAT_RATE), pair=True, rows_per_unit=COLD_ROWS_PER_UNIT, known_per_unit=1),
 }
 HEADLINE = "colluding_10"
 MLP = {"in_features": 4, "hidden": [8], "out_features": 4}
 HARDWARE_CLASSES = 4
+# The submitter's known answers: this many rows of x it computed y for itself, drawn like its dataset.
+KNOWN_ROWS = 64
+# Far beyond anything a run spends (a known-answer copy costs IDLEGRID_VERIFICATION_PRICE, 10**15 by default).
+VERIFICATION_BUDGET = 10**30
 TRUST_SETTINGS = (
     "IDLEGRID_TRUST_THRESHOLD", "IDLEGRID_AUDIT_RATE", "IDLEGRID_KNOWN_ANSWER_RATE", "IDLEGRID_AUDIT_WINDOW_SECONDS",
 )
@@ -184,13 +221,15 @@ class Slot:
 
 
 class Population:
-    def __init__(self, *, devices: int, saboteur: Behaviour | None, fraction: float, groups: int, seed: int) -> None:
+    """`honest` honest devices and `saboteurs` saboteurs, each device its own owner, all enrolled at the
+    start (on probation: trust is earned in the run)."""
+
+    def __init__(self, *, honest: int, saboteurs: int, saboteur: Behaviour | None, groups: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
-        saboteurs = round(devices * fraction) if saboteur is not None else 0
         self.rng = rng
         self.enrolled = 0
         self.slots: list[Slot] = []
-        for index in range(devices):
+        for index in range(saboteurs + honest):
             behaviour = Behaviour("honest")
             if index < saboteurs:
                 assert saboteur is not None
@@ -224,19 +263,21 @@ class Population:
 # --- jobs ----------------------------------------------------------------------------------------
 
 class Submitter:
-    """Submits inference jobs of a tiny MLP through `job_submit` and keeps each unit's true output."""
+    """Submits inference jobs of a tiny MLP through `job_submit` and keeps each unit's true output. With
+    `known_per_unit`, it also sends its own known answers: KNOWN_ROWS inputs whose outputs it computed with
+    the true model, that many hidden among every unit's rows."""
 
-    def __init__(self, *, seed: int) -> None:
+    def __init__(self, *, seed: int, rows_per_unit: int, known_per_unit: int) -> None:
         from django.contrib.auth import get_user_model
         from safetensors.numpy import save
 
+        from marketplace.ledger.services import balance_grant
         from worker_agent.architectures import resolve
 
         self.rng = np.random.default_rng(seed)
+        self.rows_per_unit, self.known_per_unit = rows_per_unit, known_per_unit
         self.owner = get_user_model().objects.create_user("submitter")
-        from marketplace.ledger.services import balance_grant  # jobs are escrowed: fund the submitter
-
-        balance_grant(user=self.owner, amount=10**30, actor="bench", reason="sabotage bench funds",
+        balance_grant(user=self.owner, amount=10**30, actor="bench", reason="sabotage bench funds",  # jobs are escrowed
                       idempotency_key="bench-sabotage-submitter")
         arch, self.config = resolve("mlp", MLP)
         self.weights = {
@@ -244,8 +285,12 @@ class Submitter:
             for name, shape in arch.param_shapes(self.config).items()
         }
         self.weights_sha = self._store(save(self.weights))
-        self.truth: dict[str, np.ndarray] = {}  # unit input sha -> true output [1, out]
-        self.job_truth: dict[int, np.ndarray] = {}  # job id -> true outputs [rows, out]
+        self.known_sha = None
+        if known_per_unit:
+            known_x = self.rng.standard_normal((KNOWN_ROWS, MLP["in_features"])).astype(np.float32)
+            self.known_sha = self._store(save({"x": known_x, "y": mlp_forward(self.weights, known_x)}))
+        self.truth: dict[str, np.ndarray] = {}  # unit input sha -> true output of the unit's rows
+        self.job_truth: dict[int, np.ndarray] = {}  # job id -> true outputs of the job's own rows [rows, out]
         self.units = 0
 
     def _store(self, data: bytes) -> str:
@@ -254,27 +299,43 @@ class Submitter:
         artifact, _ = artifact_store(chunks=[data], uploaded_by=self.owner)
         return artifact.sha256
 
-    def submit(self, rows: int, queue: TaskQueue) -> int:
-        from marketplace.core.tensors import array_file_bytes
+    def submit(self, units: int, queue: TaskQueue) -> int:
+        from marketplace.artifacts.storage import get_storage
+        from marketplace.core.tensors import array_file_bytes, read_array, read_header
         from marketplace.jobs.services import job_submit
         from marketplace.workunits.models import WorkUnit
 
-        x = self.rng.standard_normal((rows, MLP["in_features"])).astype(np.float32)
+        x = self.rng.standard_normal((units * self.rows_per_unit, MLP["in_features"])).astype(np.float32)
         spec = {
             "model": {"architecture": "mlp", "config": self.config, "weights": self.weights_sha},
             "dataset": self._store(array_file_bytes(x, name="x")),
-            "rows_per_unit": 1, "batch_size": 1, "adaptive": True,
+            "rows_per_unit": self.rows_per_unit, "batch_size": self.rows_per_unit, "adaptive": True,
         }
+        if self.known_sha is not None:
+            spec |= {"known_answers": self.known_sha, "known_answers_per_unit": self.known_per_unit}
         job = job_submit(owner=self.owner, kind="inference", spec=spec)
         queue.drain()  # the split task
-        y = mlp_forward(self.weights, x)
-        self.job_truth[job.pk] = y
-        for index, sha in WorkUnit.objects.filter(job=job, known_answer_of__isnull=True).values_list(
-            "index", "payload__inputs__x"
+        self.job_truth[job.pk] = mlp_forward(self.weights, x)
+        # A unit's truth is computed from the unit's own input, as a device sees it: the submitter's known
+        # rows, where there are any, sit among the unit's rows at places only the marketplace knows.
+        storage = get_storage()
+        for sha in WorkUnit.objects.filter(job=job, known_answer_of__isnull=True).values_list(
+            "payload__inputs__x", flat=True
         ):
-            self.truth[sha] = y[index:index + 1]
-        self.units += rows
+            path = storage.path(sha)
+            self.truth[sha] = mlp_forward(self.weights, read_array(path, read_header(path)["x"]))
+        self.units += units
         return job.pk
+
+
+def verification_budget_open() -> None:
+    """Fund the platform's verification budget once, far beyond anything a run can spend. Known-answer
+    copies (and re-verification past a job's escrow) are paid from it and never made without it; the bench
+    measures verification, not what a marketplace does when that budget runs out."""
+    from marketplace.ledger.services import verification_budget_fund
+
+    verification_budget_fund(amount=VERIFICATION_BUDGET, actor="bench", reason="sabotage bench: verification budget",
+                             idempotency_key="bench-sabotage-verification")
 
 
 # --- one device's turn ---------------------------------------------------------------------------
@@ -350,17 +411,53 @@ def beat() -> None:
     sweep()
 
 
+def held_leases() -> int:
+    from marketplace.workunits.models import Result
+
+    return Result.objects.filter(state=Result.State.IN_PROGRESS).count()
+
+
+def trusted_now() -> int:
+    from marketplace.workers.models import Device as DeviceRow
+    from marketplace.workers.models import DeviceTrust
+
+    return DeviceTrust.objects.filter(trusted_since__isnull=False, device__state=DeviceRow.State.ACTIVE).count()
+
+
+@dataclass
+class Warmth:
+    """When the network stopped being cold, in reports made so far: the first trusted device, and the
+    trusted pool (IDLEGRID_TRUSTED_POOL_MIN) from which a quorum on probation no longer decides alone."""
+
+    first_trusted: int | None = None
+    trusted_pool: int | None = None
+
+    def look(self, reports: int, pool: int) -> None:
+        if self.trusted_pool is not None:
+            return
+        trusted = trusted_now()
+        if trusted and self.first_trusted is None:
+            self.first_trusted = reports
+        if trusted >= pool:
+            self.trusted_pool = reports
+
+
 def simulate(args: argparse.Namespace, queue: TaskQueue) -> dict[str, Any]:
-    saboteur, fraction = SCENARIOS[args.scenario]
+    from django.conf import settings
+
+    scenario = SCENARIOS[args.scenario]
     started = time.perf_counter()
+    verification_budget_open()
+    saboteurs = scenario.saboteurs(args.devices)
     population = Population(
-        devices=args.devices, saboteur=saboteur, fraction=fraction, groups=args.collusion_groups, seed=args.seed
+        honest=args.devices if scenario.pair else args.devices - saboteurs, saboteurs=saboteurs,
+        saboteur=scenario.saboteur, groups=1 if scenario.pair else args.collusion_groups, seed=args.seed,
     )
-    submitter = Submitter(seed=args.seed + 1)
-    tally = Tally()
+    submitter = Submitter(seed=args.seed + 1, rows_per_unit=args.rows_per_unit, known_per_unit=args.known_per_unit)
+    tally, warmth = Tally(), Warmth()
     setup_seconds = time.perf_counter() - started
-    backlog = args.devices * args.batch * 2  # two rounds of work queued: jobs arrive as a stream
-    rounds = idle = 0
+    backlog = len(population.slots) * args.batch * 2  # two rounds of work queued: jobs arrive as a stream
+    rounds = idle = held_max = 0
     loop_started = time.perf_counter()
     while True:
         while submitter.units < args.units and unsent() < backlog:
@@ -370,6 +467,10 @@ def simulate(args: argparse.Namespace, queue: TaskQueue) -> dict[str, Any]:
             leased += take_turn(population.slots[index], population, submitter, args.batch, tally)
             queue.drain()
         rounds += 1
+        # Every device reports what it leased within its turn, so none holds a lease between turns and
+        # the per-device lease quota (IDLEGRID_PROBATION_LEASES, IDLEGRID_MAX_LEASES) never starves one.
+        held_max = max(held_max, held_leases())
+        warmth.look(tally.reports, settings.IDLEGRID_TRUSTED_POOL_MIN)
         if rounds % args.beat_rounds == 0 or leased == 0:
             with METER("beat"):
                 beat()
@@ -386,10 +487,14 @@ def simulate(args: argparse.Namespace, queue: TaskQueue) -> dict[str, Any]:
     loop_seconds = time.perf_counter() - loop_started
     figures = measure(submitter, queue, tally, population)
     figures.update(
-        scenario=args.scenario, devices=args.devices, batch=args.batch, units_per_job=args.units_per_job,
-        rounds=rounds, stalled=idle >= 5, setup_seconds=round(setup_seconds, 1),
-        wall_seconds=round(loop_seconds, 1), units_per_second=round(figures["units"] / loop_seconds, 1),
-        tasks_run=dict(queue.ran), profile=METER.summary(), experiments=args.experiment,
+        scenario=args.scenario, devices=len(population.slots), honest_devices=len(population.slots) - saboteurs,
+        saboteur={"kind": scenario.saboteur.kind, "cheat_rate": scenario.saboteur.cheat_rate, "devices": saboteurs,
+                  "pair": scenario.pair} if scenario.saboteur else None,
+        batch=args.batch, units_per_job=args.units_per_job, rounds=rounds, stalled=idle >= 5,
+        leases_held_after_a_round_max=held_max,
+        first_trusted_at_report=warmth.first_trusted, trusted_pool_at_report=warmth.trusted_pool,
+        setup_seconds=round(setup_seconds, 1), wall_seconds=round(loop_seconds, 1),
+        units_per_second=round(figures["units"] / loop_seconds, 1), tasks_run=dict(queue.ran), profile=METER.summary(),
     )
     return figures
 
@@ -413,6 +518,23 @@ def wrong_rows(output_sha: str, truth: np.ndarray, compare: dict[str, Any]) -> n
     return ~ok
 
 
+@dataclass
+class Wrong:
+    """Wrong rows of delivered job outputs, and the units they belong to."""
+
+    rows: int = 0
+    units: int = 0
+
+    def add(self, job: Any, output_sha: str, truth: np.ndarray) -> None:
+        wrong = np.flatnonzero(wrong_rows(output_sha, truth, job.spec["compare"]))
+        self.rows += len(wrong)
+        self.units += len(np.unique(wrong // job.spec["rows_per_unit"]))  # the merge leaves hidden rows out
+
+
+def _rate(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
 def measure(submitter: Submitter, queue: TaskQueue, tally: Tally, population: Population) -> dict[str, Any]:
     from django.conf import settings
     from django.db.models import Count, Q, Sum
@@ -426,30 +548,33 @@ def measure(submitter: Submitter, queue: TaskQueue, tally: Tally, population: Po
     jobs = {job.pk: job for job in Job.objects.all()}
     delivered = [job for job in jobs.values() if job.state == Job.State.COMPLETED]
     units_delivered = sum(job.units_total for job in delivered)
-    wrong_by_job = {
-        job.pk: int(wrong_rows(job.output_id, submitter.job_truth[job.pk], job.spec["compare"]).sum()) for job in delivered
-    }
-    wrong_final = sum(wrong_by_job.values())
+    rows_delivered = sum(job.spec["rows"] for job in delivered)
+    wrong_by_job = {}
+    for job in delivered:
+        wrong_by_job[job.pk] = Wrong()
+        wrong_by_job[job.pk].add(job, job.output_id, submitter.job_truth[job.pk])
+    wrong_final = Wrong(sum(w.rows for w in wrong_by_job.values()), sum(w.units for w in wrong_by_job.values()))
     first: dict[int, str] = {}
     for job_id, sha in queue.merges:
         first.setdefault(job_id, sha)
-    wrong_first = sum(
-        int(wrong_rows(sha, submitter.job_truth[job_id], jobs[job_id].spec["compare"]).sum())
-        for job_id, sha in first.items()
-    )
+    wrong_first = Wrong()
+    for job_id, sha in first.items():
+        wrong_first.add(jobs[job_id], sha, submitter.job_truth[job_id])
     real_units = sum(job.units_total for job in jobs.values())
     # A disputed known answer is copied onto the original unit to be counted there (verification._dispute):
     # one computation, two rows; the copy on the original is not counted again.
     computations = Result.objects.filter(disputes_known_answer__isnull=True)
     results = computations.filter(state__in=computed_states)
+    results_computed = results.count()
     # The second half of the jobs, by submission: the population has left its cold start (every device on
     # probation) behind, as a long-running marketplace has.
     later = sorted(jobs)[len(jobs) // 2:]
     later_units = sum(jobs[pk].units_total for pk in later)
     later_results = results.filter(job_id__in=later).count()
     later_delivered = sum(jobs[pk].units_total for pk in later if pk in wrong_by_job)
-    later_wrong = sum(wrong_by_job.get(pk, 0) for pk in later)
+    later_wrong = sum(wrong_by_job[pk].units for pk in later if pk in wrong_by_job)
     honest = computations.filter(device__name__startswith="honest-")
+    saboteur = computations.exclude(device__name__startswith="honest-")
     judged = honest.aggregate(
         valid=Count("pk", filter=Q(state=Result.State.VALID)), invalid=Count("pk", filter=Q(state=Result.State.INVALID))
     )
@@ -462,42 +587,65 @@ def measure(submitter: Submitter, queue: TaskQueue, tally: Tally, population: Po
         .values_list("device__name", flat=True)
     )
     cheated = sorted(tally.cheated_results)
-    cheated_valid = sum(  # in chunks: SQLite bounds the parameters of one statement
-        Result.objects.filter(pk__in=cheated[start:start + 5000], state=Result.State.VALID).count()
-        for start in range(0, len(cheated), 5000)
-    )
+    cheated_states: Counter[str] = Counter()
+    for start in range(0, len(cheated), 5000):  # in chunks: SQLite bounds the parameters of one statement
+        cheated_states.update(Result.objects.filter(pk__in=cheated[start:start + 5000]).values_list("state", flat=True))
+    # Units two saboteur owners both answered (a pair "shares" them): the only ones it can decide on its own.
+    shared = (saboteur.filter(unit__known_answer_of__isnull=True, state__in=computed_states).values("unit_id")
+              .annotate(owners=Count("owner_id", distinct=True)).filter(owners__gte=2).count())
     honest_judged = judged["valid"] + judged["invalid"]
+    rows_per_unit = submitter.rows_per_unit
     return {
         "units": real_units,
         "units_delivered": units_delivered,
+        "rows_per_unit": rows_per_unit,
+        "known_rows_per_unit": submitter.known_per_unit,
+        "rows_delivered": rows_delivered,
         "jobs": len(jobs),
         "jobs_completed": len(delivered),
         "jobs_failed": sum(job.state == Job.State.FAILED for job in jobs.values()),
         "units_error": WorkUnit.objects.filter(known_answer_of__isnull=True, state=WorkUnit.State.ERROR).count(),
-        "accepted_wrong_units": wrong_final,
-        "accepted_wrong_rate": wrong_final / units_delivered if units_delivered else None,
-        "wrong_at_first_delivery_units": wrong_first,
-        "results_computed": results.count(),
-        "results_per_unit": round(results.count() / real_units, 4) if real_units else None,
+        "accepted_wrong_units": wrong_final.units,
+        "accepted_wrong_rate": _rate(wrong_final.units, units_delivered),
+        "accepted_wrong_rows": wrong_final.rows,
+        "accepted_wrong_row_rate": _rate(wrong_final.rows, rows_delivered),
+        "wrong_at_first_delivery_units": wrong_first.units,
+        "wrong_at_first_delivery_rows": wrong_first.rows,
+        "results_computed": results_computed,
+        "results_per_unit": round(results_computed / real_units, 4) if real_units else None,
+        # What a unit's rows cost: every result computes the unit's own rows and its hidden known rows.
+        "rows_computed_per_row_delivered": (
+            round(results_computed * (rows_per_unit + submitter.known_per_unit) / (real_units * rows_per_unit), 4)
+            if real_units else None),
         "later_half": {
             "units": later_units, "accepted_wrong_units": later_wrong,
-            "accepted_wrong_rate": later_wrong / later_delivered if later_delivered else None,
+            "accepted_wrong_rate": _rate(later_wrong, later_delivered),
             "results_per_unit": round(later_results / later_units, 4) if later_units else None,
         },
         "known_answer_results": results.filter(unit__known_answer_of__isnull=False).count(),
         "audited_units": WorkUnit.objects.filter(audit=True).count(),
-        # re-decided after a ban or a known-answer dispute (both raise the unit's cap of results)
+        # re-decided after a ban, a known-answer dispute or an owner's re-check (all raise the unit's cap)
         "units_redecided": sum(WorkUnit.objects.filter(
             job=job, known_answer_of__isnull=True, max_results__gt=job.spec["max_results_per_unit"]).count()
             for job in jobs.values()),
+        # answers that failed the submitter's hidden rows once another answer passing them decided the unit:
+        # each sends its owner's recent answers to be checked again (reverify.owner_answers_recheck)
+        "known_rows_failed": {
+            "honest": honest.filter(failed_known_rows=True).count(),
+            "saboteur": saboteur.filter(failed_known_rows=True).count(),
+        },
         "units_accepted_alone": WorkUnit.objects.filter(
             known_answer_of__isnull=True, state=WorkUnit.State.DONE, canonical_result__accepted_alone=True
         ).count(),
         "honest_results_judged": honest_judged,
         "honest_results_invalid": judged["invalid"],
-        "honest_false_mismatch_rate": judged["invalid"] / honest_judged if honest_judged else None,
+        "honest_false_mismatch_rate": _rate(judged["invalid"], honest_judged),
         "cheated_results": tally.cheats,
-        "cheated_results_valid": cheated_valid,
+        "cheated_results_valid": cheated_states[Result.State.VALID],
+        "cheated_results_invalid": cheated_states[Result.State.INVALID],
+        "saboteur_results": saboteur.filter(state__in=computed_states).count(),
+        "saboteur_results_valid": saboteur.filter(state=Result.State.VALID).count(),
+        "saboteur_units_shared": shared,
         "bans_honest": banned.get("honest", 0),
         "bans_saboteur": sum(count for kind, count in banned.items() if kind != "honest"),
         "ban_reasons": {"honest": {r: n for (h, r), n in why.items() if h}, "saboteur": {r: n for (h, r), n in why.items() if not h}},
@@ -517,17 +665,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--migrate", action="store_true", help="migrate the fresh database, then run the scenario")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--units", type=int, default=1000)
-    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--devices", type=int, default=50,
+                        help="the population; for a pair scenario, the honest devices beside the pair")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--units-per-job", type=int, default=1000)
+    parser.add_argument("--rows-per-unit", type=int, help="rows of the submitter's dataset per unit (default: the scenario's)")
+    parser.add_argument("--known-per-unit", type=int,
+                        help="the submitter's known rows hidden per unit, for a scenario that sends them (default 1)")
     parser.add_argument("--collusion-groups", type=int, default=1)
     parser.add_argument("--beat-rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--experiment", action="append", default=[], help="patch a candidate design change in (bench/sabotage_experiments.py)")
     parser.add_argument("--out", required=True, help="where to write the figures (JSON)")
     args = parser.parse_args(argv)
-    if not args.migrate_only and args.scenario is None:
+    if args.migrate_only:
+        return args
+    if args.scenario is None:
         parser.error("--scenario is required")
+    scenario = SCENARIOS[args.scenario]
+    args.rows_per_unit = args.rows_per_unit or scenario.rows_per_unit
+    args.known_per_unit = (args.known_per_unit or scenario.known_per_unit) if scenario.known_per_unit else 0
     return args
 
 
@@ -549,10 +705,6 @@ def main(argv: list[str] | None = None) -> int:
         migrate()
     if args.migrate_only:
         return 0
-    if args.experiment:
-        from bench.sabotage_experiments import apply
-
-        apply(args.experiment)
     METER.install()
     queue = TaskQueue()
     queue.install()
