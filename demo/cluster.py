@@ -83,6 +83,9 @@ class Cluster:
     env_overrides: dict[str, str] = field(default_factory=dict)
     web_workers: int = 2
     port: int = field(default_factory=free_port)
+    # Throttle counters of this cluster alone: on a shared Redis (CI), counts left by another cluster (a
+    # test that bombed the login) would otherwise throttle this one for the rest of their minute.
+    cache_prefix: str = field(default_factory=lambda: f"cluster-{secrets.token_hex(6)}")
     processes: list[Process] = field(default_factory=list)
     passwords: dict[str, str] = field(default_factory=dict)  # of the accounts made by account(), by username
 
@@ -99,6 +102,7 @@ class Cluster:
                 "IDLEGRID_VAR_DIR": str(self.var_dir),
                 "PYTHONPATH": str(ROOT),
                 "PYTHONUNBUFFERED": "1",
+                "IDLEGRID_CACHE_KEY_PREFIX": self.cache_prefix,
             }
         )
         env.update(self.env_overrides)
