@@ -8,7 +8,7 @@ Everything goes through the real services, in process: jobs through `job_submit`
 devices through `device_enroll` with real Ed25519 keys, leases through `workunit_lease`, reports through
 `artifact_store` and `result_report` signed over `protocol.result_message`. Celery is stubbed: enqueued
 tasks go to an in-process FIFO that is drained after every device's turn by running the tasks' own
-functions, as a worker would; the beat tasks (`sweep`, `expire_leases`) run every few rounds.
+functions, as a worker would; the beat tasks (`sweep`, `leases_expire_task`) run every few rounds.
 """
 
 from __future__ import annotations
@@ -175,10 +175,10 @@ class TaskQueue:
 
     def drain(self) -> int:
         from marketplace.jobs.models import Job
-        from marketplace.jobs.tasks import merge_job, split_job
-        from marketplace.workunits.tasks import validate_unit
+        from marketplace.jobs.tasks import job_merge_task, job_split_task
+        from marketplace.workunits.tasks import unit_validate_task
 
-        tasks = {"workunits.validate": validate_unit, "jobs.merge": merge_job, "jobs.split": split_job}
+        tasks = {"workunits.validate": unit_validate_task, "jobs.merge": job_merge_task, "jobs.split": job_split_task}
         ran = 0
         while self.waiting:
             key = self.waiting.popleft()
@@ -271,7 +271,7 @@ class Submitter:
         from django.contrib.auth import get_user_model
         from safetensors.numpy import save
 
-        from marketplace.ledger.services import balance_grant
+        from marketplace.ledger.grants import balance_grant
         from worker_agent.architectures import resolve
 
         self.rng = np.random.default_rng(seed)
@@ -332,7 +332,7 @@ def verification_budget_open() -> None:
     """Fund the platform's verification budget once, far beyond anything a run can spend. Known-answer
     copies (and re-verification past a job's escrow) are paid from it and never made without it; the bench
     measures verification, not what a marketplace does when that budget runs out."""
-    from marketplace.ledger.services import verification_budget_fund
+    from marketplace.ledger.grants import verification_budget_fund
 
     verification_budget_fund(amount=VERIFICATION_BUDGET, actor="bench", reason="sabotage bench: verification budget",
                              idempotency_key="bench-sabotage-verification")
@@ -405,10 +405,10 @@ def jobs_open() -> int:
 
 def beat() -> None:
     """The periodic tasks Celery beat sends every IDLEGRID_SWEEP_SECONDS."""
-    from marketplace.workunits.tasks import expire_leases, sweep
+    from marketplace.workunits.tasks import leases_expire_task, sweep_run_task
 
-    expire_leases()
-    sweep()
+    leases_expire_task()
+    sweep_run_task()
 
 
 def held_leases() -> int:

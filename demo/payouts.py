@@ -288,8 +288,8 @@ def payouts_settle(*, cluster: Cluster, chain: LocalChain, contributors: list[tu
 
 def _follow_deposit(tx_hash: str, timeout: float) -> dict:
     from marketplace.chain.client import chain_client
+    from marketplace.ledger.deposits import deposits_follow
     from marketplace.ledger.models import Deposit
-    from marketplace.ledger.services import deposits_follow
 
     client = chain_client()
     deadline = time.monotonic() + timeout
@@ -327,8 +327,9 @@ def _settle(timeout: float) -> dict:
     """Close the epoch (settling what the audit window released), publish its root once, and wait until it
     is final at the confirmation depth: the work of `ledger.settle_epoch` and `ledger.follow_deposits`."""
     from marketplace.chain.client import chain_client
+    from marketplace.ledger.earnings import earnings_sync
+    from marketplace.ledger.epochs import epoch_close, epoch_confirm, epoch_publish
     from marketplace.ledger.models import Epoch
-    from marketplace.ledger.services import earnings_sync, epoch_close, epoch_confirm, epoch_publish
 
     client = chain_client()
     deadline = time.monotonic() + timeout
@@ -353,8 +354,8 @@ def _settle(timeout: float) -> dict:
 def _reconcile() -> dict:
     from marketplace.chain.client import chain_client
     from marketplace.ledger.models import Earning
+    from marketplace.ledger.reconcile import chain_reconcile
     from marketplace.ledger.selectors import ledger_check
-    from marketplace.ledger.services import chain_reconcile
 
     report = chain_reconcile(client=chain_client())
     earned: dict[str, int] = {}

@@ -127,7 +127,7 @@ SUBMITTER_FUNDS = 10**24  # base units: a million tokens of 18 decimals, plenty 
 
 def _funded(user):
     """Submitters start with a balance granted through the ledger (audited), as an admin would grant it."""
-    from marketplace.ledger.services import balance_grant
+    from marketplace.ledger.grants import balance_grant
 
     balance_grant(user=user, amount=SUBMITTER_FUNDS, actor="tests", reason="test persona funds",
                   idempotency_key=f"test-persona:{user.pk}")

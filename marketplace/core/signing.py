@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from django.conf import settings
 
-from worker_agent.protocol import b64decode, b64encode, key_endorsement_message, sha256_hex, unit_message
+from worker_agent.protocol import b64decode, b64encode, key_endorsement_message, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def key_rotate() -> MarketplaceKey:
 
 def key_retire(*, key_id: str) -> MarketplaceKey:
     """Retire a key: it signs nothing more and agents that learn of it stop trusting it. The active key
-    cannot be retired (rotate first); pending units it signed must be signed again (`units_resign`)."""
+    cannot be retired (rotate first); pending units it signed must be signed again (`workunits.creation.units_resign`)."""
     global _cache
     directory = Path(settings.IDLEGRID_SIGNING_KEY_DIR)
     with _locked(directory):
@@ -179,34 +179,6 @@ def key_retire(*, key_id: str) -> MarketplaceKey:
             _cache = None
     log.info("signing key %s retired", key_id)
     return key
-
-
-def unit_signature(*, unit_id: int, payload: dict[str, Any]) -> tuple[str, bytes]:
-    """(key id, signature) of a unit by the active key, over `protocol.unit_message`."""
-    return keyring().sign(unit_message(unit_id=unit_id, payload=payload))
-
-
-def unit_sign(unit: Any) -> None:
-    """Sign one saved unit (a WorkUnit) in place and store the signature."""
-    unit.signing_key_id, unit.signature = unit_signature(unit_id=unit.pk, payload=unit.payload)
-    unit.save(update_fields=["signature", "signing_key_id"])
-
-
-def units_resign(*, key_id: str, batch: int = 500) -> int:
-    """Sign again, with the active key, the pending units that `key_id` signed. Safe to run twice."""
-    from marketplace.workunits.models import WorkUnit  # core depends on no app but here
-
-    done, after = 0, 0
-    while units := list(
-        WorkUnit.objects.filter(signing_key_id=key_id, state=WorkUnit.State.PENDING, pk__gt=after)
-        .order_by("pk")
-        .only("pk", "payload")[:batch]
-    ):
-        for unit in units:
-            unit.signing_key_id, unit.signature = unit_signature(unit_id=unit.pk, payload=unit.payload)
-        WorkUnit.objects.bulk_update(units, ["signature", "signing_key_id"])
-        done, after = done + len(units), units[-1].pk
-    return done
 
 
 # --- files ------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from django.db import transaction
 from django.db.models import F
-from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.services import artifact_store
@@ -27,7 +26,9 @@ from marketplace.artifacts.storage import get_storage
 from marketplace.core.tensors import read_array, read_header
 from marketplace.jobs import fedavg_math
 from marketplace.jobs.kinds import fedavg
+from marketplace.jobs.lifecycle import job_complete, job_fail
 from marketplace.jobs.models import FedRound, Job
+from marketplace.workunits.creation import units_create
 from marketplace.workunits.models import WorkUnit
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ def round_aggregate(*, job_id: int) -> Job:
         job.refresh_from_db()
         return job
     except ValueError as exc:
-        from marketplace.jobs.services import job_fail
-
         job_fail(job_id=job_id, reason=f"round {index} could not be aggregated: {exc}")
         job.refresh_from_db()
         return job
@@ -86,7 +85,7 @@ def round_aggregate(*, job_id: int) -> Job:
         )
         stop = _stop_reason(job.spec, aggregated)
         if stop:
-            _complete(job_id, aggregated.weights_out.sha256)
+            job_complete(job_id=job_id, output_id=aggregated.weights_out.sha256)
             log.info("job %s completed after round %s (%s): accuracy %.4f", job_id, index, stop, aggregated.eval_accuracy)
         else:
             _start_round(locked, index + 1, aggregated.weights_out.sha256)
@@ -157,10 +156,8 @@ def _stop_reason(spec: dict[str, Any], aggregated: Aggregated) -> str | None:
 
 
 def _start_round(job: Job, index: int, weights: str) -> None:
-    from marketplace.jobs.services import _create_units
-
     plans = list(fedavg.plan_round(job.spec, round_index=index, weights=weights))
-    _create_units(job, plans)
+    units_create(job=job, plans=plans)
     Job.objects.filter(pk=job.pk, state=Job.State.MERGING).update(
         state=Job.State.RUNNING, units_total=F("units_total") + len(plans)
     )
@@ -172,15 +169,6 @@ def _finish_again(job: Job) -> Job:
     relied on and they were decided anew. Later rounds are not recomputed; the job ends on its weights."""
     last = FedRound.objects.filter(job=job).order_by("-index").first()
     with transaction.atomic():
-        _complete(job.pk, last.weights_out_id)
+        job_complete(job_id=job.pk, output_id=last.weights_out_id)
     job.refresh_from_db()
     return job
-
-
-def _complete(job_id: int, weights: str) -> None:
-    from marketplace.ledger import hooks as ledger_hooks
-
-    if Job.objects.filter(pk=job_id, state=Job.State.MERGING).update(
-        state=Job.State.COMPLETED, output_id=weights, finished_at=timezone.now()
-    ):
-        ledger_hooks.job_ended(job_id)  # unused escrow back to the submitter, as job_merge does

@@ -3,8 +3,10 @@ from __future__ import annotations
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, Q
 
+from marketplace.artifacts.models import Artifact
 from marketplace.core.exceptions import NotFound
-from marketplace.jobs.models import Job
+from marketplace.jobs.models import FedRound, Job
+from marketplace.jobs.rounds import round_current
 from marketplace.workunits.models import Result, WorkUnit
 
 
@@ -38,9 +40,6 @@ def job_progress(*, job: Job) -> dict:
 
 def job_rounds(*, job: Job) -> dict:
     """A federated job's aggregated rounds, oldest first, and where the round in training stands."""
-    from marketplace.jobs.models import FedRound
-    from marketplace.jobs.rounds import round_current
-
     rounds = [
         {"round": r.index, "weights_in_sha256": r.weights_in_id, "weights_sha256": r.weights_out_id,
          "updates": len(r.updates), "result_ids": r.updates, "samples": r.samples, "train_loss": r.train_loss,
@@ -58,3 +57,13 @@ def job_rounds(*, job: Job) -> dict:
             training = {"round": index, "units_done": done, "units_total": shards}
     return {"rounds_planned": job.spec["rounds"], "rounds": rounds, "training": training,
             "privacy": job.spec.get("dp"), "target": job.spec.get("target")}
+
+
+def artifact_get_for_user(*, sha256: str, user: AbstractBaseUser) -> Artifact:
+    """An artifact the user uploaded or that is the output of one of their jobs."""
+    artifact = Artifact.objects.filter(sha256=sha256).first()
+    if artifact is None:
+        raise NotFound(f"no artifact {sha256}")
+    if artifact.owners.filter(pk=user.pk).exists() or Job.objects.filter(owner=user, output=artifact).exists():
+        return artifact
+    raise NotFound(f"no artifact {sha256}")  # do not reveal that someone else's artifact exists

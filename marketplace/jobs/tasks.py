@@ -1,17 +1,21 @@
+"""Celery tasks of jobs: thin, take ids, call one service each. The registered names ("jobs.split",
+"jobs.merge") are the contract with queued messages and with enqueue_on_commit: never rename them."""
+
 from celery import shared_task
 
 from marketplace.jobs import services
+from marketplace.jobs.lifecycle import job_fail
 
 
 @shared_task(name="jobs.split", acks_late=True)
-def split_job(job_id: int) -> int:
+def job_split_task(job_id: int) -> int:
     try:
         return services.job_split(job_id=job_id)
     except Exception as exc:  # a split that cannot succeed must not leave the job pending forever
-        services.job_fail(job_id=job_id, reason=f"splitting failed: {exc}")
+        job_fail(job_id=job_id, reason=f"splitting failed: {exc}")
         raise
 
 
 @shared_task(name="jobs.merge", acks_late=True)
-def merge_job(job_id: int) -> None:
+def job_merge_task(job_id: int) -> None:
     services.job_merge(job_id=job_id)

@@ -28,6 +28,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from marketplace.chain.merkle import tree_build
+from marketplace.ledger.earnings import earnings_settle
 from marketplace.ledger.exceptions import EpochOutOfOrder, EpochUnderfunded
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, AuditEntry, Epoch, EpochLeaf, Line, Posting, WalletLink
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 K = Account.Kind
 
 
-def confirmations() -> int:
-    return int(getattr(settings, "IDLEGRID_CHAIN_CONFIRMATIONS", 2))
-
-
 def epoch_leaves(*, number: int) -> list[tuple[str, int]]:
     """(address, cumulative amount) of every payout address after epoch `number`, from the ledger alone."""
     rows = (Line.objects.filter(account__kind=K.PAYOUT_ADDRESS, posting__epoch__number__lte=number)
@@ -55,8 +52,6 @@ def epoch_leaves(*, number: int) -> list[tuple[str, int]]:
 def epoch_close(*, now: datetime | None = None) -> Epoch | None:
     """Settle what is due, then move every linked contributor's settled earnings to their payout address
     and build the tree of all addresses' cumulative amounts. None if no address's amount changed."""
-    from marketplace.ledger.services import earnings_settle
-
     # Payout-address changes due by now first: the epoch pays the address in effect at its close, and
     # never a pending one (_epoch_post reads active links only).
     wallet_changes_activate(now=now)
@@ -199,7 +194,7 @@ def epoch_publish(*, epoch_id: int, client: ChainClient) -> str:
             return settled
     _funds_check(epoch, client=client)
     nonce = epoch.nonce if epoch.nonce is not None else _nonce_reserve(epoch, client=client)
-    gas_price = getattr(settings, "IDLEGRID_CHAIN_GAS_PRICE_WEI", None) or None
+    gas_price = settings.IDLEGRID_CHAIN_GAS_PRICE_WEI
     tx_hash = client.publish_root_send(epoch=epoch.number, root=bytes.fromhex(epoch.root[2:]), total=epoch.total,
                                        nonce=nonce, gas_price_wei=gas_price)
     _record_sent(epoch, tx_hash)
@@ -242,7 +237,7 @@ def epoch_confirm(*, epoch_id: int, client: ChainClient) -> bool:
         log.error("epoch %s was published but the contract no longer holds it (a reorg); sending it again", epoch.number)
         Epoch.objects.filter(pk=epoch.pk, state=Epoch.State.PUBLISHED).update(state=Epoch.State.SENDING)
         return False
-    if client.block_number() - (epoch.block_number or 0) < confirmations():
+    if client.block_number() - (epoch.block_number or 0) < settings.IDLEGRID_CHAIN_CONFIRMATIONS:
         return False
     with transaction.atomic(durable=True):
         moved = Epoch.objects.filter(pk=epoch.pk, state=Epoch.State.PUBLISHED).update(

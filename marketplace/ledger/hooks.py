@@ -14,6 +14,9 @@ from typing import Any
 
 from django.db import transaction
 
+from marketplace.ledger.earnings import device_forfeit, result_credit, results_withdrawn_reverse
+from marketplace.ledger.escrow import job_escrow_release
+
 log = logging.getLogger(__name__)
 
 
@@ -28,26 +31,18 @@ def _after_commit(work: Callable[..., Any], **kwargs: Any) -> None:
 
 
 def results_valid(result_ids: list[int]) -> None:
-    from marketplace.ledger.services import result_credit
-
     for result_id in result_ids:
         _after_commit(result_credit, result_id=result_id)
 
 
 def results_withdrawn(result_ids: list[int]) -> None:
-    from marketplace.ledger.services import results_withdrawn_reverse
-
     if result_ids:
         _after_commit(results_withdrawn_reverse, result_ids=list(result_ids))
 
 
 def device_banned(device_id: int) -> None:
-    from marketplace.ledger.services import device_forfeit
-
     _after_commit(device_forfeit, device_id=device_id)
 
 
 def job_ended(job_id: int) -> None:
-    from marketplace.ledger.services import job_escrow_release
-
     _after_commit(job_escrow_release, job_id=job_id)

@@ -12,6 +12,7 @@ from marketplace.ledger.exceptions import NoProof
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, Earning, Epoch, EpochLeaf, Line, Posting, WalletLink
 from marketplace.ledger.postings import account_key, balance
+from marketplace.workunits.models import Result
 
 K = Account.Kind
 
@@ -64,7 +65,7 @@ def proof_for(*, user: AbstractBaseUser, address: str | None = None) -> dict[str
         raise NoProof(f"{link.address} has no earnings in epoch {epoch.number}, the latest published")
     return {
         "epoch": epoch.number, "account": leaf.address, "cumulative": str(leaf.cumulative), "proof": leaf.proof,
-        "root": epoch.root, "state": epoch.state, "contract": getattr(settings, "IDLEGRID_CHAIN_CONTRACT", "") or "",
+        "root": epoch.root, "state": epoch.state, "contract": settings.IDLEGRID_CHAIN_CONTRACT or "",
         "chain_id": epoch.chain_id,
     }
 
@@ -114,7 +115,6 @@ def ledger_check() -> list[str]:
 
 
 def _credits_traced() -> list[str]:
-    from marketplace.workunits.models import Result
 
     problems = []
     credits = Posting.objects.filter(kind=Posting.Kind.CREDIT)

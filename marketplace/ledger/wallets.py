@@ -26,19 +26,16 @@ from eth_account.messages import encode_defunct
 
 from marketplace.chain.merkle import account_normalize
 from marketplace.core.exceptions import Conflict, NotFound
+from marketplace.ledger.deposits import suspense_claim
 from marketplace.ledger.exceptions import WalletLinkRefused
 from marketplace.ledger.models import AuditEntry, WalletChallenge, WalletLink
 
 log = logging.getLogger(__name__)
 
 
-def challenge_seconds() -> int:
-    return int(getattr(settings, "IDLEGRID_WALLET_CHALLENGE_SECONDS", 600))
-
-
 def wallet_challenge_create(*, user: AbstractBaseUser) -> WalletChallenge:
     nonce = secrets.token_hex(16)
-    expires = timezone.now() + timedelta(seconds=challenge_seconds())
+    expires = timezone.now() + timedelta(seconds=settings.IDLEGRID_WALLET_CHALLENGE_SECONDS)
     message = (
         "Idlegrid: link this address to receive payouts.\n"
         f"Account: {user.get_username()} (#{user.pk})\n"
@@ -76,6 +73,24 @@ def wallet_link(*, user: AbstractBaseUser, password: str, nonce: str, address: s
         address = account_normalize(address)
     except ValueError as exc:
         raise WalletLinkRefused(str(exc), fields={"address": "invalid"}) from None
+    challenge = _challenge_usable(user, nonce)
+    signer = _recover(challenge.message, signature)
+    if signer != address:
+        raise WalletLinkRefused(f"the signature was made by {signer}, not by {address}", fields={"signature": "wrong signer"})
+    _address_free(user, address)
+    try:
+        linked = _link(user=user, challenge=challenge, address=address, signature=signature)
+    except IntegrityError:  # a concurrent link or change of this account won the unique constraints
+        raise Conflict("another payout-address change of this account happened at the same time; try again") from None
+    if linked.link.active:
+        suspense_claim(user_id=user.pk, address=address)
+    if linked.previous is not None:
+        _notice_send(user, linked.link, subject="your payout address is changing" if not linked.link.active
+                     else "your payout address was changed", body=_change_notice(user, linked))
+    return linked
+
+
+def _challenge_usable(user: AbstractBaseUser, nonce: str) -> WalletChallenge:
     challenge = WalletChallenge.objects.filter(user=user, nonce=str(nonce)).first()
     if challenge is None:
         raise WalletLinkRefused("no such challenge for this account; ask for a new one", fields={"nonce": "unknown"})
@@ -83,25 +98,14 @@ def wallet_link(*, user: AbstractBaseUser, password: str, nonce: str, address: s
         raise WalletLinkRefused("this challenge was used already; ask for a new one", fields={"nonce": "used"})
     if challenge.expires_at <= timezone.now():
         raise WalletLinkRefused("this challenge expired; ask for a new one", fields={"nonce": "expired"})
-    signer = _recover(challenge.message, signature)
-    if signer != address:
-        raise WalletLinkRefused(f"the signature was made by {signer}, not by {address}", fields={"signature": "wrong signer"})
+    return challenge
+
+
+def _address_free(user: AbstractBaseUser, address: str) -> None:
     if WalletLink.objects.filter(address=address).exclude(user=user).exists():
         raise WalletLinkRefused("this address is linked to another account", fields={"address": "taken"})
     if WalletLink.objects.filter(user=user, active=True, address=address).exists():
         raise WalletLinkRefused("this address is your payout address already", fields={"address": "already active"})
-    try:
-        linked = _link(user=user, challenge=challenge, address=address, signature=signature)
-    except IntegrityError:  # a concurrent link or change of this account won the unique constraints
-        raise Conflict("another payout-address change of this account happened at the same time; try again") from None
-    if linked.link.active:
-        from marketplace.ledger.chain import suspense_claim
-
-        suspense_claim(user_id=user.pk, address=address)
-    if linked.previous is not None:
-        _notice_send(user, linked.link, subject="your payout address is changing" if not linked.link.active
-                     else "your payout address was changed", body=_change_notice(user, linked))
-    return linked
 
 
 def _link(*, user: AbstractBaseUser, challenge: WalletChallenge, address: str, signature: str) -> WalletLinked:
@@ -178,7 +182,6 @@ def _activate(link_id: int, *, now: datetime) -> bool:
         # The address became active for someone else meanwhile (linking refuses that, so a race): left pending.
         log.error("payout-address change %s could not take effect: its address is active elsewhere", link_id)
         return False
-    from marketplace.ledger.chain import suspense_claim
 
     suspense_claim(user_id=link.user_id, address=link.address)
     return True

@@ -5,21 +5,19 @@ replicated. After IDLEGRID_TRUST_THRESHOLD consecutive valid replicated results 
 units may be accepted on its word alone, except a random IDLEGRID_AUDIT_RATE of them, which are
 replicated all the same (audits) without the device being able to tell. An invalid result or an
 expired lease sends it back to probation. A failed audit (a trusted device's audited result found
-wrong, a wrong known-answer unit, or a valid result later overturned) bans the device for good,
-holds its earnings, and re-verifies its recent valid results.
+wrong, a wrong known-answer unit, or a valid result later overturned) bans the device for good
+(marketplace/workunits/bans.py): this module keeps the trust rows, the ban is a use case above it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from datetime import timedelta
 
 from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workers.models import Device, DeviceTrust
 
 log = logging.getLogger(__name__)
@@ -85,34 +83,3 @@ def trust_reset(*, device_id: int, kind: str, reason: str) -> None:
 
 def audit_passed(*, device_id: int) -> None:
     Device.objects.filter(pk=device_id).update(audits_passed=F("audits_passed") + 1)
-
-
-def device_ban(*, device_id: int, reason: str) -> bool:
-    """Ban for good, hold earnings, free its leases, re-verify its recent valid results. Runs once.
-
-    Locks first what a validation of the device's pending units locks, in the order validation takes
-    them (the unit rows, then their results), and only then the device's own rows: a validation that
-    read one of these reports finishes first, and the ban then withdraws what it decided (on PostgreSQL,
-    the other order deadlocked the two: tests/marketplace/test_races.py)."""
-    from django.db.models import Subquery
-
-    from marketplace.workunits.models import Result, WorkUnit
-    from marketplace.workunits.reverify import device_results_reverify
-
-    pending = Result.objects.filter(device_id=device_id, state__in=(Result.State.IN_PROGRESS, Result.State.REPORTED))
-    list(WorkUnit.objects.select_for_update().filter(pk__in=Subquery(pending.values("unit_id"))).order_by("pk")
-         .values_list("pk", flat=True))
-    list(pending.select_for_update().order_by("pk").values_list("pk", flat=True))
-
-    banned = Device.objects.filter(pk=device_id).exclude(state=Device.State.BANNED).update(
-        state=Device.State.BANNED, banned_at=timezone.now(), ban_reason=reason[:2000], earnings_held=True,
-        audits_failed=F("audits_failed") + 1,
-    )
-    if not banned:
-        return False
-    log.warning("device %s banned: %s", device_id, reason)
-    DeviceTrust.objects.filter(device_id=device_id).update(consecutive_valid=0, trusted_since=None)
-    since = timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
-    device_results_reverify(device_id=device_id, since=since)
-    ledger_hooks.device_banned(device_id)  # after the withdrawals above: the rest of its held earnings is forfeit
-    return True

@@ -17,9 +17,9 @@ from datetime import datetime
 from django.conf import settings
 from django.db.models import F, Max, Min
 
-from marketplace.core.signing import unit_sign
 from marketplace.ledger.selectors import verification_budget_available
 from marketplace.workers.models import Device, DeviceTrust
+from marketplace.workunits.creation import units_sign
 from marketplace.workunits.models import Result, WorkUnit
 
 _random = random.SystemRandom()
@@ -60,7 +60,7 @@ def known_answers_lease(*, device: Device, count: int, now: datetime, expires: d
             quorum=1, max_results=1, results_created=1, replication_decided=True,
         )
         copy.inputs.set(source.inputs.all())
-        unit_sign(copy)  # signed like any unit, so nothing on the wire sets it apart
+        units_sign([copy])  # signed like any unit, so nothing on the wire sets it apart
         result = Result.objects.create(
             unit=copy, job_id=source.job_id, state=Result.State.IN_PROGRESS, device=device, owner_id=device.owner_id,
             hardware_class=device.hardware_class, leased_at=now, lease_expires_at=expires,

@@ -19,8 +19,11 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from marketplace.core.tasks import enqueue_on_commit
+from marketplace.jobs.lifecycle import job_fail
 from marketplace.jobs.models import Job
 from marketplace.workers.models import Device
+from marketplace.workers.trust import replication_choose
 from marketplace.workunits.models import Result, WorkUnit
 
 IN_FLIGHT = (Result.State.UNSENT, Result.State.IN_PROGRESS, Result.State.REPORTED)
@@ -28,10 +31,8 @@ GAVE_UP = (Result.State.CLIENT_ERROR, Result.State.EXPIRED)
 
 
 def _validate_later(unit_id: int) -> None:
-    from marketplace.workunits.tasks import validate_unit  # tasks import leasing, which imports this module
-
     if WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.PENDING).update(need_validate=True):
-        validate_unit.delay_on_commit(unit_id)
+        enqueue_on_commit("workunits.validate", unit_id)
 
 
 def replica_issue(*, unit_id: int, reason: str) -> bool:
@@ -101,8 +102,6 @@ def replication_decide(*, device: Device, unit_ids: list[int]) -> None:
     """At a unit's first lease, choose its replication from the leasing device's trust: a trusted device's
     unit is accepted on its word (quorum 1) unless audited; anyone else's is replicated to the quorum.
     Runs in the lease transaction; the conditional UPDATE makes the choice once per unit."""
-    from marketplace.workers.trust import replication_choose
-
     undecided = WorkUnit.objects.filter(pk__in=unit_ids, replication_decided=False).values_list(
         "pk", "job_id", "quorum", "payload__kind"
     )
@@ -120,8 +119,6 @@ def replication_decide(*, device: Device, unit_ids: list[int]) -> None:
 
 
 def unit_error(*, unit_id: int, reason: str) -> None:
-    from marketplace.jobs.services import job_fail  # jobs depend on units; the reverse only here
-
     errored = WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.ERROR, error=reason, finished_at=timezone.now(), need_validate=False
     )

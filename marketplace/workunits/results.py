@@ -20,6 +20,7 @@ from django.utils import timezone
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import AlreadyReported, Forbidden, LeaseExpired, NotFound, ValidationFailed
+from marketplace.core.tasks import enqueue_on_commit
 from marketplace.core.tensors import TensorFileError
 from marketplace.jobs.kinds import kind_module
 from marketplace.workers.models import Device
@@ -124,7 +125,6 @@ def result_report(
     metrics: Any = None,
 ) -> Result:
     """Accept a signed output for a live lease and queue the unit for validation."""
-    from marketplace.workunits.tasks import validate_unit
 
     result = _leased_result(device=device, result_id=result_id)
     metrics = _check_extras(elapsed_seconds, {} if metrics is None else metrics)
@@ -149,7 +149,7 @@ def result_report(
             raise LeaseExpired(f"the lease on result {result_id} expired before the report arrived")
         if _validation_due(unit):
             WorkUnit.objects.filter(pk=result.unit_id).update(need_validate=True)
-            validate_unit.delay_on_commit(result.unit_id)
+            enqueue_on_commit("workunits.validate", result.unit_id)
     result.state = Result.State.REPORTED
     return result
 

@@ -1,5 +1,6 @@
-"""Re-verification after a ban: whatever a banned device vouched for is checked again by others, and
-the jobs whose outputs it touched are reopened and merged anew."""
+"""Bans and re-verification: a device caught cheating is banned for good (`device_ban`), and whatever it
+vouched for is checked again by others; the jobs whose outputs it touched are reopened and merged anew.
+Also the re-decisions of units a submitter's known rows put in doubt (`unit_recheck`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import F
+from django.db.models import F, Subquery
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from marketplace.jobs.models import Job
+from marketplace.core.tasks import enqueue_on_commit
+from marketplace.jobs.lifecycle import job_reopen
 from marketplace.ledger import hooks as ledger_hooks
-from marketplace.workers.models import Device
+from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workers.trust import is_trusted
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.replicas import replica_issue, replica_replace
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +28,35 @@ log = logging.getLogger(__name__)
 RECHECK_MAX_UNITS = 200
 
 
+def device_ban(*, device_id: int, reason: str) -> bool:
+    """Ban for good, hold earnings, free its leases, re-verify its recent valid results. Runs once.
+
+    Locks first what a validation of the device's pending units locks, in the order validation takes
+    them (the unit rows, then their results), and only then the device's own rows: a validation that
+    read one of these reports finishes first, and the ban then withdraws what it decided (on PostgreSQL,
+    the other order deadlocked the two: tests/marketplace/test_races.py)."""
+    pending = Result.objects.filter(device_id=device_id, state__in=(Result.State.IN_PROGRESS, Result.State.REPORTED))
+    list(WorkUnit.objects.select_for_update().filter(pk__in=Subquery(pending.values("unit_id"))).order_by("pk")
+         .values_list("pk", flat=True))
+    list(pending.select_for_update().order_by("pk").values_list("pk", flat=True))
+
+    banned = Device.objects.filter(pk=device_id).exclude(state=Device.State.BANNED).update(
+        state=Device.State.BANNED, banned_at=timezone.now(), ban_reason=reason[:2000], earnings_held=True,
+        audits_failed=F("audits_failed") + 1,
+    )
+    if not banned:
+        return False
+    log.warning("device %s banned: %s", device_id, reason)
+    DeviceTrust.objects.filter(device_id=device_id).update(consecutive_valid=0, trusted_since=None)
+    since = timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
+    device_results_reverify(device_id=device_id, since=since)
+    ledger_hooks.device_banned(device_id)  # after the withdrawals above: the rest of its held earnings is forfeit
+    return True
+
+
 def device_results_reverify(*, device_id: int, since: datetime) -> int:
     """Free the banned device's leases, refuse its pending reports, and reopen every decided unit that
     counted one of its valid results since `since`. Returns the number of units reopened."""
-    from marketplace.workunits.replicas import replica_replace
-    from marketplace.workunits.tasks import validate_unit
-
     for pk, unit_id in Result.objects.filter(device_id=device_id, state=Result.State.IN_PROGRESS).values_list("pk", "unit_id"):
         if Result.objects.filter(pk=pk, state=Result.State.IN_PROGRESS).update(state=Result.State.EXPIRED):
             replica_replace(unit_id=unit_id, reason="the device holding the lease was banned")
@@ -38,7 +64,7 @@ def device_results_reverify(*, device_id: int, since: datetime) -> int:
     Result.objects.filter(device_id=device_id, state=Result.State.REPORTED).update(state=Result.State.INVALID)
     for unit_id in pending:
         if WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.PENDING).update(need_validate=True):
-            validate_unit.delay_on_commit(unit_id)
+            enqueue_on_commit("workunits.validate", unit_id)
     vouched = list(
         Result.objects.filter(device_id=device_id, state=Result.State.VALID, reported_at__gte=since)
         .values_list("pk", "unit_id", "disputes_known_answer_id")
@@ -59,8 +85,6 @@ def device_results_reverify(*, device_id: int, since: datetime) -> int:
 
 def _unit_reverify(*, unit_id: int) -> bool:
     """Reopen a decided unit whose remaining valid results (from unbanned devices) no longer make a quorum."""
-    from marketplace.workunits.replicas import replica_issue
-
     unit = WorkUnit.objects.select_related("job").get(pk=unit_id)
     if unit.known_answer_of_id is not None or unit.state != WorkUnit.State.DONE:
         return False
@@ -76,13 +100,13 @@ def _unit_reverify(*, unit_id: int) -> bool:
             return False
         # still decided, but the canonical result was the banned device's: merge the job again
         WorkUnit.objects.filter(pk=unit.pk).update(canonical_result=remaining.order_by("pk").first())
-        job_reopen(unit.job_id)
+        job_reopen(job_id=unit.job_id)
         return True
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.DONE).update(
         state=WorkUnit.State.PENDING, canonical_result=None, finished_at=None, quorum=quorum,
         replication_decided=True, max_results=F("max_results") + quorum,
     )
-    job_reopen(unit.job_id)
+    job_reopen(job_id=unit.job_id)
     for _ in range(quorum - owners):
         replica_issue(unit_id=unit.pk, reason="re-verification after a ban")
     return True
@@ -94,8 +118,6 @@ def unit_recheck(*, unit_id: int, reason: str) -> bool:
     (colluders who decided it together) loses to the new owners, and the results that vouched for it are
     overturned (verification._accept). The job reopens meanwhile. False when the unit is not done (already
     being re-decided, say). Runs inside the caller's transaction."""
-    from marketplace.workunits.replicas import replica_issue
-
     unit = WorkUnit.objects.only("state", "known_answer_of_id", "job_id").get(pk=unit_id)
     if unit.known_answer_of_id is not None or unit.state != WorkUnit.State.DONE:
         return False
@@ -107,7 +129,7 @@ def unit_recheck(*, unit_id: int, reason: str) -> bool:
     if not reopened:
         return False
     log.info("unit %s re-decided: %s", unit_id, reason)
-    job_reopen(unit.job_id)
+    job_reopen(job_id=unit.job_id)
     for _ in range(vouching):
         replica_issue(unit_id=unit_id, reason=reason)
     return True
@@ -127,15 +149,3 @@ def owner_answers_recheck(*, owner_id: int, reason: str) -> int:
     if reopened:
         log.warning("owner %s: %s of its answers are checked again (%s)", owner_id, reopened, reason)
     return reopened
-
-
-def job_reopen(job_id: int) -> None:
-    """A job whose output is being re-verified runs again until its units are re-decided, then is merged anew."""
-    from marketplace.jobs.services import job_merge_if_done
-
-    reopened = Job.objects.filter(pk=job_id, state__in=(Job.State.COMPLETED, Job.State.MERGING)).update(
-        state=Job.State.RUNNING, finished_at=None, corrections=F("corrections") + 1, reopened_at=timezone.now()
-    )
-    if reopened:
-        log.warning("job %s reopened: a device it relied on was banned", job_id)
-    job_merge_if_done(job_id=job_id)

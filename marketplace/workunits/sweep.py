@@ -14,8 +14,9 @@ from typing import Any
 
 from django.utils import timezone
 
+from marketplace.core.tasks import enqueue
+from marketplace.jobs.lifecycle import job_merge_if_done
 from marketplace.jobs.models import Job
-from marketplace.jobs.services import job_merge_if_done
 from marketplace.workunits.models import WorkUnit
 from marketplace.workunits.verification import unit_validate
 
@@ -37,17 +38,15 @@ def _each(what: str, ids: Iterable[int], work: Callable[[int], Any], failures: l
 def sweep_run(*, limit: int = 500) -> dict[str, Any]:
     """Validate units left waiting, split jobs left pending, move finished jobs on to merging, and requeue
     merges. Returns what it did, with the failures named."""
-    from marketplace.jobs.tasks import merge_job, split_job  # tasks import this module's callers
-
     failures: list[str] = []
     stale = timezone.now() - timedelta(seconds=5)
     units = list(WorkUnit.objects.filter(need_validate=True).order_by("pk").values_list("pk", flat=True)[:limit])
     validated = _each("unit", units, lambda pk: unit_validate(unit_id=pk), failures)
     pending = list(Job.objects.filter(state=Job.State.PENDING, created_at__lt=stale).values_list("pk", flat=True))
-    split = _each("split of job", pending, split_job.delay, failures)
+    split = _each("split of job", pending, lambda pk: enqueue("jobs.split", pk), failures)
     running = Job.objects.filter(state=Job.State.RUNNING).values_list("pk", flat=True)
     _each("merge check of job", running, lambda pk: job_merge_if_done(job_id=pk), failures)
     merging = list(Job.objects.filter(state=Job.State.MERGING).values_list("pk", flat=True))
-    merged = _each("merge of job", merging, merge_job.delay, failures)
+    merged = _each("merge of job", merging, lambda pk: enqueue("jobs.merge", pk), failures)
     return {"validated": validated, "split": split, "merging": merged, "failed": len(failures),
             "failures": failures[:20]}

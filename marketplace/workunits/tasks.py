@@ -1,3 +1,6 @@
+"""Celery tasks of work units: thin, take ids, call one service each. The registered names are the
+contract with queued messages, beat's schedule and enqueue_on_commit: never rename them."""
+
 from celery import shared_task
 
 from marketplace.workunits import leasing, verification
@@ -5,15 +8,15 @@ from marketplace.workunits import sweep as sweeping
 
 
 @shared_task(name="workunits.validate", acks_late=True)
-def validate_unit(unit_id: int) -> str:
+def unit_validate_task(unit_id: int) -> str:
     return verification.unit_validate(unit_id=unit_id)
 
 
 @shared_task(name="workunits.expire_leases", acks_late=True)
-def expire_leases() -> int:
+def leases_expire_task() -> int:
     return leasing.leases_expire()
 
 
 @shared_task(name="workunits.sweep", acks_late=True)
-def sweep(limit: int = 500) -> dict:
+def sweep_run_task(limit: int = 500) -> dict:
     return sweeping.sweep_run(limit=limit)

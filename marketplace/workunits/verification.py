@@ -24,12 +24,13 @@ from django.utils import timezone
 
 from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.kinds import kind_module
+from marketplace.jobs.lifecycle import job_merge_if_done
 from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workers.models import Device
-from marketplace.workers.trust import audit_passed, device_ban, is_trusted, trust_credit, trust_reset, trusted_devices
+from marketplace.workers.trust import audit_passed, is_trusted, trust_credit, trust_reset, trusted_devices
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, unit_error
-from marketplace.workunits.reverify import owner_answers_recheck, unit_recheck
+from marketplace.workunits.reverify import device_ban, owner_answers_recheck, unit_recheck
 
 log = logging.getLogger(__name__)
 
@@ -299,43 +300,50 @@ def _known_rows_failed(unit: WorkUnit, failed: list[Result], *, proven: bool) ->
 
 
 def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result], known_ok: dict[int, bool]) -> None:
-    from marketplace.jobs.services import job_merge_if_done
-
-    kind, alone = unit.job.kind, unit.quorum == 1
+    kind = unit.job.kind
     audited = unit.results.order_by("pk").values_list("pk", flat=True).first() if unit.audit else None
     # A ban needs the winning answer vouched for by a device already trusted: two colluders of different
     # owners outvote one honest device, and banning it on their word would also re-verify all its work.
     proven = bool(losers) and _trusted_in(agreeing, kind)
-    newly_valid = [r for r in agreeing if r.state == Result.State.REPORTED]
-    _judge(newly_valid, Result.State.VALID, accepted_alone=alone, strict=True)
-    for result in newly_valid:
-        if not alone and result.disputes_known_answer_id is None:
-            trust_credit(device_id=result.device_id, kind=kind, hardware_class=result.hardware_class)
-        if result.pk == audited:
-            audit_passed(device_id=result.device_id)
-        if result.disputes_known_answer_id is not None:
-            _known_answer_resolve(result.disputes_known_answer_id, right=True)
+    _winners_credit(unit, [r for r in agreeing if r.state == Result.State.REPORTED], audited=audited)
     _judge([r for r in losers if r.state == Result.State.REPORTED], Result.State.INVALID)
     colluders = {r.pk for r in _colluders(losers)} if proven else set()
     for result in losers:
         trust_reset(device_id=result.device_id, kind=kind, reason="an invalid result")
-        if result.pk == audited:
-            if proven:
-                device_ban(device_id=result.device_id, reason=f"failed the audit of unit {unit.pk}")
-        elif result.disputes_known_answer_id is not None:
-            _known_answer_resolve(result.disputes_known_answer_id, right=False)
-            if proven:
-                device_ban(device_id=result.device_id,
-                           reason=f"wrong answer to known-answer unit {result.disputes_known_answer_id}")
-        elif result.state == Result.State.VALID:  # vouched for before, now shown wrong: it colluded
-            Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
-            if proven:
-                device_ban(device_id=result.device_id, reason=f"its accepted result for unit {unit.pk} was overturned")
-        elif result.pk in colluders:
-            device_ban(device_id=result.device_id, reason=f"sent the same wrong answer as another owner for unit {unit.pk}")
+        reason = _loser_judge(unit, result, audited=audited, colluder=result.pk in colluders)
+        if reason and proven:
+            device_ban(device_id=result.device_id, reason=reason)
     _known_rows_failed(unit, [r for r in losers if not known_ok[r.pk]], proven=proven)
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.DONE, canonical_result=min(agreeing, key=lambda r: r.pk), finished_at=timezone.now()
     )
     unit.results.filter(state=Result.State.UNSENT).update(state=Result.State.CANCELLED)
     job_merge_if_done(job_id=unit.job_id)
+
+
+def _winners_credit(unit: WorkUnit, newly_valid: list[Result], *, audited: int | None) -> None:
+    """The winning reports become valid: trust credited (not for a unit accepted on one word, nor twice for
+    a disputed known answer), a passed audit counted, a disputed known answer settled as right."""
+    alone = unit.quorum == 1
+    _judge(newly_valid, Result.State.VALID, accepted_alone=alone, strict=True)
+    for result in newly_valid:
+        if not alone and result.disputes_known_answer_id is None:
+            trust_credit(device_id=result.device_id, kind=unit.job.kind, hardware_class=result.hardware_class)
+        if result.pk == audited:
+            audit_passed(device_id=result.device_id)
+        if result.disputes_known_answer_id is not None:
+            _known_answer_resolve(result.disputes_known_answer_id, right=True)
+
+
+def _loser_judge(unit: WorkUnit, result: Result, *, audited: int | None, colluder: bool) -> str | None:
+    """Settle what a losing result was (a failed audit, a wrong known answer, an accepted answer now
+    overturned, a colluder's copy) and return why its device is banned if the winning answer is proven."""
+    if result.pk == audited:
+        return f"failed the audit of unit {unit.pk}"
+    if result.disputes_known_answer_id is not None:
+        _known_answer_resolve(result.disputes_known_answer_id, right=False)
+        return f"wrong answer to known-answer unit {result.disputes_known_answer_id}"
+    if result.state == Result.State.VALID:  # vouched for before, now shown wrong: it colluded
+        Result.objects.filter(pk=result.pk, state=Result.State.VALID).update(state=Result.State.INVALID)
+        return f"its accepted result for unit {unit.pk} was overturned"
+    return f"sent the same wrong answer as another owner for unit {unit.pk}" if colluder else None

@@ -120,7 +120,7 @@ def _fund(client: Client) -> None:
 
     from django.contrib.auth import get_user_model
 
-    from marketplace.ledger.services import balance_grant
+    from marketplace.ledger.grants import balance_grant
 
     balance_grant(user=get_user_model().objects.get(username=client.username), amount=10**24, actor="tests",
                   reason="e2e submitter funds", idempotency_key=uuid.uuid4().hex)

@@ -44,7 +44,7 @@ def verification_budget(db):
     made only while it can pay for them), through the audited service as an operator would."""
     import uuid
 
-    from marketplace.ledger.services import verification_budget_fund
+    from marketplace.ledger.grants import verification_budget_fund
 
     def fund(amount: int = 10**21):
         return verification_budget_fund(amount=amount, actor="tests", reason="test budget", idempotency_key=uuid.uuid4().hex)

@@ -12,15 +12,15 @@ import time
 import pytest
 from django.db import connections, transaction
 
-from marketplace.ledger import services as ledger_services
+from marketplace.ledger import earnings as ledger_earnings
 from marketplace.ledger.models import Account, Earning, Posting
 from marketplace.ledger.postings import account_get, balance
 from marketplace.ledger.selectors import ledger_check
 from marketplace.workers.models import Device
-from marketplace.workers.trust import device_ban
 from marketplace.workunits import verification
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.reverify import device_ban
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -116,7 +116,7 @@ def test_a_reversal_and_a_forfeit_of_one_earning_move_its_money_once(held_earnin
     # Before: both read the earning as held without a lock, both posted (a reversal and a forfeit have
     # different keys), and the loser's conditional update failed without rolling its posting back: the
     # device's held account went negative.
-    write = ledger_services.posting_write
+    write = ledger_earnings.posting_write
     inside = threading.Event()
 
     def slow_first_write(**kwargs):
@@ -125,13 +125,13 @@ def test_a_reversal_and_a_forfeit_of_one_earning_move_its_money_once(held_earnin
             time.sleep(1.0)  # the other side starts now, while this one holds the earning
         return write(**kwargs)
 
-    monkeypatch.setattr(ledger_services, "posting_write", slow_first_write)
+    monkeypatch.setattr(ledger_earnings, "posting_write", slow_first_write)
 
     def forfeit():
         assert inside.wait(30)
-        return ledger_services.earning_forfeit(earning_id=held_earning.pk, reason="banned")
+        return ledger_earnings.earning_forfeit(earning_id=held_earning.pk, reason="banned")
 
-    reverse = Side(lambda: ledger_services.earning_reverse(earning_id=held_earning.pk, reason="withdrawn"))
+    reverse = Side(lambda: ledger_earnings.earning_reverse(earning_id=held_earning.pk, reason="withdrawn"))
     other = Side(forfeit)
     both(reverse, other)
 
@@ -149,17 +149,17 @@ def test_a_reversal_and_a_forfeit_of_one_earning_move_its_money_once(held_earnin
 def test_a_forfeit_whose_state_move_loses_rolls_its_posting_back(held_earning, monkeypatch):
     # Whatever closes the earning between its read and its state move (here: a settlement slipped in by
     # hand), the posting that moved the money is rolled back with it, never left behind.
-    write = ledger_services.posting_write
+    write = ledger_earnings.posting_write
 
     def write_then_close_elsewhere(**kwargs):
         posting = write(**kwargs)
         Earning.objects.filter(pk=held_earning.pk).update(state=Earning.State.SETTLED)
         return posting
 
-    monkeypatch.setattr(ledger_services, "posting_write", write_then_close_elsewhere)
+    monkeypatch.setattr(ledger_earnings, "posting_write", write_then_close_elsewhere)
 
     with pytest.raises(RuntimeError, match="changed while it was being closed"):
-        ledger_services.earning_forfeit(earning_id=held_earning.pk, reason="banned")
+        ledger_earnings.earning_forfeit(earning_id=held_earning.pk, reason="banned")
 
     assert not Posting.objects.filter(idempotency_key=f"forfeit:result={held_earning.result_id}").exists()
     assert Earning.objects.get(pk=held_earning.pk).state == Earning.State.HELD

@@ -15,7 +15,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
-from marketplace.core.signing import keyring, unit_sign
+from marketplace.core.signing import keyring
+from marketplace.workunits.creation import units_sign
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
 from worker_agent.pinning import KeyPins, UnitSignatureInvalid, parse_keys
@@ -230,11 +231,11 @@ def test_units_made_after_a_rotation_are_signed_by_the_new_key_and_older_ones_st
         job=older).signing_key_id
 
 
-def test_unit_sign_signs_a_unit_made_one_by_one(job):
+def test_units_sign_signs_a_unit_made_one_by_one(job):
     source = WorkUnit.objects.filter(job=job).first()
     copy = WorkUnit.objects.create(job=job, index=source.index, payload=source.payload, known_answer_of=source)
 
-    unit_sign(copy)
+    units_sign([copy])
 
     copy.refresh_from_db()
     assert keyring().active.verifies(bytes(copy.signature), unit_message(unit_id=copy.pk, payload=copy.payload))

@@ -8,11 +8,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication
-from marketplace.artifacts.selectors import artifact_get_for_device, artifact_get_for_user
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import NotFound
+from marketplace.jobs.selectors import artifact_get_for_user
 from marketplace.workers.models import Device
+from marketplace.workunits.selectors import artifact_get_for_device
 from worker_agent.protocol import is_sha256_hex
 
 CHUNK = 1024 * 1024

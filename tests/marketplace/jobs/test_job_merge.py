@@ -6,8 +6,9 @@ from safetensors.numpy import load_file
 
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.storage import get_storage
+from marketplace.jobs.lifecycle import job_merge_if_done
 from marketplace.jobs.models import Job
-from marketplace.jobs.services import job_merge, job_merge_if_done
+from marketplace.jobs.services import job_merge
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import WorkUnit
 from marketplace.workunits.verification import unit_validate

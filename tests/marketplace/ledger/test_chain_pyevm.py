@@ -9,11 +9,12 @@ from ledgerkit import link_wallet, settled_earnings
 from web3 import EthereumTesterProvider, Web3
 
 from marketplace.chain.client import Web3ChainClient, contract_artifact, deploy
-from marketplace.ledger.chain import chain_reconcile, deposits_follow
+from marketplace.ledger.deposits import deposits_follow
 from marketplace.ledger.epochs import epoch_close, epoch_publish
 from marketplace.ledger.exceptions import EpochUnderfunded
 from marketplace.ledger.models import Account, Epoch
 from marketplace.ledger.postings import account_get, balance
+from marketplace.ledger.reconcile import chain_reconcile
 
 TOKENS = 10**18
 

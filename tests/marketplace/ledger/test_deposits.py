@@ -3,7 +3,7 @@
 import pytest
 from ledgerkit import link_wallet
 
-from marketplace.ledger.chain import deposit_credit, deposits_follow
+from marketplace.ledger.deposits import deposit_credit, deposits_follow
 from marketplace.ledger.models import Account, ChainCursor, Deposit
 from marketplace.ledger.postings import account_get, balance
 from marketplace.ledger.selectors import ledger_check

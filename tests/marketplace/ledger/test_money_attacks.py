@@ -42,7 +42,7 @@ def test_attack_known_answer_copies_of_an_expensive_unit_pay_the_reference_price
     # Before: an attacker ran a 1-unit job at price 10**30, decided it with two of its own accounts, then
     # leased a free job's units from a third account's device at the known-answer rate and answered copies
     # of its own expensive unit with bytes it already had: 14 copies, 13.3 x 10**30 minted by the platform.
-    from marketplace.ledger.services import balance_grant
+    from marketplace.ledger.grants import balance_grant
 
     attacker = django_user_model.objects.create_user("attacker")
     balance_grant(user=attacker, amount=10**31, actor="tests", reason="a rich attacker", idempotency_key="attacker")

@@ -6,14 +6,17 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from marketplace.jobs.lifecycle import job_fail
 from marketplace.jobs.models import Job
-from marketplace.jobs.services import job_fail, job_merge
-from marketplace.ledger import services
+from marketplace.jobs.services import job_merge
+from marketplace.ledger.earnings import earnings_settle, earnings_sync, result_credit
+from marketplace.ledger.escrow import job_escrow_release
+from marketplace.ledger.grants import balance_grant
 from marketplace.ledger.models import Account, Earning
 from marketplace.ledger.postings import account_get, balance
 from marketplace.ledger.selectors import ledger_check, ledger_totals
-from marketplace.workers.trust import device_ban
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.reverify import device_ban
 
 PRICE = 10**15  # the default IDLEGRID_PRICE_PER_RESULT
 FEE = PRICE * 500 // 10_000  # the default IDLEGRID_PLATFORM_FEE_BPS
@@ -67,7 +70,7 @@ def test_an_unreadable_price_is_a_clear_400(api, inference_spec, submitter, pric
 def test_a_submission_the_balance_cannot_cover_is_refused_with_402_and_changes_nothing(
         api, inference_spec, django_user_model):
     poor = django_user_model.objects.create_user("poor")
-    services.balance_grant(user=poor, amount=PRICE, actor="tests", reason="a little", idempotency_key="poor")
+    balance_grant(user=poor, amount=PRICE, actor="tests", reason="a little", idempotency_key="poor")
     spec = inference_spec(owner=poor, rows=8, rows_per_unit=4)
     postings_before = ledger_totals()
 
@@ -97,8 +100,8 @@ def test_each_valid_result_credits_its_owner_once_minus_the_fee(submit_job, comp
 
     (first, r1), (second, r2) = compute_unit(unit)
     for result in (r1, r2):  # the hook ran; running the credit again, and the sweep, change nothing
-        assert services.result_credit(result_id=result.pk) is None
-    services.earnings_sync()
+        assert result_credit(result_id=result.pk) is None
+    earnings_sync()
 
     assert held(first) == held(second) == NET
     assert balance(account_get(K.PLATFORM_FEE)) == 2 * FEE
@@ -120,8 +123,8 @@ def test_the_sweep_credits_a_valid_result_whose_hook_never_ran(submit_job, make_
     unit_validate(unit_id=unit.pk)  # its after-commit hooks are dropped, as if the process died
     assert Earning.objects.count() == 0
 
-    assert services.earnings_sync()["credited"] == 2
-    assert services.earnings_sync()["credited"] == 0
+    assert earnings_sync()["credited"] == 2
+    assert earnings_sync()["credited"] == 0
     assert Earning.objects.count() == 2
 
 
@@ -138,7 +141,7 @@ def test_a_result_past_what_the_escrow_holds_is_paid_from_the_budget_at_the_veri
     extra = Result.objects.create(unit=unit, job=job, state=Result.State.VALID, device=make_device(cheater).device,
                                   owner=cheater, reported_at=timezone.now())
 
-    earning = services.result_credit(result_id=extra.pk)
+    earning = result_credit(result_id=extra.pk)
 
     assert (earning.source, earning.gross, earning.net) == (Earning.Source.PLATFORM, VERIFICATION_PRICE, VERIFICATION_PRICE)
     assert balance(account_get(K.PLATFORM_VERIFICATION)) == 9 * VERIFICATION_PRICE
@@ -151,12 +154,12 @@ def test_with_the_budget_spent_such_a_result_is_recorded_unpaid(submit_job, comp
     extra = Result.objects.create(unit=unit, job=job, state=Result.State.VALID, device=make_device(cheater).device,
                                   owner=cheater, reported_at=timezone.now())
 
-    earning = services.result_credit(result_id=extra.pk)
+    earning = result_credit(result_id=extra.pk)
 
     assert (earning.source, earning.state, earning.net, earning.credit) == (
         Earning.Source.UNPAID, Earning.State.UNPAID, 0, None)
     assert balance(account_get(K.PLATFORM_VERIFICATION)) == 0
-    assert services.earnings_sync()["credited"] == 0  # recorded: the sweep does not try it again
+    assert earnings_sync()["credited"] == 0  # recorded: the sweep does not try it again
 
 
 def test_a_free_job_pays_nothing_and_records_it(submit_job, compute_unit):
@@ -165,7 +168,7 @@ def test_a_free_job_pays_nothing_and_records_it(submit_job, compute_unit):
     compute_unit(WorkUnit.objects.get(job=job))
 
     assert set(Earning.objects.values_list("state", flat=True)) == {Earning.State.UNPAID}
-    assert services.earnings_sync()["credited"] == 0
+    assert earnings_sync()["credited"] == 0
 
 
 def test_a_withdrawn_result_gives_its_credit_back_to_the_escrow(submit_job, compute_unit, django_capture_on_commit_callbacks):
@@ -211,14 +214,14 @@ def test_held_earnings_settle_after_the_audit_window_only(submit_job, compute_un
     job = submit_job(rows=4, rows_per_unit=4)
     (first, r1), (second, _) = compute_unit(WorkUnit.objects.get(job=job))
 
-    assert services.earnings_settle() is None
+    assert earnings_settle() is None
     later = timezone.now() + timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS + 1)
-    assert services.earnings_settle(now=later) is not None
+    assert earnings_settle(now=later) is not None
 
     assert held(first) == held(second) == 0
     assert balance(account_get(K.CONTRIBUTOR_SETTLED, user_id=first.owner.pk)) == NET
     assert set(Earning.objects.values_list("state", flat=True)) == {Earning.State.SETTLED}
-    assert services.earnings_settle(now=later) is None
+    assert earnings_settle(now=later) is None
 
 
 def test_a_failed_job_returns_its_unused_escrow(submit_job, compute_unit, submitter, django_capture_on_commit_callbacks):
@@ -232,7 +235,7 @@ def test_a_failed_job_returns_its_unused_escrow(submit_job, compute_unit, submit
 
     assert escrow(job) == 0
     assert available(submitter) == paid_in + (2 * CAP - 2) * PRICE  # two results were paid of the 12 escrowed
-    assert services.job_escrow_release(job_id=job.pk) is None  # twice: nothing more
+    assert job_escrow_release(job_id=job.pk) is None  # twice: nothing more
 
 
 def test_every_base_unit_is_accounted_for_when_a_job_completes(submit_job, compute_unit, submitter, make_device,
@@ -282,7 +285,7 @@ def test_a_known_answer_unit_is_paid_by_the_budget_at_the_verification_price(sub
                                    owner=contributor, reported_at=timezone.now())
     verification_budget(VERIFICATION_PRICE)
 
-    earning = services.result_credit(result_id=result.pk)
+    earning = result_credit(result_id=result.pk)
 
     assert (earning.source, earning.net) == (Earning.Source.PLATFORM, VERIFICATION_PRICE)  # never 10**20
     assert escrow(job) == CAP * 10**20  # the submitter pays nothing for it
@@ -297,6 +300,6 @@ def test_a_disputed_known_answers_second_row_is_never_paid(submit_job, make_devi
     mirror = Result.objects.create(unit=unit, job=job, state=Result.State.VALID, device=device.device,
                                    owner=contributor, reported_at=timezone.now(), disputes_known_answer=copy)
 
-    assert services.result_credit(result_id=mirror.pk) is None
-    assert services.earnings_sync()["credited"] == 0
+    assert result_credit(result_id=mirror.pk) is None
+    assert earnings_sync()["credited"] == 0
     assert not Earning.objects.exists()

@@ -3,10 +3,10 @@
 import pytest
 from django.db import connection, transaction
 
+from marketplace.ledger.grants import balance_grant
 from marketplace.ledger.models import Account, AppendOnlyError, AuditEntry, Line, Posting
 from marketplace.ledger.postings import Unbalanced, account_get, balance, posting_write
 from marketplace.ledger.selectors import ledger_check
-from marketplace.ledger.services import balance_grant
 
 K = Account.Kind
 BIG = 3 * 2**64 + 12345  # 55 tokens of 18 decimals: more than a BIGINT holds

@@ -4,8 +4,9 @@ balance) against the ledger's, with the differences a real contract rarely shows
 import pytest
 from ledgerkit import link_wallet, settled_earnings
 
-from marketplace.ledger.chain import chain_reconcile, deposits_follow
+from marketplace.ledger.deposits import deposits_follow
 from marketplace.ledger.epochs import epoch_close, epoch_publish
+from marketplace.ledger.reconcile import chain_reconcile
 
 DEPOSITOR = "0x" + "22" * 20
 

@@ -200,9 +200,9 @@ def test_activation_is_idempotent_and_audited_once(api, contributor, linked):
 def test_the_ledger_sweep_activates_changes_that_are_due(api, contributor, linked):
     new = EthAccount.create()
     assert link(api, contributor, new).status_code == 202
-    assert tasks.sweep_earnings()["wallet_changes_activated"] == 0  # not due yet
+    assert tasks.earnings_sync_task()["wallet_changes_activated"] == 0  # not due yet
     WalletLink.objects.filter(address=new.address).update(effective_at=timezone.now() - timedelta(seconds=1))
 
-    assert tasks.sweep_earnings()["wallet_changes_activated"] == 1
+    assert tasks.earnings_sync_task()["wallet_changes_activated"] == 1
 
     assert api(contributor).get("/api/v1/wallet/").json()["address"] == new.address

@@ -6,7 +6,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from marketplace.jobs.services import job_fail
+from marketplace.jobs.lifecycle import job_fail
 from marketplace.workunits import leasing
 from marketplace.workunits.leasing import lease_renew, workunit_lease
 from marketplace.workunits.models import Result, WorkUnit

@@ -5,8 +5,8 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from marketplace.jobs.lifecycle import job_fail
 from marketplace.jobs.models import Job
-from marketplace.jobs.services import job_fail
 from marketplace.workunits.leasing import leases_expire, workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue

@@ -7,10 +7,10 @@ from django.utils import timezone
 
 from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.models import Job
-from marketplace.jobs.tasks import split_job
+from marketplace.jobs.tasks import job_split_task
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import WorkUnit
-from marketplace.workunits.tasks import sweep, validate_unit
+from marketplace.workunits.tasks import sweep_run_task, unit_validate_task
 
 
 def test_the_sweep_validates_units_whose_validation_message_was_lost(
@@ -21,7 +21,7 @@ def test_the_sweep_validates_units_whose_validation_message_was_lost(
         device = make_device(owner)
         report(device, workunit_lease(device=device.device, max_units=1)[0].result_id)
 
-    assert sweep()["validated"] == 1
+    assert sweep_run_task()["validated"] == 1
 
     unit.refresh_from_db()
     assert (unit.state, unit.need_validate) == (WorkUnit.State.DONE, False)
@@ -33,7 +33,7 @@ def test_the_sweep_splits_jobs_left_pending(submit_job, enqueued):
     fresh = submit_job(split=False)
     Job.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(minutes=1))
 
-    assert sweep()["split"] == 1
+    assert sweep_run_task()["split"] == 1
 
     assert ("jobs.split", (stale.pk,)) in enqueued
     assert ("jobs.split", (fresh.pk,)) not in enqueued
@@ -43,7 +43,7 @@ def test_the_sweep_merges_jobs_left_merging(submit_job, enqueued):
     job = submit_job()
     Job.objects.filter(pk=job.pk).update(state=Job.State.MERGING)
 
-    sweep()
+    sweep_run_task()
 
     assert enqueued == [("jobs.merge", (job.pk,))]
 
@@ -51,7 +51,7 @@ def test_the_sweep_merges_jobs_left_merging(submit_job, enqueued):
 def test_the_validate_task_runs_the_validation(submit_job):
     unit = WorkUnit.objects.get(job=submit_job(rows=4, rows_per_unit=4))
 
-    assert validate_unit(unit.pk) == "pending"
+    assert unit_validate_task(unit.pk) == "pending"
 
 
 def test_a_split_that_cannot_succeed_fails_the_job(submit_job):
@@ -59,7 +59,7 @@ def test_a_split_that_cannot_succeed_fails_the_job(submit_job):
     get_storage().path(job.spec["dataset"]).unlink()
 
     with pytest.raises(FileNotFoundError):
-        split_job(job.pk)
+        job_split_task(job.pk)
 
     job.refresh_from_db()
     assert job.state == Job.State.FAILED
@@ -89,7 +89,7 @@ def test_one_unit_that_cannot_be_validated_does_not_stop_the_sweep(
 
     monkeypatch.setattr(sweeping, "unit_validate", validate_or_break)
 
-    done = sweep()
+    done = sweep_run_task()
 
     assert (done["validated"], done["failed"]) == (2, 1)
     assert done["failures"] == [f"unit {broken}"]

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from marketplace.jobs.models import Job
 from marketplace.jobs.services import job_merge
-from marketplace.ledger.services import verification_budget_fund
+from marketplace.ledger.grants import verification_budget_fund
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.leasing import leases_expire, workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
@@ -170,7 +170,7 @@ def test_the_reopened_job_is_merged_again_with_the_right_answer(adaptive_job, ma
     job_merge(job_id=job.pk)
     wrong_output = Job.objects.get(pk=job.pk).output_id
 
-    from marketplace.workers.trust import device_ban
+    from marketplace.workunits.reverify import device_ban
 
     device_ban(device_id=cheat.pk, reason="caught elsewhere")
     drain([bob, carol], report)  # every unit the cheat vouched for is computed again by others
@@ -190,7 +190,7 @@ def test_colluders_who_agreed_on_a_wrong_answer_are_both_banned_once_one_is_caug
     compute(trudy, report, wrong=honest_output)  # the same wrong answer from another owner
     assert unit_validate(unit_id=first.unit_id) == "done"
 
-    from marketplace.workers.trust import device_ban
+    from marketplace.workunits.reverify import device_ban
 
     device_ban(device_id=mallory.pk, reason="caught by a known-answer unit")
     compute(bob, report)
@@ -358,7 +358,7 @@ def test_a_device_that_won_a_dispute_can_still_be_banned(adaptive_job, make_devi
     assert Result.objects.filter(device=challenger.device, state=Result.State.VALID).count() == 2  # copy + original
     assert challenger.refresh().valid_results == 1  # one computation, counted once (on the copy)
 
-    from marketplace.workers.trust import device_ban
+    from marketplace.workunits.reverify import device_ban
 
     assert device_ban(device_id=challenger.pk, reason="caught elsewhere")
 
@@ -368,7 +368,7 @@ def test_a_device_that_won_a_dispute_can_still_be_banned(adaptive_job, make_devi
 
 def test_a_banned_device_can_no_longer_use_the_api(make_device, people):
     cheat = make_device(people[0])
-    from marketplace.workers.trust import device_ban
+    from marketplace.workunits.reverify import device_ban
 
     device_ban(device_id=cheat.pk, reason="test")
 

@@ -5,8 +5,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from marketplace.core.exceptions import ApplicationError
+from marketplace.ledger.grants import balance_grant
 from marketplace.ledger.selectors import balances_for
-from marketplace.ledger.services import balance_grant
 
 
 class Command(BaseCommand):

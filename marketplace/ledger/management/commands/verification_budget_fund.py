@@ -4,8 +4,8 @@ import uuid
 from django.core.management.base import BaseCommand, CommandError
 
 from marketplace.core.exceptions import ApplicationError
+from marketplace.ledger.grants import verification_budget_fund
 from marketplace.ledger.selectors import verification_budget_available
-from marketplace.ledger.services import verification_budget_fund
 
 
 class Command(BaseCommand):

@@ -1,26 +1,20 @@
-"""Money flows of the marketplace: grants, job escrow, earnings per valid result (held, settled, taken
-back, forfeited), and the release of unused escrow. Each posting is its own durable transaction.
-
-The chain side (deposits, epochs, reconciliation) lives in `epochs.py` and `chain.py` and is re-exported
-here, the names the chain engineer codes against.
-"""
+"""Earnings: a valid result's credit (held for the audit window), taken back when the result is withdrawn,
+forfeited when its device is banned, settled to its owner when the window passes; and the sweep that
+does whatever an after-commit hook left undone. Each posting is its own durable transaction."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from marketplace.core.exceptions import ValidationFailed
 from marketplace.jobs.models import Job
-from marketplace.ledger.exceptions import InsufficientBalance
+from marketplace.ledger.escrow import job_escrow_release, job_price
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, Earning, Posting
 from marketplace.ledger.postings import account_get, account_lock, balance, posting_exists, posting_write
@@ -29,134 +23,12 @@ from marketplace.workunits.models import Result
 
 log = logging.getLogger(__name__)
 K = Account.Kind
-MAX_PRICE = 10**36  # per result; keeps price x units x replication far inside 78 digits
-
-
-# --- settings -------------------------------------------------------------------------------------
-
-def price_default() -> int:
-    return settings.IDLEGRID_PRICE_PER_RESULT
 
 
 def fee_of(gross: int) -> int:
     """The platform's share, rounded down: the contributor never gets less than their exact share."""
     return gross * settings.IDLEGRID_PLATFORM_FEE_BPS // 10_000
 
-
-def _platform(kind: str) -> Account:
-    return account_get(kind)
-
-
-# --- grants ---------------------------------------------------------------------------------------
-
-def balance_grant(*, user: AbstractBaseUser, amount: int, actor: str, reason: str, idempotency_key: str) -> Posting | None:
-    """Credit a submitter's balance out of the platform's grants (admin top-ups, development, tests)."""
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise ValidationFailed("a grant is a positive integer in base units", fields={"amount": "must be > 0"})
-    if not reason.strip():
-        raise ValidationFailed("a grant needs a reason for the audit", fields={"reason": "required"})
-    with transaction.atomic(durable=True):
-        target = account_get(K.SUBMITTER_BALANCE, user_id=user.pk)
-        return posting_write(
-            kind=Posting.Kind.GRANT, key=f"grant:{idempotency_key}", actor=actor, reason=reason,
-            entries=[(_platform(K.PLATFORM_GRANTS), -amount), (target, amount)], data={"user": user.pk},
-        )
-
-
-def verification_budget_fund(*, amount: int, actor: str, reason: str, idempotency_key: str) -> Posting | None:
-    """Put `amount` into the platform's verification budget, out of the platform's grants: the only money
-    the platform spends on work it orders itself (known-answer copies, re-verification past a job's
-    escrow). What it spends can never exceed what was put here (`ledger_check`)."""
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise ValidationFailed("a budget is a positive integer in base units", fields={"amount": "must be > 0"})
-    if not reason.strip():
-        raise ValidationFailed("funding the budget needs a reason for the audit", fields={"reason": "required"})
-    with transaction.atomic(durable=True):
-        return posting_write(
-            kind=Posting.Kind.BUDGET, key=f"budget:{idempotency_key}", actor=actor, reason=reason,
-            entries=[(_platform(K.PLATFORM_GRANTS), -amount), (_platform(K.PLATFORM_VERIFICATION), amount)],
-        )
-
-
-# --- escrow ---------------------------------------------------------------------------------------
-
-PRICE_PROBLEM = "must be an integer number of base units between 0 and 10**36 (a string for large values)"
-
-
-def job_price_take(spec: Any) -> tuple[Any, str]:
-    """Split `price_per_result` (base units, an integer or a string of digits) off a job spec before the
-    kind validates the rest; returns (the spec without it, the price as a decimal string)."""
-    if not isinstance(spec, dict) or "price_per_result" not in spec:
-        return spec, str(price_default())
-    rest = {k: v for k, v in spec.items() if k != "price_per_result"}
-    value = spec["price_per_result"]
-    if isinstance(value, str):
-        # ASCII digits only ("²".isdigit() is true) and short: int() refuses past 4,300 digits with a
-        # ValueError, and 10**36 has 37.
-        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 40 else None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRICE:
-        raise ValidationFailed("the job spec is invalid", fields={"price_per_result": PRICE_PROBLEM})
-    return rest, str(value)
-
-
-def job_price(job: Job) -> int:
-    return int(job.spec.get("price_per_result", price_default()))
-
-
-def escrow_amount(*, kind_module: Any, spec: dict) -> int:
-    """What a job's own spec can cost at most: every unit it plans, each paid for up to its cap of results
-    (`max_results_per_unit`, which bounds the quorum and every replica disagreement can ask for). Unused
-    escrow returns when the job ends; nothing the submitter ordered is ever paid by the platform."""
-    units = kind_module.units_expected(spec)
-    if isinstance(units, bool) or not isinstance(units, int) or units < 0:
-        raise TypeError(f"{kind_module.__name__}.units_expected returned {units!r}, not a count")
-    return int(spec.get("price_per_result", price_default())) * units * int(spec["max_results_per_unit"])
-
-
-def job_escrow_fund(*, job: Job, amount: int) -> Posting | None:
-    """Move `amount` from the submitter's balance into the job's escrow, or refuse with 402.
-
-    Runs inside job_submit's durable transaction, so the job and its escrow commit together: a refusal
-    rolls the job back and changes nothing."""
-    if amount == 0:
-        return None
-    source = account_get(K.SUBMITTER_BALANCE, user_id=job.owner_id)
-    account_lock(source)
-    available = balance(source)
-    if available < amount:
-        raise InsufficientBalance(
-            f"this job escrows {amount} base units (price x units x max_results_per_unit) but your balance is "
-            f"{available}; deposit or ask for a grant first",
-            fields={"required": str(amount), "available": str(available)},
-        )
-    return posting_write(
-        kind=Posting.Kind.ESCROW, key=f"escrow:job={job.pk}", actor=f"user:{job.owner_id}", reason="job submitted",
-        entries=[(source, -amount), (account_get(K.JOB_ESCROW, job_id=job.pk), amount)], data={"job": job.pk},
-    )
-
-
-def job_escrow_release(*, job_id: int) -> Posting | None:
-    """Return what is left in an ended job's escrow to its submitter. Safe to repeat: an empty escrow
-    posts nothing, and a job reopened and ended again (a ban re-verified it) releases again."""
-    with transaction.atomic(durable=True):
-        job = Job.objects.get(pk=job_id)
-        if job.state not in (Job.State.COMPLETED, Job.State.FAILED):
-            return None
-        escrow = account_get(K.JOB_ESCROW, job_id=job_id)
-        account_lock(escrow)
-        left = balance(escrow)
-        if left <= 0:
-            return None
-        sequence = Posting.objects.filter(kind=Posting.Kind.RELEASE, idempotency_key__startswith=f"release:job={job_id}:").count()
-        return posting_write(
-            kind=Posting.Kind.RELEASE, key=f"release:job={job_id}:{sequence}", actor="system:jobs",
-            reason=f"job {job.state}: unused escrow returned",
-            entries=[(escrow, -left), (account_get(K.SUBMITTER_BALANCE, user_id=job.owner_id), left)],
-            data={"job": job_id, "state": job.state},
-        )
-
-
-# --- earnings -------------------------------------------------------------------------------------
 
 def result_credit(*, result_id: int, now: datetime | None = None) -> Earning | None:
     """Credit a VALID result's device owner, once per result however often it is called.
@@ -205,9 +77,9 @@ def _credit_source(result: Result, held: Account) -> tuple[str, int, int, list[t
         if balance(escrow) >= gross:
             fee = fee_of(gross)
             return Earning.Source.ESCROW, gross, gross - fee, [
-                (escrow, -gross), (_platform(K.PLATFORM_FEE), fee), (held, gross - fee)]
+                (escrow, -gross), (account_get(K.PLATFORM_FEE), fee), (held, gross - fee)]
     price = settings.IDLEGRID_VERIFICATION_PRICE
-    budget = _platform(K.PLATFORM_VERIFICATION)
+    budget = account_get(K.PLATFORM_VERIFICATION)
     account_lock(budget)
     if price == 0 or balance(budget) < price:
         log.warning("result %s is valid but unpaid: the verification budget cannot pay %s", result.pk, price)
@@ -254,7 +126,7 @@ def earning_forfeit(*, earning_id: int, reason: str) -> bool:
         posting = posting_write(
             kind=Posting.Kind.FORFEIT, key=f"forfeit:result={earning.result_id}", actor="system:trust", reason=reason,
             entries=[(account_get(K.CONTRIBUTOR_HELD, device_id=earning.device_id), -earning.net),
-                     (_platform(K.PLATFORM_FORFEIT), earning.net)],
+                     (account_get(K.PLATFORM_FORFEIT), earning.net)],
             data={"result": earning.result_id, "device": earning.device_id},
         )
         return _earning_close(earning, Earning.State.FORFEITED, posting)
@@ -332,7 +204,3 @@ def earnings_sync(*, now: datetime | None = None, limit: int = 1000) -> dict[str
              .annotate(left=AmountSum("lines__amount")).values_list("job_id", "left"))
     released = sum(job_escrow_release(job_id=job_id) is not None for job_id, left in ended if (left or 0) > 0)
     return {"credited": credited, "reversed": reversed_, "forfeited": forfeited, "released": released}
-
-
-from marketplace.ledger.chain import chain_reconcile, deposit_credit, deposits_follow  # noqa: E402,F401  (the interface)
-from marketplace.ledger.epochs import epoch_close, epoch_confirm, epoch_publish, epoch_settle  # noqa: E402,F401

@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.core.signing import KeyringError, key_retire, units_resign
+from marketplace.core.signing import KeyringError, key_retire
+from marketplace.workunits.creation import units_resign
 
 
 class Command(BaseCommand):

@@ -1,4 +1,4 @@
-"""The ledger's side of the chain: crediting deposits, following Deposited events, reconciling.
+"""Deposits: crediting them, following the contract's Deposited events, and a user's suspense claimed.
 
 The follower reads only blocks at least IDLEGRID_CHAIN_CONFIRMATIONS deep, so a reorganisation within
 that depth never reaches the ledger. It keeps a cursor (the last block read and its hash) and recent
@@ -10,16 +10,13 @@ credits nothing twice (a deposit is credited once per (chain, transaction, log i
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from marketplace.chain.merkle import account_normalize
-from marketplace.ledger.epochs import confirmations
-from marketplace.ledger.fields import AmountSum
-from marketplace.ledger.models import Account, ChainCheckpoint, ChainCursor, Deposit, Epoch, Line, Posting, WalletLink
+from marketplace.ledger.models import Account, ChainCheckpoint, ChainCursor, Deposit, Posting, WalletLink
 from marketplace.ledger.postings import account_get, balance, posting_write
 
 if TYPE_CHECKING:
@@ -87,7 +84,7 @@ def suspense_claim(*, user_id: int, address: str) -> Posting | None:
 # --- the follower ---------------------------------------------------------------------------------
 
 def _cursor(client: ChainClient) -> ChainCursor:
-    start = int(getattr(settings, "IDLEGRID_CHAIN_START_BLOCK", 0))
+    start = settings.IDLEGRID_CHAIN_START_BLOCK
     cursor, _ = ChainCursor.objects.get_or_create(chain_id=client.chain_id,
                                                   defaults={"block_number": start - 1, "block_hash": ""})
     return cursor
@@ -96,13 +93,13 @@ def _cursor(client: ChainClient) -> ChainCursor:
 def _rewind(cursor: ChainCursor, client: ChainClient) -> None:
     """The cursor's block is no longer on the chain: back to the newest checkpoint that still is."""
     log.error("chain %s reorganised below block %s, deeper than %s confirmations: rewinding the deposit follower",
-              client.chain_id, cursor.block_number, confirmations())
+              client.chain_id, cursor.block_number, settings.IDLEGRID_CHAIN_CONFIRMATIONS)
     for point in ChainCheckpoint.objects.filter(chain_id=cursor.chain_id, block_number__lt=cursor.block_number).order_by("-block_number"):
         if client.block_hash(point.block_number) == point.block_hash:
             cursor.block_number, cursor.block_hash = point.block_number, point.block_hash
             break
     else:
-        cursor.block_number, cursor.block_hash = int(getattr(settings, "IDLEGRID_CHAIN_START_BLOCK", 0)) - 1, ""
+        cursor.block_number, cursor.block_hash = settings.IDLEGRID_CHAIN_START_BLOCK - 1, ""
     cursor.save(update_fields=["block_number", "block_hash", "updated_at"])
     orphaned = [d.tx_hash for d in Deposit.objects.filter(chain_id=cursor.chain_id, block_number__gt=cursor.block_number)
                 if client.block_hash(d.block_number) != d.block_hash]
@@ -118,7 +115,7 @@ def deposits_follow(*, client: ChainClient, max_reads: int = 50) -> int:
         _rewind(cursor, client)
     credited = 0
     for _ in range(max_reads):
-        safe = client.block_number() - confirmations()
+        safe = client.block_number() - settings.IDLEGRID_CHAIN_CONFIRMATIONS
         start = cursor.block_number + 1
         if start > safe:
             break
@@ -140,62 +137,3 @@ def deposits_follow(*, client: ChainClient, max_reads: int = 50) -> int:
             stale = ChainCheckpoint.objects.filter(chain_id=cursor.chain_id).order_by("-block_number")[CHECKPOINTS_KEPT:]
             ChainCheckpoint.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
     return credited
-
-
-# --- reconciliation -------------------------------------------------------------------------------
-
-@dataclass
-class Reconciliation:
-    chain_epoch: int
-    ledger_epoch: int
-    differences: list[str] = field(default_factory=list)
-    figures: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.differences
-
-
-def chain_reconcile(*, client: ChainClient) -> Reconciliation:
-    """Compare what the contract holds with the ledger; every difference is logged as an error."""
-    published = Epoch.objects.filter(state__in=(Epoch.State.PUBLISHED, Epoch.State.FINAL)).order_by("-number").first()
-    report = Reconciliation(chain_epoch=client.published_epoch(), ledger_epoch=published.number if published else 0)
-    diff = report.differences
-    if report.chain_epoch != report.ledger_epoch:
-        diff.append(f"the contract is at epoch {report.chain_epoch}, the ledger's latest published is {report.ledger_epoch}")
-    if published is not None and report.chain_epoch == published.number:
-        root = "0x" + client.published_root().hex()
-        if root != published.root:
-            diff.append(f"epoch {published.number}: contract root {root} != ledger root {published.root}")
-        total = client.published_total()
-        if total != published.total:
-            diff.append(f"epoch {published.number}: contract total {total} != ledger total {published.total}")
-    deposited = -balance(account_get(K.CHAIN_CUSTODY))
-    # The contract's own sum of every claim paid, the figure its publishRoot rule uses.
-    claimed = client.total_claimed()
-    if published is not None:
-        to_leaves = 0
-        for address, cumulative in published.leaves.values_list("address", "cumulative"):
-            paid = client.claimed(address)
-            to_leaves += paid
-            if paid > cumulative:
-                diff.append(f"{address} claimed {paid}, more than its cumulative {cumulative}")
-        # Amounts are cumulative, so every address ever paid is a leaf of the latest epoch: anything more
-        # went to addresses the ledger never paid (a root that did not come from this ledger).
-        if to_leaves != claimed:
-            diff.append(f"claims paid {claimed} in all but {to_leaves} to the ledger's payout addresses")
-    contract = getattr(client, "contract_address", None) or getattr(settings, "IDLEGRID_CHAIN_CONTRACT", "")
-    held = client.token_balance(contract) if contract else None
-    if held is not None and held != deposited - claimed:
-        diff.append(f"the contract holds {held} tokens; deposits credited {deposited} - claimed {claimed} = {deposited - claimed}")
-    owed = published.total - claimed if published else 0
-    if held is not None and held < owed:
-        diff.append(f"the contract holds {held} tokens but {owed} are claimable: underfunded by {owed - held}")
-    payout = Line.objects.filter(account__kind=K.PAYOUT_ADDRESS).aggregate(t=AmountSum("amount"))["t"] or 0
-    if published is not None and payout != published.total and not Epoch.objects.filter(number__gt=published.number).exists():
-        diff.append(f"payout addresses hold {payout} in the ledger, epoch {published.number} published {published.total}")
-    report.figures = {"deposited": str(deposited), "claimed": str(claimed), "contract_tokens": str(held),
-                      "published_total": str(published.total if published else 0), "payout_total": str(payout)}
-    for difference in diff:
-        log.error("chain reconciliation: %s", difference)
-    return report

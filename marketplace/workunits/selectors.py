@@ -1,24 +1,14 @@
+"""Reads of work units and their leases for the API."""
+
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q
 from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
 from marketplace.core.exceptions import NotFound
-from marketplace.jobs.models import Job
 from marketplace.workers.models import Device
 from marketplace.workunits.models import Result
-
-
-def artifact_get_for_user(*, sha256: str, user: AbstractBaseUser) -> Artifact:
-    """An artifact the user uploaded or that is the output of one of their jobs."""
-    artifact = Artifact.objects.filter(sha256=sha256).first()
-    if artifact is None:
-        raise NotFound(f"no artifact {sha256}")
-    if artifact.owners.filter(pk=user.pk).exists() or Job.objects.filter(owner=user, output=artifact).exists():
-        return artifact
-    raise NotFound(f"no artifact {sha256}")  # do not reveal that someone else's artifact exists
 
 
 def artifact_get_for_device(*, sha256: str, device: Device) -> Artifact:
