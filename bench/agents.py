@@ -33,7 +33,6 @@ MAX_CONSECUTIVE_FAILURES = 20
 @dataclass
 class AgentRun:
     reported: int = 0
-    lease_calls: int = 0
     empty_leases: int = 0
     lease_s: list[float] = field(default_factory=list)
     report_s: list[float] = field(default_factory=list)
@@ -145,7 +144,6 @@ def _cycle(client: Any, key: Ed25519PrivateKey, device_id: int, plan: Plan, budg
     started = time.perf_counter()
     status, content = client.post("/api/v1/agent/lease", {"max_units": wanted})
     run.lease_s.append(time.perf_counter() - started)
-    run.lease_calls += 1
     if status != 200:
         budget.give_back(wanted)
         _error(run, "lease", status, content)

@@ -1,7 +1,7 @@
 """Lease + report throughput through the real HTTP stack: gunicorn (sync workers) + Django + PostgreSQL + Redis.
 
     .venv/bin/python bench/dispatch.py                      # 8 agents, single then batched, 30 s / 20k units each
-    .venv/bin/python bench/dispatch.py --quick              # ~25 s: 2 agents, 200 units; what tests run
+    .venv/bin/python bench/dispatch.py --quick              # ~25 s: 2 agents, 200 units (a check that it runs)
     .venv/bin/python bench/dispatch.py --load processes --agents 16 --batch 20 --seconds 60
 
 Creates a fresh PostgreSQL database on the server DATABASE_URL names (its own database name is only used
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
 from bench import agents  # noqa: E402
+from demo.cluster import ClusterError, Process, free_port, wait_for_health  # noqa: E402
 
 DEFAULT_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
@@ -150,84 +149,39 @@ def fixtures(env: dict[str, str], work: Path, command: str, *argv: str) -> dict[
     return json.loads(out.read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Service:
-    """A child in its own process group (its workers follow it), stopped by that group, always."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        with log_path.open("ab") as handle:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        self._signal(signal.SIGKILL)  # stragglers of the group, if the leader died first
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 @contextmanager
-def gunicorn(env: dict[str, str], workers: int, work: Path) -> Iterator[tuple[Service, str]]:
+def gunicorn(env: dict[str, str], workers: int, work: Path) -> Iterator[tuple[Process, str]]:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    service = Service(
+    server = Process.spawn(
+        "gunicorn",
         [sys.executable, "-m", "gunicorn", "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}",
          "--workers", str(workers), "--worker-class", "sync", "--log-level", "warning", "--timeout", "60",
          "--graceful-timeout", "10"],
-        env, work / "gunicorn.log",
+        env=env, log_dir=work / "var" / "logs",
     )
     try:
-        wait_healthy(service, base_url)
-        yield service, base_url
+        wait_for_health(base_url, [server])
+        yield server, base_url
     finally:
-        service.stop()
-
-
-def wait_healthy(service: Service, base_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.proc.poll() is not None:
-            raise BenchError(f"gunicorn exited with {service.proc.returncode}:\n{service.log_tail()}")
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"gunicorn did not answer /healthz within {timeout:.0f} s:\n{service.log_tail()}")
+        server.stop()
 
 
 @contextmanager
-def celery_worker(env: dict[str, str], enabled: bool, work: Path) -> Iterator[Service | None]:
+def celery_worker(env: dict[str, str], enabled: bool, work: Path) -> Iterator[Process | None]:
     if not enabled:
         yield None
         return
-    service = Service([sys.executable, "-m", "celery", "-A", "marketplace", "worker", "--concurrency", "1",
-                       "--loglevel", "WARNING", "--without-gossip", "--without-mingle"], env, work / "celery.log")
+    worker = Process.spawn(
+        "celery",
+        [sys.executable, "-m", "celery", "-A", "marketplace", "worker", "--concurrency", "1",
+         "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+        env=env, log_dir=work / "var" / "logs",
+    )
     try:
-        yield service
+        yield worker
     finally:
-        service.stop()
+        worker.stop()
 
 
 def purge_broker(broker_url: str) -> int:
@@ -321,9 +275,9 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, ctx: dict[str, An
                        "--replicas", str(args.units + 2 * args.agents * scenario.batch))
     log(f"{scenario.name}: job {created['job_id']}, {created['replicas']} unsent replicas")
     with gunicorn(env, args.workers, work) as (server, base_url):
-        groups = {"gunicorn": server.proc.pid}
+        groups = {"gunicorn": server.popen.pid}  # each its own process group: Process.spawn
         if ctx["celery"] is not None:
-            groups["celery"] = ctx["celery"].proc.pid
+            groups["celery"] = ctx["celery"].popen.pid
         pg_before, redis_before = pg_counters(ctx["maint"], ctx["db"]), redis_calls(args.broker_url)
         cpu_before, machine_before = process_cpu(), machine_cpu()
         result = agents.run_agents(
@@ -471,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         figures = bench(args)
-    except BenchError as exc:
+    except (BenchError, ClusterError) as exc:  # ClusterError: gunicorn did not start
         log(str(exc))
         print(json.dumps({"bench": "dispatch", "error": str(exc).splitlines()[0]}))
         return 2

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -58,6 +58,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.sabotage_run import HEADLINE, SCENARIOS  # noqa: E402
+from demo.cluster import Process  # noqa: E402
 
 TARGETS = {"accepted_wrong_rate": 1e-5, "results_per_unit": 1.3, "honest_false_mismatch_rate": 1e-3, "bans_honest": 0}
 COLD = [name for name, scenario in SCENARIOS.items() if scenario.pair]
@@ -254,20 +255,16 @@ class ScenarioRun:
             *(["--known-per-unit", str(args.known_per_unit)] if args.known_per_unit else []),
         ]
         env = child_env(args, dbs.scenario_url(name), self.folder / "var")
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.sabotage_run", *argv], cwd=REPO, env=env)
+        # No log file: its progress lines and any traceback go to the bench's own stderr, as they happen.
+        self.process = Process.spawn(name, [sys.executable, "-m", "bench.sabotage_run", *argv], env=env, log_dir=None)
 
     def figures(self) -> dict[str, Any]:
         """Its figures, or {"error": ...} when it crashed (the other scenarios go on)."""
-        if self.process.wait() != 0:
-            return {"error": f"exited with {self.process.returncode} (its traceback is above)"}
+        if self.process.popen.wait() != 0:
+            return {"error": f"exited with {self.process.popen.returncode} (its traceback is above)"}
         if not self.keep:
             shutil.rmtree(self.folder / "var", ignore_errors=True)  # its artifacts: free the memory
         return json.loads(self.out.read_text())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def run_scenarios(args: argparse.Namespace, dbs: SQLiteDatabases | PostgresDatabases, work: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -278,7 +275,7 @@ def run_scenarios(args: argparse.Namespace, dbs: SQLiteDatabases | PostgresDatab
         while pending or running:
             while pending and len(running) < args.parallel:
                 running.append(ScenarioRun(args, pending.pop(0), dbs, work))
-            done = next((run for run in running if run.process.poll() is not None), None)
+            done = next((run for run in running if not run.process.alive()), None)
             if done is None:
                 time.sleep(0.5)
                 continue
@@ -286,7 +283,7 @@ def run_scenarios(args: argparse.Namespace, dbs: SQLiteDatabases | PostgresDatab
             yield done.name, done.figures()
     finally:
         for run in running:
-            run.stop()
+            run.process.stop()
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -353,7 +350,23 @@ def render(report: dict[str, Any]) -> str:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds: databases dropped, temporary folder removed
+    raise SystemExit(128 + signum)  # unwinds: scenarios stopped, databases dropped, temporary folder removed
+
+
+def scenarios_collect(args: argparse.Namespace, dbs: SQLiteDatabases | PostgresDatabases, work: Path) -> dict[str, Any]:
+    """Every scenario's figures with its verdict, in the order asked for; each logged as it finishes."""
+    finished = {}
+    # closing(): the children are in sessions of their own, so a Ctrl-C reaches this process only; whatever
+    # ends the loop (an exception, a signal) must stop the scenarios still running, at once.
+    with closing(run_scenarios(args, dbs, work)) as runs:
+        for name, figures in runs:
+            finished[name] = figures
+            if "error" in figures:
+                log(f"{name}: {figures['error']}")
+                continue
+            figures["targets_met"] = verdict(figures)
+            log(f"{name}: {figures['accepted_wrong_rows']} wrong rows delivered, {figures['results_per_unit']} results/unit")
+    return {name: finished[name] for name in args.scenarios}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -369,15 +382,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         with databases(args, work) as dbs:
             report["database"] = dbs.vendor
             run_child(child_env(args, dbs.template_url(), work / "template-var"), "--migrate-only", "--out", "-")
-            finished = {}
-            for name, figures in run_scenarios(args, dbs, work):
-                finished[name] = figures
-                if "error" in figures:
-                    log(f"{name}: {figures['error']}")
-                    continue
-                figures["targets_met"] = verdict(figures)
-                log(f"{name}: {figures['accepted_wrong_rows']} wrong rows delivered, {figures['results_per_unit']} results/unit")
-            report["scenarios"] = {name: finished[name] for name in args.scenarios}
+            report["scenarios"] = scenarios_collect(args, dbs, work)
     finally:
         if args.keep:
             log(f"kept {work}")

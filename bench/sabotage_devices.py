@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 HONEST_NOISE = 1e-7  # relative, per element, across hardware classes
-KINDS = ("honest", "always_wrong", "intermittent", "colluding", "colluding_row", "lazy")
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,31 @@
 """Run the marketplace as production does, one process per part, on loopback: gunicorn, a Celery
-worker, Celery beat, and any number of agents. Used by the demo and by the end-to-end tests.
+worker, Celery beat, and any number of agents. Used by the demo, the end-to-end tests and the benches
+(bench/dispatch.py, bench/sabotage.py): the one process harness of the project.
 Every process starts in its own session and is stopped by its process group, always."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class ClusterError(RuntimeError):
+    """A process did not start, answer or say what it was waited for."""
 
 
 def free_port() -> int:
@@ -30,7 +38,25 @@ def free_port() -> int:
 class Process:
     name: str
     popen: subprocess.Popen
-    log_path: Path
+    log_path: Path | None  # None: the child writes to this process's own stdout and stderr
+
+    @classmethod
+    def spawn(cls, name: str, args: list[str], *, env: dict[str, str], log_dir: Path | None,
+              cwd: Path = ROOT) -> Process:
+        """Start `args` in a session of its own, so that stop() reaches whatever it forks (gunicorn's
+        workers, an agent's compute child). Its stdout and stderr go to `log_dir`/`name`.log, appended;
+        with no log_dir, to this process's own (a bench child's progress lines and traceback)."""
+        log_path = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = log_dir / f"{name}.log"
+        # The child keeps its own copy of the descriptor: this process's copy is closed at once.
+        with (log_path.open("ab") if log_path else contextlib.nullcontext()) as log:
+            popen = subprocess.Popen(
+                args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT if log else None, start_new_session=True,
+            )
+        return cls(name, popen, log_path)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -54,27 +80,45 @@ class Process:
             pass
         return self.popen.returncode
 
-    def wait_for_log(self, pattern: str, *, timeout: float) -> None:
-        """Wait until the process's log matches `pattern` (a regular expression); raise on timeout or exit."""
-        import re
-
+    def wait_for_log(self, pattern: str | re.Pattern[str], *, timeout: float) -> re.Match[str]:
+        """Wait until the process's log matches `pattern` (a regular expression) and return the match;
+        raise on timeout or exit."""
+        if self.log_path is None:
+            raise ClusterError(f"{self.name} writes to the caller's output, not to a log of its own")
         compiled, deadline = re.compile(pattern), time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if compiled.search(self.log_path.read_text(errors="replace")):
-                    return
+                if match := compiled.search(self.log_path.read_text(errors="replace")):
+                    return match
             except OSError:
                 pass
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited before its log said {pattern!r}:\n{self.log_tail()}")
+                raise ClusterError(f"{self.name} exited before its log said {compiled.pattern!r}:\n{self.log_tail()}")
             time.sleep(0.1)
-        raise RuntimeError(f"{self.name}'s log did not say {pattern!r} within {timeout:.0f}s:\n{self.log_tail()}")
+        raise ClusterError(f"{self.name}'s log did not say {compiled.pattern!r} within {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path else ""
         except OSError:
             return ""
+
+
+def wait_for_health(url: str, processes: Sequence[Process], *, timeout: float = 60.0) -> None:
+    """Wait until `url`/healthz answers 200; raise as soon as one of `processes` exits, or on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in processes:
+            if not process.alive():
+                raise ClusterError(f"{process.name} exited early ({process.popen.returncode}):\n{process.log_tail()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    logs = "".join(f"\n--- {process.name}\n{process.log_tail()}" for process in processes)
+    raise ClusterError(f"{url} did not answer /healthz within {timeout:.0f}s{logs}")
 
 
 @dataclass
@@ -109,19 +153,7 @@ class Cluster:
         return env
 
     def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None) -> Process:
-        logs = self.var_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{name}.log"
-        popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env or self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        process = Process(name, popen, log_path)
+        process = Process.spawn(name, args, env=env or self.env, log_dir=self.var_dir / "logs")
         self.processes.append(process)
         return process
 
@@ -130,7 +162,7 @@ class Cluster:
             [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
-            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+            raise ClusterError(f"manage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
         return done.stdout
 
     def migrate(self) -> None:
@@ -169,18 +201,7 @@ class Cluster:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for process in self.processes:
-                if not process.alive():
-                    raise RuntimeError(f"{process.name} exited early:\n{process.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the web server did not answer within {timeout:.0f}s")
+        wait_for_health(self.url, self.processes, timeout=timeout)
 
     def agent_env(self, state_dir: Path) -> dict[str, str]:
         env = dict(self.env)
@@ -204,7 +225,7 @@ class Cluster:
             cwd=ROOT, env=self.agent_env(state_dir), capture_output=True, text=True, timeout=120,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"enrolling {name} failed:\n{done.stdout}\n{done.stderr}")
+            raise ClusterError(f"enrolling {name} failed:\n{done.stdout}\n{done.stderr}")
         return state_dir
 
     def start_agent(self, name: str, state_dir: Path, *extra: str, python_flags: tuple[str, ...] = ()) -> Process:

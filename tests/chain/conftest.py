@@ -35,10 +35,5 @@ def chain(request) -> Chain:
 
 
 @pytest.fixture
-def pyevm_chain() -> Chain:
-    return pyevm_chain_make()
-
-
-@pytest.fixture
 def ledger(chain: Chain) -> Ledger:
     return ledger_deploy(chain)

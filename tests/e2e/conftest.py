@@ -3,7 +3,6 @@ agent processes, all on the pytest-django test database so tests can also look a
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -128,13 +127,3 @@ def _fund(client: Client) -> None:
 
 def enrolled(cluster: Cluster, owner: Client, name: str) -> Path:
     return cluster.enroll_agent(name=name, owner_token=owner.token)
-
-
-def wait_for_line(agent, pattern: re.Pattern, timeout: float = 120) -> re.Match:
-    """Wait for a line of the agent's log matching pattern; return the match."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if match := pattern.search(agent.log_path.read_text(errors="replace")):
-            return match
-        time.sleep(0.05)
-    raise AssertionError(f"no line matching {pattern.pattern!r} in the agent's log:\n{agent.log_tail()}")

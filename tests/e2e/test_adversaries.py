@@ -9,7 +9,7 @@ live through it all, and the ledger must stay sound."""
 from __future__ import annotations
 
 import json
-import subprocess
+import signal
 import sys
 import time
 
@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from demo.cluster import ROOT
 from marketplace.ledger.models import Earning
 from marketplace.ledger.selectors import ledger_check
 from marketplace.workers.models import Device
@@ -48,11 +47,11 @@ def test_no_hostile_device_stalls_fails_fools_or_crashes_the_marketplace(cluster
         owner = Client(cluster, f"attacker-{mode}")
         state_dir = enrolled(cluster, owner, f"attacker-{mode}")
         summary = tmp_path / f"{mode}.json"
-        log = (cluster.var_dir / "logs" / f"attacker-{mode}.log").open("ab")
-        process = subprocess.Popen(
+        process = cluster.start(
+            f"attacker-{mode}",
             [sys.executable, "-m", "tests.e2e.adversary", "--mode", mode, "--state-dir", str(state_dir),
              "--summary", str(summary)],
-            cwd=ROOT, env=cluster.agent_env(state_dir) | {"PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+            env=cluster.agent_env(state_dir),
         )
         attackers.append((mode, process, summary))
     workers_before = _gunicorn_workers(cluster)
@@ -65,10 +64,10 @@ def test_no_hostile_device_stalls_fails_fools_or_crashes_the_marketplace(cluster
         finished = [submitter.wait_for_job(job_id, cluster, timeout=JOB_SECONDS) for job_id, _ in jobs]
         took = time.monotonic() - started
     finally:
+        for _, process, _ in attackers:  # all at once: each writes its summary on SIGTERM
+            process.signal(signal.SIGTERM)
         for _, process, _ in attackers:
-            process.terminate()
-        for _, process, _ in attackers:
-            process.wait(30)
+            process.popen.wait(30)
 
     for job, (job_id, expected) in zip(finished, jobs):
         assert job["state"] == "completed", job

@@ -4,7 +4,6 @@ never reach the global model; an agent killed mid-round does not stall the round
 from __future__ import annotations
 
 import os
-import re
 import signal
 
 import pytest
@@ -14,7 +13,7 @@ from marketplace.jobs.models import FedRound
 from marketplace.workers.models import Device
 from marketplace.workunits.models import Result
 from tests.conftest import weights_bytes
-from tests.e2e.conftest import Client, enrolled, wait_for_line
+from tests.e2e.conftest import Client, enrolled
 from tests.e2e.test_inference_job import _wait_until
 from tests.marketplace.jobs.fedavg_helpers import MLP, labelled_bytes
 
@@ -62,9 +61,9 @@ def test_an_agent_killed_mid_round_does_not_stall_the_round(cluster):
     submitter, victor, alice, bob = (Client(cluster, n) for n in ("submitter", "victor", "alice", "bob"))
     victim = cluster.start_agent("victor-1", enrolled(cluster, victor, "victor-1"), "--batch", "2", "--poll", "0.5")
     # Hold the compute child still so the kill lands mid-unit, however fast the unit would train.
-    os.kill(int(wait_for_line(victim, re.compile(r"compute child (\d+) ready")).group(1)), signal.SIGSTOP)
+    os.kill(int(victim.wait_for_log(r"compute child (\d+) ready", timeout=120).group(1)), signal.SIGSTOP)
     job_id = fedavg_job(cluster, submitter, rounds=1)
-    wait_for_line(victim, re.compile(r"unit \d+ \(result \d+\): computing"))
+    victim.wait_for_log(r"unit \d+ \(result \d+\): computing", timeout=120)
     victim.signal(signal.SIGKILL)  # the whole process group: agent and its compute child, mid-unit
     for owner, name in [(alice, "alice-1"), (bob, "bob-1")]:
         cluster.start_agent(name, enrolled(cluster, owner, name), *AGENT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
@@ -13,7 +12,7 @@ from safetensors.numpy import load as load_safetensors
 
 from marketplace.workers.models import Device
 from marketplace.workunits.models import Result, WorkUnit
-from tests.e2e.conftest import Client, enrolled, mlp_job, wait_for_line
+from tests.e2e.conftest import Client, enrolled, mlp_job
 
 
 def _owners(cluster, *names):
@@ -65,9 +64,9 @@ def test_an_agent_killed_mid_unit_has_its_unit_reissued_and_the_job_completes(cl
     submitter, alice, bob, carol = _owners(cluster, "submitter", "alice", "bob", "carol")
     victim = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "1", "--poll", "0.5")
     # A unit computes in milliseconds: hold the compute child still so the kill lands mid-unit, every time.
-    os.kill(int(wait_for_line(victim, re.compile(r"compute child (\d+) ready")).group(1)), signal.SIGSTOP)
+    os.kill(int(victim.wait_for_log(r"compute child (\d+) ready", timeout=120).group(1)), signal.SIGSTOP)
     job_id, expected = mlp_job(submitter, rows=20, rows_per_unit=10)
-    wait_for_line(victim, re.compile(r"unit \d+ \(result \d+\): computing"))
+    victim.wait_for_log(r"unit \d+ \(result \d+\): computing", timeout=120)
     killed = Result.objects.get(device__name="alice-1", state=Result.State.IN_PROGRESS)
     victim.signal(signal.SIGKILL)  # the whole process group: agent and its compute child
     victim.popen.wait(10)
@@ -92,11 +91,11 @@ def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
     submitter, alice = _owners(cluster, "submitter", "alice")
     agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "2", "--poll", "0.5")
     # A unit computes in milliseconds: hold the compute child still so the signal lands mid-unit, every time.
-    child = int(wait_for_line(agent, re.compile(r"compute child (\d+) ready")).group(1))
+    child = int(agent.wait_for_log(r"compute child (\d+) ready", timeout=120).group(1))
     os.kill(child, signal.SIGSTOP)
     try:
         mlp_job(submitter, rows=20, rows_per_unit=10)
-        wait_for_line(agent, re.compile(r"unit \d+ \(result \d+\): computing"))
+        agent.wait_for_log(r"unit \d+ \(result \d+\): computing", timeout=120)
         agent.signal(signal.SIGTERM)
         time.sleep(0.5)  # the agent has taken the signal before its unit can finish
     finally:

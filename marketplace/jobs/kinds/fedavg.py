@@ -23,7 +23,7 @@ from marketplace.jobs import comparators
 from marketplace.jobs.fedavg_math import AGGREGATIONS, dp_epsilon, shard_bounds
 from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, spec_open
 from marketplace.jobs.kinds.inference import UnitPlan
-from worker_agent.architectures import resolve
+from worker_agent.architectures import Architecture, resolve
 from worker_agent.kinds.fedavg import LOSS_NAME, METRIC_NAMES, SAMPLES_NAME, unit_seed
 
 ROUNDS = True  # jobs.services.job_merge hands a merging job to rounds.round_aggregate
@@ -146,7 +146,27 @@ def _target(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any] | No
 def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     """Check everything about a federated training spec. Returns the normalised spec."""
     errors, model, arch, config = spec_open(spec, allowed_keys=ALLOWED_KEYS)
-    normal: dict[str, Any] = {
+    # The checks run in this order, each adding to `errors`: a later one may replace an earlier message of
+    # the same field (rounds, shards, max_results_per_unit) with a more telling one.
+    normal = _scalars(spec, errors)
+    normal["compare"] = _compare(spec, errors)
+    normal.update(_aggregation(spec, errors))
+    normal["adaptive"] = _adaptive(spec, errors)
+    _check_sizes(normal, errors)
+    normal["dp"] = _privacy(spec, normal, errors)
+    normal["target"] = _target(spec, errors)
+    if arch is not None and config is not None:
+        _check_weights(model, arch, config, owner, errors)
+        normal.update(_datasets(spec, arch, config, owner, normal["shards"], errors))
+    if errors:
+        raise ValidationFailed("the job spec is invalid", fields=errors)
+    normal["model"] = {"architecture": model["architecture"], "config": config, "weights": model["weights"]}
+    normal["train_dataset"], normal["eval_dataset"] = spec["train_dataset"], spec["eval_dataset"]
+    return normal
+
+
+def _scalars(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
+    return {
         "rounds": _bounded_int(spec, "rounds", 1, 1000, errors),
         "shards": _bounded_int(spec, "shards", 1, 1000, errors),
         "local_epochs": _bounded_int(spec, "local_epochs", 1, 1000, errors),
@@ -160,44 +180,63 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
         "unit_memory_mb": _bounded_int(spec, "unit_memory_mb", 256, 65_536, errors),
         "loss_epsilon": _number(spec, "loss_epsilon", 0, 1e6, errors),
     }
+
+
+def _compare(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
     given = spec.get("compare", {})
     if isinstance(given, dict) and given.get("method", "allclose") == "allclose":
         # Parameters left out take this kind's training bounds, not inference's (tighter, and top-1).
         given = {**DEFAULTS["compare"], **given}
     compare, problems = comparators.validate(given)
     errors.update(problems)
-    normal["compare"] = compare
-    normal["aggregation"] = spec.get("aggregation", DEFAULTS["aggregation"])
-    if normal["aggregation"] not in AGGREGATIONS:
+    return compare
+
+
+def _aggregation(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
+    """The aggregation, with its trim_fraction when it is trimmed_mean."""
+    found = {"aggregation": spec.get("aggregation", DEFAULTS["aggregation"])}
+    if found["aggregation"] not in AGGREGATIONS:
         errors["aggregation"] = f"must be one of {', '.join(AGGREGATIONS)}"
-    if normal["aggregation"] == "trimmed_mean":
+    if found["aggregation"] == "trimmed_mean":
         # Below one half, floor(n * f) values trimmed at each end always leave at least one per coordinate.
-        normal["trim_fraction"] = _number(spec, "trim_fraction", 0, 0.5, errors, high_open=True)
+        found["trim_fraction"] = _number(spec, "trim_fraction", 0, 0.5, errors, high_open=True)
     elif "trim_fraction" in spec:
         errors["trim_fraction"] = "applies to aggregation 'trimmed_mean' only"
-    normal["adaptive"] = spec.get("adaptive", DEFAULTS["adaptive"])
-    if not isinstance(normal["adaptive"], bool):
+    return found
+
+
+def _adaptive(spec: dict[str, Any], errors: dict[str, str]) -> Any:
+    adaptive = spec.get("adaptive", DEFAULTS["adaptive"])
+    if not isinstance(adaptive, bool):
         errors["adaptive"] = "must be true or false"
+    return adaptive
+
+
+def _check_sizes(normal: dict[str, Any], errors: dict[str, str]) -> None:
     if normal["max_results_per_unit"] < normal["quorum"]:
         errors["max_results_per_unit"] = "must be at least quorum"
     if normal["rounds"] * normal["shards"] > MAX_UNITS:
         errors["rounds"] = f"rounds x shards would make more than {MAX_UNITS:,} units"
-    normal["dp"] = _privacy(spec, normal, errors)
-    normal["target"] = _target(spec, errors)
-    if arch is not None and config is not None:
-        found = artifact_header(model["weights"], "model.weights", owner, errors)
-        if found is not None:
-            check_weights(found[1], arch.param_shapes(config), errors)
-        shape, classes = arch.input_shape(config), arch.output_dim(config)
-        normal["train_rows"] = _dataset(spec.get("train_dataset"), "train_dataset", owner, shape, classes, errors)
-        normal["eval_rows"] = _dataset(spec.get("eval_dataset"), "eval_dataset", owner, shape, classes, errors)
-        if normal["train_rows"] and normal["train_rows"] < normal["shards"]:
-            errors["shards"] = f"cannot split {normal['train_rows']} training rows into {normal['shards']} shards"
-    if errors:
-        raise ValidationFailed("the job spec is invalid", fields=errors)
-    normal["model"] = {"architecture": model["architecture"], "config": config, "weights": model["weights"]}
-    normal["train_dataset"], normal["eval_dataset"] = spec["train_dataset"], spec["eval_dataset"]
-    return normal
+
+
+def _check_weights(model: dict[str, Any], arch: Architecture, config: dict[str, Any], owner: Any,
+                   errors: dict[str, str]) -> None:
+    found = artifact_header(model["weights"], "model.weights", owner, errors)
+    if found is not None:
+        check_weights(found[1], arch.param_shapes(config), errors)
+
+
+def _datasets(spec: dict[str, Any], arch: Architecture, config: dict[str, Any], owner: Any, shards: int,
+              errors: dict[str, str]) -> dict[str, int]:
+    """train_rows and eval_rows (0 where a dataset is wrong); the training rows must fill every shard."""
+    shape, classes = arch.input_shape(config), arch.output_dim(config)
+    rows = {
+        "train_rows": _dataset(spec.get("train_dataset"), "train_dataset", owner, shape, classes, errors),
+        "eval_rows": _dataset(spec.get("eval_dataset"), "eval_dataset", owner, shape, classes, errors),
+    }
+    if rows["train_rows"] and rows["train_rows"] < shards:
+        errors["shards"] = f"cannot split {rows['train_rows']} training rows into {shards} shards"
+    return rows
 
 
 # --- units ----------------------------------------------------------------------------------------
