@@ -120,6 +120,8 @@ def _privacy(spec: dict[str, Any], normal: dict[str, Any], errors: dict[str, str
             errors[f"dp.{key}"] = errors.pop(key)
     if normal["aggregation"] != "mean":
         errors["dp"] = "central DP is defined here for aggregation 'mean' only (its sensitivity is clip_norm / shards)"
+    if any(key == "dp" or key.startswith("dp.") for key in errors):
+        return None  # the spec is refused; an out-of-range value must not reach the accountant (log(1/0))
     return {
         "clip_norm": clip, "noise_multiplier": multiplier, "delta": delta,
         "epsilon": dp_epsilon(noise_multiplier=multiplier, rounds=normal["rounds"], delta=delta),

@@ -66,6 +66,9 @@ def test_central_dp_shows_its_privacy_parameters_on_the_spec(upload, submitter):
         ({"aggregation": "trimmed_mean", "trim_fraction": 0.5}, "trim_fraction"),
         ({"dp": {"clip_norm": 0}}, "dp.clip_norm"),
         ({"dp": {"clip_norm": 1.0}, "aggregation": "median"}, "dp"),
+        # Out of range: refused on its field, not a ZeroDivisionError in the privacy accountant (a 500).
+        ({"dp": {"clip_norm": -1, "delta": 2}}, "dp.delta"),
+        ({"dp": {"clip_norm": 1.0, "delta": 0}}, "dp.delta"),
         ({"target": {"metric": "f1", "value": 1}}, "target"),
         ({"shards": 61}, "shards"),
         ({"rounds": 1000, "shards": 101}, "rounds"),
