@@ -4,8 +4,8 @@
     python -m bench.fixtures job --setup setup.json --replicas 20000 --out job.json
     python -m bench.fixtures queries --setup setup.json --out queries.json
 
-Units are created in bulk straight through the ORM (no splitting, no dataset bytes): payloads have the
-exact shape `inference.plan_units` gives them, their input artifacts exist as rows only (the simulated
+Units are created in bulk straight through the ORM (no splitting, no dataset bytes): payloads are built
+with the same record as `inference.plan_units` builds them (worker_agent/wire.py), their input artifacts exist as rows only (the simulated
 agents never fetch them), and every unit's `output.shape` matches the one real output artifact stored
 here through `artifact_store`, so every report passes the output check.
 """
@@ -110,12 +110,14 @@ def _spec(model: dict[str, Any], units: int, dataset: str) -> dict[str, Any]:
 
 
 def _payload(model: dict[str, Any], x_sha256: str) -> dict[str, Any]:
-    return {
-        "kind": "inference", "model": model, "inputs": {"x": x_sha256},
-        "rows": ROWS_PER_UNIT, "batch_size": BATCH_SIZE,
-        "output": {"name": "y", "dtype": "float32", "shape": [ROWS_PER_UNIT, CONFIG["out_features"]]},
-        "limits": {"seconds": 300, "memory_mb": 2048},
-    }
+    from worker_agent import wire
+
+    return wire.InferencePayload(
+        model=wire.ModelRef(**model), inputs=wire.InferenceInputs(x=x_sha256),
+        rows=ROWS_PER_UNIT, batch_size=BATCH_SIZE,
+        output=wire.InferenceOutput(name="y", dtype="float32", shape=(ROWS_PER_UNIT, CONFIG["out_features"])),
+        limits=wire.Limits(seconds=300, memory_mb=2048),
+    ).to_wire()
 
 
 def _unit_fields() -> dict[str, Any]:

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -24,12 +24,13 @@ from worker_agent import hardware, kinds, protocol
 from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
 from worker_agent.heartbeat import Heartbeat, LeaseBook
-from worker_agent.jobfile import ChildJob, Limits, PayloadError
+from worker_agent.jobfile import ChildJob
 from worker_agent.pinning import UnitSignatureInvalid, UnitVerifier
 from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
+from worker_agent.wire import Lease, LeaseBatch, PayloadError, Report, WireError, unit_payload_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +41,6 @@ OUTPUT_FILE = "output.safetensors"
 
 class LeaseLost(Exception):
     """The server took the lease back (heartbeat said so); the unit is dropped without a report."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    result_id: int
-    unit_id: int
-    payload: dict[str, Any]
-    signature: str | None = None  # the marketplace's, over protocol.unit_message; checked before anything runs
-    key_id: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"unit {self.unit_id} (result {self.result_id})"
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> Lease:
-        if not isinstance(raw, dict):
-            raise ValueError(f"a lease must be an object, got {type(raw).__name__}")
-        result_id, unit_id, payload = raw.get("result_id"), raw.get("unit_id"), raw.get("payload")
-        if not _is_id(result_id) or not _is_id(unit_id) or not isinstance(payload, dict):
-            raise ValueError(f"malformed lease: {str(raw)[:200]}")
-        # A missing or odd signature still makes a lease: one the agent refuses and hands back.
-        signature, key_id = raw.get("signature"), raw.get("key_id")
-        return cls(
-            result_id,
-            unit_id,
-            payload,
-            signature if isinstance(signature, str) else None,
-            key_id if isinstance(key_id, str) else None,
-        )
-
-
-def _is_id(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -177,18 +144,23 @@ class Agent:
             log.error("could not lease work: %s", exc)
             return [], self.options.poll_seconds
         self.facts.accepted(facts)
-        leases = self._parse_leases(answer.get("leases"))
+        try:
+            batch = LeaseBatch.from_wire(answer)
+        except WireError as exc:
+            log.error("the server's lease answer is refused: %s", exc)
+            return [], self.options.poll_seconds
+        leases = self._parse_leases(batch.leases)
         if leases:
             log.info("leased %d unit%s", len(leases), "" if len(leases) == 1 else "s")
-        retry_after = answer.get("retry_after")
-        return leases, float(retry_after) if isinstance(retry_after, int | float) else 0.0
+        return leases, float(batch.retry_after)
 
-    def _parse_leases(self, raw: Any) -> list[Lease]:
+    def _parse_leases(self, raw: tuple[dict[str, Any], ...]) -> list[Lease]:
         leases: list[Lease] = []
-        for entry in raw if isinstance(raw, list) else []:
+        for entry in raw:
             try:
                 leases.append(Lease.from_wire(entry))
-            except ValueError as exc:
+            except WireError as exc:
+                # Not even its ids could be read, so it cannot be handed back: it expires on the server.
                 log.error("ignoring a lease: %s", exc)
         return leases
 
@@ -249,18 +221,18 @@ class Agent:
         self.verifier.check(
             unit_id=lease.unit_id, payload=lease.payload, key_id=lease.key_id, signature=lease.signature
         )
-        kind = kinds.load(lease.payload.get("kind"))
-        limits = Limits.from_payload(lease.payload)
-        artifacts = self._fetch(lease, kind.required_artifacts(lease.payload))
+        unit = unit_payload_from_wire(lease.payload)  # only now: what is read of a unit must be signed first
+        kinds.load(unit.kind)  # a kind the schema knows but this agent cannot run fails before any fetch
+        artifacts = self._fetch(lease, unit.artifacts())
         job = ChildJob(
-            payload=lease.payload,
+            payload=lease.payload,  # the signed members, as they came; the child parses them the same way
             artifacts=artifacts,
             output_path=str(workdir / OUTPUT_FILE),
             fault=self.options.fault,
             fault_seed=lease.result_id,  # a faulty agent's noise differs per result, like real faults
-            limits=limits,
+            limits=unit.limits,
         )
-        log.info("%s: computing (limits %gs, %d MB)", lease.label, limits.seconds, limits.memory_mb)
+        log.info("%s: computing (limits %gs, %d MB)", lease.label, unit.limits.seconds, unit.limits.memory_mb)
         return self.child.run(job, should_abort=lambda: self._abort_reason(lease))
 
     def _fetch(self, lease: Lease, shas: list[str]) -> dict[str, str]:
@@ -299,12 +271,12 @@ class Agent:
             device_id=self.device.device_id,
             output_sha256=sha,
         )
-        body = {
-            "output_sha256": sha,
-            "signature": signature,
-            "elapsed_seconds": round(outcome.elapsed_seconds, 3),
-            "metrics": outcome.metrics,
-        }
+        body = Report(
+            output_sha256=sha,
+            signature=signature,
+            elapsed_seconds=round(outcome.elapsed_seconds, 3),
+            metrics=outcome.metrics,
+        ).to_wire()
         try:
             self.client.report(lease.result_id, body)
         except ApiError as exc:

@@ -98,7 +98,7 @@ def _mlp_build(config: dict[str, Any]) -> Any:
 
 def _cnn_normalise(config: dict[str, Any]) -> dict[str, Any]:
     _reject_unknown(config, {"in_channels", "height", "width", "channels", "kernel_size", "hidden", "out_features"})
-    normal = {
+    normal: dict[str, Any] = {  # ints and a list of ints: a config, as every architecture's is typed
         "in_channels": _int(config, "in_channels", default=1, high=64),
         "height": _int(config, "height", high=1024),
         "width": _int(config, "width", high=1024),

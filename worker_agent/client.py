@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 import httpx
 
 import worker_agent
-from worker_agent import protocol, safejson
+from worker_agent import protocol, safejson, wire
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,13 @@ class AgentClient:
         return self._with_retries("GET /api/v1/agent/keys", lambda: self._json_once("GET", "/api/v1/agent/keys"), retry)
 
     def lease(self, max_units: int, *, hardware: dict[str, Any] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"max_units": max_units}
-        if hardware is not None:
-            body["hardware"] = hardware  # the device's facts, when they changed since last sent
+        # `hardware`: the device's facts, sent when they changed since last sent (None leaves them out).
+        body = wire.LeaseRequest(max_units=max_units, hardware=hardware).to_wire()
         return self.post_json("/api/v1/agent/lease", body)
 
     def heartbeat(self, result_ids: list[int], *, retry: RetryPolicy | None = None) -> dict[str, Any]:
-        return self.post_json("/api/v1/agent/heartbeat", {"result_ids": result_ids}, retry=retry)
+        body = wire.HeartbeatRequest(result_ids=tuple(result_ids)).to_wire()
+        return self.post_json("/api/v1/agent/heartbeat", body, retry=retry)
 
     def report(self, result_id: int, body: dict[str, Any]) -> dict[str, Any]:
         return self.post_json(f"/api/v1/agent/results/{result_id}/report", body)
@@ -149,7 +149,7 @@ class AgentClient:
     def fail(
         self, result_id: int, error: str, *, retry: RetryPolicy | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        body = {"error": error[:2000]}
+        body = wire.Failure(error=error[:2000]).to_wire()
         return self.post_json(f"/api/v1/agent/results/{result_id}/fail", body, retry=retry, timeout=timeout)
 
     def release(

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from worker_agent import hardware, signing
+from worker_agent import hardware, signing, wire
 from worker_agent.client import AgentClient, AgentError
 from worker_agent.pinning import KeyPins, parse_keys, save_pins
-from worker_agent.state import DEFAULT_LEASE_SECONDS, DeviceState, StateDir
+from worker_agent.state import DeviceState, StateDir
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,17 @@ def enroll(*, state: StateDir, client: AgentClient, server: str, token: str, nam
         )
     key = signing.generate_key()
     public_key = signing.public_key_b64(key)
-    answer = client.enroll(
-        {
-            "token": token,
-            "name": name,
-            "public_key": public_key,
-            "hardware": hardware.collect(hardware.numerics_facts()),  # the child's facts need torch
-            "proof": signing.enroll_proof(key, token=token),
-        }
-    )
+    try:
+        request = wire.EnrollRequest(
+            token=token,
+            name=name,
+            public_key=public_key,
+            hardware=hardware.collect(hardware.numerics_facts()),  # the child's facts need torch
+            proof=signing.enroll_proof(key, token=token),
+        )
+    except wire.WireError as exc:
+        raise AgentError(f"cannot enrol: {exc}") from None
+    answer = _enrolled(client.enroll(request.to_wire()))
     device = _device_from_answer(answer, server=server, name=name, public_key=public_key)
     pins = _pins_from_answer(answer)
     # device.json last: a device that looks enrolled can sign its results and check its units.
@@ -42,9 +44,16 @@ def enroll(*, state: StateDir, client: AgentClient, server: str, token: str, nam
     return device
 
 
-def _pins_from_answer(answer: dict[str, object]) -> KeyPins:
+def _enrolled(answer: dict[str, object]) -> wire.Enrolled:
     try:
-        keys = [key for key in parse_keys(answer.get("marketplace_keys")) if not key.retired]
+        return wire.Enrolled.from_wire(answer)
+    except wire.WireError as exc:
+        raise AgentError(f"the server's enrolment answer is refused: {exc}") from None
+
+
+def _pins_from_answer(answer: wire.Enrolled) -> KeyPins:
+    try:
+        keys = [key for key in parse_keys(list(answer.marketplace_keys)) if not key.retired]
     except ValueError as exc:
         raise AgentError(f"the server's enrolment answer has malformed marketplace keys: {exc}") from None
     if not keys:
@@ -52,15 +61,12 @@ def _pins_from_answer(answer: dict[str, object]) -> KeyPins:
     return KeyPins(keys)
 
 
-def _device_from_answer(answer: dict[str, object], *, server: str, name: str, public_key: str) -> DeviceState:
-    device_id, secret, lease_seconds = answer.get("device_id"), answer.get("device_secret"), answer.get("lease_seconds")
-    if not isinstance(device_id, int) or isinstance(device_id, bool) or not isinstance(secret, str) or not secret:
-        raise AgentError("the server's enrolment answer lacks a device_id or device_secret")
+def _device_from_answer(answer: wire.Enrolled, *, server: str, name: str, public_key: str) -> DeviceState:
     return DeviceState(
         server=server.rstrip("/"),
-        device_id=device_id,
-        device_secret=secret,
+        device_id=answer.device_id,
+        device_secret=answer.device_secret,
         name=name,
-        lease_seconds=float(lease_seconds) if isinstance(lease_seconds, int | float) else DEFAULT_LEASE_SECONDS,
+        lease_seconds=float(answer.lease_seconds),
         public_key=public_key,
     )

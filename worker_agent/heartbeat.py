@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable
 
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, RetryPolicy
+from worker_agent.wire import HeartbeatAnswer, WireError
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,17 @@ class Heartbeat(threading.Thread):
         try:
             # One attempt per beat: this loop is its own retry, and the next beat supersedes this one.
             answer = self.client.heartbeat(held, retry=ONE_SHOT)
+            renewal = HeartbeatAnswer.from_wire(answer)
         except AgentError as exc:
             log.warning("heartbeat failed: %s", exc)
             return False
-        lost = [rid for rid in answer.get("lost", []) if isinstance(rid, int)]
-        for result_id in self.book.mark_lost(lost):
+        except WireError as exc:
+            # Nothing in it can be trusted, "lost" included: a failed beat, retried sooner.
+            log.warning("heartbeat failed: the server's answer is refused: %s", exc)
+            return False
+        for result_id in self.book.mark_lost(renewal.lost):
             log.warning("the lease on result %d was lost", result_id)
-        log.debug("heartbeat renewed %s until %s", answer.get("renewed"), answer.get("expires_at"))
+        log.debug("heartbeat renewed %s until %s", list(renewal.renewed), renewal.expires_at)
         return True
 
     def _next_delay(self, failures: int) -> float:

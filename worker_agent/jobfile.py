@@ -11,36 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SECONDS = 300.0
-DEFAULT_MEMORY_MB = 2048
+from worker_agent.wire import Limits, PayloadError
+
 # Sabotage modes for demos and tests: wrong (noise differing per result), collude (the same wrong answer
 # for the same input on every colluding device), lazy (random output, nothing computed), poison (fedavg
 # only: the training update sign-flipped and scaled; other kinds compute honestly under it).
 FAULT_MODES = ("wrong", "collude", "lazy", "poison")
 AGENT_PID_ENV = "IDLEGRID_AGENT_PID"  # lets the child notice an agent that died before it started
-
-
-class PayloadError(ValueError):
-    """A unit payload the agent cannot run as given."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    seconds: float = DEFAULT_SECONDS
-    memory_mb: int = DEFAULT_MEMORY_MB
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> Limits:
-        raw = payload.get("limits") or {}
-        if not isinstance(raw, dict):
-            raise PayloadError("payload.limits must be an object")
-        seconds = raw.get("seconds", DEFAULT_SECONDS)
-        memory_mb = raw.get("memory_mb", DEFAULT_MEMORY_MB)
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-            raise PayloadError(f"payload.limits.seconds must be a positive number, got {seconds!r}")
-        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
-            raise PayloadError(f"payload.limits.memory_mb must be a positive integer, got {memory_mb!r}")
-        return cls(seconds=float(seconds), memory_mb=memory_mb)
+# A unit's limits and a refused payload are the wire's (worker_agent/wire.py); the child's interface
+# names them too, so they are exported from here as well.
+__all__ = ["AGENT_PID_ENV", "FAULT_MODES", "ChildJob", "ChildStatus", "Limits", "PayloadError"]
 
 
 @dataclass(frozen=True)

@@ -136,12 +136,18 @@ def _outside_strings(raw: bytes) -> Iterator[bytes]:
         inside ^= (len(pieces) - 1) & 1
 
 
+def _run_end(raw: bytes, start: int) -> int:
+    """Where the run of backslashes at `start` ends (`start` itself if there is none)."""
+    run = _BACKSLASHES.match(raw, start)  # `\\*` matches the empty string too: never None
+    return run.end() if run is not None else start
+
+
 def _chunks(raw: bytes) -> Iterator[bytes]:
     start = 0
     while start < len(raw):
         end = min(len(raw), start + _CHUNK)
         if raw[end - 1] == 0x5C:  # a backslash: take the rest of its run and the character it escapes
-            end = min(len(raw), _BACKSLASHES.match(raw, end).end() + 1)
+            end = min(len(raw), _run_end(raw, end) + 1)
         yield raw[start:end]
         start = end
 

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,9 @@ class ClaimOutcome:
 
 # --- the key ----------------------------------------------------------------------------------------
 
-def wallet_key_load(*, key_file: Path | None, environ: dict[str, str] | None = None) -> str:
+def wallet_key_load(*, key_file: Path | None, environ: Mapping[str, str] | None = None) -> str:
     """The contributor's private key (0x + 64 hex) from `key_file`, else from IDLEGRID_WALLET_KEY."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     if key_file is not None:
         try:
             mode = key_file.stat().st_mode
@@ -90,8 +91,8 @@ def wallet_key_load(*, key_file: Path | None, environ: dict[str, str] | None = N
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("the key file %s can be read by other users; chmod 600 it", key_file)
         where = f"the key file {key_file}"
-    elif environ.get(WALLET_KEY_ENV):
-        raw, where = environ[WALLET_KEY_ENV], f"${WALLET_KEY_ENV}"
+    elif env.get(WALLET_KEY_ENV):
+        raw, where = env[WALLET_KEY_ENV], f"${WALLET_KEY_ENV}"
     else:
         raise WalletError(f"no wallet key: give --key-file or set {WALLET_KEY_ENV}")
     key = raw.strip()

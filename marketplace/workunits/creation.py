@@ -32,7 +32,10 @@ def units_create(*, job: Job, plans: Sequence[UnitPlan]) -> list[WorkUnit]:
     for plan in plans:
         weights = plan.payload["model"]["weights"]  # a fedavg round trains its own global weights
         shas = [artifact_store(chunks=[data], uploaded_by=job.owner)[0].sha256 for data in plan.inputs]
-        plan.payload["inputs"] = dict(zip(plan.payload["inputs"], shas))
+        if shas != list(plan.payload["inputs"].values()):
+            # The payload names its inputs by content and is signed as it is: stored bytes that are not
+            # those very files would make a unit no agent can run (a bug in the kind's plan, never data).
+            raise RuntimeError(f"unit {plan.index} of job {job.pk}: its input files are not the ones its payload names")
         units.append(
             WorkUnit(job=job, index=plan.index, payload=plan.payload, quorum=quorum, max_results=cap,
                      results_created=first, replication_decided=not adaptive, hidden_rows=plan.hidden_rows)

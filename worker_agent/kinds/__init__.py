@@ -1,10 +1,12 @@
-"""Task kinds: one module per kind, each with the same two functions.
+"""Task kinds: one module per kind, each with the same function.
 
-- `required_artifacts(payload) -> list[str]`: the sha256 of every artifact the unit needs. Runs in
-  the agent process, so it must stay pure Python (no torch, no numpy).
 - `execute(job) -> metrics`: runs in the compute child; may import torch inside the function.
 
-Adding a kind is one module here and one line in KIND_MODULES.
+What a unit of a kind holds, and which artifacts it needs, is its payload record in worker_agent/wire.py
+(shared with the marketplace, which builds units with it); a kind's module reads its record with
+`parse` and adds the checks that need the architecture registry.
+
+Adding a kind is a payload record in wire.py, one module here and one line in KIND_MODULES.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ class JobError(Exception):
 
 
 class Kind(Protocol):
-    def required_artifacts(self, payload: dict[str, Any]) -> list[str]: ...
-
     def execute(self, job: ChildJob) -> dict[str, float]: ...
 
 

@@ -15,16 +15,16 @@ local step) and `__samples__` (int64 [1], the shard's rows). Metrics in the repo
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from worker_agent.architectures import Architecture
-from worker_agent.jobfile import ChildJob, PayloadError
+from worker_agent.jobfile import ChildJob
 from worker_agent.kinds import JobError
-from worker_agent.kinds._payload import artifacts_distinct, model_resolve, payload_object, positive_int
+from worker_agent.kinds._payload import model_resolve, payload_of_kind
+from worker_agent.wire import FedAvgPayload
 
 LOSS_NAME = "__train_loss__"
 SAMPLES_NAME = "__samples__"
@@ -56,36 +56,16 @@ def unit_seed(seed: int, round_index: int, shard: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # torch.Generator takes a non-negative int64
 
 
-# --- parent side (pure Python) --------------------------------------------------------------------
-
-def required_artifacts(payload: dict[str, Any]) -> list[str]:
-    model, inputs = payload_object(payload, "model"), payload_object(payload, "inputs")
-    if set(inputs) != {"x", "y"}:
-        raise PayloadError("payload.inputs must name exactly the shard's `x` and `y` tensor files")
-    return artifacts_distinct([model.get("weights"), inputs["x"], inputs["y"]])
-
+# --- reading the payload (pure Python) -----------------------------------------------------------
 
 def parse(payload: dict[str, Any]) -> TrainSpec:
-    model, inputs, train = payload_object(payload, "model"), payload_object(payload, "inputs"), payload_object(payload, "train")
-    arch, config = model_resolve(model)
-    learning_rate = train.get("learning_rate")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not (
-        math.isfinite(learning_rate) and learning_rate > 0
-    ):
-        raise PayloadError(f"payload.train.learning_rate must be a positive number, got {learning_rate!r}")
-    momentum = train.get("momentum", 0.0)
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
-        raise PayloadError(f"payload.train.momentum must be a number in [0, 1), got {momentum!r}")
-    seed = train.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise PayloadError(f"payload.train.seed must be an integer in [0, 2**63), got {seed!r}")
-    required_artifacts(payload)
+    unit = payload_of_kind(payload, FedAvgPayload)
+    arch, config = model_resolve(unit.model)
+    train = unit.train
     return TrainSpec(
-        arch=arch, config=config, weights=model["weights"], x=inputs["x"], y=inputs["y"],
-        samples=positive_int(payload, "samples", "payload.samples"),
-        epochs=positive_int(train, "epochs", "payload.train.epochs"),
-        batch_size=positive_int(train, "batch_size", "payload.train.batch_size"),
-        learning_rate=float(learning_rate), momentum=float(momentum), seed=seed,
+        arch=arch, config=config, weights=unit.model.weights, x=unit.inputs.x, y=unit.inputs.y,
+        samples=unit.samples, epochs=train.epochs, batch_size=train.batch_size,
+        learning_rate=float(train.learning_rate), momentum=float(train.momentum), seed=train.seed,
     )
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from worker_agent.architectures import Architecture
-from worker_agent.jobfile import ChildJob, PayloadError
+from worker_agent.jobfile import ChildJob
 from worker_agent.kinds import JobError
-from worker_agent.kinds._payload import artifacts_distinct, model_resolve, payload_object, positive_int
+from worker_agent.kinds._payload import model_resolve, payload_of_kind
+from worker_agent.wire import InferencePayload, PayloadError
 
 SABOTAGE_NOISE = 0.5
 
@@ -32,28 +33,16 @@ class InferenceSpec:
     output_shape: tuple[int, int]
 
 
-# --- parent side (pure Python) --------------------------------------------------------------------
-
-def required_artifacts(payload: dict[str, Any]) -> list[str]:
-    model, inputs = payload_object(payload, "model"), payload_object(payload, "inputs")
-    if "x" not in inputs:
-        raise PayloadError("payload.inputs must name the input tensor file as `x`")
-    return artifacts_distinct([model.get("weights"), *inputs.values()])
-
+# --- reading the payload (pure Python) -----------------------------------------------------------
 
 def parse(payload: dict[str, Any]) -> InferenceSpec:
-    model, inputs, output = payload_object(payload, "model"), payload_object(payload, "inputs"), payload_object(payload, "output")
-    arch, config = model_resolve(model)
-    rows, batch_size = positive_int(payload, "rows", "payload.rows"), positive_int(payload, "batch_size", "payload.batch_size")
-    expected_shape = (rows, arch.output_dim(config))
-    if output.get("dtype") != "float32":
-        raise PayloadError(f"payload.output.dtype must be float32, got {output.get('dtype')!r}")
-    if output.get("shape") != list(expected_shape):
-        raise PayloadError(f"payload.output.shape must be {list(expected_shape)}, got {output.get('shape')!r}")
-    name = output.get("name")
-    if not isinstance(name, str) or not name:
-        raise PayloadError("payload.output.name must be a non-empty string")
-    return InferenceSpec(arch, config, model["weights"], inputs["x"], rows, batch_size, name, expected_shape)
+    unit = payload_of_kind(payload, InferencePayload)
+    arch, config = model_resolve(unit.model)
+    expected_shape = (unit.rows, arch.output_dim(config))
+    if unit.output.shape != expected_shape:
+        raise PayloadError(f"payload.output.shape must be {list(expected_shape)}, got {list(unit.output.shape)}")
+    return InferenceSpec(arch, config, unit.model.weights, unit.inputs.x, unit.rows, unit.batch_size,
+                         unit.output.name, expected_shape)
 
 
 # --- child side (torch) ---------------------------------------------------------------------------

@@ -1,8 +1,15 @@
-"""The agent's endpoints: enrol, marketplace keys, lease, heartbeat, report, fail. Thin: each calls one service."""
+"""The agent's endpoints: enrol, marketplace keys, lease, heartbeat, report, fail. Thin: each calls one service.
+
+The wire schema is worker_agent/wire.py's, shared with the agent: answers are built with its records.
+The serializers here document the endpoints (drf-spectacular) and validate what agents send; that their
+fields are the records' fields is a test (tests/marketplace/test_wire_schema.py).
+"""
 
 from __future__ import annotations
 
 import math
+from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -15,8 +22,9 @@ from rest_framework.views import APIView
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
 from marketplace.core.signing import keyring
 from marketplace.workers.services import device_enroll, device_hardware_update
-from marketplace.workunits.leasing import cooldown_remaining, lease_renew, workunit_lease
+from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew, workunit_lease
 from marketplace.workunits.results import result_fail, result_release, result_report
+from worker_agent import wire
 from worker_agent.protocol import MAX_LEASE_BATCH
 
 
@@ -39,6 +47,11 @@ class MarketplaceKeyOut(serializers.Serializer):
     retired = serializers.BooleanField(help_text="signs nothing any more; agents stop trusting it")
 
 
+ENROLLED_OUT = inline_serializer("Enrolled", {
+    "device_id": serializers.IntegerField(), "device_secret": serializers.CharField(),
+    "lease_seconds": serializers.IntegerField(), "marketplace_keys": MarketplaceKeyOut(many=True)})
+
+
 class EnrollApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
@@ -51,13 +64,7 @@ class EnrollApi(APIView):
         hardware = serializers.JSONField()
         proof = serializers.CharField(max_length=200)
 
-    @extend_schema(
-        operation_id="agent_enroll",
-        request=EnrollIn,
-        responses={201: inline_serializer("Enrolled", {
-            "device_id": serializers.IntegerField(), "device_secret": serializers.CharField(),
-            "lease_seconds": serializers.IntegerField(), "marketplace_keys": MarketplaceKeyOut(many=True)})},
-    )
+    @extend_schema(operation_id="agent_enroll", request=EnrollIn, responses={201: ENROLLED_OUT})
     def post(self, request):
         body = self.EnrollIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -68,16 +75,14 @@ class EnrollApi(APIView):
             token=data["token"], name=data["name"], public_key_b64=data["public_key"],
             hardware=data["hardware"], proof_b64=data["proof"],
         )
-        return Response(
-            {
-                "device_id": device.pk,
-                "device_secret": secret,
-                "lease_seconds": settings.IDLEGRID_LEASE_SECONDS,
-                # Pinned by the agent: from now on it runs only units these keys (or keys they endorse) signed.
-                "marketplace_keys": marketplace_keys,
-            },
-            status=status.HTTP_201_CREATED,
+        answer = wire.Enrolled(
+            device_id=device.pk,
+            device_secret=secret,
+            lease_seconds=settings.IDLEGRID_LEASE_SECONDS,
+            # Pinned by the agent: from now on it runs only units these keys (or keys they endorse) signed.
+            marketplace_keys=tuple(marketplace_keys),
         )
+        return Response(answer.to_wire(), status=status.HTTP_201_CREATED)
 
 
 class KeysApi(AgentApi):
@@ -100,7 +105,25 @@ class LeaseOut(serializers.Serializer):
     signature = serializers.CharField(
         allow_null=True, help_text="base64 Ed25519 signature of unit_message(unit_id, payload) by the key key_id"
     )
-    key_id = serializers.CharField()
+    key_id = serializers.CharField(allow_blank=True, help_text="empty for a unit never signed")
+
+
+LEASES_OUT = inline_serializer("Leases", {"leases": LeaseOut(many=True), "retry_after": serializers.IntegerField()})
+RENEWED_OUT = inline_serializer("Renewed", {
+    "renewed": serializers.ListField(child=serializers.IntegerField()),
+    "lost": serializers.ListField(child=serializers.IntegerField()),
+    "expires_at": serializers.DateTimeField()})
+
+
+def _timestamp(value: datetime) -> str:
+    return serializers.DateTimeField().to_representation(value)
+
+
+def _lease_wire(lease: Lease) -> dict[str, Any]:
+    return wire.Lease(
+        result_id=lease.result_id, unit_id=lease.unit_id, expires_at=_timestamp(lease.expires_at),
+        payload=lease.payload, signature=lease.signature, key_id=lease.key_id,
+    ).to_wire()
 
 
 class LeaseApi(AgentApi):
@@ -112,12 +135,7 @@ class LeaseApi(AgentApi):
         # stored, with the hardware class, before anything is leased.
         hardware = serializers.JSONField(required=False)
 
-    @extend_schema(
-        operation_id="agent_lease",
-        request=LeaseIn,
-        responses=inline_serializer("Leases", {
-            "leases": LeaseOut(many=True), "retry_after": serializers.IntegerField()}),
-    )
+    @extend_schema(operation_id="agent_lease", request=LeaseIn, responses=LEASES_OUT)
     def post(self, request):
         body = self.LeaseIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -126,10 +144,8 @@ class LeaseApi(AgentApi):
         leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"])
         # Nothing leased: come back later; after a give-up, not before the cool-down ends.
         wait = max(settings.IDLEGRID_LEASE_RETRY_AFTER, math.ceil(cooldown_remaining(device=request.auth)))
-        return Response({
-            "leases": [LeaseOut(lease).data for lease in leases],
-            "retry_after": 0 if leases else wait,
-        })
+        batch = wire.LeaseBatch(leases=tuple(_lease_wire(lease) for lease in leases), retry_after=0 if leases else wait)
+        return Response(batch.to_wire())
 
 
 class HeartbeatApi(AgentApi):
@@ -138,23 +154,16 @@ class HeartbeatApi(AgentApi):
     class HeartbeatIn(serializers.Serializer):
         result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1), max_length=1000)
 
-    @extend_schema(
-        operation_id="agent_heartbeat",
-        request=HeartbeatIn,
-        responses=inline_serializer("Renewed", {
-            "renewed": serializers.ListField(child=serializers.IntegerField()),
-            "lost": serializers.ListField(child=serializers.IntegerField()),
-            "expires_at": serializers.DateTimeField()}),
-    )
+    @extend_schema(operation_id="agent_heartbeat", request=HeartbeatIn, responses=RENEWED_OUT)
     def post(self, request):
         body = self.HeartbeatIn(data=request.data)
         body.is_valid(raise_exception=True)
         asked = body.validated_data["result_ids"]
         renewed, expires = lease_renew(device=request.auth, result_ids=asked)
-        return Response({
-            "renewed": renewed, "lost": sorted(set(asked) - set(renewed)),
-            "expires_at": serializers.DateTimeField().to_representation(expires),
-        })
+        answer = wire.HeartbeatAnswer(
+            renewed=tuple(renewed), lost=tuple(sorted(set(asked) - set(renewed))), expires_at=_timestamp(expires)
+        )
+        return Response(answer.to_wire())
 
 
 class ReportApi(AgentApi):

@@ -1,4 +1,5 @@
-"""Spec checks every job kind shares: the spec's outer shape, its model, bounded integers, artifact headers.
+"""Spec checks every job kind shares: the spec's outer shape, its model, bounded integers, artifact headers;
+and the parts of a unit payload every kind takes from its normalised spec (the records of worker_agent/wire.py).
 
 Each helper records a problem under its field key in `errors` instead of raising, so a submitter sees
 every problem of a spec at once; the kind raises ValidationFailed when it has looked at everything.
@@ -15,6 +16,7 @@ from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, read_header
 from worker_agent.architectures import Architecture, ArchitectureError, resolve
 from worker_agent.protocol import is_sha256_hex
+from worker_agent.wire import Limits, ModelRef
 
 
 def spec_open(
@@ -82,3 +84,14 @@ def check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int, 
                 f"tensor {name!r} is {header[name].dtype}{list(header[name].shape)}, expected F32{list(shape)}"
             )
             return
+
+
+# --- payload parts --------------------------------------------------------------------------------
+
+def model_ref(model: dict[str, Any]) -> ModelRef:
+    """A normalised spec's `model` (validate_spec made it exactly these three) as the payload's record."""
+    return ModelRef(architecture=model["architecture"], config=model["config"], weights=model["weights"])
+
+
+def unit_limits(spec: dict[str, Any]) -> Limits:
+    return Limits(seconds=spec["unit_timeout_seconds"], memory_mb=spec["unit_memory_mb"])

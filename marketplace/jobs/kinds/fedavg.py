@@ -21,10 +21,12 @@ from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, array_file_bytes, read_array, read_header
 from marketplace.jobs import comparators
 from marketplace.jobs.fedavg_math import AGGREGATIONS, dp_epsilon, shard_bounds
-from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, spec_open
+from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, model_ref, spec_open, unit_limits
 from marketplace.jobs.kinds.inference import UnitPlan
 from worker_agent.architectures import Architecture, resolve
 from worker_agent.kinds.fedavg import LOSS_NAME, METRIC_NAMES, SAMPLES_NAME, unit_seed
+from worker_agent.protocol import sha256_hex
+from worker_agent.wire import FedAvgInputs, FedAvgPayload, FedAvgTrain
 
 ROUNDS = True  # jobs.services.job_merge hands a merging job to rounds.round_aggregate
 DEFAULTS: dict[str, Any] = {
@@ -255,23 +257,20 @@ def plan_round(spec: dict[str, Any], *, round_index: int, weights: str) -> Itera
     shards = spec["shards"]
     for shard, (start, stop) in enumerate(shard_bounds(header["x"].shape[0], shards)):
         rows = slice(start, stop)
-        payload = {
-            "kind": "fedavg",
-            "model": {**spec["model"], "weights": weights},
-            "inputs": {"x": None, "y": None},  # filled with the shard files' sha256 when stored
-            "round": round_index,
-            "shard": shard,
-            "samples": stop - start,
-            "train": {"epochs": spec["local_epochs"], "batch_size": spec["batch_size"],
-                      "learning_rate": spec["learning_rate"], "momentum": spec["momentum"],
-                      "seed": unit_seed(spec["seed"], round_index, shard)},
-            "limits": {"seconds": spec["unit_timeout_seconds"], "memory_mb": spec["unit_memory_mb"]},
-        }
-        yield UnitPlan(
-            index=round_index * shards + shard, payload=payload,
-            inputs=[array_file_bytes(read_array(path, header["x"], rows=rows), name="x"),
-                    array_file_bytes(read_array(path, header["y"], rows=rows), name="y")],
+        x = array_file_bytes(read_array(path, header["x"], rows=rows), name="x")
+        y = array_file_bytes(read_array(path, header["y"], rows=rows), name="y")
+        payload = FedAvgPayload(
+            model=model_ref({**spec["model"], "weights": weights}),
+            inputs=FedAvgInputs(x=sha256_hex(x), y=sha256_hex(y)),
+            round=round_index,
+            shard=shard,
+            samples=stop - start,
+            train=FedAvgTrain(epochs=spec["local_epochs"], batch_size=spec["batch_size"],
+                              learning_rate=spec["learning_rate"], momentum=spec["momentum"],
+                              seed=unit_seed(spec["seed"], round_index, shard)),
+            limits=unit_limits(spec),
         )
+        yield UnitPlan(index=round_index * shards + shard, payload=payload.to_wire(), inputs=[x, y])
 
 
 def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:

@@ -16,8 +16,10 @@ from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, array_file_bytes, read_array, read_header
 from marketplace.jobs import comparators
-from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, spec_open
+from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, model_ref, spec_open, unit_limits
 from worker_agent.architectures import resolve
+from worker_agent.protocol import sha256_hex
+from worker_agent.wire import InferenceInputs, InferenceOutput, InferencePayload
 
 DEFAULTS: dict[str, Any] = {
     "rows_per_unit": 256,
@@ -56,8 +58,8 @@ _bounded_int = partial(bounded_int, defaults=DEFAULTS)
 @dataclass(frozen=True)
 class UnitPlan:
     index: int
-    payload: dict[str, Any]
-    inputs: list[bytes]  # raw files to store as the unit's input artifacts, in payload order
+    payload: dict[str, Any]  # a payload record's to_wire(): exactly what is stored, signed and leased
+    inputs: list[bytes]  # the files payload["inputs"] names by sha256, in its order: stored as the unit's inputs
     hidden_rows: list[list[int]] = field(default_factory=list)  # [[position, known row], ...]: server side only
 
 
@@ -166,16 +168,16 @@ def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
         hidden: list[list[int]] = []
         if known_x is not None:
             rows, hidden = _hide_known_rows(rows, known_x, spec["known_answers_per_unit"])
-        payload = {
-            "kind": "inference",
-            "model": spec["model"],
-            "inputs": {"x": None},  # filled with the slice's sha256 when stored
-            "rows": int(rows.shape[0]),
-            "batch_size": spec["batch_size"],
-            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [int(rows.shape[0]), out_dim]},
-            "limits": {"seconds": spec["unit_timeout_seconds"], "memory_mb": spec["unit_memory_mb"]},
-        }
-        yield UnitPlan(index=index, payload=payload, inputs=[array_file_bytes(rows, name="x")], hidden_rows=hidden)
+        x_file = array_file_bytes(rows, name="x")
+        payload = InferencePayload(
+            model=model_ref(spec["model"]),
+            inputs=InferenceInputs(x=sha256_hex(x_file)),
+            rows=int(rows.shape[0]),
+            batch_size=spec["batch_size"],
+            output=InferenceOutput(name=OUTPUT_NAME, dtype="float32", shape=(int(rows.shape[0]), out_dim)),
+            limits=unit_limits(spec),
+        )
+        yield UnitPlan(index=index, payload=payload.to_wire(), inputs=[x_file], hidden_rows=hidden)
 
 
 def _hide_known_rows(rows: np.ndarray, known_x: np.ndarray, count: int) -> tuple[np.ndarray, list[list[int]]]:
