@@ -1,6 +1,12 @@
 """Read-only admin: the ledger is changed by its services only, never by hand."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from django.contrib import admin
+from django.db.models import Model
+from django.http import HttpRequest
 
 from marketplace.ledger.models import (
     Account,
@@ -16,26 +22,34 @@ from marketplace.ledger.models import (
 )
 from marketplace.ledger.postings import balance
 
+if TYPE_CHECKING:
+    # Generic in django-stubs only; the admin needs nothing from the model type.
+    _ModelAdmin = admin.ModelAdmin[Any]
+    _LineInline = admin.TabularInline[Line, Posting]
+    _EpochLeafInline = admin.TabularInline[EpochLeaf, Epoch]
+else:
+    _ModelAdmin = admin.ModelAdmin
+    _LineInline = _EpochLeafInline = admin.TabularInline
 
-class ReadOnly(admin.ModelAdmin):
-    def has_add_permission(self, request, obj=None):
+
+class ReadOnly(_ModelAdmin):
+    def has_add_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None):
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request, obj=None):
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
 
-class LineInline(admin.TabularInline):
+class LineInline(_LineInline):
     model = Line
-    fields = ["account", "amount"]
-    readonly_fields = fields
+    fields = readonly_fields = ("account", "amount")
     extra = 0
     can_delete = False
 
-    def has_add_permission(self, request, obj=None):
+    def has_add_permission(self, request: HttpRequest, obj: Posting | None = None) -> bool:
         return False
 
 
@@ -70,10 +84,9 @@ class EarningAdmin(ReadOnly):
     list_filter = ["state", "source"]
 
 
-class EpochLeafInline(admin.TabularInline):
+class EpochLeafInline(_EpochLeafInline):
     model = EpochLeaf
-    fields = ["address", "cumulative"]
-    readonly_fields = fields
+    fields = readonly_fields = ("address", "cumulative")
     extra = 0
     can_delete = False
     max_num = 0

@@ -52,7 +52,7 @@ def result_credit(*, result_id: int, now: datetime | None = None) -> Earning | N
         held = account_get(K.CONTRIBUTOR_HELD, device_id=result.device_id)
         source, gross, net, entries = _credit_source(result, held)
         earning = {"result_id": result_id, "device_id": result.device_id, "job_id": job.pk,
-                   "user_id": result.owner_id or result.device.owner_id, "source": source, "gross": gross, "net": net,
+                   "user_id": _earner_id(result), "source": source, "gross": gross, "net": net,
                    "settle_after": now + timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)}
         if source == Earning.Source.UNPAID:
             return Earning.objects.create(**earning, state=Earning.State.UNPAID, credit=None)
@@ -64,6 +64,14 @@ def result_credit(*, result_id: int, now: datetime | None = None) -> Earning | N
         if posting is None:  # a racing credit of the same result committed first
             return None
         return Earning.objects.create(**earning, credit=posting)
+
+
+def _earner_id(result: Result) -> int:
+    """The person a result earns for: its owner (set with the lease), or else its device's."""
+    if result.owner_id:
+        return result.owner_id
+    assert result.device is not None, f"result {result.pk} has no device"  # result_credit pays only those
+    return result.device.owner_id
 
 
 def _credit_source(result: Result, held: Account) -> tuple[str, int, int, list[tuple[Account, int]]]:
@@ -88,6 +96,8 @@ def _credit_source(result: Result, held: Account) -> tuple[str, int, int, list[t
 
 
 def _credit_lines_reversed(earning: Earning) -> list[tuple[Account, int]]:
+    if earning.credit is None:  # an unpaid earning has no credit, and is never held
+        raise RuntimeError(f"earning {earning.pk} is held but has no credit posting: ledger and rows disagree")
     return [(line.account, -line.amount) for line in earning.credit.lines.select_related("account")]
 
 

@@ -127,6 +127,7 @@ def _nonce_reserve(epoch: Epoch, *, client: ChainClient) -> int:
         AuditEntry.objects.create(actor="system:settlement", action="epoch.nonce_reserved",
                                   data={"epoch": epoch.number, "nonce": nonce})
     epoch.refresh_from_db()
+    assert epoch.nonce is not None, f"epoch {epoch.number}: no nonce after reserving one"
     return epoch.nonce
 
 
@@ -216,6 +217,7 @@ def _resolve_reserved_nonce(epoch: Epoch, *, client: ChainClient) -> str | None:
         if receipt is not None:
             _nonce_release(epoch, f"transaction {epoch.tx_hash} reverted")
             return None
+    assert epoch.nonce is not None, f"epoch {epoch.number}: no reserved nonce"  # epoch_publish's condition
     if client.operator_nonce(pending=False) > epoch.nonce:
         # The nonce is spent. Read the contract again: the transaction may have been mined since we asked.
         if client.published_epoch() >= epoch.number:

@@ -45,11 +45,11 @@ def job_price(job: Job) -> int:
     return int(job.spec.get("price_per_result", price_default()))
 
 
-def escrow_amount(*, kind_module: Any, spec: dict) -> int:
+def escrow_amount(*, kind_module: Any, spec: dict[str, Any]) -> int:
     """What a job's own spec can cost at most: every unit it plans, each paid for up to its cap of results
     (`max_results_per_unit`, which bounds the quorum and every replica disagreement can ask for). Unused
     escrow returns when the job ends; nothing the submitter ordered is ever paid by the platform."""
-    units = kind_module.units_expected(spec)
+    units: object = kind_module.units_expected(spec)
     if isinstance(units, bool) or not isinstance(units, int) or units < 0:
         raise TypeError(f"{kind_module.__name__}.units_expected returned {units!r}, not a count")
     return int(spec.get("price_per_result", price_default())) * units * int(spec["max_results_per_unit"])

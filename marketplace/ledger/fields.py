@@ -10,10 +10,15 @@ Python integers registered on every SQLite connection; `AmountSum` picks the rig
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ValidationError
 from django.db import models
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models.expressions import Combinable
+    from django.db.models.sql.compiler import SQLCompiler, _AsSqlType
 
 MAX_AMOUNT = 10**78 - 1
 
@@ -37,10 +42,22 @@ def amount_parse(value: Any) -> int:
     return number
 
 
-class AmountField(models.Field):
-    description = "A signed integer amount in base units, up to 78 digits"
+if TYPE_CHECKING:
+    # Field is generic in django-stubs only (what a model attribute accepts, what it reads back).
+    _AmountFieldBase = models.Field[int | str | Decimal | Combinable, int]
+else:
+    _AmountFieldBase = models.Field
 
-    def db_type(self, connection) -> str:
+
+class AmountField(_AmountFieldBase):
+    description = "A signed integer amount in base units, up to 78 digits"
+    if TYPE_CHECKING:
+        # What django-stubs' plugin types model attributes and lookups with (its IntegerField does the same).
+        _pyi_private_set_type: int | str | Decimal | Combinable
+        _pyi_private_get_type: int
+        _pyi_lookup_exact_type: int | str | Decimal
+
+    def db_type(self, connection: BaseDatabaseWrapper) -> str:
         return "numeric(78, 0)" if connection.vendor == "postgresql" else "text"
 
     def get_internal_type(self) -> str:
@@ -95,5 +112,5 @@ class AmountSum(models.Aggregate):
     def __init__(self, expression: Any, **extra: Any) -> None:
         super().__init__(expression, output_field=AmountField(), **extra)
 
-    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any):
+    def as_sqlite(self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra_context: Any) -> _AsSqlType:
         return super().as_sql(compiler, connection, function="ledger_sum", **extra_context)

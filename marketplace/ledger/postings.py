@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 
@@ -62,7 +63,7 @@ def posting_exists(key: str) -> bool:
 
 
 def posting_write(*, kind: str, key: str, entries: Iterable[Entry], actor: str, reason: str, memo: str = "",
-                  data: dict | None = None) -> Posting | None:
+                  data: dict[str, Any] | None = None) -> Posting | None:
     """Write one posting (lines per account merged, zero lines dropped) and its audit row. Returns None
     when a posting with this key exists already (the caller's work was done before)."""
     # Django keeps the stack of open atomic blocks (its own durability check reads it too).

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
 
 from marketplace.ledger.exceptions import NoProof
@@ -17,13 +17,35 @@ from marketplace.workunits.models import Result
 K = Account.Kind
 
 
-def _accounts_of(user: AbstractBaseUser) -> Q:
+class Balances(TypedDict):
+    """Decimal strings of base units."""
+
+    available: str
+    escrowed: str
+    earnings_held: str
+    earnings_settled: str
+    payout_addresses: dict[str, str]  # address -> its balance
+    deposits_unlinked: str
+
+
+class Proof(TypedDict):
+    epoch: int
+    account: str
+    cumulative: str  # decimal base units
+    proof: list[str]  # ["0x<64 hex>", ...]
+    root: str
+    state: str
+    contract: str
+    chain_id: int | None
+
+
+def _accounts_of(user: User) -> Q:
     addresses = list(WalletLink.objects.filter(user=user).values_list("address", flat=True))
     return (Q(user=user) | Q(job__owner=user) | Q(device__owner=user)
             | Q(kind__in=(K.PAYOUT_ADDRESS, K.CHAIN_SUSPENSE), address__in=addresses))
 
 
-def balances_for(*, user: AbstractBaseUser) -> dict[str, Any]:
+def balances_for(*, user: User) -> Balances:
     """What the person has in each kind of account, as decimal strings (base units)."""
     totals: dict[str, int] = {}
     payout: dict[str, str] = {}
@@ -43,13 +65,13 @@ def balances_for(*, user: AbstractBaseUser) -> dict[str, Any]:
     }
 
 
-def entries_for(*, user: AbstractBaseUser) -> QuerySet[Line]:
+def entries_for(*, user: User) -> QuerySet[Line]:
     """The person's ledger lines, newest first."""
     return (Line.objects.filter(account__in=Account.objects.filter(_accounts_of(user)))
             .select_related("posting", "account").order_by("-posting_id", "-pk"))
 
 
-def proof_for(*, user: AbstractBaseUser, address: str | None = None) -> dict[str, Any]:
+def proof_for(*, user: User, address: str | None = None) -> Proof:
     """The latest published epoch's leaf and proof for the person's payout address (the active one, or
     another they linked before)."""
     links = WalletLink.objects.filter(user=user)
@@ -133,8 +155,9 @@ def _credits_traced() -> list[str]:
             problems.append(f"{where} pays another device or job than the result's")
         if result.disputes_known_answer_id is not None:
             problems.append(f"{where} pays a disputed known answer's second row: one computation paid twice")
-        expected = {Earning.Source.ESCROW: [account_key(K.JOB_ESCROW, job_id=result.job_id)],
-                    Earning.Source.PLATFORM: [account_key(K.PLATFORM_VERIFICATION)]}.get(earning.source)
+        sources: dict[str, list[str]] = {Earning.Source.ESCROW: [account_key(K.JOB_ESCROW, job_id=result.job_id)],
+                                         Earning.Source.PLATFORM: [account_key(K.PLATFORM_VERIFICATION)]}
+        expected = sources.get(earning.source)
         if debits.get(posting_id) != expected:
             problems.append(f"{where} draws on {debits.get(posting_id)}, not its funded source {expected}")
         if result.state != Result.State.VALID and earning.state not in (Earning.State.REVERSED, Earning.State.FORFEITED):

@@ -3,6 +3,8 @@ registered names are the contract with beat's schedule and queued messages: neve
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 
 from marketplace.chain.client import chain_client
@@ -15,7 +17,7 @@ from marketplace.ledger.wallets import wallet_changes_activate
 
 
 @shared_task(name="ledger.sweep", acks_late=True)
-def earnings_sync_task() -> dict:
+def earnings_sync_task() -> dict[str, int]:
     # Payout-address changes take effect here too, within a sweep period of their time, not only when an
     # epoch closes: GET /api/v1/wallet/ then shows the address in effect.
     activated = wallet_changes_activate()
@@ -38,6 +40,6 @@ def deposits_follow_task() -> int:
 
 
 @shared_task(name="ledger.reconcile_chain", acks_late=True)
-def chain_reconcile_task() -> dict:
+def chain_reconcile_task() -> dict[str, Any]:
     report = chain_reconcile(client=chain_client())
     return {"ok": report.ok, "differences": report.differences, **report.figures}

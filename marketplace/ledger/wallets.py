@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -31,9 +31,12 @@ from marketplace.ledger.exceptions import WalletLinkRefused
 from marketplace.ledger.models import AuditEntry, WalletChallenge, WalletLink
 
 log = logging.getLogger(__name__)
+# effective_at is nullable in the schema only: migration 0003 filled it in for older links, and every link
+# is made with one.
+_EFFECTIVE_AT_SET = "every payout-address link has an effective_at"
 
 
-def wallet_challenge_create(*, user: AbstractBaseUser) -> WalletChallenge:
+def wallet_challenge_create(*, user: User) -> WalletChallenge:
     nonce = secrets.token_hex(16)
     expires = timezone.now() + timedelta(seconds=settings.IDLEGRID_WALLET_CHALLENGE_SECONDS)
     message = (
@@ -49,9 +52,10 @@ def _recover(message: str, signature: str) -> str:
     if not isinstance(signature, str) or not signature.startswith("0x") or len(signature) != 132:
         raise WalletLinkRefused("the signature must be 0x and 130 hex digits (65 bytes)", fields={"signature": "malformed"})
     try:
-        return EthAccount.recover_message(encode_defunct(text=message), signature=signature)
+        signer: str = EthAccount.recover_message(encode_defunct(text=message), signature=signature)
     except Exception:  # noqa: BLE001 - any undecodable signature is simply not a proof
         raise WalletLinkRefused("the signature could not be verified", fields={"signature": "invalid"}) from None
+    return signer
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class WalletLinked:
     notified: str | None  # the email address the notice went to; None when the account has none
 
 
-def wallet_link(*, user: AbstractBaseUser, password: str, nonce: str, address: str, signature: str) -> WalletLinked:
+def wallet_link(*, user: User, password: str, nonce: str, address: str, signature: str) -> WalletLinked:
     """Link `address` as the user's payout address if `password` is the account's and `signature` is the
     address's EIP-191 signature of the challenge: at once when no address is active, else as a pending
     change (see the module's docstring). Nothing changes, and the challenge stays unused, on a refusal."""
@@ -86,11 +90,11 @@ def wallet_link(*, user: AbstractBaseUser, password: str, nonce: str, address: s
         suspense_claim(user_id=user.pk, address=address)
     if linked.previous is not None:
         _notice_send(user, linked.link, subject="your payout address is changing" if not linked.link.active
-                     else "your payout address was changed", body=_change_notice(user, linked))
+                     else "your payout address was changed", body=_change_notice(user, linked.link, linked.previous))
     return linked
 
 
-def _challenge_usable(user: AbstractBaseUser, nonce: str) -> WalletChallenge:
+def _challenge_usable(user: User, nonce: str) -> WalletChallenge:
     challenge = WalletChallenge.objects.filter(user=user, nonce=str(nonce)).first()
     if challenge is None:
         raise WalletLinkRefused("no such challenge for this account; ask for a new one", fields={"nonce": "unknown"})
@@ -101,14 +105,14 @@ def _challenge_usable(user: AbstractBaseUser, nonce: str) -> WalletChallenge:
     return challenge
 
 
-def _address_free(user: AbstractBaseUser, address: str) -> None:
+def _address_free(user: User, address: str) -> None:
     if WalletLink.objects.filter(address=address).exclude(user=user).exists():
         raise WalletLinkRefused("this address is linked to another account", fields={"address": "taken"})
     if WalletLink.objects.filter(user=user, active=True, address=address).exists():
         raise WalletLinkRefused("this address is your payout address already", fields={"address": "already active"})
 
 
-def _link(*, user: AbstractBaseUser, challenge: WalletChallenge, address: str, signature: str) -> WalletLinked:
+def _link(*, user: User, challenge: WalletChallenge, address: str, signature: str) -> WalletLinked:
     with transaction.atomic(durable=True):
         if not WalletChallenge.objects.filter(pk=challenge.pk, used_at__isnull=True).update(used_at=timezone.now()):
             raise WalletLinkRefused("this challenge was used already; ask for a new one", fields={"nonce": "used"})
@@ -120,18 +124,19 @@ def _link(*, user: AbstractBaseUser, challenge: WalletChallenge, address: str, s
         immediate = previous is None or delay == 0
         if immediate and previous is not None:
             WalletLink.objects.filter(pk=previous.pk).update(active=False, unlinked_at=now)
+        effective_at = now if immediate else now + timedelta(seconds=delay)
         link = WalletLink.objects.create(user=user, address=address, signature=signature.lower(), challenge=challenge,
-                                         active=immediate, effective_at=now if immediate else now + timedelta(seconds=delay))
+                                         active=immediate, effective_at=effective_at)
         notified = (user.email or None) if previous is not None else None
         AuditEntry.objects.create(
             actor=f"user:{user.pk}", action="wallet.linked" if immediate else "wallet.change_requested",
             reason="password and EIP-191 challenge" + ("" if previous is None else f"; replaces {previous.address}"),
             data={"address": address, "challenge": challenge.nonce, "previous": previous and previous.address,
-                  "effective_at": link.effective_at.isoformat(), "notice_to": notified})
+                  "effective_at": effective_at.isoformat(), "notice_to": notified})
     return WalletLinked(link=link, previous=previous, notified=notified)
 
 
-def wallet_change_cancel(*, user: AbstractBaseUser) -> WalletLink:
+def wallet_change_cancel(*, user: User) -> WalletLink:
     """Cancel the user's pending change; the active address stays. Needs no password: cancelling keeps the
     address the account already proved, so any of the person's tokens may do it (the owner who reads the
     notice may hold nothing else), and a thief's cancel of the owner's change moves no money either."""
@@ -149,6 +154,7 @@ def wallet_change_cancel(*, user: AbstractBaseUser) -> WalletLink:
 
 
 def _cancel(link: WalletLink, *, actor: str, reason: str, now: datetime) -> None:
+    assert link.effective_at is not None, _EFFECTIVE_AT_SET
     WalletLink.objects.filter(pk=link.pk).update(unlinked_at=now, cancelled_at=now)
     AuditEntry.objects.create(actor=actor, action="wallet.change_cancelled", reason=reason,
                               data={"address": link.address, "effective_at": link.effective_at.isoformat()})
@@ -170,6 +176,7 @@ def _activate(link_id: int, *, now: datetime) -> bool:
                     .filter(pk=link_id, active=False, unlinked_at__isnull=True, effective_at__lte=now).first())
             if link is None:  # activated or cancelled since it was read
                 return False
+            assert link.effective_at is not None, _EFFECTIVE_AT_SET
             previous = WalletLink.objects.select_for_update().filter(user_id=link.user_id, active=True).first()
             if previous is not None:
                 WalletLink.objects.filter(pk=previous.pk).update(active=False, unlinked_at=now)
@@ -187,10 +194,11 @@ def _activate(link_id: int, *, now: datetime) -> bool:
     return True
 
 
-def _change_notice(user: AbstractBaseUser, linked: WalletLinked) -> str:
-    old, new = linked.previous.address, linked.link.address
-    when = linked.link.effective_at.isoformat(timespec="seconds")
-    if linked.link.active:
+def _change_notice(user: User, link: WalletLink, previous: WalletLink) -> str:
+    assert link.effective_at is not None, _EFFECTIVE_AT_SET
+    old, new = previous.address, link.address
+    when = link.effective_at.isoformat(timespec="seconds")
+    if link.active:
         return (f"The payout address of your Idlegrid account {user.get_username()} (#{user.pk}) was changed "
                 f"from {old} to {new} at {when}, by someone with your password.\n")
     return (
@@ -204,7 +212,7 @@ def _change_notice(user: AbstractBaseUser, linked: WalletLinked) -> str:
     )
 
 
-def _notice_send(user: AbstractBaseUser, link: WalletLink, *, subject: str, body: str) -> None:
+def _notice_send(user: User, link: WalletLink, *, subject: str, body: str) -> None:
     """Email the person after the change committed (slow I/O outside the transaction). A notice that
     cannot be sent is logged and audited: the delay still holds, and the API answer says what happened."""
     if not user.email:
@@ -218,9 +226,9 @@ def _notice_send(user: AbstractBaseUser, link: WalletLink, *, subject: str, body
                                       data={"address": link.address, "notice_to": user.email})
 
 
-def wallet_active(*, user: AbstractBaseUser) -> WalletLink | None:
+def wallet_active(*, user: User) -> WalletLink | None:
     return WalletLink.objects.filter(user=user, active=True).first()
 
 
-def wallet_pending(*, user: AbstractBaseUser) -> WalletLink | None:
+def wallet_pending(*, user: User) -> WalletLink | None:
     return WalletLink.objects.filter(user=user, active=False, unlinked_at__isnull=True).first()

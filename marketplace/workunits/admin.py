@@ -1,20 +1,33 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from django.contrib import admin
 
 from marketplace.workunits.models import Result, WorkUnit
 
+if TYPE_CHECKING:
+    # Generic in django-stubs only.
+    _ResultInline = admin.TabularInline[Result, WorkUnit]
+    _WorkUnitAdmin = admin.ModelAdmin[WorkUnit]
+    _ResultAdmin = admin.ModelAdmin[Result]
+else:
+    _ResultInline = admin.TabularInline
+    _WorkUnitAdmin = _ResultAdmin = admin.ModelAdmin
 
-class ResultInline(admin.TabularInline):
+
+class ResultInline(_ResultInline):
     model = Result
     fk_name = "unit"
     extra = 0
-    fields = ["state", "device", "owner", "lease_expires_at", "lease_deadline", "reported_at", "output",
-              "failed_known_rows", "disputes_known_answer", "error"]
-    readonly_fields = fields
+    # A tuple: one object fits both attributes' stub types (a list is invariant).
+    fields = readonly_fields = ("state", "device", "owner", "lease_expires_at", "lease_deadline", "reported_at",
+                                "output", "failed_known_rows", "disputes_known_answer", "error")
     can_delete = False
 
 
 @admin.register(WorkUnit)
-class WorkUnitAdmin(admin.ModelAdmin):
+class WorkUnitAdmin(_WorkUnitAdmin):
     list_display = ["pk", "job", "index", "state", "results_created", "max_results", "need_validate", "finished_at"]
     list_filter = ["state", "need_validate"]
     readonly_fields = ["canonical_result", "results_created", "finished_at", "known_answer_copies", "hidden_rows"]
@@ -22,7 +35,7 @@ class WorkUnitAdmin(admin.ModelAdmin):
 
 
 @admin.register(Result)
-class ResultAdmin(admin.ModelAdmin):
+class ResultAdmin(_ResultAdmin):
     list_display = ["pk", "unit", "state", "device", "owner", "lease_expires_at", "reported_at"]
     list_filter = ["state"]
     readonly_fields = ["signature", "output", "metrics", "elapsed_seconds", "reported_at", "leased_at",

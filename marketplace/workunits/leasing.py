@@ -72,6 +72,10 @@ class Lease:
     key_id: str
 
 
+# What a lease sends of its unit: payload, base64 signature (None when unsigned), signing key id.
+_UnitWire = tuple[dict[str, Any], str | None, str]
+
+
 def _lease_sql(*, draw: bool) -> str:
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     return _LEASE_SQL.format(lock=lock, order="random()" if draw else "MIN(id)")
@@ -109,7 +113,7 @@ def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
         rows = known_answers_lease(device=device, count=drawn, now=now, expires=expires) if drawn else []
         if room > len(rows):
             window = settings.IDLEGRID_LEASE_DRAW_WINDOW
-            params = {
+            params: dict[str, int | str | datetime] = {
                 "owner": device.owner_id, "device": device.pk, "hardware_class": device.hardware_class,
                 "now": now, "expires": expires, "limit": room - len(rows),
                 "candidates": max(window, 4 * (room - len(rows))),
@@ -121,7 +125,7 @@ def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
             rows += leased
         if not rows:
             return []
-        units = {
+        units: dict[int, _UnitWire] = {
             pk: (payload, b64encode(bytes(signature)) if signature is not None else None, key_id)
             for pk, payload, signature, key_id in WorkUnit.objects.filter(
                 pk__in=[unit_id for _, unit_id, _ in rows]
@@ -145,7 +149,7 @@ def _time_limit(payload: dict[str, Any]) -> float:
     return float(seconds) if isinstance(seconds, int | float) and seconds > 0 else 300.0
 
 
-def _deadlines_set(rows: list[tuple[int, int, int]], units: dict[int, tuple], *, now: datetime,
+def _deadlines_set(rows: list[tuple[int, int, int]], units: dict[int, _UnitWire], *, now: datetime,
                    expires: datetime) -> dict[int, datetime]:
     """Record each new lease's hard deadline (leased now + the unit's time limit + the grace): one UPDATE
     per distinct time limit, which is one for a batch of one job's units."""

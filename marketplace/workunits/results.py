@@ -45,7 +45,9 @@ def _leased_result(*, device: Device, result_id: int) -> Result:
         raise Forbidden(f"result {result_id} is not leased to this device")
     if result.state in (Result.State.REPORTED, Result.State.VALID, Result.State.INVALID):
         raise AlreadyReported(f"result {result_id} was already reported")
-    if result.state != Result.State.IN_PROGRESS or result.lease_expires_at < timezone.now():
+    # A lease sets lease_expires_at with the state: in progress without one cannot be, and would read as expired.
+    if (result.state != Result.State.IN_PROGRESS or result.lease_expires_at is None
+            or result.lease_expires_at < timezone.now()):
         raise LeaseExpired(f"the lease on result {result_id} expired; the unit was given to another device")
     return result
 
@@ -165,8 +167,10 @@ def _validation_due(unit: WorkUnit) -> bool:
         answered=Count("pk", filter=Q(state__in=(Result.State.REPORTED, Result.State.VALID))),
         out=Count("pk", filter=Q(state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS))),
     )
-    missing = unit.quorum - counts["answered"]
-    return missing <= 0 or counts["out"] < missing
+    answered: int = counts["answered"]
+    out: int = counts["out"]
+    missing = unit.quorum - answered
+    return missing <= 0 or out < missing
 
 
 def result_fail(*, device: Device, result_id: int, error: Any) -> Result:

@@ -91,12 +91,13 @@ def _unit_reverify(*, unit_id: int) -> bool:
     remaining = Result.objects.filter(unit=unit, state=Result.State.VALID).exclude(device__state=Device.State.BANNED)
     owners = remaining.values("owner_id").distinct().count()
     quorum = max(unit.quorum, unit.job.spec.get("quorum", 2))
-    if owners >= unit.quorum and remaining.filter(pk=unit.canonical_result_id).exists():
+    canonical = unit.canonical_result_id  # a done unit has one (and pk=None matches no row)
+    if owners >= unit.quorum and canonical is not None and remaining.filter(pk=canonical).exists():
         return False
     vouched = list(remaining.values_list("device_id", flat=True))
     # A trusted device's word decides a unit alone when it is not audited: it still stands for this one.
     if owners >= unit.quorum or any(is_trusted(device_id=d, kind=unit.job.kind) for d in vouched):
-        if remaining.filter(pk=unit.canonical_result_id).exists():
+        if canonical is not None and remaining.filter(pk=canonical).exists():
             return False
         # still decided, but the canonical result was the banned device's: merge the job again
         WorkUnit.objects.filter(pk=unit.pk).update(canonical_result=remaining.order_by("pk").first())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from django.utils import timezone
 
@@ -21,6 +21,14 @@ from marketplace.workunits.models import WorkUnit
 from marketplace.workunits.verification import unit_validate
 
 log = logging.getLogger(__name__)
+
+
+class SweepReport(TypedDict):
+    validated: int
+    split: int
+    merging: int
+    failed: int
+    failures: list[str]  # the first 20 named
 
 
 def _each(what: str, ids: Iterable[int], work: Callable[[int], Any], failures: list[str]) -> int:
@@ -35,7 +43,7 @@ def _each(what: str, ids: Iterable[int], work: Callable[[int], Any], failures: l
     return done
 
 
-def sweep_run(*, limit: int = 500) -> dict[str, Any]:
+def sweep_run(*, limit: int = 500) -> SweepReport:
     """Validate units left waiting, split jobs left pending, move finished jobs on to merging, and requeue
     merges. Returns what it did, with the failures named."""
     failures: list[str] = []

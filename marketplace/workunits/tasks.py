@@ -5,6 +5,7 @@ from celery import shared_task
 
 from marketplace.workunits import leasing, verification
 from marketplace.workunits import sweep as sweeping
+from marketplace.workunits.sweep import SweepReport
 
 
 @shared_task(name="workunits.validate", acks_late=True)
@@ -18,5 +19,5 @@ def leases_expire_task() -> int:
 
 
 @shared_task(name="workunits.sweep", acks_late=True)
-def sweep_run_task(limit: int = 500) -> dict:
+def sweep_run_task(limit: int = 500) -> SweepReport:
     return sweeping.sweep_run(limit=limit)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from django.conf import settings
 from django.db import OperationalError, transaction
@@ -39,14 +40,32 @@ class _Raced(Exception):
     """A result this validation counted was moved by someone else meanwhile: nothing of it is kept."""
 
 
-def _agree(spec: dict, kind: str, a: Result, b: Result) -> bool:
+# A lease sets a result's device and owner together and a report its output: every result judged here has
+# them, though the columns are nullable (an unsent replica has none).
+def _device_of(result: Result) -> int:
+    assert result.device_id is not None, f"result {result.pk} was judged without a device"
+    return result.device_id
+
+
+def _owner_of(result: Result) -> int:
+    assert result.owner_id is not None, f"result {result.pk} was judged without an owner"
+    return result.owner_id
+
+
+def _output_of(result: Result) -> str:
+    assert result.output_id is not None, f"result {result.pk} was judged without an output"
+    return result.output_id
+
+
+def _agree(spec: dict[str, Any], kind: str, a: Result, b: Result) -> bool:
     if a.output_id == b.output_id:
         return True  # same bytes: exact agreement without reading anything
     storage = get_storage()
     same_class = a.hardware_class == b.hardware_class != ""  # inside one class: bitwise (class_exact)
-    return kind_module(kind).outputs_agree(
-        spec, storage.path(a.output_id), storage.path(b.output_id), same_class=same_class
+    agree: bool = kind_module(kind).outputs_agree(
+        spec, storage.path(_output_of(a)), storage.path(_output_of(b)), same_class=same_class
     )
+    return agree
 
 
 def _known_rows_ok(unit: WorkUnit, results: Sequence[Result]) -> dict[int, bool]:
@@ -54,16 +73,17 @@ def _known_rows_ok(unit: WorkUnit, results: Sequence[Result]) -> dict[int, bool]
     True for a unit without any). Read once per distinct output."""
     if not unit.hidden_rows:
         return {r.pk: True for r in results}
-    storage, by_output = get_storage(), {}
+    storage = get_storage()
+    by_output: dict[str | None, bool] = {}
     module = kind_module(unit.job.kind)
     for result in results:
         if result.output_id not in by_output:
             by_output[result.output_id] = module.known_rows_agree(
-                unit.job.spec, unit.hidden_rows, storage.path(result.output_id))
+                unit.job.spec, unit.hidden_rows, storage.path(_output_of(result)))
     return {r.pk: by_output[r.output_id] for r in results}
 
 
-def _group(spec: dict, kind: str, results: Sequence[Result], known_ok: dict[int, bool]) -> list[list[Result]]:
+def _group(spec: dict[str, Any], kind: str, results: Sequence[Result], known_ok: dict[int, bool]) -> list[list[Result]]:
     """Results that agree, in groups; an answer that passes the submitter's known rows never shares a
     group with one that fails them."""
     groups: list[list[Result]] = []
@@ -93,7 +113,7 @@ def _judge(results: Sequence[Result], state: str, *, accepted_alone: bool = Fals
     if state == Result.State.VALID:
         ledger_hooks.results_valid([r.pk for r in own])  # after commit; idempotent per result
     for result in own:
-        Device.objects.filter(pk=result.device_id).update(**{counter: F(counter) + 1})
+        Device.objects.filter(pk=_device_of(result)).update(**{counter: F(counter) + 1})
 
 
 def unit_validate(*, unit_id: int) -> str:
@@ -138,28 +158,30 @@ def _validate(unit_id: int) -> str:
 
 def _judge_late(unit: WorkUnit, reported: list[Result]) -> None:
     """A replica reported after the unit was decided is judged against the canonical result."""
+    assert unit.canonical_result_id is not None, f"unit {unit.pk} is done without a canonical result"
     canonical = Result.objects.get(pk=unit.canonical_result_id)
     known_ok = _known_rows_ok(unit, reported)
     agreeing = [r for r in reported if known_ok[r.pk] and _agree(unit.job.spec, unit.job.kind, canonical, r)]
     _judge(agreeing, Result.State.VALID)
     for result in agreeing:
-        trust_credit(device_id=result.device_id, kind=unit.job.kind, hardware_class=result.hardware_class)
+        trust_credit(device_id=_device_of(result), kind=unit.job.kind, hardware_class=result.hardware_class)
     wrong = [r for r in reported if r not in agreeing]
     _judge(wrong, Result.State.INVALID)
     for result in wrong:
-        trust_reset(device_id=result.device_id, kind=unit.job.kind, reason="an invalid result")
+        trust_reset(device_id=_device_of(result), kind=unit.job.kind, reason="an invalid result")
     _known_rows_failed(unit, [r for r in wrong if not known_ok[r.pk]], proven=_trusted_in([canonical], unit.job.kind))
 
 
 def _judge_known_answer(unit: WorkUnit, reported: list[Result]) -> str:
     """A known-answer unit: the answer is the original unit's canonical result. Wrong is a failed audit."""
+    assert unit.known_answer_of_id is not None, f"unit {unit.pk} is no known-answer copy"
     original = WorkUnit.objects.select_related("job", "canonical_result").get(pk=unit.known_answer_of_id)
     kind = original.job.kind
     for result in reported:
         if original.canonical_result is not None and _agree(original.job.spec, kind, original.canonical_result, result):
             _judge([result], Result.State.VALID)
-            trust_credit(device_id=result.device_id, kind=kind, hardware_class=result.hardware_class)
-            audit_passed(device_id=result.device_id)
+            trust_credit(device_id=_device_of(result), kind=kind, hardware_class=result.hardware_class)
+            audit_passed(device_id=_device_of(result))
             WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
                 state=WorkUnit.State.DONE, canonical_result=result, finished_at=timezone.now()
             )
@@ -194,8 +216,8 @@ def _known_answer_resolve(copy_id: int, *, right: bool) -> None:
         return
     _judge([answer], Result.State.VALID if right else Result.State.INVALID)
     if right:
-        trust_credit(device_id=answer.device_id, kind=copy.job.kind, hardware_class=answer.hardware_class)
-        audit_passed(device_id=answer.device_id)
+        trust_credit(device_id=_device_of(answer), kind=copy.job.kind, hardware_class=answer.hardware_class)
+        audit_passed(device_id=_device_of(answer))
     WorkUnit.objects.filter(pk=copy_id, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.DONE if right else WorkUnit.State.ERROR, finished_at=timezone.now(),
         canonical_result=answer if right else None, error="" if right else "a wrong answer to a known-answer unit",
@@ -204,7 +226,7 @@ def _known_answer_resolve(copy_id: int, *, right: bool) -> None:
 
 def _seek_quorum(unit: WorkUnit, reported: list[Result]) -> str:
     kind = unit.job.kind
-    if unit.quorum == 1 and not all(is_trusted(device_id=r.device_id, kind=kind) for r in reported):
+    if unit.quorum == 1 and not all(is_trusted(device_id=_device_of(r), kind=kind) for r in reported):
         # Left to one trusted device's word, but that device lost its trust since: replicate after all.
         unit.quorum = max(2, unit.job.spec.get("quorum", 2))
         WorkUnit.objects.filter(pk=unit.pk).update(quorum=unit.quorum)
@@ -259,7 +281,7 @@ def _no_quorum(unit: WorkUnit, groups: list[list[Result]], known_ok: dict[int, b
 
 
 def _trusted_in(results: Sequence[Result], kind: str) -> bool:
-    return any(is_trusted(device_id=r.device_id, kind=kind) for r in results)
+    return any(is_trusted(device_id=_device_of(r), kind=kind) for r in results)
 
 
 def _confirmed(unit: WorkUnit, agreeing: list[Result], kind: str) -> bool:
@@ -277,7 +299,7 @@ def _colluders(losers: list[Result]) -> list[Result]:
     """Losing results whose exact bytes a device of another owner also sent. Honest devices agree with the
     winning answer (inside a class bitwise, across classes within the tolerance); two owners sending the same
     wrong bytes against an answer a trusted device vouched for is collusion, not float noise."""
-    owners_by_output: dict[str, set[int]] = {}
+    owners_by_output: dict[str | None, set[int | None]] = {}
     for result in losers:
         owners_by_output.setdefault(result.output_id, set()).add(result.owner_id)
     return [r for r in losers if len(owners_by_output[r.output_id]) >= 2]
@@ -294,8 +316,8 @@ def _known_rows_failed(unit: WorkUnit, failed: list[Result], *, proven: bool) ->
     Result.objects.filter(pk__in=[r.pk for r in failed]).update(failed_known_rows=True)
     for result in failed:
         if proven:
-            device_ban(device_id=result.device_id, reason=f"its answer to unit {unit.pk} failed the submitter's known rows")
-    for owner_id in {r.owner_id for r in failed}:
+            device_ban(device_id=_device_of(result), reason=f"its answer to unit {unit.pk} failed the submitter's known rows")
+    for owner_id in {_owner_of(r) for r in failed}:
         owner_answers_recheck(owner_id=owner_id, reason=f"an answer to unit {unit.pk} failed the submitter's known rows")
 
 
@@ -309,10 +331,10 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result], known_
     _judge([r for r in losers if r.state == Result.State.REPORTED], Result.State.INVALID)
     colluders = {r.pk for r in _colluders(losers)} if proven else set()
     for result in losers:
-        trust_reset(device_id=result.device_id, kind=kind, reason="an invalid result")
+        trust_reset(device_id=_device_of(result), kind=kind, reason="an invalid result")
         reason = _loser_judge(unit, result, audited=audited, colluder=result.pk in colluders)
         if reason and proven:
-            device_ban(device_id=result.device_id, reason=reason)
+            device_ban(device_id=_device_of(result), reason=reason)
     _known_rows_failed(unit, [r for r in losers if not known_ok[r.pk]], proven=proven)
     WorkUnit.objects.filter(pk=unit.pk, state=WorkUnit.State.PENDING).update(
         state=WorkUnit.State.DONE, canonical_result=min(agreeing, key=lambda r: r.pk), finished_at=timezone.now()
@@ -328,9 +350,9 @@ def _winners_credit(unit: WorkUnit, newly_valid: list[Result], *, audited: int |
     _judge(newly_valid, Result.State.VALID, accepted_alone=alone, strict=True)
     for result in newly_valid:
         if not alone and result.disputes_known_answer_id is None:
-            trust_credit(device_id=result.device_id, kind=unit.job.kind, hardware_class=result.hardware_class)
+            trust_credit(device_id=_device_of(result), kind=unit.job.kind, hardware_class=result.hardware_class)
         if result.pk == audited:
-            audit_passed(device_id=result.device_id)
+            audit_passed(device_id=_device_of(result))
         if result.disputes_known_answer_id is not None:
             _known_answer_resolve(result.disputes_known_answer_id, right=True)
 

@@ -1,13 +1,17 @@
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from eth_account import Account
+from web3 import Web3
+from web3.types import Nonce
 
 from marketplace.chain.client import (
     ChainError,
+    Deployment,
     chain_errors,
     contract_artifact,
     deploy,
@@ -48,7 +52,7 @@ class Command(BaseCommand):
         "on a local chain) and print the settings lines that point the marketplace at it."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--rpc-url", default=settings.IDLEGRID_CHAIN_RPC_URL,
                             help="JSON-RPC URL (default: IDLEGRID_CHAIN_RPC_URL)")
         parser.add_argument("--deployer-key-file", help="file holding the deployer's private key (becomes admin "
@@ -62,7 +66,8 @@ class Command(BaseCommand):
                             help="with --test-token: mint AMOUNT base units to ADDRESS (repeatable)")
         parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object instead of settings lines")
 
-    def handle(self, *args, rpc_url, deployer_key_file, operator, token, test_token, mint, as_json, **options):
+    def handle(self, *args: Any, rpc_url: str | None, deployer_key_file: str | None, operator: str | None, token: str | None,
+               test_token: bool, mint: list[str], as_json: bool, **options: Any) -> None:
         if not rpc_url:
             raise CommandError("give --rpc-url or set IDLEGRID_CHAIN_RPC_URL")
         if mint and not test_token:
@@ -89,12 +94,13 @@ class Command(BaseCommand):
             except ValueError as exc:
                 raise CommandError(f"--operator: {exc}") from None
         if settings.IDLEGRID_CHAIN_OPERATOR_KEY:
-            return Account.from_key(private_key_check(settings.IDLEGRID_CHAIN_OPERATOR_KEY)).address
+            address: str = Account.from_key(private_key_check(settings.IDLEGRID_CHAIN_OPERATOR_KEY)).address
+            return address
         raise CommandError("give --operator or set IDLEGRID_CHAIN_OPERATOR_KEY(_FILE)")
 
-    def _mint(self, w3, deployer_key: str, token: str, mints: list[tuple[str, int]]) -> None:
+    def _mint(self, w3: Web3, deployer_key: str, token: str, mints: list[tuple[str, int]]) -> None:
         deployer = Account.from_key(deployer_key)
-        contract = w3.eth.contract(address=token, abi=contract_artifact("TestToken")["abi"])
+        contract = w3.eth.contract(address=Web3.to_checksum_address(token), abi=contract_artifact("TestToken")["abi"])
         nonce = w3.eth.get_transaction_count(deployer.address, "pending")
         for account, amount in mints:
             transaction = contract.functions.mint(account, amount).build_transaction(
@@ -102,9 +108,10 @@ class Command(BaseCommand):
             tx_hash = w3.eth.send_raw_transaction(deployer.sign_transaction(transaction).raw_transaction)
             if w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)["status"] != 1:
                 raise ChainError(f"minting {amount} to {account} failed")
-            nonce += 1
+            nonce = Nonce(nonce + 1)
 
-    def _print(self, *, as_json: bool, rpc_url, chain_id, deployment, operator, admin, test_token) -> None:
+    def _print(self, *, as_json: bool, rpc_url: str, chain_id: int, deployment: Deployment, operator: str, admin: str,
+               test_token: bool) -> None:
         figures = {"chain_id": chain_id, "ledger": deployment.ledger, "token": deployment.token,
                    "block": deployment.block, "admin": admin, "operator": operator, "test_token": test_token}
         if as_json:

@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -9,7 +10,7 @@ class Command(BaseCommand):
     help = ("Check the ledger's invariants (every posting balances, all balances sum to zero, nothing owed or held "
             "is negative, every credit traces to a valid result and a funded source); print totals per kind.")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         problems = ledger_check()
         self.stdout.write(json.dumps({"totals": {k: str(v) for k, v in sorted(ledger_totals().items())},
                                       "problems": problems}))

@@ -1,8 +1,9 @@
 import json
 import uuid
+from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from marketplace.core.exceptions import ApplicationError
 from marketplace.ledger.grants import balance_grant
@@ -12,13 +13,13 @@ from marketplace.ledger.selectors import balances_for
 class Command(BaseCommand):
     help = "Grant a submitter balance (base units) from the platform's grants account; audited. For admins and dev."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument("--amount", required=True, help="integer base units")
         parser.add_argument("--reason", required=True)
         parser.add_argument("--key", help="idempotency key: the same key grants once (default: a new grant)")
 
-    def handle(self, *args, username, amount, reason, key, **options):
+    def handle(self, *args: Any, username: str, amount: str, reason: str, key: str | None, **options: Any) -> None:
         user = get_user_model().objects.filter(username=username).first()
         if user is None:
             raise CommandError(f"no account named {username!r}")

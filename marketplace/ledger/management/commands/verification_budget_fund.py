@@ -1,7 +1,8 @@
 import json
 import uuid
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from marketplace.core.exceptions import ApplicationError
 from marketplace.ledger.grants import verification_budget_fund
@@ -13,12 +14,12 @@ class Command(BaseCommand):
             "Known-answer copies and re-verification past a job's escrow are paid from it, and issued only while "
             "it can pay.")
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--amount", required=True, help="integer base units")
         parser.add_argument("--reason", required=True)
         parser.add_argument("--key", help="idempotency key: the same key funds once (default: a new funding)")
 
-    def handle(self, *args, amount, reason, key, **options):
+    def handle(self, *args: Any, amount: str, reason: str, key: str | None, **options: Any) -> None:
         if not (amount.isascii() and amount.isdigit() and len(amount) <= 78):
             raise CommandError(f"--amount must be a positive integer of base units, got {amount!r}")
         try:

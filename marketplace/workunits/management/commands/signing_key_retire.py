@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from marketplace.core.signing import KeyringError, key_retire
 from marketplace.workunits.creation import units_resign
@@ -11,10 +13,10 @@ class Command(BaseCommand):
         "e.g. a minute later, to re-sign units a process with a stale keyring signed meanwhile."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("key_id")
 
-    def handle(self, *args, key_id, **options):
+    def handle(self, *args: Any, key_id: str, **options: Any) -> None:
         try:
             key_retire(key_id=key_id)
         except KeyringError as exc:

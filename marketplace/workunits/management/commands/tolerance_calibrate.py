@@ -1,8 +1,9 @@
 """manage.py tolerance_calibrate: the honest disagreement between valid replicas, and tolerances for it."""
 
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from marketplace.jobs.kinds import KINDS
 from marketplace.workunits.calibration import GROUPS, calibrate
@@ -19,7 +20,7 @@ class Command(BaseCommand):
         "(high quantile x safety factor, floored). The last line is one JSON object."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--kind", default="inference", choices=sorted(KINDS))
         parser.add_argument("--quantile", type=float, default=0.999, help="of the per-pair differences (default 0.999)")
         parser.add_argument("--safety", type=float, default=10.0, help="factor on the quantile (default 10)")
@@ -28,7 +29,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-pairs-per-unit", type=int, default=6, help="pairs sampled per unit (default 6)")
         parser.add_argument("--seed", type=int, default=0, help="for the pair sample")
 
-    def handle(self, *args, kind, quantile, safety, job, max_units, max_pairs_per_unit, seed, **options):
+    def handle(self, *args: Any, kind: str, quantile: float, safety: float, job: int | None, max_units: int,
+               max_pairs_per_unit: int, seed: int, **options: Any) -> None:
         if not 0 < quantile <= 1:
             raise CommandError("--quantile must be in (0, 1]")
         if safety < 1:
