@@ -43,9 +43,8 @@ def _agree(spec: dict, kind: str, a: Result, b: Result) -> bool:
         return True  # same bytes: exact agreement without reading anything
     storage = get_storage()
     same_class = a.hardware_class == b.hardware_class != ""  # inside one class: bitwise (class_exact)
-    return kind_module(kind).outputs_agree(
-        spec, storage.path(a.output_id), storage.path(b.output_id), same_class=same_class
-    )
+    with storage.local_path(a.output_id) as path_a, storage.local_path(b.output_id) as path_b:
+        return kind_module(kind).outputs_agree(spec, path_a, path_b, same_class=same_class)
 
 
 def _known_rows_ok(unit: WorkUnit, results: Sequence[Result]) -> dict[int, bool]:
@@ -57,8 +56,8 @@ def _known_rows_ok(unit: WorkUnit, results: Sequence[Result]) -> dict[int, bool]
     module = kind_module(unit.job.kind)
     for result in results:
         if result.output_id not in by_output:
-            by_output[result.output_id] = module.known_rows_agree(
-                unit.job.spec, unit.hidden_rows, storage.path(result.output_id))
+            with storage.local_path(result.output_id) as path:
+                by_output[result.output_id] = module.known_rows_agree(unit.job.spec, unit.hidden_rows, path)
     return {r.pk: by_output[r.output_id] for r in results}
 
 

@@ -80,10 +80,9 @@ def _number(spec: dict[str, Any], key: str, low: float, high: float, errors: dic
 def _dataset(sha: Any, field: str, owner: Any, input_shape: tuple[int, ...], classes: int,
              errors: dict[str, str]) -> int:
     """A dataset is one safetensors file with `x` (float32 [rows, *input_shape]) and `y` (int64 labels [rows])."""
-    found = artifact_header(sha, field, owner, errors)
-    if found is None:
+    header = artifact_header(sha, field, owner, errors)
+    if header is None:
         return 0
-    path, header = found
     x, y = header.get("x"), header.get("y")
     if x is None or y is None or len(header) != 2:
         errors[field] = "must hold exactly two tensors, 'x' (float32 inputs) and 'y' (int64 labels)"
@@ -98,7 +97,8 @@ def _dataset(sha: Any, field: str, owner: Any, input_shape: tuple[int, ...], cla
     if y.dtype != "I64" or list(y.shape) != [rows]:
         errors[field] = f"tensor 'y' is {y.dtype}{list(y.shape)}; expected I64[{rows}] (one class index per row)"
         return 0
-    labels = read_array(path, y)
+    with get_storage().local_path(sha) as path:  # from object storage, a copy of the dataset (<= MAX_ROWS)
+        labels = read_array(path, y)
     if labels.min() < 0 or labels.max() >= classes:
         errors[field] = f"labels must be class indices in [0, {classes})"
         return 0
@@ -187,7 +187,7 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     if arch is not None and config is not None:
         found = artifact_header(model["weights"], "model.weights", owner, errors)
         if found is not None:
-            check_weights(found[1], arch.param_shapes(config), errors)
+            check_weights(found, arch.param_shapes(config), errors)
         shape, classes = arch.input_shape(config), arch.output_dim(config)
         normal["train_rows"] = _dataset(spec.get("train_dataset"), "train_dataset", owner, shape, classes, errors)
         normal["eval_rows"] = _dataset(spec.get("eval_dataset"), "eval_dataset", owner, shape, classes, errors)
@@ -209,28 +209,28 @@ def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
 
 def plan_round(spec: dict[str, Any], *, round_index: int, weights: str) -> Iterator[UnitPlan]:
     """One unit per shard, training `weights` (the round's global weights); shard i is the same rows every round."""
-    path = get_storage().path(spec["train_dataset"])
-    header = read_header(path)
-    shards = spec["shards"]
-    for shard, (start, stop) in enumerate(shard_bounds(header["x"].shape[0], shards)):
-        rows = slice(start, stop)
-        payload = {
-            "kind": "fedavg",
-            "model": {**spec["model"], "weights": weights},
-            "inputs": {"x": None, "y": None},  # filled with the shard files' sha256 when stored
-            "round": round_index,
-            "shard": shard,
-            "samples": stop - start,
-            "train": {"epochs": spec["local_epochs"], "batch_size": spec["batch_size"],
-                      "learning_rate": spec["learning_rate"], "momentum": spec["momentum"],
-                      "seed": unit_seed(spec["seed"], round_index, shard)},
-            "limits": {"seconds": spec["unit_timeout_seconds"], "memory_mb": spec["unit_memory_mb"]},
-        }
-        yield UnitPlan(
-            index=round_index * shards + shard, payload=payload,
-            inputs=[array_file_bytes(read_array(path, header["x"], rows=rows), name="x"),
-                    array_file_bytes(read_array(path, header["y"], rows=rows), name="y")],
-        )
+    with get_storage().local_path(spec["train_dataset"]) as path:  # held while the shards are read
+        header = read_header(path)
+        shards = spec["shards"]
+        for shard, (start, stop) in enumerate(shard_bounds(header["x"].shape[0], shards)):
+            rows = slice(start, stop)
+            payload = {
+                "kind": "fedavg",
+                "model": {**spec["model"], "weights": weights},
+                "inputs": {"x": None, "y": None},  # filled with the shard files' sha256 when stored
+                "round": round_index,
+                "shard": shard,
+                "samples": stop - start,
+                "train": {"epochs": spec["local_epochs"], "batch_size": spec["batch_size"],
+                          "learning_rate": spec["learning_rate"], "momentum": spec["momentum"],
+                          "seed": unit_seed(spec["seed"], round_index, shard)},
+                "limits": {"seconds": spec["unit_timeout_seconds"], "memory_mb": spec["unit_memory_mb"]},
+            }
+            yield UnitPlan(
+                index=round_index * shards + shard, payload=payload,
+                inputs=[array_file_bytes(read_array(path, header["x"], rows=rows), name="x"),
+                        array_file_bytes(read_array(path, header["y"], rows=rows), name="y")],
+            )
 
 
 def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:
