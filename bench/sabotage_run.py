@@ -322,8 +322,8 @@ class Submitter:
         for sha in WorkUnit.objects.filter(job=job, known_answer_of__isnull=True).values_list(
             "payload__inputs__x", flat=True
         ):
-            path = storage.path(sha)
-            self.truth[sha] = mlp_forward(self.weights, read_array(path, read_header(path)["x"]))
+            with storage.local_path(sha) as path:
+                self.truth[sha] = mlp_forward(self.weights, read_array(path, read_header(path)["x"]))
         self.units += units
         return job.pk
 
@@ -507,7 +507,8 @@ def wrong_rows(output_sha: str, truth: np.ndarray, compare: dict[str, Any]) -> n
     from marketplace.jobs import comparators
     from marketplace.jobs.kinds.inference import read_output
 
-    got = read_output(get_storage().path(output_sha))
+    with get_storage().local_path(output_sha) as path:
+        got = read_output(path)
     compare = comparators.effective(compare)
     if compare["method"] != "allclose":
         return np.array([not comparators.agree(compare, got[i:i + 1], truth[i:i + 1]) for i in range(len(truth))])

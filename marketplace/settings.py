@@ -225,6 +225,37 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- Idlegrid -------------------------------------------------------------------------------------
 IDLEGRID_ARTIFACT_DIR = Path(env("IDLEGRID_ARTIFACT_DIR") or VAR_DIR / "artifacts").resolve()
+
+# --- artifact storage (marketplace/artifacts/storage.py) -------------------------------------------
+# filesystem: files under IDLEGRID_ARTIFACT_DIR, one host (or a shared mount). s3: an S3-compatible bucket
+# (AWS, MinIO, Ceph RGW...), what web and Celery on several hosts need. Without an access key, boto3's own
+# chain applies (AWS_* variables, an instance or task role).
+IDLEGRID_STORAGE = env("IDLEGRID_STORAGE") or "filesystem"
+if IDLEGRID_STORAGE not in {"filesystem", "s3"}:
+    raise ImproperlyConfigured(f"IDLEGRID_STORAGE must be filesystem or s3, got {IDLEGRID_STORAGE!r}")
+IDLEGRID_S3_BUCKET = env("IDLEGRID_S3_BUCKET") or ""
+if IDLEGRID_STORAGE == "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", IDLEGRID_S3_BUCKET):
+    raise ImproperlyConfigured(f"IDLEGRID_S3_BUCKET must name a bucket (3-63 of a-z 0-9 . -) with IDLEGRID_STORAGE=s3, "
+                               f"got {IDLEGRID_S3_BUCKET!r}")
+# Keys are <prefix>ab/cd/<sha256>: a prefix such as "idlegrid/artifacts/" shares a bucket with other things.
+IDLEGRID_S3_PREFIX = env("IDLEGRID_S3_PREFIX") or ""
+if IDLEGRID_S3_PREFIX and (not re.fullmatch(r"([A-Za-z0-9_.-]+/)+", IDLEGRID_S3_PREFIX) or ".." in IDLEGRID_S3_PREFIX):
+    raise ImproperlyConfigured(f"IDLEGRID_S3_PREFIX must be folder names each ending in / (a/b/), got {IDLEGRID_S3_PREFIX!r}")
+IDLEGRID_S3_ENDPOINT_URL = env("IDLEGRID_S3_ENDPOINT_URL") or None  # unset: AWS itself
+if IDLEGRID_S3_ENDPOINT_URL and not re.fullmatch(r"https?://[^\s/]+/?", IDLEGRID_S3_ENDPOINT_URL):
+    raise ImproperlyConfigured(f"IDLEGRID_S3_ENDPOINT_URL must be http(s)://host[:port], got {IDLEGRID_S3_ENDPOINT_URL!r}")
+IDLEGRID_S3_REGION = env("IDLEGRID_S3_REGION") or None
+IDLEGRID_S3_ACCESS_KEY_ID = env("IDLEGRID_S3_ACCESS_KEY_ID") or None  # or IDLEGRID_S3_ACCESS_KEY_ID_FILE
+IDLEGRID_S3_SECRET_ACCESS_KEY = env("IDLEGRID_S3_SECRET_ACCESS_KEY") or None  # or ..._FILE
+if bool(IDLEGRID_S3_ACCESS_KEY_ID) != bool(IDLEGRID_S3_SECRET_ACCESS_KEY):
+    raise ImproperlyConfigured("IDLEGRID_S3_ACCESS_KEY_ID and IDLEGRID_S3_SECRET_ACCESS_KEY go together (or neither: boto3's chain)")
+# path: http://host/bucket/key (MinIO and most self-hosted servers); virtual: http://bucket.host/key.
+IDLEGRID_S3_ADDRESSING_STYLE = env("IDLEGRID_S3_ADDRESSING_STYLE") or "auto"
+if IDLEGRID_S3_ADDRESSING_STYLE not in {"auto", "path", "virtual"}:
+    raise ImproperlyConfigured(f"IDLEGRID_S3_ADDRESSING_STYLE must be auto, path or virtual, got {IDLEGRID_S3_ADDRESSING_STYLE!r}")
+# Uploads are spooled here while they are hashed (the key is known at the end), and local_path copies
+# objects here for the readers that need a file: local disk, never the shared mount or the bucket.
+IDLEGRID_STORAGE_TMP_DIR = Path(env("IDLEGRID_STORAGE_TMP_DIR") or VAR_DIR / "tmp").resolve()
 # The Ed25519 keys that sign work units (marketplace/core/signing.py): private keys in files, never in
 # the database; every web and Celery process must see the same directory.
 IDLEGRID_SIGNING_KEY_DIR = Path(env("IDLEGRID_SIGNING_KEY_DIR") or VAR_DIR / "keys").resolve()
@@ -475,7 +506,7 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 # Artifacts and keys are read lazily by their modules; made here so that nothing under the var dir is ever
 # created with the umask's mode.
-for _folder in (IDLEGRID_ARTIFACT_DIR, IDLEGRID_SIGNING_KEY_DIR):
+for _folder in (IDLEGRID_ARTIFACT_DIR, IDLEGRID_SIGNING_KEY_DIR, IDLEGRID_STORAGE_TMP_DIR):
     private_dir(_folder)
 
 LOGGING = {

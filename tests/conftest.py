@@ -78,6 +78,12 @@ def output_bytes(y: np.ndarray, *, name: str = "y") -> bytes:
     return array_file_bytes(y, name=name)
 
 
+def stored_bytes(sha256: str) -> bytes:
+    """An artifact's bytes as stored, from whichever backend the settings name."""
+    with get_storage().open(sha256) as stream:
+        return stream.read()
+
+
 def read_tensor(path: Path, name: str) -> np.ndarray:
     from safetensors.numpy import load_file
 
@@ -92,9 +98,11 @@ def infer(unit: WorkUnit) -> np.ndarray:
     payload, storage = unit.payload, get_storage()
     arch, config = resolve(payload["model"]["architecture"], payload["model"]["config"])
     model = arch.build(config)
-    model.load_state_dict(load_file(str(storage.path(payload["model"]["weights"]))))
+    with storage.local_path(payload["model"]["weights"]) as path:
+        model.load_state_dict(load_file(str(path)))
     model.eval()
-    x = torch.from_numpy(read_tensor(storage.path(payload["inputs"]["x"]), "x").copy())
+    with storage.local_path(payload["inputs"]["x"]) as path:
+        x = torch.from_numpy(read_tensor(path, "x").copy())
     batch = payload["batch_size"]
     with torch.no_grad():
         return torch.cat([model(x[start:start + batch]) for start in range(0, len(x), batch)]).numpy()

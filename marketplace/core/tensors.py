@@ -11,6 +11,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +35,12 @@ class TensorFileError(ValueError):
     """The file is not a well-formed safetensors file."""
 
 
+class Readable(Protocol):
+    """A file, or an HTTP body from object storage (marketplace/artifacts/storage.py)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
@@ -46,13 +53,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; raise TensorFileError saying what is wrong."""
     size = path.stat().st_size
     with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise TensorFileError("not a safetensors file: shorter than its 8-byte header length")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise TensorFileError("not a safetensors file: its header length is impossible (is it a pickle?)")
-        raw = handle.read(header_len)
+        return read_header_from(handle, size=size)
+
+
+def read_header_from(stream: Readable, *, size: int) -> dict[str, TensorInfo]:
+    """The same from a stream at the file's first byte, the file's size known: it reads no further than the
+    header, so a spec check reads a few kilobytes of an artifact in object storage, not all of it."""
+    prefix = _read_exactly(stream, 8)
+    if len(prefix) < 8:
+        raise TensorFileError("not a safetensors file: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise TensorFileError("not a safetensors file: its header length is impossible (is it a pickle?)")
+    raw = _read_exactly(stream, header_len)
     try:
         header = safejson.loads(raw, max_bytes=MAX_HEADER_BYTES, max_depth=HEADER_DEPTH, max_items=HEADER_ITEMS,
                                 max_number_digits=HEADER_NUMBER_DIGITS)
@@ -66,6 +79,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     base = 8 + header_len
     tensors = {name: _tensor_info(name, entry, base, size) for name, entry in header.items()}
     return tensors
+
+
+def _read_exactly(stream: Readable, count: int) -> bytes:
+    """Up to count bytes, fewer only at the end: an HTTP body, unlike a file, may return less per read."""
+    parts, remaining = [], count
+    while remaining and (part := stream.read(remaining)):
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
 
 
 def _label(name: str) -> str:

@@ -94,7 +94,7 @@ def round_aggregate(*, job_id: int) -> Job:
 
 
 def _compute(job: Job, index: int) -> Aggregated:
-    spec, storage = job.spec, get_storage()
+    spec = job.spec
     shards = spec["shards"]
     units = list(
         WorkUnit.objects.filter(job=job, known_answer_of__isnull=True, index__gte=index * shards,
@@ -104,10 +104,11 @@ def _compute(job: Job, index: int) -> Aggregated:
     if len(units) != shards or any(u.state != WorkUnit.State.DONE or u.canonical_result is None for u in units):
         raise RoundNotReady(f"round {index} has {len(units)} units, not all decided")
     weights_in = units[0].payload["model"]["weights"]
-    start = _read_weights(storage.path(weights_in))
+    start = _read_weights(weights_in)
     updates, losses = [], []
     for unit in units:
-        weights, loss = fedavg.read_update(storage.path(unit.canonical_result.output_id))
+        with get_storage().local_path(unit.canonical_result.output_id) as path:
+            weights, loss = fedavg.read_update(path)
         if not all(np.isfinite(w).all() for w in weights.values()) or not np.isfinite(loss):
             raise ValueError(f"the accepted update of unit #{unit.index} is not finite")
         updates.append(weights)
@@ -127,15 +128,16 @@ def _compute(job: Job, index: int) -> Aggregated:
 
 
 def _evaluate(spec: dict[str, Any], weights: dict[str, np.ndarray]) -> tuple[float, float]:
-    path = get_storage().path(spec["eval_dataset"])
-    header = read_header(path)
-    x, y = read_array(path, header["x"]), read_array(path, header["y"])
+    with get_storage().local_path(spec["eval_dataset"]) as path:
+        header = read_header(path)
+        x, y = read_array(path, header["x"]), read_array(path, header["y"])
     model = spec["model"]
     return fedavg_math.evaluate(model["architecture"], model["config"], weights, x, y)
 
 
-def _read_weights(path) -> dict[str, np.ndarray]:
-    return {name: read_array(path, info) for name, info in read_header(path).items()}
+def _read_weights(sha256: str) -> dict[str, np.ndarray]:
+    with get_storage().local_path(sha256) as path:
+        return {name: read_array(path, info) for name, info in read_header(path).items()}
 
 
 def _safetensors_bytes(weights: dict[str, np.ndarray]) -> bytes:

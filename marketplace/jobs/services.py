@@ -80,7 +80,8 @@ def job_merge(*, job_id: int) -> Job:
 
     def chunks():
         for sha, hidden in outputs:
-            yield from kind.output_rows_bytes(storage.path(sha), hidden_rows=hidden)
+            with storage.local_path(sha) as path:
+                yield from kind.output_rows_bytes(path, hidden_rows=hidden)
 
     shape = kind.merged_shape(job.spec)
     artifact, _ = artifact_store(

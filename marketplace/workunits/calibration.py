@@ -108,7 +108,8 @@ def observed_pairs(
         for (out_a, class_a), (out_b, class_b) in combos:
             for output_id in (out_a, out_b):
                 if output_id not in outputs:
-                    outputs[output_id] = module.read_output(storage.path(output_id))
+                    with storage.local_path(output_id) as path:
+                        outputs[output_id] = module.read_output(path)
             diff = comparators.pair_diff(outputs[out_a], outputs[out_b])
             pairs.append(ObservedPair(unit_id, _group_of(class_a, class_b), diff))
     return len(unit_ids), pairs

@@ -76,9 +76,10 @@ def _check_output(device: Device, result: Result, output_sha256: Any) -> None:
                                fields={"output_sha256": "not uploaded by this device"})
     allow_nonfinite = bool(result.job.spec.get("allow_nonfinite", False))
     try:
-        kind_module(result.unit.payload["kind"]).check_output(
-            result.unit.payload, get_storage().path(output_sha256), allow_nonfinite=allow_nonfinite
-        )
+        with get_storage().local_path(output_sha256) as path:
+            kind_module(result.unit.payload["kind"]).check_output(
+                result.unit.payload, path, allow_nonfinite=allow_nonfinite
+            )
     except TensorFileError as exc:
         raise ValidationFailed(f"the output is refused: {exc}", fields={"output_sha256": str(exc)}) from None
 

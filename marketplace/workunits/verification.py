@@ -62,9 +62,8 @@ def _agree(spec: dict[str, Any], kind: str, a: Result, b: Result) -> bool:
         return True  # same bytes: exact agreement without reading anything
     storage = get_storage()
     same_class = a.hardware_class == b.hardware_class != ""  # inside one class: bitwise (class_exact)
-    agree: bool = kind_module(kind).outputs_agree(
-        spec, storage.path(_output_of(a)), storage.path(_output_of(b)), same_class=same_class
-    )
+    with storage.local_path(_output_of(a)) as path_a, storage.local_path(_output_of(b)) as path_b:
+        agree: bool = kind_module(kind).outputs_agree(spec, path_a, path_b, same_class=same_class)
     return agree
 
 
@@ -78,8 +77,8 @@ def _known_rows_ok(unit: WorkUnit, results: Sequence[Result]) -> dict[int, bool]
     module = kind_module(unit.job.kind)
     for result in results:
         if result.output_id not in by_output:
-            by_output[result.output_id] = module.known_rows_agree(
-                unit.job.spec, unit.hidden_rows, storage.path(_output_of(result)))
+            with storage.local_path(_output_of(result)) as path:
+                by_output[result.output_id] = module.known_rows_agree(unit.job.spec, unit.hidden_rows, path)
     return {r.pk: by_output[r.output_id] for r in results}
 
 

@@ -8,9 +8,9 @@ import json
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.models import Job
 from marketplace.workunits.models import Result, WorkUnit
+from tests.conftest import stored_bytes
 from tests.e2e.conftest import Client, enrolled, mlp_job
 from tests.e2e.test_inference_job import _wait_until
 from worker_agent.pinning import KeyPins, parse_keys
@@ -101,7 +101,7 @@ def test_a_signed_result_replayed_for_another_lease_is_refused(cluster):
     mallory_lease = _lease_one(as_mallory)
     # She even holds the bytes (uploaded them herself: a report must name an output the device uploaded),
     # so only the signature stands in her way.
-    stolen = get_storage().path(sha).read_bytes()
+    stolen = stored_bytes(sha)
     assert as_mallory.post("/api/v1/artifacts/", content=stolen,
                            headers={"Content-Type": "application/octet-stream"}).status_code == 200
     other_device = _report(as_mallory, mallory_lease["result_id"], sha, signature)

@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication
+from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import NotFound
@@ -81,15 +82,19 @@ class ArtifactDownloadApi(APIView):
             artifact = artifact_get_for_device(sha256=sha256, device=request.auth)
         else:
             artifact = artifact_get_for_user(sha256=sha256, user=request.user)
-        return file_response(artifact.sha256)
+        return file_response(artifact)
 
 
-def file_response(sha256: str, *, filename: str | None = None) -> FileResponse:
+def file_response(artifact: Artifact, *, filename: str | None = None) -> FileResponse:
+    """The artifact's bytes, streamed from storage as they are read (FileResponse closes the stream)."""
     response = FileResponse(
-        get_storage().path(sha256).open("rb"),
+        get_storage().open(artifact.sha256),
         content_type="application/octet-stream",
         as_attachment=filename is not None,
-        filename=filename or sha256,
+        filename=filename or artifact.sha256,
     )
-    response["X-Content-SHA256"] = sha256
+    # A file tells FileResponse its length; an object store's HTTP body does not: the row knows it.
+    if not response.has_header("Content-Length"):
+        response["Content-Length"] = str(artifact.size)
+    response["X-Content-SHA256"] = artifact.sha256
     return response

@@ -83,7 +83,7 @@ class JobOutputApi(APIView):
         job = job_get_for_owner(job_id=job_id, owner=request.user)
         if job.state != Job.State.COMPLETED:
             raise Conflict(f"job {job.pk} is {job.state}; its output exists once it is completed")
-        return file_response(job.output_id, filename=f"job-{job.pk}-output.safetensors")
+        return file_response(job.output, filename=f"job-{job.pk}-output.safetensors")
 
 
 

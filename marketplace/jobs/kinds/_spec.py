@@ -7,13 +7,12 @@ every problem of a spec at once; the kind raises ValidationFailed when it has lo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
-from marketplace.core.tensors import TensorFileError, TensorInfo, read_header
+from marketplace.core.tensors import TensorFileError, TensorInfo, read_header_from
 from worker_agent.architectures import Architecture, ArchitectureError, resolve
 from worker_agent.protocol import is_sha256_hex
 from worker_agent.wire import Limits, ModelRef
@@ -55,19 +54,19 @@ def bounded_int(
     return value
 
 
-def artifact_header(
-    sha256: Any, field: str, owner: Any, errors: dict[str, str]
-) -> tuple[Path, dict[str, TensorInfo]] | None:
-    """The stored path and tensor header of an artifact `owner` uploaded, or None (the reason in errors)."""
+def artifact_header(sha256: Any, field: str, owner: Any, errors: dict[str, str]) -> dict[str, TensorInfo] | None:
+    """The tensor header of an artifact `owner` uploaded, or None (the reason in errors). Only the header's
+    bytes are read, wherever the artifact is stored: a submission does not fetch a whole dataset."""
     if not is_sha256_hex(sha256):
         errors[field] = "must be the sha256 of an uploaded artifact (64 lowercase hex digits)"
         return None
-    if not Artifact.objects.filter(sha256=sha256, owners=owner).exists():
+    size = Artifact.objects.filter(sha256=sha256, owners=owner).values_list("size", flat=True).first()
+    if size is None:
         errors[field] = f"you have uploaded no artifact {sha256}"
         return None
-    path = get_storage().path(sha256)
     try:
-        return path, read_header(path)
+        with get_storage().open(sha256) as stream:
+            return read_header_from(stream, size=size)
     except TensorFileError as exc:
         errors[field] = str(exc)
         return None

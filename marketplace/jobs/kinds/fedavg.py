@@ -82,10 +82,9 @@ def _number(spec: dict[str, Any], key: str, low: float, high: float, errors: dic
 def _dataset(sha: Any, field: str, owner: Any, input_shape: tuple[int, ...], classes: int,
              errors: dict[str, str]) -> int:
     """A dataset is one safetensors file with `x` (float32 [rows, *input_shape]) and `y` (int64 labels [rows])."""
-    found = artifact_header(sha, field, owner, errors)
-    if found is None:
+    header = artifact_header(sha, field, owner, errors)
+    if header is None:
         return 0
-    path, header = found
     x, y = header.get("x"), header.get("y")
     if x is None or y is None or len(header) != 2:
         errors[field] = "must hold exactly two tensors, 'x' (float32 inputs) and 'y' (int64 labels)"
@@ -100,7 +99,8 @@ def _dataset(sha: Any, field: str, owner: Any, input_shape: tuple[int, ...], cla
     if y.dtype != "I64" or list(y.shape) != [rows]:
         errors[field] = f"tensor 'y' is {y.dtype}{list(y.shape)}; expected I64[{rows}] (one class index per row)"
         return 0
-    labels = read_array(path, y)
+    with get_storage().local_path(sha) as path:  # from object storage, a copy of the dataset (<= MAX_ROWS)
+        labels = read_array(path, y)
     if labels.min() < 0 or labels.max() >= classes:
         errors[field] = f"labels must be class indices in [0, {classes})"
         return 0
@@ -227,7 +227,7 @@ def _check_weights(model: dict[str, Any], arch: Architecture, config: dict[str, 
                    errors: dict[str, str]) -> None:
     found = artifact_header(model["weights"], "model.weights", owner, errors)
     if found is not None:
-        check_weights(found[1], arch.param_shapes(config), errors)
+        check_weights(found, arch.param_shapes(config), errors)
 
 
 def _datasets(spec: dict[str, Any], arch: Architecture, config: dict[str, Any], owner: Any, shards: int,
@@ -252,25 +252,25 @@ def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
 
 def plan_round(spec: dict[str, Any], *, round_index: int, weights: str) -> Iterator[UnitPlan]:
     """One unit per shard, training `weights` (the round's global weights); shard i is the same rows every round."""
-    path = get_storage().path(spec["train_dataset"])
-    header = read_header(path)
-    shards = spec["shards"]
-    for shard, (start, stop) in enumerate(shard_bounds(header["x"].shape[0], shards)):
-        rows = slice(start, stop)
-        x = array_file_bytes(read_array(path, header["x"], rows=rows), name="x")
-        y = array_file_bytes(read_array(path, header["y"], rows=rows), name="y")
-        payload = FedAvgPayload(
-            model=model_ref({**spec["model"], "weights": weights}),
-            inputs=FedAvgInputs(x=sha256_hex(x), y=sha256_hex(y)),
-            round=round_index,
-            shard=shard,
-            samples=stop - start,
-            train=FedAvgTrain(epochs=spec["local_epochs"], batch_size=spec["batch_size"],
-                              learning_rate=spec["learning_rate"], momentum=spec["momentum"],
-                              seed=unit_seed(spec["seed"], round_index, shard)),
-            limits=unit_limits(spec),
-        )
-        yield UnitPlan(index=round_index * shards + shard, payload=payload.to_wire(), inputs=[x, y])
+    with get_storage().local_path(spec["train_dataset"]) as path:  # held while the shards are read
+        header = read_header(path)
+        shards = spec["shards"]
+        for shard, (start, stop) in enumerate(shard_bounds(header["x"].shape[0], shards)):
+            rows = slice(start, stop)
+            x = array_file_bytes(read_array(path, header["x"], rows=rows), name="x")
+            y = array_file_bytes(read_array(path, header["y"], rows=rows), name="y")
+            payload = FedAvgPayload(
+                model=model_ref({**spec["model"], "weights": weights}),
+                inputs=FedAvgInputs(x=sha256_hex(x), y=sha256_hex(y)),
+                round=round_index,
+                shard=shard,
+                samples=stop - start,
+                train=FedAvgTrain(epochs=spec["local_epochs"], batch_size=spec["batch_size"],
+                                  learning_rate=spec["learning_rate"], momentum=spec["momentum"],
+                                  seed=unit_seed(spec["seed"], round_index, shard)),
+                limits=unit_limits(spec),
+            )
+            yield UnitPlan(index=round_index * shards + shard, payload=payload.to_wire(), inputs=[x, y])
 
 
 def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:

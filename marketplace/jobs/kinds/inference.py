@@ -90,10 +90,10 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     if arch is not None and config is not None:
         weights = artifact_header(model["weights"], "model.weights", owner, errors)
         if weights is not None:
-            check_weights(weights[1], arch.param_shapes(config), errors)
+            check_weights(weights, arch.param_shapes(config), errors)
         dataset = artifact_header(spec.get("dataset"), "dataset", owner, errors)
         if dataset is not None:
-            rows = _check_dataset(dataset[1], arch.input_shape(config), errors)
+            rows = _check_dataset(dataset, arch.input_shape(config), errors)
             if rows and ceil(rows / normal["rows_per_unit"]) > MAX_UNITS:
                 errors["rows_per_unit"] = f"would make more than {MAX_UNITS:,} units; use larger units"
             normal["rows"] = rows
@@ -128,10 +128,9 @@ def _known_answers(spec: dict[str, Any], owner: Any, input_shape: tuple[int, ...
         return {}
     per_unit = bounded_int(spec, "known_answers_per_unit", 1, MAX_KNOWN_PER_UNIT, errors,
                            defaults={"known_answers_per_unit": 1})
-    found = artifact_header(spec["known_answers"], "known_answers", owner, errors)
-    if found is None:
+    header = artifact_header(spec["known_answers"], "known_answers", owner, errors)
+    if header is None:
         return {}
-    path, header = found
     x, y = header.get("x"), header.get("y")
     if x is None or y is None or len(header) != 2:
         errors["known_answers"] = "must hold exactly two tensors, 'x' (inputs) and 'y' (the outputs you computed)"
@@ -144,7 +143,9 @@ def _known_answers(spec: dict[str, Any], owner: Any, input_shape: tuple[int, ...
     if y.dtype != "F32" or tuple(y.shape) != (k, out_features):
         errors["known_answers"] = f"'y' is {y.dtype}{list(y.shape)}; it must be F32[{k}, {out_features}] (one row per x)"
         return {}
-    if not (np.isfinite(read_array(path, x)).all() and np.isfinite(read_array(path, y)).all()):
+    with get_storage().local_path(spec["known_answers"]) as path:  # k <= MAX_KNOWN_ROWS rows: small
+        finite = np.isfinite(read_array(path, x)).all() and np.isfinite(read_array(path, y)).all()
+    if not finite:
         errors["known_answers"] = "holds NaN or infinity"
         return {}
     return {"known_answers": spec["known_answers"], "known_answers_per_unit": min(per_unit, k), "known_rows": k}
@@ -154,30 +155,37 @@ def plan_units(spec: dict[str, Any]) -> Iterator[UnitPlan]:
     """Slice the dataset by rows, one input file per unit, reading one slice at a time. With known
     answers, each unit also gets `known_answers_per_unit` of the submitter's known rows at random
     positions among its own: the payload and the input say nothing of which rows they are."""
-    path = get_storage().path(spec["dataset"])
-    x = read_header(path)["x"]
     _, config = resolve(spec["model"]["architecture"], spec["model"]["config"])
-    out_dim = config["out_features"]
+    known_x = _known_inputs(spec["known_answers"]) if spec.get("known_answers") else None
     step = spec["rows_per_unit"]
-    known_x = None
-    if spec.get("known_answers"):
-        known_path = get_storage().path(spec["known_answers"])
-        known_x = read_array(known_path, read_header(known_path)["x"])
-    for index, start in enumerate(range(0, x.shape[0], step)):
-        rows = read_array(path, x, rows=slice(start, min(start + step, x.shape[0])))
-        hidden: list[list[int]] = []
-        if known_x is not None:
-            rows, hidden = _hide_known_rows(rows, known_x, spec["known_answers_per_unit"])
-        x_file = array_file_bytes(rows, name="x")
-        payload = InferencePayload(
-            model=model_ref(spec["model"]),
-            inputs=InferenceInputs(x=sha256_hex(x_file)),
-            rows=int(rows.shape[0]),
-            batch_size=spec["batch_size"],
-            output=InferenceOutput(name=OUTPUT_NAME, dtype="float32", shape=(int(rows.shape[0]), out_dim)),
-            limits=unit_limits(spec),
-        )
-        yield UnitPlan(index=index, payload=payload.to_wire(), inputs=[x_file], hidden_rows=hidden)
+    with get_storage().local_path(spec["dataset"]) as path:  # held while the split reads it slice by slice
+        x = read_header(path)["x"]
+        for index, start in enumerate(range(0, x.shape[0], step)):
+            rows = read_array(path, x, rows=slice(start, min(start + step, x.shape[0])))
+            yield _unit_plan(spec, index, rows, known_x, out_dim=config["out_features"])
+
+
+def _known_inputs(sha256: str) -> np.ndarray:
+    with get_storage().local_path(sha256) as path:
+        return read_array(path, read_header(path)["x"])
+
+
+def _unit_plan(spec: dict[str, Any], index: int, rows: np.ndarray, known_x: np.ndarray | None, *,
+               out_dim: int) -> UnitPlan:
+    """One unit over `rows`, with the submitter's known rows hidden among them when there are any."""
+    hidden: list[list[int]] = []
+    if known_x is not None:
+        rows, hidden = _hide_known_rows(rows, known_x, spec["known_answers_per_unit"])
+    x_file = array_file_bytes(rows, name="x")
+    payload = InferencePayload(
+        model=model_ref(spec["model"]),
+        inputs=InferenceInputs(x=sha256_hex(x_file)),
+        rows=int(rows.shape[0]),
+        batch_size=spec["batch_size"],
+        output=InferenceOutput(name=OUTPUT_NAME, dtype="float32", shape=(int(rows.shape[0]), out_dim)),
+        limits=unit_limits(spec),
+    )
+    return UnitPlan(index=index, payload=payload.to_wire(), inputs=[x_file], hidden_rows=hidden)
 
 
 def _hide_known_rows(rows: np.ndarray, known_x: np.ndarray, count: int) -> tuple[np.ndarray, list[list[int]]]:
@@ -196,8 +204,8 @@ def _hide_known_rows(rows: np.ndarray, known_x: np.ndarray, count: int) -> tuple
 def known_rows_agree(spec: dict[str, Any], hidden_rows: list[list[int]], output: Path) -> bool:
     """Whether an output's hidden rows agree with the submitter's known answers, under the job's comparator
     (the submitter computed them on another machine: `exact` is judged as the default allclose there)."""
-    known = get_storage().path(spec["known_answers"])
-    want = read_array(known, read_header(known)["y"])[[pick for _, pick in hidden_rows]]
+    with get_storage().local_path(spec["known_answers"]) as known:
+        want = read_array(known, read_header(known)["y"])[[pick for _, pick in hidden_rows]]
     got = read_output(output)[[position for position, _ in hidden_rows]]
     compare = comparators.effective(spec["compare"])
     if compare["method"] == "exact":

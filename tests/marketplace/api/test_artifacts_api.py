@@ -7,10 +7,10 @@ import pytest
 from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
-from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.models import Job
 from marketplace.workunits.leasing import leases_expire, workunit_lease
 from marketplace.workunits.models import Result
+from tests.conftest import stored_bytes
 
 UPLOAD = "/api/v1/artifacts/"
 BLOB = b"idlegrid artifact bytes " * 100
@@ -38,7 +38,7 @@ def test_it_stores_an_upload_under_its_sha256(api, submitter):
     sha = hashlib.sha256(BLOB).hexdigest()
     assert response.status_code == 201
     assert response.json() == {"sha256": sha, "size": len(BLOB)}
-    assert get_storage().path(sha).read_bytes() == BLOB
+    assert stored_bytes(sha) == BLOB
     artifact = Artifact.objects.get()
     assert (artifact.sha256, artifact.size, artifact.uploaded_by) == (sha, len(BLOB), submitter)
 
@@ -52,7 +52,8 @@ def test_uploading_the_same_bytes_twice_stores_nothing_new(api, submitter, artif
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json() == second.json()
     assert Artifact.objects.count() == 1
-    assert stored_files(artifact_dir) == [get_storage().path(first.json()["sha256"])]
+    sha = first.json()["sha256"]
+    assert stored_files(artifact_dir) == [artifact_dir / sha[:2] / sha[2:4] / sha]  # the layout on disk, unchanged
 
 
 def test_it_accepts_a_matching_declared_sha256(api, submitter):

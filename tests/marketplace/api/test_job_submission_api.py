@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.models import Job
 from marketplace.workunits.models import Result, WorkUnit
+from tests.conftest import stored_bytes
 
 URL = "/api/v1/jobs/"
 MISSING = "ab" * 32
@@ -278,6 +278,6 @@ def test_it_accepts_the_same_bytes_once_the_submitter_uploaded_them_too(post_job
                                                                         other_submitter):
     spec = inference_spec(owner=other_submitter)
     for sha in (spec["model"]["weights"], spec["dataset"]):
-        upload(get_storage().path(sha).read_bytes(), submitter)
+        upload(stored_bytes(sha), submitter)
 
     assert post_job(spec).status_code == 201

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ def honest_update(unit: WorkUnit, tmp_path: Path, *, fault: str | None = None, f
     payload = unit.payload
     shas = [payload["model"]["weights"], payload["inputs"]["x"], payload["inputs"]["y"]]
     out = tmp_path / f"update-{unit.pk}-{fault}-{fault_seed}.safetensors"
-    job = ChildJob(payload=payload, artifacts={sha: str(storage.path(sha)) for sha in shas}, output_path=str(out),
-                   fault=fault, fault_seed=fault_seed)
-    fedavg.execute(job)
+    with ExitStack() as stack:
+        paths = {sha: str(stack.enter_context(storage.local_path(sha))) for sha in shas}
+        fedavg.execute(ChildJob(payload=payload, artifacts=paths, output_path=str(out), fault=fault,
+                                fault_seed=fault_seed))
     return out.read_bytes()
 
 

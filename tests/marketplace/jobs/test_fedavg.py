@@ -10,13 +10,13 @@ import pytest
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError
 from marketplace.jobs import fedavg_math
 from marketplace.jobs.kinds import fedavg, kind_module
 from marketplace.jobs.services import job_split, job_submit
 from marketplace.workunits.models import Result, WorkUnit
+from tests.conftest import stored_bytes
 from tests.marketplace.jobs.fedavg_helpers import labelled_bytes, spec_for, x_only_bytes
 from worker_agent.kinds.fedavg import LOSS_NAME, SAMPLES_NAME, unit_seed
 
@@ -127,12 +127,11 @@ def test_splitting_makes_one_replicated_unit_per_shard_of_round_zero(split_job):
 
 
 def test_the_shards_are_the_training_rows_in_order(split_job):
-    storage = get_storage()
-    data = load_tensors(storage.path(split_job.spec["train_dataset"]).read_bytes())
+    data = load_tensors(stored_bytes(split_job.spec["train_dataset"]))
     units = WorkUnit.objects.filter(job=split_job).order_by("index")
 
-    xs = [load_tensors(storage.path(u.payload["inputs"]["x"]).read_bytes())["x"] for u in units]
-    ys = [load_tensors(storage.path(u.payload["inputs"]["y"]).read_bytes())["y"] for u in units]
+    xs = [load_tensors(stored_bytes(u.payload["inputs"]["x"]))["x"] for u in units]
+    ys = [load_tensors(stored_bytes(u.payload["inputs"]["y"]))["y"] for u in units]
 
     np.testing.assert_array_equal(np.concatenate(xs), data["x"])
     np.testing.assert_array_equal(np.concatenate(ys), data["y"])
@@ -154,7 +153,7 @@ def _update_file(tmp_path, name, weights, *, loss=0.5, samples=21):
 @pytest.fixture
 def unit_and_weights(split_job):
     unit = WorkUnit.objects.filter(job=split_job).order_by("index").first()
-    weights = load_tensors(get_storage().path(unit.payload["model"]["weights"]).read_bytes())
+    weights = load_tensors(stored_bytes(unit.payload["model"]["weights"]))
     return unit, weights
 
 

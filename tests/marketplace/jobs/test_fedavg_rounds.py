@@ -16,6 +16,7 @@ from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.results import result_report
 from marketplace.workunits.verification import unit_validate
+from tests.conftest import stored_bytes
 from tests.marketplace.jobs.fedavg_helpers import honest_update, spec_for
 
 
@@ -52,10 +53,13 @@ def expected_round(job, index):
     """The aggregate recomputed from the round's canonical updates, and its evaluation."""
     storage, shards = get_storage(), job.spec["shards"]
     units = WorkUnit.objects.filter(job=job, index__gte=index * shards, index__lt=(index + 1) * shards).order_by("index")
-    start = load_tensors(storage.path(units[0].payload["model"]["weights"]).read_bytes())
-    updates = [fedavg.read_update(storage.path(u.canonical_result.output_id))[0] for u in units]
+    start = load_tensors(stored_bytes(units[0].payload["model"]["weights"]))
+    updates = []
+    for unit in units:
+        with storage.local_path(unit.canonical_result.output_id) as path:
+            updates.append(fedavg.read_update(path)[0])
     new = fedavg_math.aggregate(start, updates, [u.payload["samples"] for u in units], method="mean")
-    held_out = load_tensors(storage.path(job.spec["eval_dataset"]).read_bytes())
+    held_out = load_tensors(stored_bytes(job.spec["eval_dataset"]))
     return new, fedavg_math.evaluate("mlp", job.spec["model"]["config"], new, held_out["x"], held_out["y"])
 
 
@@ -68,7 +72,7 @@ def test_a_round_whose_units_are_decided_is_aggregated_into_the_next_rounds_weig
 
     done = FedRound.objects.get(job=job, index=0)
     new, (eval_loss, eval_accuracy) = expected_round(job, 0)
-    stored = load_tensors(get_storage().path(done.weights_out_id).read_bytes())
+    stored = load_tensors(stored_bytes(done.weights_out_id))
     assert set(stored) == set(new) and all(np.array_equal(stored[k], new[k]) for k in new)
     assert (done.eval_loss, done.eval_accuracy) == pytest.approx((eval_loss, eval_accuracy))
     assert done.samples == 60 and len(done.updates) == 3

@@ -2,16 +2,16 @@
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load
 
 from marketplace.artifacts.models import Artifact
-from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.lifecycle import job_merge_if_done
 from marketplace.jobs.models import Job
 from marketplace.jobs.services import job_merge
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import WorkUnit
 from marketplace.workunits.verification import unit_validate
+from tests.conftest import stored_bytes
 
 
 @pytest.fixture
@@ -29,9 +29,8 @@ def computed_job(submit_job, make_device, report, contributor, other_contributor
 
 
 def canonical_outputs(job):
-    storage = get_storage()
     return [
-        load_file(str(storage.path(unit.canonical_result.output_id)))["y"]
+        load(stored_bytes(unit.canonical_result.output_id))["y"]
         for unit in WorkUnit.objects.filter(job=job).select_related("canonical_result").order_by("index")
     ]
 
@@ -45,7 +44,7 @@ def test_the_merged_output_is_the_canonical_outputs_in_unit_order(computed_job):
 
     assert job.state == Job.State.COMPLETED
     assert job.finished_at is not None
-    merged = load_file(str(get_storage().path(job.output_id)))
+    merged = load(stored_bytes(job.output_id))
     assert list(merged) == ["y"]
     assert merged["y"].dtype == np.float32
     assert merged["y"].shape == (10, 3)
@@ -54,7 +53,7 @@ def test_the_merged_output_is_the_canonical_outputs_in_unit_order(computed_job):
 
 def test_the_merged_output_is_the_model_applied_to_the_dataset_in_order(computed_job):
     import torch
-    from safetensors.torch import load_file as load_tensors
+    from safetensors.torch import load as load_tensors
 
     from worker_agent.architectures import resolve
 
@@ -62,10 +61,10 @@ def test_the_merged_output_is_the_model_applied_to_the_dataset_in_order(computed
 
     arch, config = resolve(job.spec["model"]["architecture"], job.spec["model"]["config"])
     model = arch.build(config)
-    model.load_state_dict(load_tensors(str(get_storage().path(job.spec["model"]["weights"]))))
+    model.load_state_dict(load_tensors(stored_bytes(job.spec["model"]["weights"])))
     with torch.no_grad():
-        expected = model(torch.from_numpy(load_file(str(get_storage().path(job.spec["dataset"])))["x"])).numpy()
-    merged = load_file(str(get_storage().path(job.output_id)))["y"]
+        expected = model(torch.from_numpy(load(stored_bytes(job.spec["dataset"]))["x"])).numpy()
+    merged = load(stored_bytes(job.output_id))["y"]
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -100,7 +99,7 @@ def test_the_output_endpoint_answers_409_until_the_job_completed_then_the_bytes(
     assert before.status_code == 409
     assert before.json()["error"]["code"] == "conflict"
     assert after.status_code == 200
-    assert b"".join(after.streaming_content) == get_storage().path(job.output_id).read_bytes()
+    assert b"".join(after.streaming_content) == stored_bytes(job.output_id)
     assert f"job-{job.pk}-output.safetensors" in after["Content-Disposition"]
 
 

@@ -48,15 +48,16 @@ def test_it_issues_two_unsent_replicas_of_each_unit(submit_job):
 
 def test_it_stores_each_slice_as_a_content_addressed_input(submit_job):
     job = submit_job(rows=10, rows_per_unit=4)
-    dataset = load_file(str(get_storage().path(job.spec["dataset"])))["x"]
+    with get_storage().local_path(job.spec["dataset"]) as path:
+        dataset = load_file(str(path))["x"]
 
     for unit in WorkUnit.objects.filter(job=job).order_by("index"):
         sha = unit.payload["inputs"]["x"]
-        path = get_storage().path(sha)
-        assert path.name == sha
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
-        start = unit.index * 4
-        np.testing.assert_array_equal(load_file(str(path))["x"], dataset[start:start + unit.payload["rows"]])
+        with get_storage().local_path(sha) as path:
+            assert path.name == sha
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+            start = unit.index * 4
+            np.testing.assert_array_equal(load_file(str(path))["x"], dataset[start:start + unit.payload["rows"]])
         assert set(unit.inputs.values_list("sha256", flat=True)) == {job.spec["model"]["weights"], sha}
 
 

@@ -18,6 +18,7 @@ from marketplace.jobs.services import job_merge
 from marketplace.workunits.leasing import workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.verification import unit_validate
+from tests.conftest import stored_bytes
 from worker_agent.architectures import resolve
 
 KNOWN = 6
@@ -27,7 +28,7 @@ KNOWN = 6
 def model_of(spec):
     arch, config = resolve(spec["model"]["architecture"], spec["model"]["config"])
     model = arch.build(config)
-    weights = get_storage().path(spec["model"]["weights"]).read_bytes()
+    weights = stored_bytes(spec["model"]["weights"])
     model.load_state_dict(load_torch_safetensors(weights))
     return model.eval()
 
@@ -72,10 +73,10 @@ def test_known_rows_hide_in_every_unit_and_nothing_on_the_wire_names_them(known_
         assert len(unit.hidden_rows) == 2
         assert unit.payload["rows"] == 6 and unit.payload["output"]["shape"] == [6, 3]
         assert "hidden_rows" not in str(unit.payload) and "known" not in str(unit.payload)
-        path = get_storage().path(unit.payload["inputs"]["x"])
-        x = read_array(path, read_header(path)["x"])
-        known_path = get_storage().path(job.spec["known_answers"])
-        known_x = read_array(known_path, read_header(known_path)["x"])
+        with get_storage().local_path(unit.payload["inputs"]["x"]) as path:
+            x = read_array(path, read_header(path)["x"])
+        with get_storage().local_path(job.spec["known_answers"]) as known_path:
+            known_x = read_array(known_path, read_header(known_path)["x"])
         for position, pick in unit.hidden_rows:
             np.testing.assert_array_equal(x[position], known_x[pick])
     assert job.spec["known_rows"] == KNOWN and job.spec["known_answers_per_unit"] == 2
@@ -95,10 +96,11 @@ def test_honest_answers_pass_the_known_rows_and_the_merged_output_leaves_them_ou
         assert job_merge(job_id=job.pk).state == Job.State.COMPLETED
 
     job.refresh_from_db()
-    merged = load_safetensors(get_storage().path(job.output_id).read_bytes())["y"]
-    dataset = get_storage().path(job.spec["dataset"])
+    merged = load_safetensors(stored_bytes(job.output_id))["y"]
+    with get_storage().local_path(job.spec["dataset"]) as dataset:
+        x = read_array(dataset, read_header(dataset)["x"]).copy()
     with torch.no_grad():
-        expected = model_of(job.spec)(torch.from_numpy(read_array(dataset, read_header(dataset)["x"]).copy())).numpy()
+        expected = model_of(job.spec)(torch.from_numpy(x)).numpy()
     assert merged.shape == (8, 3)
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
     assert not Result.objects.filter(job=job, failed_known_rows=True).exists()

@@ -5,7 +5,6 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace.artifacts.storage import get_storage
 from marketplace.jobs.models import Job
 from marketplace.jobs.tasks import job_split_task
 from marketplace.workunits.leasing import workunit_lease
@@ -54,9 +53,10 @@ def test_the_validate_task_runs_the_validation(submit_job):
     assert unit_validate_task(unit.pk) == "pending"
 
 
-def test_a_split_that_cannot_succeed_fails_the_job(submit_job):
+def test_a_split_that_cannot_succeed_fails_the_job(submit_job, artifact_dir):
     job = submit_job(split=False)
-    get_storage().path(job.spec["dataset"]).unlink()
+    sha = job.spec["dataset"]
+    (artifact_dir / sha[:2] / sha[2:4] / sha).unlink()  # the filesystem backend's file, gone
 
     with pytest.raises(FileNotFoundError):
         job_split_task(job.pk)
