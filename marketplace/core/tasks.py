@@ -4,11 +4,22 @@ Services name the task they want run (`"jobs.merge"`, `"workunits.validate"`) in
 `tasks` module that holds it: a tasks module imports the services it calls, so importing it back from a
 service makes a circle, and the layers (docs/architecture.md) point only down. The name is the contract,
 the same one beat's schedule and the queued messages already use.
+
+A broker that is down when the transaction commits loses nothing and fails no request: every task sent
+here has a marker in the database (a job left pending or merging, a unit with `need_validate`) that the
+periodic sweep (marketplace/workunits/sweep.py) acts on, so the send is logged and left to it. The
+caller's work is committed by then and must not answer 500 for a message.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import partial
+
 from celery import Task, current_app
+from django.db import transaction
+
+log = logging.getLogger(__name__)
 
 
 def _task(name: str) -> Task:
@@ -23,8 +34,17 @@ def _task(name: str) -> Task:
 
 def enqueue_on_commit(name: str, *args: int) -> None:
     """Send the task registered as `name` with `args` once the current transaction commits (at once in
-    autocommit): a worker must never look for rows the sender has not committed yet."""
-    _task(name).delay_on_commit(*args)
+    autocommit): a worker must never look for rows the sender has not committed yet. A send that fails
+    (the broker is down) is logged; the sweep does the work instead."""
+    task = _task(name)  # an unknown name fails now, inside the caller's transaction
+    transaction.on_commit(partial(_send_after_commit, task, args))
+
+
+def _send_after_commit(task: Task, args: tuple[int, ...]) -> None:
+    try:
+        task.delay(*args)
+    except Exception:  # kombu's OperationalError, a refused connection, a timeout: all the same here
+        log.warning("could not send %s%s to the broker; the sweep will do it", task.name, args, exc_info=True)
 
 
 def enqueue(name: str, *args: int) -> None:

@@ -281,3 +281,33 @@ def test_it_accepts_the_same_bytes_once_the_submitter_uploaded_them_too(post_job
         upload(stored_bytes(sha), submitter)
 
     assert post_job(spec).status_code == 201
+
+
+def test_a_broker_that_is_down_after_commit_fails_no_submission_and_the_sweep_splits_the_job(
+        post_job, inference_spec, monkeypatch, django_capture_on_commit_callbacks):
+    # Before: the after-commit send raised into the request, which answered 500 with the job and its
+    # escrow committed; a client retrying made a second job and took a second escrow.
+    from datetime import timedelta
+
+    from celery.app.task import Task
+    from django.utils import timezone
+    from kombu.exceptions import OperationalError
+
+    from marketplace.workunits.sweep import sweep_run
+
+    def broker_down(task, args=None, kwargs=None, **options):
+        raise OperationalError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(Task, "apply_async", broker_down)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post_job(inference_spec(rows=10, rows_per_unit=4))
+
+    assert response.status_code == 201, response.json()
+    job = Job.objects.get()
+    assert job.state == Job.State.PENDING
+
+    sent = []
+    monkeypatch.setattr(Task, "apply_async", lambda task, args=None, kwargs=None, **o: sent.append((task.name, tuple(args))))
+    Job.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(minutes=1))
+    assert sweep_run()["split"] == 1  # the broker is back: the sweep sends the split the submission could not
+    assert sent == [("jobs.split", (job.pk,))]
