@@ -214,6 +214,9 @@ CELERY_TASK_TIME_LIMIT = envint("IDLEGRID_TASK_TIME_LIMIT", 600, low=1)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30 if CELERY_TASK_TIME_LIMIT > 60 else None
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 IDLEGRID_SWEEP_SECONDS = envint("IDLEGRID_SWEEP_SECONDS", 10, low=1)
+# How long an Idempotency-Key and its first answer are kept (marketplace/api/idempotency.py): at least a day,
+# Stripe's figure, so a client retrying through an outage of a day gets the first answer, not a second job.
+IDLEGRID_IDEMPOTENCY_HOURS = envint("IDLEGRID_IDEMPOTENCY_HOURS", 24, low=24, high=24 * 30)
 # Periodic tasks expire when their period has passed: the next one does the same work, and a backlog of
 # stale sweeps (a worker that was busy or down) must not stand in front of a job's merge.
 _PERIODIC = {"expires": IDLEGRID_SWEEP_SECONDS}
@@ -221,6 +224,8 @@ CELERY_BEAT_SCHEDULE = {
     "expire-leases": {"task": "workunits.expire_leases", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS),
                       "options": _PERIODIC},
     "sweep": {"task": "workunits.sweep", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS), "options": _PERIODIC},
+    "purge-idempotency-keys": {"task": "api.purge_idempotency_keys", "schedule": timedelta(hours=1),
+                               "options": {"expires": 3600}},
 }
 
 # --- Idlegrid -------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
+from marketplace.api.idempotency import idempotent
+from marketplace.api.schema import ErrorOut
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
@@ -59,7 +61,16 @@ class JobCreateApi(APIView):
         kind = serializers.CharField()
         spec = serializers.JSONField()
 
-    @extend_schema(operation_id="job_create", request=JobCreateIn, responses={201: JobOut})
+    @extend_schema(
+        operation_id="job_create", request=JobCreateIn,
+        responses={201: JobOut, 400: ErrorOut, 401: ErrorOut, 402: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut},
+        parameters=[OpenApiParameter(
+            "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
+            description="Send the same key to retry safely: the job is created once and every retry gets the first "
+                        "answer again (Idempotent-Replayed: true) for 24 hours; 409 idempotency_key_in_flight while "
+                        "the first is running, 422 idempotency_key_reused for the same key with other parameters.")],
+    )
+    @idempotent
     def post(self, request):
         body = self.JobCreateIn(data=request.data)
         body.is_valid(raise_exception=True)

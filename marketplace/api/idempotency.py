@@ -1,0 +1,124 @@
+"""Idempotent writes: a POST that carries `Idempotency-Key` is carried out once, as Stripe's API does.
+
+The first request with a key records it (in flight) before the operation runs. Once it has answered,
+every later request with the same key gets that first answer again, byte for byte, with
+`Idempotent-Replayed: true`, for IDLEGRID_IDEMPOTENCY_HOURS. A second request while the first is still
+running is refused with 409 `idempotency_key_in_flight`; the same key with other parameters or another
+operation with 422 `idempotency_key_reused`. Keys are a person's own: two people never share one.
+
+What is remembered is an answer the operation gave: a refusal (a 400 on bad parameters, a 402 on a
+short balance) changed nothing, so it is not kept and the request may be retried with the same key
+once fixed. A key whose first request died without answering (its process killed) is taken over after
+IN_FLIGHT_ABANDONED_SECONDS, longer than any request may run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.http import HttpResponse
+from django.utils import timezone
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from marketplace.api.models import IdempotencyKey
+from marketplace.core.exceptions import Conflict, ValidationFailed
+
+HEADER = "Idempotency-Key"
+MAX_KEY = 255
+IN_FLIGHT_ABANDONED_SECONDS = 15 * 60
+
+
+class KeyReused(ValidationFailed):
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class KeyInFlight(Conflict):
+    code = "idempotency_key_in_flight"
+
+
+def _fingerprint(request: Request) -> str:
+    canonical = json.dumps(request.data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _key_of(request: Request) -> str | None:
+    key = request.headers.get(HEADER)
+    if key is None:
+        return None
+    if not key or len(key) > MAX_KEY or not key.isprintable() or not key.isascii():
+        raise ValidationFailed(f"{HEADER} must be 1 to {MAX_KEY} printable ASCII characters",
+                               fields={HEADER: "invalid"})
+    return key
+
+
+def _claim(request: Request, key: str) -> IdempotencyKey | HttpResponse:
+    """Record the key as in flight, or answer from what it recorded already."""
+    operation, fingerprint = f"{request.method} {request.path}", _fingerprint(request)
+    since = timezone.now() - timedelta(hours=settings.IDLEGRID_IDEMPOTENCY_HOURS)
+    IdempotencyKey.objects.filter(user=request.user, key=key, created_at__lt=since).delete()
+    abandoned = timezone.now() - timedelta(seconds=IN_FLIGHT_ABANDONED_SECONDS)
+    IdempotencyKey.objects.filter(user=request.user, key=key, state=IdempotencyKey.State.IN_FLIGHT,
+                                  created_at__lt=abandoned).delete()
+    try:
+        with transaction.atomic():
+            return IdempotencyKey.objects.create(user=request.user, key=key, operation=operation,
+                                                 fingerprint=fingerprint)
+    except IntegrityError:
+        pass
+    first = IdempotencyKey.objects.filter(user=request.user, key=key).first()
+    if first is None:  # it ended (a refusal) between our insert and this read: the caller may retry
+        raise KeyInFlight(f"a request with this {HEADER} just ended; send it again")
+    if (first.operation, first.fingerprint) != (operation, fingerprint):
+        raise KeyReused(f"this {HEADER} was used for another request ({first.operation}, other parameters); "
+                        "use a new key for a new request", fields={HEADER: "reused"})
+    if first.state == IdempotencyKey.State.IN_FLIGHT:
+        raise KeyInFlight(f"a request with this {HEADER} is still being processed; retry after it answered")
+    replay = HttpResponse(bytes(first.body or b""), status=first.status_code, content_type=first.content_type)
+    replay["Idempotent-Replayed"] = "true"
+    return replay
+
+
+def idempotent(view: Callable[..., Response]) -> Callable[..., Any]:
+    """Decorate an APIView's `post`: with an `Idempotency-Key` it runs once per key (module docstring)."""
+
+    @functools.wraps(view)
+    def post(self: Any, request: Request, *args: Any, **kwargs: Any) -> Any:
+        key = _key_of(request)
+        if key is None:
+            return view(self, request, *args, **kwargs)
+        claimed = _claim(request, key)
+        if isinstance(claimed, HttpResponse):
+            return claimed
+        try:
+            response = view(self, request, *args, **kwargs)
+        except BaseException:
+            claimed.delete()  # a refusal changed nothing: the same key may carry the fixed request
+            raise
+        body = JSONRenderer().render(response.data)
+        IdempotencyKey.objects.filter(pk=claimed.pk).update(
+            state=IdempotencyKey.State.DONE, status_code=response.status_code, body=body,
+            content_type="application/json")
+        replayable = HttpResponse(body, status=response.status_code, content_type="application/json")
+        for name, value in response.items():
+            if name.lower() != "content-type":
+                replayable[name] = value
+        return replayable
+
+    return post
+
+
+def idempotency_keys_purge(*, now: Any = None) -> int:
+    """Forget keys older than IDLEGRID_IDEMPOTENCY_HOURS (beat runs it hourly). Returns how many."""
+    since = (now or timezone.now()) - timedelta(hours=settings.IDLEGRID_IDEMPOTENCY_HOURS)
+    deleted, _ = IdempotencyKey.objects.filter(created_at__lt=since).delete()
+    return deleted
