@@ -14,6 +14,7 @@ urlpatterns = [
     path("artifacts/", artifacts.ArtifactUploadApi.as_view(), name="artifact-upload"),
     path("artifacts/<str:sha256>/", artifacts.ArtifactDownloadApi.as_view(), name="artifact-download"),
     path("jobs/", jobs.JobCreateApi.as_view(), name="job-create"),
+    path("jobs/quote/", jobs.JobQuoteApi.as_view(), name="job-quote"),
     path("jobs/<int:job_id>/", jobs.JobDetailApi.as_view(), name="job-detail"),
     path("jobs/<int:job_id>/output/", jobs.JobOutputApi.as_view(), name="job-output"),
     path("jobs/<int:job_id>/rounds/", jobs.JobRoundsApi.as_view(), name="job-rounds"),

@@ -12,6 +12,7 @@ from marketplace.api.schema import ErrorOut
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
+from marketplace.jobs.quotes import job_quote
 from marketplace.jobs.selectors import job_get_for_owner, job_progress, job_rounds
 from marketplace.jobs.services import job_submit
 
@@ -53,17 +54,42 @@ def job_out(job: Job) -> dict:
     ).data
 
 
+class QuoteOut(serializers.Serializer):
+    kind = serializers.CharField()
+    units = serializers.IntegerField(help_text="the units the job would be split into")
+    quorum = serializers.IntegerField()
+    price_per_result = serializers.CharField(help_text="base units, a decimal string")
+    results_per_unit_expected = serializers.FloatField(
+        help_text="results computed per decided unit, replicas and disagreements included, as this kind needed lately")
+    results_per_unit_source = serializers.CharField(help_text="where that figure comes from")
+    cost_expected = serializers.CharField(help_text="base units: price x units x results_per_unit_expected")
+    cost_worst_case = serializers.CharField(help_text="base units: the escrow a submission takes (unused escrow returns)")
+    balance_available = serializers.CharField()
+    affordable = serializers.BooleanField(help_text="the balance covers the escrow")
+    devices_active = serializers.IntegerField(help_text="devices seen in the last hour")
+    owners_active = serializers.IntegerField(help_text="distinct owners of those devices")
+    runnable = serializers.BooleanField(help_text="devices of at least `quorum` owners are active")
+    not_runnable_reason = serializers.CharField(allow_null=True)
+    eta_seconds_p50 = serializers.IntegerField(allow_null=True, help_text="from per-result compute times of the last day")
+    eta_seconds_p90 = serializers.IntegerField(allow_null=True)
+    eta_reason = serializers.CharField(allow_null=True, help_text="why there is no ETA, when there is none")
+    spec = serializers.JSONField(help_text="the spec as a submission would store it, defaults filled in")
+
+
 class JobCreateApi(APIView):
     permission_classes = [IsPerson]
     throttle_scope = "job_create"
 
     class JobCreateIn(serializers.Serializer):
-        kind = serializers.CharField()
-        spec = serializers.JSONField()
+        kind = serializers.CharField(help_text="the task kind: inference or fedavg")
+        spec = serializers.JSONField(help_text="the kind's spec (docs/protocol.md)")
+        dry_run = serializers.BooleanField(
+            default=False, help_text="true: validate and quote (200, the same body as POST /jobs/quote/); nothing is "
+                                     "created or escrowed")
 
     @extend_schema(
         operation_id="job_create", request=JobCreateIn,
-        responses={201: JobOut, 400: ErrorOut, 401: ErrorOut, 402: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut},
+        responses={201: JobOut, 200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 402: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut},
         parameters=[OpenApiParameter(
             "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
             description="Send the same key to retry safely: the job is created once and every retry gets the first "
@@ -74,8 +100,26 @@ class JobCreateApi(APIView):
     def post(self, request):
         body = self.JobCreateIn(data=request.data)
         body.is_valid(raise_exception=True)
+        if body.validated_data["dry_run"]:
+            quote = job_quote(owner=request.user, kind=body.validated_data["kind"], spec=body.validated_data["spec"])
+            return Response(QuoteOut(quote.as_dict()).data)
         job = job_submit(owner=request.user, kind=body.validated_data["kind"], spec=body.validated_data["spec"])
         return Response(job_out(job), status=status.HTTP_201_CREATED)
+
+
+class JobQuoteApi(APIView):
+    permission_classes = [IsPerson]
+    throttle_scope = "job_create"
+
+    @extend_schema(operation_id="job_quote", request=JobCreateApi.JobCreateIn,
+                   responses={200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 429: ErrorOut},
+                   description="What a job would cost and take, and whether the network can run it now; "
+                               "creates and escrows nothing (docs/protocol.md, 'Quotes').")
+    def post(self, request):
+        body = JobCreateApi.JobCreateIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        quote = job_quote(owner=request.user, kind=body.validated_data["kind"], spec=body.validated_data["spec"])
+        return Response(QuoteOut(quote.as_dict()).data)
 
 
 class JobDetailApi(APIView):
