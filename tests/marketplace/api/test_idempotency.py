@@ -103,8 +103,6 @@ def test_old_keys_are_forgotten_by_the_purge(post):
 
 @pytest.mark.django_db(transaction=True)
 def test_twenty_concurrent_identical_posts_make_exactly_one_job_and_one_escrow(api, submitter, inference_spec):
-    if connection.vendor != "postgresql":
-        pytest.skip("concurrent writers need PostgreSQL: SQLite's test database is one connection")
     body = {"kind": "inference", "spec": inference_spec(rows=10, rows_per_unit=4)}
     answers, start = [], threading.Barrier(20)
 
