@@ -113,6 +113,7 @@ INSTALLED_APPS = [
     "knox",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "django_filters",
     "marketplace.core",
     "marketplace.accounts",
     "marketplace.artifacts",
@@ -396,6 +397,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Lists page by cursor (marketplace/api/pagination.py) and filter with django-filter FilterSets.
+    "DEFAULT_PAGINATION_CLASS": "marketplace.api.pagination.IdCursorPagination",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "EXCEPTION_HANDLER": "marketplace.api.exception_handler.handle",
     # Every JSON body is parsed with limits on size, depth and count (marketplace/api/parsers.py).
     "DEFAULT_PARSER_CLASSES": ["marketplace.api.parsers.BoundedJSONParser"],
