@@ -11,7 +11,7 @@ from marketplace.api.authentication import DeviceAuthentication
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
-from marketplace.core.exceptions import NotFound
+from marketplace.core.exceptions import NotFound, ValidationFailed
 from marketplace.jobs.selectors import artifact_get_for_user
 from marketplace.workers.models import Device
 from marketplace.workunits.selectors import artifact_get_for_device
@@ -57,6 +57,10 @@ class ArtifactUploadApi(APIView):
             raise exceptions.UnsupportedMediaType(
                 request.content_type, detail="send the bytes with Content-Type: application/octet-stream"
             )
+        if not hasattr(request.data, "read"):
+            # DRF hands over no stream when the request says it has no body (no or a zero Content-Length:
+            # chunked transfer encoding counts as none); reading a dict was a 500 (found by schemathesis).
+            raise ValidationFailed("the body is empty: send the artifact's bytes, with a Content-Length")
         device = request.auth if isinstance(request.auth, Device) else None
         artifact, created = artifact_store(
             chunks=_chunks(request.data),

@@ -90,6 +90,15 @@ def test_it_refuses_an_upload_past_the_size_limit_and_keeps_nothing(api, submitt
     assert stored_files(artifact_dir) == []
 
 
+def test_it_refuses_an_upload_without_a_body_and_keeps_nothing(api, submitter, artifact_dir):
+    response = post_bytes(api(submitter), b"")
+
+    assert response.status_code == 400
+    assert "the body is empty" in response.json()["error"]["message"]
+    assert Artifact.objects.count() == 0
+    assert stored_files(artifact_dir) == []
+
+
 def test_it_accepts_an_upload_of_exactly_the_size_limit(api, submitter, settings):
     settings.IDLEGRID_MAX_ARTIFACT_BYTES = 1024
 
