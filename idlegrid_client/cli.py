@@ -501,7 +501,7 @@ def rounds_table(rounds: Rounds) -> Table:
                       f"{r.eval_accuracy:.4f}")
     if rounds.training is not None:
         t = rounds.training
-        table.add_row(str(t.round), f"training: {t.units_done}/{t.units_total} units", "", "", "", "")
+        table.add_row(str(t.round), f"{t.units_done}/{t.units_total}", "", "training…", "", "")
     return table
 
 
@@ -514,7 +514,9 @@ def watch(client: Client, job_id: int, *, interval: float = 1.0, timeout: float 
     bar = progress.add_task("job", total=None, job=job_id, state="…", valid=0, invalid=0)
     with Live(progress, console=err, refresh_per_second=4) as live:
         def show(job: Job) -> None:
-            progress.update(bar, total=_planned_units(job), completed=job.units_done, state=job.state,
+            # A job that completed is all done, even one that stopped early (a fedavg target reached).
+            total = job.units_done if job.state == "completed" else _planned_units(job)
+            progress.update(bar, total=total, completed=job.units_done, state=job.state,
                             valid=job.results_valid, invalid=job.results_invalid)
             live.update(Group(progress, rounds_table(client.rounds(job.id))) if job.kind == "fedavg" else progress)
 
