@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -115,7 +115,8 @@ def _need(data: Mapping[str, Any], key: str, types: type | tuple[type, ...], *, 
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise BadAnswer(f"the server's answer has {key}={value!r}, not a number")
     if not isinstance(value, types):
-        raise BadAnswer(f"the server's answer has {key}={value!r}; expected {types}")
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise BadAnswer(f"the server's answer has {key}={value!r}; expected {names}")
     return value
 
 
@@ -282,6 +283,13 @@ class Page(Generic[T]):
     results: list[T]
     next: str | None
     previous: str | None
+
+    @property
+    def next_cursor(self) -> str | None:
+        """The cursor of the next page, for `jobs_page(cursor=...)`; None on the last page."""
+        if self.next is None:
+            return None
+        return parse_qs(urlsplit(self.next).query).get("cursor", [None])[0]
 
 
 @dataclass(frozen=True)
@@ -540,20 +548,18 @@ class Client:
     # --- plumbing ---------------------------------------------------------------------------------------
 
     def _job_page(self, url: str, params: list[tuple[str, str]]) -> Page[Job]:
-        self._same_origin(url)
         # No params for a `next` link: httpx would replace the link's own query (its cursor) with them.
         query: dict[str, Any] = {"params": params} if params else {}
-        body = _object(self._json("GET", url, idempotent=True, **query), "a page of jobs")
+        body = _object(self._json("GET", self._here(url), idempotent=True, **query), "a page of jobs")
         results = _need(body, "results", list)
         following = [None if body.get(k) is None else urljoin(url, _need(body, k, str)) for k in ("next", "previous")]
         return Page(results=[Job.from_wire(job) for job in results], next=following[0], previous=following[1])
 
-    def _same_origin(self, url: str) -> None:
-        """The token goes only to the marketplace: a `next` link to another host is not followed."""
-        there, here = urlsplit(url), urlsplit(self.base_url)
-        if (there.scheme, there.netloc) != (here.scheme, here.netloc):
-            raise BadAnswer(f"the server sent a link to {there.scheme}://{there.netloc}, not {self.base_url}; "
-                            "not followed")
+    def _here(self, url: str) -> str:
+        """A link's path and query on this client's marketplace. The token goes to no other host, whatever a
+        link names; and a server behind a TLS proxy that builds its links as http:// is still followed."""
+        link, here = urlsplit(url), urlsplit(self.base_url)
+        return urlunsplit((here.scheme, here.netloc, link.path, link.query, ""))
 
     def _json(self, method: str, url: str, *, idempotent: bool, **request: Any) -> Any:
         content = request.pop("content", None)

@@ -221,14 +221,29 @@ def test_a_page_size_is_kept_within_the_endpoints_bound():
     assert server.requests[0].url.params["limit"] == "200"
 
 
-def test_a_next_link_to_another_host_is_not_followed_with_the_token():
-    page = httpx.Response(200, json={"next": "http://evil.test/steal", "previous": None, "results": [job_body(1)]})
-    server = Server(page)
+def test_a_next_link_naming_another_host_is_asked_of_this_marketplace_so_the_token_goes_nowhere_else():
+    page = httpx.Response(200, json={"next": "http://elsewhere.test/prefix/api/v1/jobs/?cursor=c1", "previous": None,
+                                     "results": [job_body(2)]})
+    server = Server(page, *pages([1]))
 
-    with pytest.raises(BadAnswer, match="evil.test"):
-        list(client_for(server).jobs())
+    jobs = list(client_for(server).jobs())
 
-    assert len(server.requests) == 1
+    assert [job.id for job in jobs] == [2, 1]
+    followed = server.requests[1].url
+    assert (followed.host, followed.path, followed.params["cursor"]) == ("market.test", "/prefix/api/v1/jobs/", "c1")
+    assert server.requests[1].headers["Authorization"] == "Token tok"
+
+
+def test_a_page_names_its_next_cursor_for_integrators_who_page_themselves():
+    server = Server(*pages([9, 8], [7]))
+    client = client_for(server)
+
+    first = client.jobs_page(limit=2)
+    second = client.jobs_page(limit=2, cursor=first.next_cursor)
+
+    assert first.next_cursor == "c1" and second.next_cursor is None
+    assert [job.id for job in second.results] == [7]
+    assert server.requests[1].url.params["cursor"] == "c1"
 
 
 # --- cancel (the endpoint is built on another branch: these pin the client's half of its contract) ---
