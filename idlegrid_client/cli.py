@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     download = command("download", cmd_download, "download a completed job's output (sha256 checked)")
     download.add_argument("job_id", type=_positive_int, metavar="ID")
     download.add_argument("-o", "--output", type=Path, help="file to write (default: job-ID-output.safetensors)")
+    download.add_argument("--round", type=int, help="fedavg: that round's aggregated weights instead of the output")
     return parser
 
 
@@ -456,15 +457,28 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    target: Path = args.output or Path(f"job-{args.job_id}-output.safetensors")
-    with _client(args) as client, transfer_progress() as progress:
-        task = progress.add_task(f"job {args.job_id} output", total=None)
-        sha256 = client.download(args.job_id, target, progress=_advance(progress, task))
+    what = "output" if args.round is None else f"round-{args.round}"
+    target: Path = args.output or Path(f"job-{args.job_id}-{what}.safetensors")
+    with _client(args) as client:
+        weights = None if args.round is None else _round_weights(client, args.job_id, args.round)
+        with transfer_progress() as progress:
+            task = progress.add_task(f"job {args.job_id} {what}", total=None)
+            if weights is None:
+                sha256 = client.download(args.job_id, target, progress=_advance(progress, task))
+            else:
+                sha256 = client.download_artifact(weights, target, progress=_advance(progress, task))
     if args.json:
         _print_json({"job_id": args.job_id, "path": str(target), "sha256": sha256, "size": target.stat().st_size})
     else:
         out.print(f"wrote {escape(str(target))} ({target.stat().st_size} bytes, sha256 {sha256})")
     return EXIT_OK
+
+
+def _round_weights(client: Client, job_id: int, index: int) -> str:
+    for r in client.rounds(job_id).rounds:
+        if r.round == index:
+            return r.weights_sha256
+    raise ClientError(f"job {job_id} has no aggregated round {index} (yet)")
 
 
 # --- watch ------------------------------------------------------------------------------------------

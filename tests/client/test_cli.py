@@ -4,6 +4,7 @@ pin what the CLI expects of them; test_client_api.py runs the CLI against the re
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -83,3 +84,21 @@ def test_cancel_shows_the_job_cancelling_and_a_finished_job_is_refused_plainly(s
     assert cli.main(["cancel", "7"]) == cli.EXIT_ERROR
     said = capsys.readouterr().err
     assert "job 7 is completed" in said and "HTTP 409" in said and "Traceback" not in said
+
+
+def test_download_round_fetches_that_rounds_aggregated_weights(serve, capsys, tmp_path):
+    weights = b"round one weights"
+    sha = hashlib.sha256(weights).hexdigest()
+    rounds = {"rounds_planned": 2, "training": None, "privacy": None, "target": None, "rounds": [
+        {"round": 1, "weights_in_sha256": "a" * 64, "weights_sha256": sha, "updates": 2, "result_ids": [1, 2],
+         "samples": 100, "train_loss": 1.0, "eval_loss": 0.5, "eval_accuracy": 0.9, "aggregated_at": "2026"}]}
+    server = serve(httpx.Response(200, json=rounds), httpx.Response(200, content=weights, headers={"X-Content-SHA256": sha}))
+
+    assert cli.main(["download", "7", "--round", "1", "-o", str(tmp_path / "r1.safetensors"), "--json"]) == cli.EXIT_OK
+
+    assert server.requests[1].url.path == f"/api/v1/artifacts/{sha}/"
+    assert (tmp_path / "r1.safetensors").read_bytes() == weights
+    assert json.loads(capsys.readouterr().out)["sha256"] == sha
+    serve(httpx.Response(200, json=rounds))
+    assert cli.main(["download", "7", "--round", "5", "-o", str(tmp_path / "r5")]) == cli.EXIT_ERROR
+    assert "no aggregated round 5" in capsys.readouterr().err and not (tmp_path / "r5").exists()
