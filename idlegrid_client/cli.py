@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _client(args: argparse.Namespace, *, token_needed: bool = True) -> Client:
+def _client(args: argparse.Namespace) -> Client:
     settings = config.resolve(url=args.url, token=args.token)
-    if token_needed and not settings.token:
+    if not settings.token:
         raise ClientError(f"no API token for {settings.url}: run `idlegrid login`, pass --token or set "
                           f"${config.TOKEN_ENV}")
     return Client(settings.url, settings.token, retry=CLI_RETRY)
@@ -229,7 +229,7 @@ def _print_json(value: Any) -> None:
 
 def cmd_login(args: argparse.Namespace) -> int:
     settings = config.resolve(url=args.url)
-    username = args.username or input("username: ")
+    username = args.username or err.input("username: ")
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("password: ")
     with Client(settings.url, retry=CLI_RETRY) as client:
         info = client.login(username, password)
@@ -299,7 +299,9 @@ def job_spec(args: argparse.Namespace, client: Client) -> tuple[str, dict[str, A
     if args.price is not None:
         spec["price_per_result"] = args.price
     for item in args.extra:
-        key, _, value = item.partition("=")
+        key, equals, value = item.partition("=")
+        if not key or not equals:
+            raise ClientError(f"--set {item!r}: expected KEY=VALUE (VALUE as JSON, or else a string)")
         spec[key] = _json_or_text(value)
     base = args.spec.parent if args.spec else Path.cwd()
     _upload_artifacts(client, spec, base)

@@ -21,7 +21,7 @@ def serve(monkeypatch):
 
     def install(*answers) -> Server:
         server = Server(*answers)
-        monkeypatch.setattr(cli, "_client", lambda args, **_: Client(URL, "tok", transport=httpx.MockTransport(server),
+        monkeypatch.setattr(cli, "_client", lambda args: Client(URL, "tok", transport=httpx.MockTransport(server),
                                                                      sleep=lambda _: None))
         return server
 
