@@ -4,19 +4,23 @@
 from idlegrid_client._version import __version__
 from idlegrid_client.client import (
     ApiError,
+    BadAnswer,
     ChecksumMismatch,
     Client,
     ClientError,
     Job,
     Page,
     Quote,
+    RetryPolicy,
     Round,
     Rounds,
     ServerUnreachable,
     TokenInfo,
+    Training,
+    WaitTimeout,
 )
 
 __all__ = [
-    "ApiError", "ChecksumMismatch", "Client", "ClientError", "Job", "Page", "Quote", "Round", "Rounds",
-    "ServerUnreachable", "TokenInfo", "__version__",
+    "ApiError", "BadAnswer", "ChecksumMismatch", "Client", "ClientError", "Job", "Page", "Quote", "RetryPolicy",
+    "Round", "Rounds", "ServerUnreachable", "TokenInfo", "Training", "WaitTimeout", "__version__",
 ]
