@@ -4,6 +4,7 @@ job needs Celery and agents: tests/e2e/test_cli.py runs the whole path, download
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -43,6 +44,11 @@ def logged_in(url: str) -> Client:
     client = Client(url)
     client.login("alice", PASSWORD)
     return client
+
+
+def token_of(url: str) -> str:
+    with Client(url) as client:
+        return client.login("alice", PASSWORD).token
 
 
 def test_the_client_logs_in_uploads_quotes_submits_and_reads_the_job_on_the_real_api(market, files):
@@ -120,8 +126,7 @@ def test_the_cli_logs_in_saves_the_token_0600_and_submits_from_friendly_flags(ma
 
 def test_the_cli_asks_before_submitting_and_without_a_terminal_submits_nothing(market, files, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    with logged_in(market) as client:
-        token_args = ["--url", market, "--token", client._http.headers["Authorization"].removeprefix("Token ")]
+    token_args = ["--url", market, "--token", token_of(market)]
     weights_file, dataset_file = files
 
     code = cli.main([*token_args, "submit", "--architecture", "mlp", "--config", json.dumps(MLP_CONFIG),
@@ -144,3 +149,22 @@ def test_the_cli_says_plainly_when_the_server_refuses_or_cannot_be_reached(marke
     assert refused == cli.EXIT_ERROR and "HTTP 401 not_authenticated" in said and "Traceback" not in said
     assert unreachable == cli.EXIT_UNREACHABLE and "cannot reach http://127.0.0.1:9" in unreachable_said
     assert "Traceback" not in unreachable_said
+
+
+def test_the_cli_quotes_a_spec_file_whose_artifact_fields_name_local_files(market, files, monkeypatch, capsys):
+    weights_file, dataset_file = files
+    spec_file = weights_file.parent / "job.json"
+    spec_file.write_text(json.dumps({"kind": "inference", "spec": {
+        "model": {"architecture": "mlp", "config": MLP_CONFIG, "weights": weights_file.name},
+        "dataset": dataset_file.name, "rows_per_unit": 5}}))
+    monkeypatch.chdir("/")  # the files are found beside the spec file, not in the working directory
+    token = token_of(market)
+
+    code = cli.main(["--url", market, "--token", token, "quote", "--spec", str(spec_file), "--quorum", "3", "--json"])
+
+    printed = capsys.readouterr()
+    assert code == cli.EXIT_OK, printed.err
+    quote = json.loads(printed.out)
+    assert (quote["units"], quote["quorum"], quote["spec"]["rows_per_unit"]) == (2, 3, 5)  # a flag beats the file
+    assert quote["spec"]["dataset"] == hashlib.sha256(dataset_file.read_bytes()).hexdigest()
+    assert Job.objects.count() == 0
