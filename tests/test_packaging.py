@@ -40,3 +40,30 @@ def test_importing_every_agent_module_loads_no_django_and_no_torch():
     assert done.returncode == 0, done.stderr
     assert len(modules) > 5
     assert done.stdout.strip() == "[]"
+
+
+def test_the_client_extra_and_the_idlegrid_command_are_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    client = _names(project["project"]["optional-dependencies"]["client"])
+    assert {"httpx", "rich"} <= client
+    assert not client & (SERVER_ONLY | {"torch"})
+    assert project["project"]["scripts"]["idlegrid"] == "idlegrid_client.cli:main"
+    assert "idlegrid_client*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+
+
+def test_importing_every_client_module_loads_no_django_no_torch_and_nothing_of_the_marketplace():
+    modules = sorted(
+        "idlegrid_client." + ".".join(p.relative_to(ROOT / "idlegrid_client").with_suffix("").parts)
+        for p in (ROOT / "idlegrid_client").rglob("*.py")
+        if p.name != "__main__.py"
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name.removesuffix('.__init__'))\n"
+        "loaded = {m.split('.')[0] for m in sys.modules}\n"
+        "print(sorted(loaded & {'django', 'celery', 'web3', 'marketplace', 'torch', 'numpy'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {"idlegrid_client.cli", "idlegrid_client.client", "idlegrid_client.config"} <= set(modules)
+    assert done.stdout.strip() == "[]"

@@ -9,7 +9,8 @@ import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STRICT_MODULES = ["worker_agent", "worker_agent.*", "marketplace.ledger.*", "marketplace.workunits.*"]
+STRICT_MODULES = ["worker_agent", "worker_agent.*", "idlegrid_client", "idlegrid_client.*", "marketplace.ledger.*",
+                  "marketplace.workunits.*"]
 # The per-module halves of --strict (`strict = true` is global-only); its global halves are in [tool.mypy].
 STRICT_OPTIONS = {
     "disallow_any_generics": True, "disallow_subclassing_any": True, "disallow_untyped_calls": True,
