@@ -33,6 +33,7 @@ from marketplace.api.models import IdempotencyKey
 from marketplace.core.exceptions import Conflict, ValidationFailed
 
 HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY = 255
 IN_FLIGHT_ABANDONED_SECONDS = 15 * 60
 
@@ -84,7 +85,7 @@ def _claim(request: Request, key: str) -> IdempotencyKey | HttpResponse:
     if first.state == IdempotencyKey.State.IN_FLIGHT:
         raise KeyInFlight(f"a request with this {HEADER} is still being processed; retry after it answered")
     replay = HttpResponse(bytes(first.body or b""), status=first.status_code, content_type=first.content_type)
-    replay["Idempotent-Replayed"] = "true"
+    replay[REPLAYED_HEADER] = "true"
     return replay
 
 
@@ -114,7 +115,13 @@ def idempotent(view: Callable[..., Response]) -> Callable[..., Any]:
                 replayable[name] = value
         return replayable
 
+    post.idempotent = True  # type: ignore[attr-defined]  # read by the schema hook (api/schema.py)
     return post
+
+
+def is_idempotent(method: Any) -> bool:
+    """Whether a view method is decorated with `@idempotent` (through extend_schema's wrapper too)."""
+    return bool(getattr(method, "idempotent", False))
 
 
 def idempotency_keys_purge(*, now: Any = None) -> int:

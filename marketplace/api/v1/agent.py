@@ -16,7 +16,6 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
@@ -26,10 +25,6 @@ from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew
 from marketplace.workunits.results import result_fail, result_release, result_report
 from worker_agent import wire
 from worker_agent.protocol import MAX_LEASE_BATCH
-
-
-class EnrollThrottle(AnonRateThrottle):
-    scope = "enroll"
 
 
 class AgentApi(APIView):
@@ -55,7 +50,7 @@ ENROLLED_OUT = inline_serializer("Enrolled", {
 class EnrollApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [EnrollThrottle]
+    throttle_scope = "enroll"  # per client address, as every anonymous request (marketplace/api/throttling.py)
 
     class EnrollIn(serializers.Serializer):
         token = serializers.CharField(max_length=200)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 from marketplace.api.authentication import IsPerson
 from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
+from marketplace.api.specs import JobSubmission, submission_examples
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
@@ -88,13 +89,8 @@ class JobCreateApi(APIView):
                                      "created or escrowed")
 
     @extend_schema(
-        operation_id="job_create", request=JobCreateIn,
-        responses={201: JobOut, 200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 402: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut},
-        parameters=[OpenApiParameter(
-            "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
-            description="Send the same key to retry safely: the job is created once and every retry gets the first "
-                        "answer again (Idempotent-Replayed: true) for 24 hours; 409 idempotency_key_in_flight while "
-                        "the first is running, 422 idempotency_key_reused for the same key with other parameters.")],
+        operation_id="job_create", request=JobSubmission, examples=submission_examples(),
+        responses={201: JobOut, 200: QuoteOut, 402: ErrorOut},  # the other errors: api/schema.py's hook
     )
     @idempotent
     def post(self, request):
@@ -111,7 +107,7 @@ class JobQuoteApi(APIView):
     permission_classes = [IsPerson]
     throttle_scope = "job_create"
 
-    @extend_schema(operation_id="job_quote", request=JobCreateApi.JobCreateIn,
+    @extend_schema(operation_id="job_quote", request=JobSubmission, examples=submission_examples(),
                    responses={200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 429: ErrorOut},
                    description="What a job would cost and take, and whether the network can run it now; "
                                "creates and escrows nothing (docs/protocol.md, 'Quotes').")
