@@ -6,6 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
+from marketplace.api.idempotency import idempotent
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workers.services import enrollment_token_create
 
@@ -20,6 +21,7 @@ class EnrollmentTokenCreateApi(APIView):
             "token": serializers.CharField(), "expires_at": serializers.DateTimeField()})},
         description="A one-time token to enrol one device under your account. Shown once.",
     )
+    @idempotent
     def post(self, request):
         token, row = enrollment_token_create(owner=request.user)
         return Response(

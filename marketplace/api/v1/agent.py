@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
+from marketplace.api.idempotency import idempotent
 from marketplace.core.signing import keyring
 from marketplace.workers.services import device_enroll, device_hardware_update
 from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew, workunit_lease
@@ -60,6 +61,7 @@ class EnrollApi(APIView):
         proof = serializers.CharField(max_length=200)
 
     @extend_schema(operation_id="agent_enroll", request=EnrollIn, responses={201: ENROLLED_OUT})
+    @idempotent  # a lost answer would lose the device secret, and the token is spent: a retry replays it
     def post(self, request):
         body = self.EnrollIn(data=request.data)
         body.is_valid(raise_exception=True)

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 
 from marketplace.accounts.services import api_token_create, api_token_revoke, api_tokens_of, api_tokens_revoke_all
 from marketplace.api.authentication import IsPerson
+from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import ValidationFailed
 
@@ -48,6 +49,7 @@ class TokenCreateApi(APIView):
         description="A new API token for a username and password. It expires (IDLEGRID_TOKEN_TTL_SECONDS); past "
                     "IDLEGRID_TOKENS_PER_PERSON tokens the oldest is revoked.",
     )
+    @idempotent
     def post(self, request):
         body = self.LoginIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -90,6 +92,7 @@ class LogoutApi(APIView):
 
     @extend_schema(operation_id="auth_logout", request=None, responses=LOGGED_OUT,
                    description="Revoke the token this request was made with.")
+    @idempotent
     def post(self, request):
         request.auth.delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -101,6 +104,7 @@ class LogoutAllApi(APIView):
 
     @extend_schema(operation_id="auth_logout_all", request=None, responses=LOGGED_OUT,
                    description="Revoke every token of yours, this one included.")
+    @idempotent
     def post(self, request):
         api_tokens_revoke_all(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -111,6 +111,7 @@ class JobQuoteApi(APIView):
                    responses={200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 429: ErrorOut},
                    description="What a job would cost and take, and whether the network can run it now; "
                                "creates and escrows nothing (docs/protocol.md, 'Quotes').")
+    @idempotent
     def post(self, request):
         body = JobCreateApi.JobCreateIn(data=request.data)
         body.is_valid(raise_exception=True)

@@ -13,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsPerson
+from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import NotFound, ValidationFailed
 from marketplace.core.numbers import decimal_parse
@@ -162,6 +163,7 @@ class WalletApi(APIView):
                     "active). 202: it replaces the active one after IDLEGRID_WALLET_CHANGE_DELAY_SECONDS, and "
                     "the account's email address is told; a newer change replaces a pending one.",
     )
+    @idempotent
     def post(self, request):
         body = self.LinkIn(data=request.data)
         body.is_valid(raise_exception=True)
