@@ -17,6 +17,7 @@ replaces what a view declared, it only fills in the description and headers.
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from rest_framework import serializers
@@ -118,6 +119,13 @@ IDEMPOTENCY_PARAMETER = {
 }
 
 
+# POSTs that take the header without recording it: the operation is idempotent by itself.
+KEY_NOT_NEEDED = {
+    "artifact_upload": "Accepted and not needed: an artifact is named by its sha256, so sending the same bytes again "
+                       "stores nothing new and answers 200 with the same body.",
+}
+
+
 def _header_ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/headers/{name}"}
 
@@ -162,26 +170,42 @@ def _error_response(status: int, existing: dict[str, Any] | None) -> dict[str, A
     return response
 
 
-def _document(operation: dict[str, Any], view: Any, method: str, path: str) -> None:
-    responses = operation.setdefault("responses", {})
-    for status in sorted(_statuses(operation, view, method, path)):
-        responses[str(status)] = _error_response(status, responses.get(str(status)))
-    for code in [code for code in responses if code.isdigit() and int(code) >= 400]:
+def _document_errors(responses: dict[str, Any], statuses: set[int]) -> None:
+    for status in statuses:
+        responses.setdefault(str(status), {})
+    for code in [code for code in responses if int(code) >= 400]:
         responses[code] = _error_response(int(code), responses[code])
     if "429" in responses:
         responses["429"].setdefault("headers", {})["Retry-After"] = _header_ref("Retry-After")
+    for code, response in responses.items():
+        if not response.get("description"):
+            response["description"] = HTTPStatus(int(code)).phrase
+
+
+def _add_headers(responses: dict[str, Any], names: tuple[str, ...], *, only_success: bool = False) -> None:
+    for code, response in responses.items():
+        if not only_success or code.startswith("2"):
+            response.setdefault("headers", {}).update({name: _header_ref(name) for name in names})
+
+
+def _document_idempotency(operation: dict[str, Any]) -> None:
+    parameters = operation.setdefault("parameters", [])
+    parameters[:] = [p for p in parameters if p.get("name") != IDEMPOTENCY_HEADER]
+    parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
+    _add_headers(operation["responses"], (REPLAYED_HEADER,), only_success=True)
+
+
+def _document(operation: dict[str, Any], view: Any, method: str, path: str) -> None:
+    responses = operation.setdefault("responses", {})
+    _document_errors(responses, _statuses(operation, view, method, path))
+    operation["responses"] = dict(sorted(responses.items()))
     if _is_throttled(view):
-        for response in responses.values():
-            headers = response.setdefault("headers", {})
-            for name in RATE_HEADERS:
-                headers[name] = _header_ref(name)
+        _add_headers(operation["responses"], RATE_HEADERS)
     if is_idempotent(getattr(view, method, None)):
-        parameters = operation.setdefault("parameters", [])
-        parameters[:] = [p for p in parameters if p.get("name") != IDEMPOTENCY_HEADER]
-        parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
-        for code, response in responses.items():
-            if code.startswith("2"):
-                response.setdefault("headers", {})[REPLAYED_HEADER] = _header_ref(REPLAYED_HEADER)
+        _document_idempotency(operation)
+    elif operation.get("operationId") in KEY_NOT_NEEDED:
+        operation.setdefault("parameters", []).append(
+            {**IDEMPOTENCY_PARAMETER, "description": KEY_NOT_NEEDED[operation["operationId"]]})
 
 
 def postprocess(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:

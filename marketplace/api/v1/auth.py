@@ -27,9 +27,9 @@ class TokenOut(serializers.Serializer):
 
 
 class TokenListed(serializers.Serializer):
-    token_key = serializers.CharField()
-    created = serializers.DateTimeField()
-    expiry = serializers.DateTimeField(allow_null=True)
+    token_key = serializers.CharField(help_text="the token's first characters: revoke it by this")
+    created = serializers.DateTimeField(help_text="when it was made (log in)")
+    expiry = serializers.DateTimeField(allow_null=True, help_text="when it stops working")
     current = serializers.BooleanField(help_text="the token this request was made with")
 
 
@@ -40,8 +40,8 @@ class TokenCreateApi(APIView):
     throttle_scope = "token"
 
     class LoginIn(serializers.Serializer):
-        username = serializers.CharField(max_length=150)
-        password = serializers.CharField(max_length=1024, trim_whitespace=False)
+        username = serializers.CharField(max_length=150, help_text="the account's username")
+        password = serializers.CharField(max_length=1024, trim_whitespace=False, help_text="the account's password")
 
     @extend_schema(
         operation_id="auth_token_create", request=LoginIn, auth=[],
