@@ -91,8 +91,8 @@ RAISES: dict[str, set[int]] = {
     "agent_release": {409},
     "artifact_upload": {400},  # X-Content-SHA256 is not the body's
     "enrollment_token_create": {429},  # IDLEGRID_ENROLLMENTS_PER_HOUR (RateLimited)
-    "job_output": {409},  # not completed yet
-    "job_rounds": {409},  # not a fedavg job
+    "job_output_download": {409},  # not completed yet
+    "job_round_list": {409},  # not a fedavg job
     "wallet_link": {409},  # a concurrent change
 }
 HEADERS: dict[str, dict[str, Any]] = {

@@ -89,7 +89,7 @@ class EnrollApi(APIView):
 
 class KeysApi(AgentApi):
     @extend_schema(
-        operation_id="agent_keys",
+        operation_id="agent_key_list",
         responses=inline_serializer("MarketplaceKeys", {"marketplace_keys": MarketplaceKeyOut(
             many=True, help_text="every marketplace key, retired ones too")}),
         description="The marketplace's unit-signing keys and their endorsements (key rotation).",

@@ -133,7 +133,7 @@ class JobDetailApi(APIView):
 class JobOutputApi(APIView):
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="job_output", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+    @extend_schema(operation_id="job_output_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
                    description="A completed job's merged output (safetensors); 409 before it completed.")
     def get(self, request, job_id: int):
         job = job_get_for_owner(job_id=job_id, owner=request.user)
@@ -175,7 +175,7 @@ class JobRoundsApi(APIView):
 
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="job_rounds", responses=RoundsOut)
+    @extend_schema(operation_id="job_round_list", responses=RoundsOut)
     def get(self, request, job_id: int):
         job = job_get_for_owner(job_id=job_id, owner=request.user)
         if job.kind != Job.Kind.FEDAVG:

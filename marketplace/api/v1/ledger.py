@@ -132,7 +132,7 @@ class WalletChallengeApi(APIView):
     permission_classes = [IsPerson]
     throttle_scope = "wallet"
 
-    @extend_schema(operation_id="wallet_challenge", responses={200: ChallengeOut, 429: ErrorOut},
+    @extend_schema(operation_id="wallet_challenge_create", responses={200: ChallengeOut, 429: ErrorOut},
                    description="A one-time message to sign with the payout address's key. Expires.")
     def get(self, request):
         challenge = wallet_challenge_create(user=request.user)
@@ -205,7 +205,7 @@ class PayoutProofApi(APIView):
     permission_classes = [IsAuthenticated]
 
     @extend_schema(
-        operation_id="payout_proof",
+        operation_id="payout_proof_retrieve",
         parameters=[OpenApiParameter("address", str, description="one of your payout addresses (default: the active one)")],
         responses={200: ProofOut, 404: OpenApiTypes.OBJECT},
         description="claim(account, cumulative, proof) on the PayoutLedger contract pays cumulative minus what was claimed.",
