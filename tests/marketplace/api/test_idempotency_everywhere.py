@@ -227,3 +227,32 @@ def test_an_artifact_upload_with_a_key_is_content_addressed_anyway(api, submitte
     assert [a.status_code for a in answers] == [201, 200]
     assert answers[0].json() == answers[1].json()
     assert IdempotencyKey.objects.count() == 0
+
+
+# --- rows recorded before keys were sealed ------------------------------------------------------------
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_seals_rows_recorded_in_clear(django_user_model):
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("api", "0001_idempotency_keys")], [("api", "0002_idempotency_keys_sealed")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps.get_model("api", "IdempotencyKey")
+    person = django_user_model.objects.create_user(username="old-row-owner", password="x")
+    old.objects.create(user_id=person.pk, key="order-1", operation="POST /api/v1/enrollment-tokens/",
+                       fingerprint="0" * 64, state="done", status_code=201, body=b'{"token":"enr_secret"}',
+                       content_type="application/json")
+    try:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(after)
+    finally:
+        MigrationExecutor(connection).migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+
+    row = IdempotencyKey.objects.get()
+    sealed = Sealed("order-1", person)
+    assert row.key == sealed.digest
+    assert b"enr_secret" not in bytes(row.body)
+    assert sealed.open(bytes(row.body)) == b'{"token":"enr_secret"}'
