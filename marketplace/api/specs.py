@@ -102,21 +102,30 @@ class CnnConfig(serializers.Serializer):
     out_features = integer(1, 65_536, "outputs per row (logits)")
 
 
-def _model(name: str, config: type[serializers.Serializer], doc: str) -> type[serializers.Serializer]:
+def _model(name: str, config: type[serializers.Serializer], doc: str, weights: str) -> type[serializers.Serializer]:
     fields = {
         "architecture": serializers.ChoiceField(choices=[name], help_text=f"{name!r}: {doc}"),
         "config": config(help_text="the architecture's configuration; the weights' tensor names and shapes follow "
                                    "from it (worker_agent/architectures.py)"),
-        "weights": sha256_field("the model's weights: float32 tensors named and shaped as the architecture's "
-                                "state_dict (e.g. net.0.weight [hidden, in_features])"),
+        "weights": sha256_field(f"the model's weights: a safetensors file of exactly these float32 (F32) tensors, "
+                                f"torch's state_dict names: {weights}"),
         "Meta": type("Meta", (), {"ref_name": f"{name.capitalize()}Model"}),
         "__doc__": f"A `{name}` model: {doc}.",
     }
     return type(f"{name.capitalize()}Model", (serializers.Serializer,), fields)
 
 
-MlpModel = _model("mlp", MlpConfig, "a multilayer perceptron, Linear layers with ReLU between them")
-CnnModel = _model("cnn", CnnConfig, "a small convolutional network: conv blocks, then Linear, ReLU, Linear")
+MlpModel = _model(
+    "mlp", MlpConfig, "a multilayer perceptron, Linear layers with ReLU between them",
+    "with widths w = [in_features, *hidden, out_features], for each layer i: net.{2i}.weight [w[i+1], w[i]] and "
+    "net.{2i}.bias [w[i+1]] (4 -> [8] -> 3: net.0.weight [8, 4], net.0.bias [8], net.2.weight [3, 8], "
+    "net.2.bias [3])")
+CnnModel = _model(
+    "cnn", CnnConfig, "a small convolutional network: conv blocks, then Linear, ReLU, Linear",
+    "for each block i with c = channels[i] and p the channels before it (in_channels first): features.{3i}.weight "
+    "[c, p, kernel_size, kernel_size] and features.{3i}.bias [c]; then classifier.1.weight [hidden, "
+    "channels[-1] x h x w] (h, w: height and width halved, floored, once per block), classifier.1.bias [hidden], "
+    "classifier.3.weight [out_features, hidden], classifier.3.bias [out_features]")
 MODELS = {"mlp": MlpModel, "cnn": CnnModel}
 
 

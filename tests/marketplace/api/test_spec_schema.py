@@ -200,3 +200,13 @@ def test_what_only_the_kinds_can_check_is_said_in_the_schema_descriptions(schema
     assert "at least quorum" in spec["max_results_per_unit"]["description"]
     assert "`x`" in spec["dataset"]["description"]
     assert "trimmed_mean only" in schema["components"]["schemas"]["FedavgSpec"]["properties"]["trim_fraction"]["description"]
+
+
+def test_the_weights_description_names_the_tensors_the_registry_expects(schema):
+    from worker_agent.architectures import resolve
+
+    described = schema["components"]["schemas"]["MlpModel"]["properties"]["weights"]["description"]
+    arch, config = resolve("mlp", specs.EXAMPLE_MLP)
+
+    for name, shape in arch.param_shapes(config).items():
+        assert f"{name} {list(shape)}" in described, name
