@@ -504,6 +504,7 @@ SPECTACULAR_SETTINGS = {
     # Every operation's error answers, Idempotency-Key on POSTs, RateLimit-* and Retry-After on throttled ones
     # (marketplace/api/schema.py), after drf-spectacular's own enum hook.
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "marketplace.api.schema.postprocess"],
+    "ENUM_NAME_OVERRIDES": {"ErrorCode": "marketplace.api.schema.ALL_CODES"},
 }
 
 LANGUAGE_CODE = "en-us"

@@ -181,5 +181,5 @@ def test_every_error_code_the_code_can_raise_is_in_the_schema_enum():
     raised = {cls.code for cls in subclasses(ApplicationError)} | {ApplicationError.code}
     assert len(raised) >= 12
     assert raised <= set(ALL_CODES)
-    enum = generated_schema()["components"]["schemas"]["CodeEnum"]["enum"]
+    enum = generated_schema()["components"]["schemas"]["ErrorCode"]["enum"]
     assert set(enum) == set(ALL_CODES)
