@@ -133,6 +133,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "marketplace.api.throttling.RateLimitHeadersMiddleware",  # RateLimit-* on throttled views' answers
 ]
 
 ROOT_URLCONF = "marketplace.urls"
@@ -500,6 +501,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Every operation's error answers, Idempotency-Key on POSTs, RateLimit-* and Retry-After on throttled ones
+    # (marketplace/api/schema.py), after drf-spectacular's own enum hook.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "marketplace.api.schema.postprocess"],
+    "ENUM_NAME_OVERRIDES": {"ErrorCode": "marketplace.api.schema.ALL_CODES"},
 }
 
 LANGUAGE_CODE = "en-us"

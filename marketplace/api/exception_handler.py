@@ -18,7 +18,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_handler
 
-from marketplace.core.exceptions import ApplicationError
+from marketplace.core.exceptions import ApplicationError, RateLimited
 
 # DRF's own codes for these, renamed to the ones docs/protocol.md promises ("Errors").
 _PROTOCOL_CODES = {"authentication_failed": "not_authenticated", "permission_denied": "forbidden", "parse_error": "invalid"}
@@ -30,7 +30,9 @@ def _body(code: str, message: str, fields: Any = None) -> dict:
 
 def handle(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, ApplicationError):
-        return Response(_body(exc.code, exc.message, exc.fields), status=exc.status)
+        # Every 429 says when to come back: DRF's throttles through Throttled.wait, domain limits here.
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        return Response(_body(exc.code, exc.message, exc.fields), status=exc.status, headers=headers)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import cache
@@ -32,6 +33,44 @@ def rate_of(scope: str) -> tuple[int, int]:
     """(requests allowed, window in seconds) of a scope; its rate is checked at settings load (envrate)."""
     count, _, period = api_settings.DEFAULT_THROTTLE_RATES[scope].partition("/")
     return int(count), settings.RATE_PERIODS[period]
+
+
+# The IETF httpapi draft's fields (draft-ietf-httpapi-ratelimit-headers), on every answer of a throttled
+# view: the rate's request count, what is left of it now, and seconds until that grows (docs/api/errors.md).
+LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER = "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"
+POLICY_HEADER = "RateLimit-Policy"  # "<limit>;w=<window seconds>"
+
+
+@dataclass(frozen=True)
+class RateState:
+    limit: int
+    window: int
+    remaining: int
+    reset: int
+
+    def headers(self) -> dict[str, str]:
+        return {LIMIT_HEADER: str(self.limit), REMAINING_HEADER: str(self.remaining), RESET_HEADER: str(self.reset),
+                POLICY_HEADER: f"{self.limit};w={self.window}"}
+
+
+def _stash(request, state: RateState) -> None:
+    # On Django's request, which the middleware below sees: DRF's Request wraps it.
+    getattr(request, "_request", request).idlegrid_rate = state
+
+
+class RateLimitHeadersMiddleware:
+    """Adds the RateLimit-* fields to the answer of a request a ScopedThrottle counted (or refused)."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        state = getattr(request, "idlegrid_rate", None)
+        if state is not None:
+            for name, value in state.headers().items():
+                response[name] = value
+        return response
 
 
 class ScopedThrottle(BaseThrottle):
@@ -48,11 +87,18 @@ class ScopedThrottle(BaseThrottle):
         slot = int(now // window)
         elapsed = now - slot * window
         current, previous = _counts(cache.get(key), slot)
-        if current + previous * (1 - elapsed / window) + 1 > limit:
+        estimate = current + previous * (1 - elapsed / window)
+        if estimate + 1 > limit:
             self.wait_seconds = _wait(current, previous, limit=limit, window=window, elapsed=elapsed)
+            _stash(request, RateState(limit, window, 0, math.ceil(max(self.wait_seconds, 1.0))))
             return False
         # Kept until the end of the next window, where this window's count is still the previous one.
         cache.set(key, (slot, current + 1, previous), timeout=math.ceil(2 * window - elapsed))
+        remaining = max(0, math.floor(limit - estimate - 1))
+        # Until the fixed window ends (the estimate falls from then on); when nothing is left, until one more fits.
+        reset = math.ceil(window - elapsed) if remaining else math.ceil(
+            max(_wait(current + 1, previous, limit=limit, window=window, elapsed=elapsed), 1.0))
+        _stash(request, RateState(limit, window, remaining, reset))
         return True
 
     def client(self, request) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -45,8 +46,14 @@ class AlreadyReported(Conflict):
 
 
 class RateLimited(ApplicationError):
+    """429: a domain limit (not a request rate); the answer carries Retry-After: `retry_after` seconds."""
+
     status = 429
     code = "throttled"
+
+    def __init__(self, message: str, *, retry_after: float, fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message, fields=fields)
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 class TooLarge(ApplicationError):

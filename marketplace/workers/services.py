@@ -65,10 +65,13 @@ def enrollment_token_create(*, owner: AbstractBaseUser) -> tuple[str, Enrollment
 
     Rate-limited per account: new devices start on probation, but a flood of fresh identities is how
     a cheater would try to outrun bans (Sybil), so each account gets a few per hour."""
-    recent = EnrollmentToken.objects.filter(owner=owner, created_at__gte=timezone.now() - timedelta(hours=1)).count()
-    if recent >= settings.IDLEGRID_ENROLLMENTS_PER_HOUR:
+    hour_ago = timezone.now() - timedelta(hours=1)
+    recent = EnrollmentToken.objects.filter(owner=owner, created_at__gte=hour_ago)
+    if recent.count() >= settings.IDLEGRID_ENROLLMENTS_PER_HOUR:
+        oldest = recent.order_by("created_at").values_list("created_at", flat=True).first()
         raise RateLimited(
-            f"at most {settings.IDLEGRID_ENROLLMENTS_PER_HOUR} enrolment tokens per hour per account; try again later"
+            f"at most {settings.IDLEGRID_ENROLLMENTS_PER_HOUR} enrolment tokens per hour per account; try again later",
+            retry_after=((oldest - hour_ago).total_seconds() if oldest else 3600),
         )
     token = "enr_" + secrets.token_urlsafe(24)
     row = EnrollmentToken.objects.create(
@@ -115,9 +118,12 @@ def device_hardware_update(*, device: Device, hardware: Any) -> bool:
             "as a new device", fields={"hardware": f"changed: {', '.join(changed)}"})
     if hardware_class != device.hardware_class:
         day = timezone.now() - timedelta(days=1)
-        if HardwareChange.objects.filter(device=device, changed_at__gte=day).count() >= settings.IDLEGRID_HARDWARE_CHANGES_PER_DAY:
+        changes = HardwareChange.objects.filter(device=device, changed_at__gte=day)
+        if changes.count() >= settings.IDLEGRID_HARDWARE_CHANGES_PER_DAY:
+            oldest = changes.order_by("changed_at").values_list("changed_at", flat=True).first()
             raise RateLimited(f"this device's hardware class changed {settings.IDLEGRID_HARDWARE_CHANGES_PER_DAY} "
-                              "times in the last day; keep its software and environment steady")
+                              "times in the last day; keep its software and environment steady",
+                              retry_after=((oldest - day).total_seconds() if oldest else 86400))
         HardwareChange.objects.create(device=device, old_class=device.hardware_class, new_class=hardware_class)
         log.info("device %s changed hardware class %s -> %s", device.pk, device.hardware_class[:12], hardware_class[:12])
     Device.objects.filter(pk=device.pk).update(hardware=hardware, hardware_class=hardware_class)

@@ -6,6 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
+from marketplace.api.idempotency import idempotent
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workers.services import enrollment_token_create
 
@@ -17,9 +18,11 @@ class EnrollmentTokenCreateApi(APIView):
         operation_id="enrollment_token_create",
         request=None,
         responses={201: inline_serializer("EnrollmentToken", {
-            "token": serializers.CharField(), "expires_at": serializers.DateTimeField()})},
+            "token": serializers.CharField(help_text="give it to `idlegrid-agent enroll`; shown this once, stored hashed"),
+            "expires_at": serializers.DateTimeField(help_text="it enrols nothing after this")})},
         description="A one-time token to enrol one device under your account. Shown once.",
     )
+    @idempotent
     def post(self, request):
         token, row = enrollment_token_create(owner=request.user)
         return Response(
@@ -29,18 +32,24 @@ class EnrollmentTokenCreateApi(APIView):
 
 
 class TrustOut(serializers.ModelSerializer):
-    state = serializers.SerializerMethodField()
+    state = serializers.SerializerMethodField(help_text="trusted (results accepted on its word, audited) or probation")
 
     class Meta:
         model = DeviceTrust
         fields = ["kind", "hardware_class", "state", "consecutive_valid", "trusted_since"]
+        extra_kwargs = {
+            "kind": {"help_text": "the task kind this trust is for"},
+            "hardware_class": {"help_text": "the hardware class this trust is for"},
+            "consecutive_valid": {"help_text": "valid replicated results in a row (trust after enough)"},
+            "trusted_since": {"help_text": "when the device became trusted for this kind and class"},
+        }
 
     def get_state(self, trust: DeviceTrust) -> str:
         return "trusted" if trust.trusted else "probation"
 
 
 class DeviceOut(serializers.ModelSerializer):
-    trust = TrustOut(many=True, read_only=True)
+    trust = TrustOut(many=True, read_only=True, help_text="trust per task kind and hardware class")
 
     class Meta:
         model = Device
@@ -52,13 +61,28 @@ class DeviceOut(serializers.ModelSerializer):
             "expired": {"help_text": "leases that expired without a report"},
             "released": {"help_text": "leases handed back unstarted (`release`, at shutdown): free"},
             "cooldown_until": {"help_text": "after a give-up the device leases nothing until then"},
+            "id": {"help_text": "the device id (in `Authorization: Device <id>:<secret>`)"},
+            "name": {"help_text": "the name given at enrolment"},
+            "state": {"help_text": "active, disabled or banned"},
+            "hardware": {"help_text": "the hardware facts the agent last sent"},
+            "hardware_class": {"help_text": "the class results are compared bitwise within"},
+            "valid_results": {"help_text": "results that agreed with their unit's decision"},
+            "invalid_results": {"help_text": "results that disagreed"},
+            "audits_passed": {"help_text": "audits of unreplicated results it passed"},
+            "audits_failed": {"help_text": "audits it failed (one bans the device)"},
+            "banned_at": {"help_text": "when it was banned, if it was"},
+            "ban_reason": {"help_text": "why it was banned"},
+            "earnings_held": {"help_text": "earnings inside the audit window, base units"},
+            "created_at": {"help_text": "when it enrolled"},
+            "last_seen_at": {"help_text": "its last request"},
         }
 
 
 class DeviceListApi(APIView):
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="device_list", responses=DeviceOut(many=True))
+    @extend_schema(operation_id="device_list", responses=DeviceOut(many=True),
+                   description="Your enrolled devices with their counts, trust and earnings held.")
     def get(self, request):
         devices = Device.objects.filter(owner=request.user).prefetch_related("trust").order_by("pk")
         return Response(DeviceOut(devices, many=True).data)

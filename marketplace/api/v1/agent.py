@@ -16,10 +16,10 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
+from marketplace.api.idempotency import idempotent
 from marketplace.core.signing import keyring
 from marketplace.workers.services import device_enroll, device_hardware_update
 from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew, workunit_lease
@@ -28,17 +28,13 @@ from worker_agent import wire
 from worker_agent.protocol import MAX_LEASE_BATCH
 
 
-class EnrollThrottle(AnonRateThrottle):
-    scope = "enroll"
-
-
 class AgentApi(APIView):
     authentication_classes = [DeviceAuthentication]
     permission_classes = [IsDevice]
 
 
 class MarketplaceKeyOut(serializers.Serializer):
-    key_id = serializers.CharField()
+    key_id = serializers.CharField(help_text="names the key in units' key_id")
     public_key = serializers.CharField(help_text="raw 32-byte Ed25519 public key, base64")
     endorsed_by = serializers.CharField(allow_null=True, help_text="the key whose signature vouches for this one")
     endorsement = serializers.CharField(
@@ -48,23 +44,29 @@ class MarketplaceKeyOut(serializers.Serializer):
 
 
 ENROLLED_OUT = inline_serializer("Enrolled", {
-    "device_id": serializers.IntegerField(), "device_secret": serializers.CharField(),
-    "lease_seconds": serializers.IntegerField(), "marketplace_keys": MarketplaceKeyOut(many=True)})
+    "device_id": serializers.IntegerField(help_text="the new device's id"),
+    "device_secret": serializers.CharField(help_text="send as `Authorization: Device <device_id>:<device_secret>`; "
+                                                     "shown this once, stored hashed"),
+    "lease_seconds": serializers.IntegerField(help_text="how long a lease lasts without a heartbeat"),
+    "marketplace_keys": MarketplaceKeyOut(many=True, help_text="the keys that sign units: pin them")})
 
 
 class EnrollApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [EnrollThrottle]
+    throttle_scope = "enroll"  # per client address, as every anonymous request (marketplace/api/throttling.py)
 
     class EnrollIn(serializers.Serializer):
-        token = serializers.CharField(max_length=200)
-        name = serializers.CharField(max_length=100)
-        public_key = serializers.CharField(max_length=100)
-        hardware = serializers.JSONField()
-        proof = serializers.CharField(max_length=200)
+        token = serializers.CharField(max_length=200, help_text="a one-time enrolment token (POST /enrollment-tokens/)")
+        name = serializers.CharField(max_length=100, help_text="a name for the device, for its owner")
+        public_key = serializers.CharField(max_length=100, help_text="the device's raw 32-byte Ed25519 public key, base64")
+        hardware = serializers.JSONField(help_text="the device's hardware facts (docs/protocol.md, 'Hardware facts')")
+        proof = serializers.CharField(max_length=200, help_text="base64 Ed25519 signature of "
+                                                                "enroll_message(token, public_key) by that key")
 
-    @extend_schema(operation_id="agent_enroll", request=EnrollIn, responses={201: ENROLLED_OUT})
+    @extend_schema(operation_id="agent_enroll", request=EnrollIn, responses={201: ENROLLED_OUT},
+                   description="Enrol a device with a one-time token, proving its key; anonymous, per address.")
+    @idempotent  # a lost answer would lose the device secret, and the token is spent: a retry replays it
     def post(self, request):
         body = self.EnrollIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -87,8 +89,10 @@ class EnrollApi(APIView):
 
 class KeysApi(AgentApi):
     @extend_schema(
-        operation_id="agent_keys",
-        responses=inline_serializer("MarketplaceKeys", {"marketplace_keys": MarketplaceKeyOut(many=True)}),
+        operation_id="agent_key_list",
+        responses=inline_serializer("MarketplaceKeys", {"marketplace_keys": MarketplaceKeyOut(
+            many=True, help_text="every marketplace key, retired ones too")}),
+        description="The marketplace's unit-signing keys and their endorsements (key rotation).",
     )
     def get(self, request):
         # Retired keys too: a retired key may be a link in the endorsement chain back to a key an agent
@@ -98,21 +102,23 @@ class KeysApi(AgentApi):
 
 class LeaseOut(serializers.Serializer):
     # No job id: a known-answer or audit unit must look like any other on the wire.
-    result_id = serializers.IntegerField()
-    unit_id = serializers.IntegerField()
-    expires_at = serializers.DateTimeField()
-    payload = serializers.JSONField()
+    result_id = serializers.IntegerField(help_text="names the lease in heartbeat, report, fail and release")
+    unit_id = serializers.IntegerField(help_text="the unit computed (signed with the payload)")
+    expires_at = serializers.DateTimeField(help_text="the lease ends then unless a heartbeat renews it")
+    payload = serializers.JSONField(help_text="the kind's unit payload (worker_agent/wire.py)")
     signature = serializers.CharField(
         allow_null=True, help_text="base64 Ed25519 signature of unit_message(unit_id, payload) by the key key_id"
     )
     key_id = serializers.CharField(allow_blank=True, help_text="empty for a unit never signed")
 
 
-LEASES_OUT = inline_serializer("Leases", {"leases": LeaseOut(many=True), "retry_after": serializers.IntegerField()})
+LEASES_OUT = inline_serializer("Leases", {
+    "leases": LeaseOut(many=True, help_text="0 to max_units leases"),
+    "retry_after": serializers.IntegerField(help_text="seconds to wait before asking again when nothing was leased")})
 RENEWED_OUT = inline_serializer("Renewed", {
-    "renewed": serializers.ListField(child=serializers.IntegerField()),
-    "lost": serializers.ListField(child=serializers.IntegerField()),
-    "expires_at": serializers.DateTimeField()})
+    "renewed": serializers.ListField(child=serializers.IntegerField(), help_text="leases renewed"),
+    "lost": serializers.ListField(child=serializers.IntegerField(), help_text="leases no longer this device's: stop"),
+    "expires_at": serializers.DateTimeField(help_text="the renewed leases end then")})
 
 
 def _timestamp(value: datetime) -> str:
@@ -130,12 +136,14 @@ class LeaseApi(AgentApi):
     throttle_scope = "lease"  # per device (marketplace/api/throttling.py)
 
     class LeaseIn(serializers.Serializer):
-        max_units = serializers.IntegerField(min_value=1, max_value=MAX_LEASE_BATCH, default=1)
+        max_units = serializers.IntegerField(min_value=1, max_value=MAX_LEASE_BATCH, default=1,
+                                             help_text="at most this many units")
         # Sent when the agent's facts changed since it last sent them (and with a run's first lease);
         # stored, with the hardware class, before anything is leased.
-        hardware = serializers.JSONField(required=False)
+        hardware = serializers.JSONField(required=False, help_text="the device's hardware facts, when they changed")
 
-    @extend_schema(operation_id="agent_lease", request=LeaseIn, responses=LEASES_OUT)
+    @extend_schema(operation_id="agent_lease", request=LeaseIn, responses=LEASES_OUT,
+                   description="Lease up to max_units signed units (none: come back after retry_after).")
     def post(self, request):
         body = self.LeaseIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -152,9 +160,11 @@ class HeartbeatApi(AgentApi):
     throttle_scope = "heartbeat"  # per device (marketplace/api/throttling.py)
 
     class HeartbeatIn(serializers.Serializer):
-        result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1), max_length=1000)
+        result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1), max_length=1000,
+                                           help_text="the leases being computed")
 
-    @extend_schema(operation_id="agent_heartbeat", request=HeartbeatIn, responses=RENEWED_OUT)
+    @extend_schema(operation_id="agent_heartbeat", request=HeartbeatIn, responses=RENEWED_OUT,
+                   description="Renew the leases this device is computing; says which were lost.")
     def post(self, request):
         body = self.HeartbeatIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -170,15 +180,19 @@ class ReportApi(AgentApi):
     throttle_scope = "report"  # per device (marketplace/api/throttling.py)
 
     class ReportIn(serializers.Serializer):
-        output_sha256 = serializers.CharField(max_length=64)
-        signature = serializers.CharField(max_length=200)
-        elapsed_seconds = serializers.FloatField(min_value=0, required=False, allow_null=True)
-        metrics = serializers.DictField(required=False, default=dict)
+        output_sha256 = serializers.CharField(max_length=64, help_text="the output artifact, uploaded by this device")
+        signature = serializers.CharField(max_length=200, help_text="base64 Ed25519 signature of result_message(...) "
+                                                                    "by the device key")
+        elapsed_seconds = serializers.FloatField(min_value=0, required=False, allow_null=True,
+                                                 help_text="compute time, for quotes' ETAs")
+        metrics = serializers.DictField(required=False, default=dict,
+                                        help_text="information only (never judged): plain names, scalar values")
 
     @extend_schema(
         operation_id="agent_report",
         request=ReportIn,
-        responses=inline_serializer("Reported", {"state": serializers.CharField()}),
+        responses=inline_serializer("Reported", {"state": serializers.CharField(help_text="the result's state")}),
+        description="Report a leased unit's signed output.",
     )
     def post(self, request, result_id: int):
         body = self.ReportIn(data=request.data)
@@ -195,12 +209,13 @@ class FailApi(AgentApi):
     throttle_scope = "fail"  # per device (marketplace/api/throttling.py)
 
     class FailIn(serializers.Serializer):
-        error = serializers.CharField(max_length=4000)
+        error = serializers.CharField(max_length=4000, help_text="why the unit could not be computed")
 
     @extend_schema(
         operation_id="agent_fail",
         request=FailIn,
-        responses=inline_serializer("Failed", {"state": serializers.CharField()}),
+        responses=inline_serializer("Failed", {"state": serializers.CharField(help_text="the result's state")}),
+        description="Give a leased unit up (it costs a cool-down and the trust run).",
     )
     def post(self, request, result_id: int):
         body = self.FailIn(data=request.data)
@@ -215,7 +230,7 @@ class ReleaseApi(AgentApi):
     @extend_schema(
         operation_id="agent_release",
         request=None,
-        responses=inline_serializer("Released", {"state": serializers.CharField()}),
+        responses=inline_serializer("Released", {"state": serializers.CharField(help_text="the result's state")}),
         description=("Hand back a lease never started (the agent is shutting down): reissued at once, without "
                      "the cost of giving up (`fail`). The device's owner never gets this unit again."),
     )

@@ -36,7 +36,9 @@ def _chunks(stream):
         yield chunk
 
 
-ArtifactOut = inline_serializer("Artifact", {"sha256": serializers.CharField(), "size": serializers.IntegerField()})
+ArtifactOut = inline_serializer("Artifact", {
+    "sha256": serializers.CharField(help_text="the artifact's name: name it in job specs and reports"),
+    "size": serializers.IntegerField(help_text="bytes")})
 
 
 class ArtifactUploadApi(APIView):
@@ -77,7 +79,8 @@ class ArtifactUploadApi(APIView):
 class ArtifactDownloadApi(APIView):
     authentication_classes = [DeviceAuthentication, *APIView.authentication_classes]
 
-    @extend_schema(operation_id="artifact_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    @extend_schema(operation_id="artifact_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+                   description="An artifact's bytes: yours, or (for a device) an input of its leases.")
     def get(self, request, sha256: str):
         if not is_sha256_hex(sha256):
             # No such name is stored; and PostgreSQL refuses a query on text holding U+0000 (".../%00/" was a 500).

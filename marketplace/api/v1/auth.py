@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 
 from marketplace.accounts.services import api_token_create, api_token_revoke, api_tokens_of, api_tokens_revoke_all
 from marketplace.api.authentication import IsPerson
+from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import ValidationFailed
 
@@ -26,9 +27,9 @@ class TokenOut(serializers.Serializer):
 
 
 class TokenListed(serializers.Serializer):
-    token_key = serializers.CharField()
-    created = serializers.DateTimeField()
-    expiry = serializers.DateTimeField(allow_null=True)
+    token_key = serializers.CharField(help_text="the token's first characters: revoke it by this")
+    created = serializers.DateTimeField(help_text="when it was made (log in)")
+    expiry = serializers.DateTimeField(allow_null=True, help_text="when it stops working")
     current = serializers.BooleanField(help_text="the token this request was made with")
 
 
@@ -39,8 +40,8 @@ class TokenCreateApi(APIView):
     throttle_scope = "token"
 
     class LoginIn(serializers.Serializer):
-        username = serializers.CharField(max_length=150)
-        password = serializers.CharField(max_length=1024, trim_whitespace=False)
+        username = serializers.CharField(max_length=150, help_text="the account's username")
+        password = serializers.CharField(max_length=1024, trim_whitespace=False, help_text="the account's password")
 
     @extend_schema(
         operation_id="auth_token_create", request=LoginIn, auth=[],
@@ -48,6 +49,7 @@ class TokenCreateApi(APIView):
         description="A new API token for a username and password. It expires (IDLEGRID_TOKEN_TTL_SECONDS); past "
                     "IDLEGRID_TOKENS_PER_PERSON tokens the oldest is revoked.",
     )
+    @idempotent
     def post(self, request):
         body = self.LoginIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -90,6 +92,7 @@ class LogoutApi(APIView):
 
     @extend_schema(operation_id="auth_logout", request=None, responses=LOGGED_OUT,
                    description="Revoke the token this request was made with.")
+    @idempotent
     def post(self, request):
         request.auth.delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -101,6 +104,7 @@ class LogoutAllApi(APIView):
 
     @extend_schema(operation_id="auth_logout_all", request=None, responses=LOGGED_OUT,
                    description="Revoke every token of yours, this one included.")
+    @idempotent
     def post(self, request):
         api_tokens_revoke_all(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)

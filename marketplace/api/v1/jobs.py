@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 from marketplace.api.authentication import IsPerson
 from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
+from marketplace.api.specs import JobSubmission, submission_examples
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
@@ -18,22 +19,22 @@ from marketplace.jobs.services import job_submit
 
 
 class JobOut(serializers.Serializer):
-    id = serializers.IntegerField()
-    kind = serializers.CharField()
-    state = serializers.ChoiceField(choices=Job.State.choices)
-    spec = serializers.JSONField()
-    units_total = serializers.IntegerField()
-    units_done = serializers.IntegerField()
-    units_error = serializers.IntegerField()
-    results_valid = serializers.IntegerField()
-    results_invalid = serializers.IntegerField()
+    id = serializers.IntegerField(help_text="the job's id")
+    kind = serializers.CharField(help_text="the task kind: inference or fedavg")
+    state = serializers.ChoiceField(choices=Job.State.choices, help_text="pending -> running -> merging -> completed, or failed")
+    spec = serializers.JSONField(help_text="the spec as stored: the kind's normalised spec, defaults filled in")
+    units_total = serializers.IntegerField(help_text="units made so far")
+    units_done = serializers.IntegerField(help_text="units decided by a quorum")
+    units_error = serializers.IntegerField(help_text="units that reached max_results_per_unit without a quorum")
+    results_valid = serializers.IntegerField(help_text="results that agreed with their unit's decision")
+    results_invalid = serializers.IntegerField(help_text="results that disagreed (paid nothing)")
     results_per_unit = serializers.FloatField(allow_null=True, help_text="verification cost: results computed per decided unit")
     corrections = serializers.IntegerField(help_text="times a ban reopened the job to re-verify what a cheater vouched for")
-    output_sha256 = serializers.CharField(allow_null=True)
-    error = serializers.CharField()
-    created_at = serializers.DateTimeField()
-    started_at = serializers.DateTimeField(allow_null=True)
-    finished_at = serializers.DateTimeField(allow_null=True)
+    output_sha256 = serializers.CharField(allow_null=True, help_text="the merged output artifact, once completed")
+    error = serializers.CharField(help_text="why the job failed; empty otherwise")
+    created_at = serializers.DateTimeField(help_text="when it was submitted")
+    started_at = serializers.DateTimeField(allow_null=True, help_text="when it was split into units")
+    finished_at = serializers.DateTimeField(allow_null=True, help_text="when it completed or failed")
 
 
 def job_out(job: Job) -> dict:
@@ -55,23 +56,23 @@ def job_out(job: Job) -> dict:
 
 
 class QuoteOut(serializers.Serializer):
-    kind = serializers.CharField()
+    kind = serializers.CharField(help_text="the task kind")
     units = serializers.IntegerField(help_text="the units the job would be split into")
-    quorum = serializers.IntegerField()
+    quorum = serializers.IntegerField(help_text="agreeing results per unit, from the spec")
     price_per_result = serializers.CharField(help_text="base units, a decimal string")
     results_per_unit_expected = serializers.FloatField(
         help_text="results computed per decided unit, replicas and disagreements included, as this kind needed lately")
     results_per_unit_source = serializers.CharField(help_text="where that figure comes from")
     cost_expected = serializers.CharField(help_text="base units: price x units x results_per_unit_expected")
     cost_worst_case = serializers.CharField(help_text="base units: the escrow a submission takes (unused escrow returns)")
-    balance_available = serializers.CharField()
+    balance_available = serializers.CharField(help_text="base units: your spendable balance")
     affordable = serializers.BooleanField(help_text="the balance covers the escrow")
     devices_active = serializers.IntegerField(help_text="devices seen in the last hour")
     owners_active = serializers.IntegerField(help_text="distinct owners of those devices")
     runnable = serializers.BooleanField(help_text="devices of at least `quorum` owners are active")
-    not_runnable_reason = serializers.CharField(allow_null=True)
+    not_runnable_reason = serializers.CharField(allow_null=True, help_text="why not, when not runnable")
     eta_seconds_p50 = serializers.IntegerField(allow_null=True, help_text="from per-result compute times of the last day")
-    eta_seconds_p90 = serializers.IntegerField(allow_null=True)
+    eta_seconds_p90 = serializers.IntegerField(allow_null=True, help_text="the 90th percentile of the same estimate")
     eta_reason = serializers.CharField(allow_null=True, help_text="why there is no ETA, when there is none")
     spec = serializers.JSONField(help_text="the spec as a submission would store it, defaults filled in")
 
@@ -88,13 +89,11 @@ class JobCreateApi(APIView):
                                      "created or escrowed")
 
     @extend_schema(
-        operation_id="job_create", request=JobCreateIn,
-        responses={201: JobOut, 200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 402: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut},
-        parameters=[OpenApiParameter(
-            "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
-            description="Send the same key to retry safely: the job is created once and every retry gets the first "
-                        "answer again (Idempotent-Replayed: true) for 24 hours; 409 idempotency_key_in_flight while "
-                        "the first is running, 422 idempotency_key_reused for the same key with other parameters.")],
+        operation_id="job_create", request=JobSubmission, examples=submission_examples(),
+        responses={201: JobOut, 200: QuoteOut, 402: ErrorOut},  # the other errors: api/schema.py's hook
+        description="Submit a job: validated whole (400 lists every problem), its escrow taken from your balance "
+                    "(402 if short), split into units after commit. The spec is typed per kind (JobSubmission); "
+                    "dry_run: true quotes instead (200).",
     )
     @idempotent
     def post(self, request):
@@ -111,10 +110,11 @@ class JobQuoteApi(APIView):
     permission_classes = [IsPerson]
     throttle_scope = "job_create"
 
-    @extend_schema(operation_id="job_quote", request=JobCreateApi.JobCreateIn,
+    @extend_schema(operation_id="job_quote", request=JobSubmission, examples=submission_examples(),
                    responses={200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 429: ErrorOut},
                    description="What a job would cost and take, and whether the network can run it now; "
                                "creates and escrows nothing (docs/protocol.md, 'Quotes').")
+    @idempotent
     def post(self, request):
         body = JobCreateApi.JobCreateIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -125,7 +125,7 @@ class JobQuoteApi(APIView):
 class JobDetailApi(APIView):
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="job_retrieve", responses=JobOut)
+    @extend_schema(operation_id="job_retrieve", responses=JobOut, description="One of your jobs and its progress.")
     def get(self, request, job_id: int):
         return Response(job_out(job_get_for_owner(job_id=job_id, owner=request.user)))
 
@@ -133,7 +133,8 @@ class JobDetailApi(APIView):
 class JobOutputApi(APIView):
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="job_output", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    @extend_schema(operation_id="job_output_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+                   description="A completed job's merged output (safetensors); 409 before it completed.")
     def get(self, request, job_id: int):
         job = job_get_for_owner(job_id=job_id, owner=request.user)
         if job.state != Job.State.COMPLETED:
@@ -143,27 +144,27 @@ class JobOutputApi(APIView):
 
 
 class RoundOut(serializers.Serializer):
-    round = serializers.IntegerField()
+    round = serializers.IntegerField(help_text="the round's index, from 0")
     weights_in_sha256 = serializers.CharField(help_text="the global weights the round trained from")
     weights_sha256 = serializers.CharField(help_text="the aggregated global weights (safetensors artifact)")
     updates = serializers.IntegerField(help_text="validated updates aggregated")
     result_ids = serializers.ListField(child=serializers.IntegerField(), help_text="the canonical results aggregated")
-    samples = serializers.IntegerField()
+    samples = serializers.IntegerField(help_text="training rows the aggregated updates covered")
     train_loss = serializers.FloatField(help_text="samples-weighted mean of the updates' signed training loss")
     eval_loss = serializers.FloatField(help_text="on the held-out eval dataset, computed by the marketplace")
-    eval_accuracy = serializers.FloatField()
-    aggregated_at = serializers.DateTimeField()
+    eval_accuracy = serializers.FloatField(help_text="on the held-out eval dataset, computed by the marketplace")
+    aggregated_at = serializers.DateTimeField(help_text="when the round's updates were aggregated")
 
 
 class TrainingOut(serializers.Serializer):
-    round = serializers.IntegerField()
-    units_done = serializers.IntegerField()
-    units_total = serializers.IntegerField()
+    round = serializers.IntegerField(help_text="the round being trained")
+    units_done = serializers.IntegerField(help_text="its units decided")
+    units_total = serializers.IntegerField(help_text="its units (one per shard)")
 
 
 class RoundsOut(serializers.Serializer):
-    rounds_planned = serializers.IntegerField()
-    rounds = RoundOut(many=True)
+    rounds_planned = serializers.IntegerField(help_text="the spec's rounds (an early stop ends sooner)")
+    rounds = RoundOut(many=True, help_text="the aggregated rounds, in order")
     training = TrainingOut(allow_null=True, help_text="the round being trained, if any")
     privacy = serializers.DictField(allow_null=True, help_text="central DP parameters and the epsilon they give")
     target = serializers.DictField(allow_null=True, help_text="early stop: metric and value")
@@ -174,7 +175,7 @@ class JobRoundsApi(APIView):
 
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="job_rounds", responses=RoundsOut)
+    @extend_schema(operation_id="job_round_list", responses=RoundsOut)
     def get(self, request, job_id: int):
         job = job_get_for_owner(job_id=job_id, owner=request.user)
         if job.kind != Job.Kind.FEDAVG:

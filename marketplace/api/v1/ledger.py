@@ -13,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsPerson
+from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import NotFound, ValidationFailed
 from marketplace.core.numbers import decimal_parse
@@ -45,19 +46,20 @@ class BalancesOut(serializers.Serializer):
 class BalancesApi(APIView):
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="ledger_balances", responses=BalancesOut)
+    @extend_schema(operation_id="ledger_balances", responses=BalancesOut,
+                   description="Your balances: spendable, escrowed, earned (held, settled) and paid per address.")
     def get(self, request):
         return Response(BalancesOut(balances_for(user=request.user)).data)
 
 
 class EntryOut(serializers.Serializer):
-    id = serializers.IntegerField()
-    posting = serializers.IntegerField(source="posting_id")
-    kind = serializers.CharField(source="posting.kind")
-    account = serializers.CharField(source="account.key")
+    id = serializers.IntegerField(help_text="the ledger line's id (page with before)")
+    posting = serializers.IntegerField(source="posting_id", help_text="the posting the line belongs to")
+    kind = serializers.CharField(source="posting.kind", help_text="the posting's kind: grant, escrow, credit, ...")
+    account = serializers.CharField(source="account.key", help_text="the account the line moves")
     amount = serializers.SerializerMethodField(help_text=f"signed; {AMOUNT_HELP}")
-    memo = serializers.CharField(source="posting.memo")
-    created_at = serializers.DateTimeField(source="posting.created_at")
+    memo = serializers.CharField(source="posting.memo", help_text="what the posting was for")
+    created_at = serializers.DateTimeField(source="posting.created_at", help_text="when it was posted")
 
     def get_amount(self, line: Line) -> str:
         return str(line.amount)
@@ -71,6 +73,7 @@ class EntriesApi(APIView):
         parameters=[OpenApiParameter("before", int, description="only entries with a smaller id (the next page)"),
                     OpenApiParameter("limit", int, description=f"at most this many (1..{MAX_ENTRIES}, default 50)")],
         responses=EntryOut(many=True),
+        description="Your ledger lines, newest first.",
     )
     def get(self, request):
         lines = entries_for(user=request.user)
@@ -87,20 +90,20 @@ class EntriesApi(APIView):
 
 
 class ChallengeOut(serializers.Serializer):
-    nonce = serializers.CharField()
+    nonce = serializers.CharField(help_text="send it back with the signature")
     message = serializers.CharField(help_text="sign exactly this text with personal_sign (EIP-191)")
-    expires_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(help_text="the challenge is refused after this")
 
 
 class PendingOut(serializers.Serializer):
-    address = serializers.CharField()
-    requested_at = serializers.DateTimeField(source="linked_at")
+    address = serializers.CharField(help_text="the address that will be paid")
+    requested_at = serializers.DateTimeField(source="linked_at", help_text="when the change was asked for")
     effective_at = serializers.DateTimeField(help_text="payouts go to this address from then on; cancel before")
 
 
 class WalletOut(serializers.Serializer):
     address = serializers.CharField(allow_null=True, help_text="the active payout address: epochs pay it")
-    linked_at = serializers.DateTimeField(allow_null=True)
+    linked_at = serializers.DateTimeField(allow_null=True, help_text="when the active address was linked")
     pending = PendingOut(allow_null=True, help_text="a change waiting for its time, if any")
 
 
@@ -129,7 +132,7 @@ class WalletChallengeApi(APIView):
     permission_classes = [IsPerson]
     throttle_scope = "wallet"
 
-    @extend_schema(operation_id="wallet_challenge", responses={200: ChallengeOut, 429: ErrorOut},
+    @extend_schema(operation_id="wallet_challenge_create", responses={200: ChallengeOut, 429: ErrorOut},
                    description="A one-time message to sign with the payout address's key. Expires.")
     def get(self, request):
         challenge = wallet_challenge_create(user=request.user)
@@ -143,8 +146,8 @@ class WalletApi(APIView):
     class LinkIn(serializers.Serializer):
         password = serializers.CharField(max_length=1024, trim_whitespace=False,
                                          help_text="the account's password: a token alone cannot change payouts")
-        nonce = serializers.CharField(max_length=64)
-        address = serializers.CharField(max_length=42)
+        nonce = serializers.CharField(max_length=64, help_text="the challenge's nonce")
+        address = serializers.CharField(max_length=42, help_text="0x and 40 hex digits: the address that signed")
         signature = serializers.CharField(max_length=132, help_text="0x + 65 bytes hex (personal_sign)")
 
     @extend_schema(operation_id="wallet_retrieve", responses={200: WalletOut, 404: ErrorOut, 429: ErrorOut},
@@ -162,6 +165,7 @@ class WalletApi(APIView):
                     "active). 202: it replaces the active one after IDLEGRID_WALLET_CHANGE_DELAY_SECONDS, and "
                     "the account's email address is told; a newer change replaces a pending one.",
     )
+    @idempotent
     def post(self, request):
         body = self.LinkIn(data=request.data)
         body.is_valid(raise_exception=True)
@@ -184,14 +188,14 @@ class WalletPendingApi(APIView):
 
 
 class ProofOut(serializers.Serializer):
-    epoch = serializers.IntegerField()
-    account = serializers.CharField()
+    epoch = serializers.IntegerField(help_text="the latest published epoch with a leaf for the address")
+    account = serializers.CharField(help_text="the payout address (claim's first argument)")
     cumulative = serializers.CharField(help_text=AMOUNT_HELP)
-    proof = serializers.ListField(child=serializers.CharField())
-    root = serializers.CharField()
+    proof = serializers.ListField(child=serializers.CharField(), help_text="the Merkle proof, 0x hex hashes")
+    root = serializers.CharField(help_text="the epoch's Merkle root, as published")
     state = serializers.CharField(help_text="published, or final once deep enough")
-    contract = serializers.CharField()
-    chain_id = serializers.IntegerField(allow_null=True)
+    contract = serializers.CharField(help_text="the PayoutLedger contract's address")
+    chain_id = serializers.IntegerField(allow_null=True, help_text="the chain it lives on")
 
 
 class PayoutProofApi(APIView):
@@ -201,7 +205,7 @@ class PayoutProofApi(APIView):
     permission_classes = [IsAuthenticated]
 
     @extend_schema(
-        operation_id="payout_proof",
+        operation_id="payout_proof_retrieve",
         parameters=[OpenApiParameter("address", str, description="one of your payout addresses (default: the active one)")],
         responses={200: ProofOut, 404: OpenApiTypes.OBJECT},
         description="claim(account, cumulative, proof) on the PayoutLedger contract pays cumulative minus what was claimed.",

@@ -1,6 +1,5 @@
 """Every error leaves the API as {"error": {"code", "message", "fields"}}, with the protocol's codes."""
 
-from marketplace.api.v1.agent import EnrollThrottle
 from marketplace.jobs.models import Job
 
 
@@ -53,8 +52,9 @@ def test_a_job_you_cannot_see_is_not_found(api, submitter):
     assert_error_shape(response, 404, "not_found")
 
 
-def test_enrolment_is_throttled(api, monkeypatch):
-    monkeypatch.setattr(EnrollThrottle, "THROTTLE_RATES", {"enroll": "2/minute"})
+def test_enrolment_is_throttled(api, settings):
+    rates = settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {**rates, "enroll": "2/minute"}}
     client = api()
 
     statuses = [client.post("/api/v1/agent/enroll", {}, format="json").status_code for _ in range(3)]

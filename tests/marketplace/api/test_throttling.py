@@ -100,6 +100,48 @@ def test_every_scope_has_a_rate_from_the_settings(settings):
     assert set(SCOPES) | {"enroll"} == set(settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"])
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_every_answer_of_a_throttled_view_says_what_is_left_of_the_rate(scope, api, settings, submitter,
+                                                                         make_device, contributor):
+    limit(settings, **{scope: "3/minute"})
+    send = _requests(api, submitter, make_device(contributor))[scope]
+
+    answers = [send() for _ in range(4)]
+
+    assert [a["RateLimit-Limit"] for a in answers] == ["3"] * 4
+    assert [a["RateLimit-Policy"] for a in answers] == ["3;w=60"] * 4
+    assert [a["RateLimit-Remaining"] for a in answers] == ["2", "1", "0", "0"]
+    assert all(1 <= int(a["RateLimit-Reset"]) <= 120 for a in answers)
+    assert answers[3].status_code == 429
+    assert answers[3]["Retry-After"] == answers[3]["RateLimit-Reset"]
+
+
+def test_an_unthrottled_view_sends_no_rate_fields(api, submitter):
+    assert "RateLimit-Limit" not in api(submitter).get("/api/v1/devices/")
+
+
+def test_enrolment_is_throttled_per_address_with_the_rate_fields(api, settings):
+    limit(settings, enroll="1/minute")
+
+    first = api().post("/api/v1/agent/enroll", {}, format="json", REMOTE_ADDR="203.0.113.9")
+    refused = api().post("/api/v1/agent/enroll", {}, format="json", REMOTE_ADDR="203.0.113.9")
+
+    assert (first.status_code, first["RateLimit-Remaining"]) == (400, "0")
+    assert_throttled(refused)
+    assert api().post("/api/v1/agent/enroll", {}, format="json", REMOTE_ADDR="203.0.113.10").status_code == 400
+
+
+def test_a_domain_limit_says_when_to_come_back_too(api, submitter, settings):
+    settings.IDLEGRID_ENROLLMENTS_PER_HOUR = 1
+    client = api(submitter)
+    assert client.post("/api/v1/enrollment-tokens/").status_code == 201
+
+    refused = client.post("/api/v1/enrollment-tokens/")
+
+    assert refused.status_code == 429
+    assert 3590 <= int(refused["Retry-After"]) <= 3600
+
+
 def test_a_devices_throttle_is_its_own(api, settings, make_device, contributor):
     limit(settings, lease="2/minute")
     first, second = make_device(contributor, name="first"), make_device(contributor, name="second")
