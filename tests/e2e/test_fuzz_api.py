@@ -1,6 +1,6 @@
 """Schemathesis over every operation of the served OpenAPI document, against a live server (gunicorn,
 Celery, the test database), once as a submitter and once as an enrolled device: no request it makes may
-answer a server error or a response its operation's schema does not describe.
+answer a server error, a status its operation does not document, or a body its schema does not describe.
 
 One worker: hypothesis parses lambdas' source with `ast` while it generates, and on CPython 3.11 two
 threads doing that at once can fail with "AST constructor recursion depth mismatch" (seen here with
@@ -39,7 +39,7 @@ def _schemathesis(cluster, *, authorization: str, report: Path, parameters: dict
         str(Path(sys.executable).with_name("schemathesis")), "run", f"{cluster.url}/api/schema/",
         "--url", cluster.url,
         "--header", f"Authorization: {authorization}",
-        "--checks", "not_a_server_error,response_schema_conformance",
+        "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance",
         "--phases", "examples,coverage,fuzzing",
         "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic",
         "--workers", "1", "--request-timeout", "30",
