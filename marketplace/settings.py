@@ -117,6 +117,7 @@ INSTALLED_APPS = [
     "marketplace.core",
     "marketplace.accounts",
     "marketplace.artifacts",
+    "marketplace.webhooks",
     "marketplace.workers",
     "marketplace.jobs",
     "marketplace.workunits",
@@ -367,6 +368,29 @@ if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:
         "ledger-reconcile-chain": {"task": "ledger.reconcile_chain", "schedule": timedelta(seconds=IDLEGRID_EPOCH_SECONDS)},
     })
 
+# --- webhooks (marketplace/webhooks, docs/api/webhooks.md) ----------------------------------------------
+# Receivers are the submitters' to choose: private, loopback, link-local and other non-public addresses are
+# refused (SSRF, marketplace/webhooks/targets.py) unless this allows them (tests, the demo's loopback receivers).
+IDLEGRID_WEBHOOKS_ALLOW_PRIVATE = envbool("IDLEGRID_WEBHOOKS_ALLOW_PRIVATE", False)
+# Plain http:// receivers: refused in production unless allowed here (signatures do not hide the payload).
+IDLEGRID_WEBHOOKS_ALLOW_HTTP = envbool("IDLEGRID_WEBHOOKS_ALLOW_HTTP", not IDLEGRID_PRODUCTION)
+IDLEGRID_WEBHOOKS_MAX_ENDPOINTS = envint("IDLEGRID_WEBHOOKS_MAX_ENDPOINTS", 20, low=1, high=1000)
+# One attempt, from connecting to the last byte read, as a whole (Svix and Stripe allow about 15 s).
+IDLEGRID_WEBHOOKS_TIMEOUT_SECONDS = envint("IDLEGRID_WEBHOOKS_TIMEOUT_SECONDS", 10, low=1, high=30)
+# job.progress goes out at most this often per job (and only when more units are decided than last time).
+IDLEGRID_WEBHOOKS_PROGRESS_SECONDS = envint("IDLEGRID_WEBHOOKS_PROGRESS_SECONDS", 30, low=1, high=86_400)
+# After a rotation the previous secret signs too for this long: a day, the retry schedule's own span.
+IDLEGRID_WEBHOOKS_ROTATION_GRACE_SECONDS = envint("IDLEGRID_WEBHOOKS_ROTATION_GRACE_SECONDS", 86_400, low=0,
+                                                  high=30 * 86_400)
+# Deliveries run on their own Celery queue, so slow receivers never hold the workers that split and merge
+# jobs: a worker must consume it (`celery worker -Q webhooks`; docker/compose.yaml runs one for it).
+IDLEGRID_WEBHOOKS_QUEUE = env("IDLEGRID_WEBHOOKS_QUEUE") or "webhooks"
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", IDLEGRID_WEBHOOKS_QUEUE):
+    raise ImproperlyConfigured(f"IDLEGRID_WEBHOOKS_QUEUE must be a queue name (A-Z a-z 0-9 _ . -), got {IDLEGRID_WEBHOOKS_QUEUE!r}")
+CELERY_TASK_ROUTES = {"webhooks.deliver": {"queue": IDLEGRID_WEBHOOKS_QUEUE}}
+CELERY_BEAT_SCHEDULE["webhooks-sweep"] = {"task": "webhooks.sweep", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS),
+                                          "options": _PERIODIC}
+
 # --- REST -----------------------------------------------------------------------------------------
 # Request rates per throttle scope (marketplace/api/throttling.py), counted per device for device requests,
 # per person for people and per client address for anonymous ones. The defaults sit well above what an
@@ -500,6 +524,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"WebhookDeliveryStateEnum": "marketplace.webhooks.models.Delivery.State"},
 }
 
 LANGUAGE_CODE = "en-us"
