@@ -83,7 +83,7 @@ def address_refusal(address: str) -> str | None:
             ip = embedded
         elif ip.teredo:
             ip = ip.teredo[1]
-    for flag in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for flag in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):  # most telling first
         if getattr(ip, f"is_{flag}"):
             return flag.replace("_", "-")
     return None if ip.is_global else "not public"
