@@ -180,6 +180,7 @@ def test_a_new_event_is_swept_if_the_broker_lost_its_first_message(emitted, enqu
 
     assert deliveries_sweep() == 0
     assert deliveries_sweep(now=timezone.now() + timedelta(minutes=6)) == 1
+    assert enqueued[-1] == ("webhooks.deliver", (delivery.pk,))
 
 
 def test_a_replay_of_a_succeeded_delivery_makes_one_more_attempt(emitted, receiver, django_capture_on_commit_callbacks,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 from django.utils import timezone
@@ -110,9 +110,9 @@ def test_signed_headers_match_the_reference_signer():
     secret = secret_new()
     headers = signed_headers(secrets_live=[secret], msg_id="msg_abc", timestamp=1_700_000_000, body=b'{"a":1}')
 
-    from datetime import datetime, timezone as tz
+    from datetime import datetime
 
-    reference = Webhook(secret).sign("msg_abc", datetime.fromtimestamp(1_700_000_000, tz=tz.utc), '{"a":1}')
+    reference = Webhook(secret).sign("msg_abc", datetime.fromtimestamp(1_700_000_000, tz=UTC), '{"a":1}')
     assert headers["webhook-signature"] == reference
 
 
