@@ -208,3 +208,64 @@ def test_a_disabled_endpoint_is_sent_nothing(emitted, receiver):
     assert delivery_attempt(delivery_id=delivery.pk) == "retry"
     assert receiver.received == []
     assert delivery.attempts.get().outcome == "refused"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_eight_workers_given_one_delivery_at_once_send_it_once(emitted, receiver):
+    """A redelivered message and a sweep's copy race: the claim lets one through; the others find it taken."""
+    import threading
+
+    from django.db import connection
+
+    receiver.answer((200, 0.3))  # slow enough that every worker tries while the first is sending
+    delivery = emitted()
+    outcomes, start = [], threading.Barrier(8)
+
+    def work():
+        start.wait()
+        try:
+            outcomes.append(delivery_attempt(delivery_id=delivery.pk))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(outcomes) == ["not_due"] * 7 + ["succeeded"]
+    assert len(receiver.received) == 1
+    assert delivery.attempts.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_sweeps_at_once_hand_out_each_due_delivery_once(register, submitter, enqueued):
+    import threading
+
+    from django.db import connection
+
+    register()
+    register()
+    event_emit(owner_id=submitter.pk, type=catalog.JOB_FAILED, data={})
+    assert len(enqueued) == 2  # the first attempts, sent at commit; say the broker lost them
+    enqueued.clear()
+    later, start = timezone.now() + timedelta(minutes=6), threading.Barrier(2)
+    counts = []
+
+    def sweep():
+        start.wait()
+        try:
+            counts.append(deliveries_sweep(now=later))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(counts) in ([0, 2], [1, 1])
+    assert sorted(args for name, args in enqueued if name == "webhooks.deliver") == sorted(
+        (pk,) for pk in Delivery.objects.values_list("pk", flat=True))
