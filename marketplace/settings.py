@@ -409,6 +409,8 @@ _THROTTLE_RATES = {
     "upload": envrate("IDLEGRID_UPLOAD_RATE", "1200/minute"),  # devices and people alike
     "job_create": envrate("IDLEGRID_JOB_CREATE_RATE", "60/minute"),
     "wallet": envrate("IDLEGRID_WALLET_RATE", "20/minute"),  # challenges, links and cancels together
+    # Webhook tests and replays, together: each makes us POST to a URL the caller chose (no amplifier for floods).
+    "webhook_send": envrate("IDLEGRID_WEBHOOK_SEND_RATE", "30/minute"),
 }
 # Behind N proxies that each append to X-Forwarded-For, the client is the Nth address from the right. 0 (the
 # default) keys anonymous requests on REMOTE_ADDR alone; DRF's own default (None) keys on the whole

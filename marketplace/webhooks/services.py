@@ -44,7 +44,7 @@ def endpoint_create(*, owner_id: int, url: str, description: str = "", event_typ
     types = _event_types_clean(event_types)
     with transaction.atomic():
         # The owner's row serializes concurrent registrations of one person, so the cap holds.
-        get_user_model().objects.select_for_update().filter(pk=owner_id).exists()
+        list(get_user_model().objects.select_for_update().filter(pk=owner_id).values_list("pk", flat=True))
         if Endpoint.objects.filter(owner_id=owner_id).count() >= settings.IDLEGRID_WEBHOOKS_MAX_ENDPOINTS:
             raise Conflict(f"at most {settings.IDLEGRID_WEBHOOKS_MAX_ENDPOINTS} webhook endpoints per person; "
                            "delete one first")

@@ -186,10 +186,11 @@ class EndpointRotateSecretApi(APIView):
 
 class EndpointTestApi(APIView):
     permission_classes = [IsPerson]
+    throttle_scope = "webhook_send"
 
     @extend_schema(
         operation_id="webhook_endpoint_test", request=None, parameters=[IDEMPOTENCY_KEY],
-        responses={202: DeliveryOut, **WRITE_ERRORS},
+        responses={202: DeliveryOut, **WRITE_ERRORS, 429: ErrorOut},
         description="Send a webhook.test event to this endpoint (whatever its filter): follow the delivery.")
     @idempotent
     def post(self, request, endpoint_id: int):
@@ -243,10 +244,11 @@ class DeliveryDetailApi(APIView):
 
 class DeliveryReplayApi(APIView):
     permission_classes = [IsPerson]
+    throttle_scope = "webhook_send"
 
     @extend_schema(
         operation_id="webhook_delivery_replay", request=None, parameters=[IDEMPOTENCY_KEY],
-        responses={202: DeliveryOut, **WRITE_ERRORS},
+        responses={202: DeliveryOut, **WRITE_ERRORS, 429: ErrorOut},
         description="Send the event again now, with the same webhook-id. A finished delivery gets one more "
                     "attempt; a pending one's next attempt comes forward. 409 while an attempt is in progress.")
     @idempotent

@@ -173,3 +173,14 @@ def test_a_replay_through_the_api_makes_a_new_attempt(create, api, submitter, re
     assert delivery_attempt(delivery_id=delivery.pk) == "succeeded"
     assert list(Attempt.objects.filter(delivery=delivery).values_list("number", "replay")) == [(1, False), (2, True)]
     assert len(receiver.received) == 2
+
+
+def test_tests_and_replays_are_rate_limited(create, api, submitter, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "webhook_send": "2/minute"}}
+    endpoint_id = create().json()["id"]
+    client = api(submitter)
+
+    answers = [client.post(f"{BASE}/endpoints/{endpoint_id}/test/").status_code for _ in range(3)]
+
+    assert answers == [202, 202, 429]
