@@ -387,9 +387,14 @@ IDLEGRID_WEBHOOKS_ROTATION_GRACE_SECONDS = envint("IDLEGRID_WEBHOOKS_ROTATION_GR
 IDLEGRID_WEBHOOKS_QUEUE = env("IDLEGRID_WEBHOOKS_QUEUE") or "webhooks"
 if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", IDLEGRID_WEBHOOKS_QUEUE):
     raise ImproperlyConfigured(f"IDLEGRID_WEBHOOKS_QUEUE must be a queue name (A-Z a-z 0-9 _ . -), got {IDLEGRID_WEBHOOKS_QUEUE!r}")
+# Events, deliveries and attempts are kept this long (readable and replayable through the API), then purged
+# hourly; an event still being delivered is kept until its delivery ends.
+IDLEGRID_WEBHOOKS_RETENTION_DAYS = envint("IDLEGRID_WEBHOOKS_RETENTION_DAYS", 30, low=2, high=3650)
 CELERY_TASK_ROUTES = {"webhooks.deliver": {"queue": IDLEGRID_WEBHOOKS_QUEUE}}
 CELERY_BEAT_SCHEDULE["webhooks-sweep"] = {"task": "webhooks.sweep", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS),
                                           "options": _PERIODIC}
+CELERY_BEAT_SCHEDULE["webhooks-purge"] = {"task": "webhooks.purge", "schedule": timedelta(hours=1),
+                                          "options": {"expires": 3600}}
 
 # --- REST -----------------------------------------------------------------------------------------
 # Request rates per throttle scope (marketplace/api/throttling.py), counted per device for device requests,

@@ -152,3 +152,16 @@ def delivery_replay(*, delivery: Delivery, now: datetime | None = None) -> Deliv
         enqueue_on_commit("webhooks.deliver", locked.pk)
     locked.refresh_from_db()
     return locked
+
+
+PURGE_BATCH = 5000
+
+
+def events_purge(*, now: datetime | None = None) -> int:
+    """Forget events older than IDLEGRID_WEBHOOKS_RETENTION_DAYS with their deliveries and attempts, except
+    those still being delivered (beat runs it hourly, a batch at a time). Returns how many events went."""
+    since = (now or timezone.now()) - timedelta(days=settings.IDLEGRID_WEBHOOKS_RETENTION_DAYS)
+    old = Event.objects.filter(created_at__lt=since).exclude(deliveries__state=Delivery.State.PENDING)
+    ids = list(old.order_by("pk").values_list("pk", flat=True)[:PURGE_BATCH])
+    Event.objects.filter(pk__in=ids).delete()
+    return len(ids)

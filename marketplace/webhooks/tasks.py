@@ -7,7 +7,7 @@ jobs, and with time limits past the attempt's own deadline (delivery.py) as the 
 
 from celery import shared_task
 
-from marketplace.webhooks import delivery
+from marketplace.webhooks import delivery, services
 
 
 @shared_task(name="webhooks.deliver", acks_late=True, soft_time_limit=60, time_limit=90)
@@ -18,3 +18,8 @@ def delivery_attempt_task(delivery_id: int) -> str:
 @shared_task(name="webhooks.sweep", acks_late=True)
 def deliveries_sweep_task(limit: int = 500) -> int:
     return delivery.deliveries_sweep(limit=limit)
+
+
+@shared_task(name="webhooks.purge", acks_late=True)
+def events_purge_task() -> int:
+    return services.events_purge()

@@ -269,3 +269,20 @@ def test_two_sweeps_at_once_hand_out_each_due_delivery_once(register, submitter,
     assert sorted(counts) in ([0, 2], [1, 1])
     assert sorted(args for name, args in enqueued if name == "webhooks.deliver") == sorted(
         (pk,) for pk in Delivery.objects.values_list("pk", flat=True))
+
+
+def test_old_finished_events_are_purged_with_their_deliveries_but_not_one_still_being_delivered(
+        emitted, receiver, settings):
+    from marketplace.webhooks.models import Event
+    from marketplace.webhooks.services import events_purge
+
+    done = emitted()
+    delivery_attempt(delivery_id=done.pk)
+    event_emit(owner_id=done.endpoint.owner_id, type=catalog.JOB_FAILED, data={})  # pending
+    later = timezone.now() + timedelta(days=settings.IDLEGRID_WEBHOOKS_RETENTION_DAYS, seconds=1)
+
+    assert events_purge() == 0
+    assert events_purge(now=later) == 1
+
+    assert list(Event.objects.values_list("type", flat=True)) == ["job.failed"]
+    assert not Attempt.objects.exists() and Delivery.objects.count() == 1
