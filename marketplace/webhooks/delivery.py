@@ -136,6 +136,9 @@ def send(*, endpoint: Endpoint, event: Event, now: datetime) -> Sent:
                     address=target.address, duration_ms=took())
     except httpx.HTTPError as exc:
         return Sent(Outcome.CONNECTION_ERROR, error=f"{type(exc).__name__}: {exc}", address=target.address, duration_ms=took())
+    except Exception as exc:  # anything else the receiver provoked is its failed attempt, logged and retried
+        log.exception("delivery to endpoint %s failed unexpectedly", endpoint.pk)
+        return Sent(Outcome.CONNECTION_ERROR, error=f"{type(exc).__name__}: {exc}", address=target.address, duration_ms=took())
     outcome = Outcome.SUCCEEDED if 200 <= status < 300 else Outcome.HTTP_ERROR
     return Sent(outcome, status_code=status, body=excerpt, address=target.address, duration_ms=took(),
                 error="" if outcome == Outcome.SUCCEEDED else f"answered {status}")
