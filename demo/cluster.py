@@ -147,6 +147,8 @@ class Cluster:
                 "PYTHONPATH": str(ROOT),
                 "PYTHONUNBUFFERED": "1",
                 "IDLEGRID_CACHE_KEY_PREFIX": self.cache_prefix,
+                # Webhook receivers of the demo and the e2e tests listen on loopback, which production refuses.
+                "IDLEGRID_WEBHOOKS_ALLOW_PRIVATE": "true",
             }
         )
         env.update(self.env_overrides)
@@ -189,7 +191,8 @@ class Cluster:
         )
         self.start(
             "celery-worker",
-            [py, "-m", "celery", "-A", "marketplace", "worker", "--pool=prefork", "--concurrency=2",
+            # One worker for both queues here (the receivers are local); compose runs a worker per queue.
+            [py, "-m", "celery", "-A", "marketplace", "worker", "-Q", "celery,webhooks", "--pool=prefork", "--concurrency=2",
              "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         )
         if beat:

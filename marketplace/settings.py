@@ -117,6 +117,7 @@ INSTALLED_APPS = [
     "marketplace.core",
     "marketplace.accounts",
     "marketplace.artifacts",
+    "marketplace.webhooks",
     "marketplace.workers",
     "marketplace.jobs",
     "marketplace.workunits",
@@ -368,6 +369,34 @@ if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:
         "ledger-reconcile-chain": {"task": "ledger.reconcile_chain", "schedule": timedelta(seconds=IDLEGRID_EPOCH_SECONDS)},
     })
 
+# --- webhooks (marketplace/webhooks, docs/api/webhooks.md) ----------------------------------------------
+# Receivers are the submitters' to choose: private, loopback, link-local and other non-public addresses are
+# refused (SSRF, marketplace/webhooks/targets.py) unless this allows them (tests, the demo's loopback receivers).
+IDLEGRID_WEBHOOKS_ALLOW_PRIVATE = envbool("IDLEGRID_WEBHOOKS_ALLOW_PRIVATE", False)
+# Plain http:// receivers: refused in production unless allowed here (signatures do not hide the payload).
+IDLEGRID_WEBHOOKS_ALLOW_HTTP = envbool("IDLEGRID_WEBHOOKS_ALLOW_HTTP", not IDLEGRID_PRODUCTION)
+IDLEGRID_WEBHOOKS_MAX_ENDPOINTS = envint("IDLEGRID_WEBHOOKS_MAX_ENDPOINTS", 20, low=1, high=1000)
+# One attempt, from connecting to the last byte read, as a whole (Svix and Stripe allow about 15 s).
+IDLEGRID_WEBHOOKS_TIMEOUT_SECONDS = envint("IDLEGRID_WEBHOOKS_TIMEOUT_SECONDS", 10, low=1, high=30)
+# job.progress goes out at most this often per job (and only when more units are decided than last time).
+IDLEGRID_WEBHOOKS_PROGRESS_SECONDS = envint("IDLEGRID_WEBHOOKS_PROGRESS_SECONDS", 30, low=1, high=86_400)
+# After a rotation the previous secret signs too for this long: a day, the retry schedule's own span.
+IDLEGRID_WEBHOOKS_ROTATION_GRACE_SECONDS = envint("IDLEGRID_WEBHOOKS_ROTATION_GRACE_SECONDS", 86_400, low=0,
+                                                  high=30 * 86_400)
+# Deliveries run on their own Celery queue, so slow receivers never hold the workers that split and merge
+# jobs: a worker must consume it (`celery worker -Q webhooks`; docker/compose.yaml runs one for it).
+IDLEGRID_WEBHOOKS_QUEUE = env("IDLEGRID_WEBHOOKS_QUEUE") or "webhooks"
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", IDLEGRID_WEBHOOKS_QUEUE):
+    raise ImproperlyConfigured(f"IDLEGRID_WEBHOOKS_QUEUE must be a queue name (A-Z a-z 0-9 _ . -), got {IDLEGRID_WEBHOOKS_QUEUE!r}")
+# Events, deliveries and attempts are kept this long (readable and replayable through the API), then purged
+# hourly; an event still being delivered is kept until its delivery ends.
+IDLEGRID_WEBHOOKS_RETENTION_DAYS = envint("IDLEGRID_WEBHOOKS_RETENTION_DAYS", 30, low=2, high=3650)
+CELERY_TASK_ROUTES = {"webhooks.deliver": {"queue": IDLEGRID_WEBHOOKS_QUEUE}}
+CELERY_BEAT_SCHEDULE["webhooks-sweep"] = {"task": "webhooks.sweep", "schedule": timedelta(seconds=IDLEGRID_SWEEP_SECONDS),
+                                          "options": _PERIODIC}
+CELERY_BEAT_SCHEDULE["webhooks-purge"] = {"task": "webhooks.purge", "schedule": timedelta(hours=1),
+                                          "options": {"expires": 3600}}
+
 # --- REST -----------------------------------------------------------------------------------------
 # Request rates per throttle scope (marketplace/api/throttling.py), counted per device for device requests,
 # per person for people and per client address for anonymous ones. The defaults sit well above what an
@@ -386,6 +415,8 @@ _THROTTLE_RATES = {
     "upload": envrate("IDLEGRID_UPLOAD_RATE", "1200/minute"),  # devices and people alike
     "job_create": envrate("IDLEGRID_JOB_CREATE_RATE", "60/minute"),
     "wallet": envrate("IDLEGRID_WALLET_RATE", "20/minute"),  # challenges, links and cancels together
+    # Webhook tests and replays, together: each makes us POST to a URL the caller chose (no amplifier for floods).
+    "webhook_send": envrate("IDLEGRID_WEBHOOK_SEND_RATE", "30/minute"),
 }
 # Behind N proxies that each append to X-Forwarded-For, the client is the Nth address from the right. 0 (the
 # default) keys anonymous requests on REMOTE_ADDR alone; DRF's own default (None) keys on the whole
@@ -504,7 +535,10 @@ SPECTACULAR_SETTINGS = {
     # Every operation's error answers, Idempotency-Key on POSTs, RateLimit-* and Retry-After on throttled ones
     # (marketplace/api/schema.py), after drf-spectacular's own enum hook.
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "marketplace.api.schema.postprocess"],
-    "ENUM_NAME_OVERRIDES": {"ErrorCode": "marketplace.api.schema.ALL_CODES"},
+    "ENUM_NAME_OVERRIDES": {
+        "ErrorCode": "marketplace.api.schema.ALL_CODES",
+        "WebhookDeliveryStateEnum": "marketplace.webhooks.models.Delivery.State",
+    },
 }
 
 LANGUAGE_CODE = "en-us"

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker" / "compose.yaml"
-MARKETPLACE = ("web", "worker", "beat")
+MARKETPLACE = ("web", "worker", "webhooks", "beat")
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|(^|_)KEY$|DATABASE_URL")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}
 REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -70,3 +70,12 @@ def test_the_health_check_probes_the_path_exempt_from_the_https_redirect():
     probe = " ".join(services()["web"]["healthcheck"]["test"])
     path = re.search(r"http://127\.0\.0\.1:8000/(\S+?)'", probe)[1]
     assert any(re.fullmatch(pattern, path) for pattern in settings.SECURE_REDIRECT_EXEMPT)
+
+
+def test_a_worker_consumes_the_webhooks_queue_and_the_default_worker_does_not():
+    from django.conf import settings
+
+    command = services()["webhooks"]["command"]
+    assert command[command.index("-Q") + 1] == settings.IDLEGRID_WEBHOOKS_QUEUE
+    assert settings.CELERY_TASK_ROUTES["webhooks.deliver"]["queue"] == settings.IDLEGRID_WEBHOOKS_QUEUE
+    assert "-Q" not in services()["worker"]["command"]  # the default queue: splits, merges, validations

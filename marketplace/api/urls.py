@@ -1,6 +1,6 @@
 from django.urls import path
 
-from marketplace.api.v1 import accounts, agent, artifacts, auth, jobs, ledger
+from marketplace.api.v1 import accounts, agent, artifacts, auth, jobs, ledger, webhooks
 
 app_name = "api"
 
@@ -26,6 +26,15 @@ urlpatterns = [
     path("wallet/", ledger.WalletApi.as_view(), name="wallet"),
     path("wallet/pending/", ledger.WalletPendingApi.as_view(), name="wallet-pending"),
     path("payouts/proof/", ledger.PayoutProofApi.as_view(), name="payout-proof"),
+    path("webhooks/endpoints/", webhooks.EndpointListApi.as_view(), name="webhook-endpoint-list"),
+    path("webhooks/endpoints/<int:endpoint_id>/", webhooks.EndpointDetailApi.as_view(), name="webhook-endpoint-detail"),
+    path("webhooks/endpoints/<int:endpoint_id>/rotate-secret/", webhooks.EndpointRotateSecretApi.as_view(),
+         name="webhook-endpoint-rotate-secret"),
+    path("webhooks/endpoints/<int:endpoint_id>/test/", webhooks.EndpointTestApi.as_view(), name="webhook-endpoint-test"),
+    path("webhooks/deliveries/", webhooks.DeliveryListApi.as_view(), name="webhook-delivery-list"),
+    path("webhooks/deliveries/<int:delivery_id>/", webhooks.DeliveryDetailApi.as_view(), name="webhook-delivery-detail"),
+    path("webhooks/deliveries/<int:delivery_id>/replay/", webhooks.DeliveryReplayApi.as_view(),
+         name="webhook-delivery-replay"),
     path("agent/enroll", agent.EnrollApi.as_view(), name="agent-enroll"),
     path("agent/keys", agent.KeysApi.as_view(), name="agent-keys"),
     path("agent/lease", agent.LeaseApi.as_view(), name="agent-lease"),

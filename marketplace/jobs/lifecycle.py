@@ -17,8 +17,10 @@ from django.db.models import F
 from django.utils import timezone
 
 from marketplace.core.tasks import enqueue_on_commit
+from marketplace.jobs.events import job_event
 from marketplace.jobs.models import Job
 from marketplace.ledger import hooks as ledger_hooks
+from marketplace.webhooks import catalog
 from marketplace.workunits.models import Result, WorkUnit
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ def job_fail(*, job_id: int, reason: str) -> bool:
     if failed:
         Result.objects.filter(job_id=job_id, state=Result.State.UNSENT).update(state=Result.State.CANCELLED)
         ledger_hooks.job_ended(job_id)
+        job_event(job_id=job_id, type=catalog.JOB_FAILED)
         log.warning("job %s failed: %s", job_id, reason)
     return bool(failed)
 
@@ -62,4 +65,5 @@ def job_complete(*, job_id: int, output_id: str) -> bool:
     )
     if completed:
         ledger_hooks.job_ended(job_id)
+        job_event(job_id=job_id, type=catalog.JOB_COMPLETED)
     return bool(completed)

@@ -25,6 +25,7 @@ from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.tensors import read_array, read_header
 from marketplace.jobs import fedavg_math
+from marketplace.jobs.events import job_round_event
 from marketplace.jobs.kinds import fedavg
 from marketplace.jobs.lifecycle import job_complete, job_fail
 from marketplace.jobs.models import FedRound, Job
@@ -78,12 +79,13 @@ def round_aggregate(*, job_id: int) -> Job:
         locked = Job.objects.select_for_update().get(pk=job_id)
         if locked.state != Job.State.MERGING or FedRound.objects.filter(job=job, index=index).exists():
             return locked  # another run of this task got here first; its weights stand
-        FedRound.objects.create(
+        fed = FedRound.objects.create(
             job=job, index=index, weights_in_id=aggregated.weights_in, weights_out=aggregated.weights_out,
             updates=aggregated.updates, samples=aggregated.samples, train_loss=aggregated.train_loss,
             eval_loss=aggregated.eval_loss, eval_accuracy=aggregated.eval_accuracy,
         )
         stop = _stop_reason(job.spec, aggregated)
+        job_round_event(job_id=job_id, round_id=fed.pk, last=bool(stop))
         if stop:
             job_complete(job_id=job_id, output_id=aggregated.weights_out.sha256)
             log.info("job %s completed after round %s (%s): accuracy %.4f", job_id, index, stop, aggregated.eval_accuracy)

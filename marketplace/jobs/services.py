@@ -16,11 +16,13 @@ from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.tasks import enqueue_on_commit
 from marketplace.core.tensors import write_single
+from marketplace.jobs.events import job_event
 from marketplace.jobs.kinds import kind_module
 from marketplace.jobs.lifecycle import job_complete
 from marketplace.jobs.models import Job
 from marketplace.jobs.rounds import round_aggregate
 from marketplace.ledger.escrow import escrow_amount, job_escrow_fund, job_price_take
+from marketplace.webhooks import catalog
 from marketplace.workunits.creation import units_create
 from marketplace.workunits.models import WorkUnit
 
@@ -59,6 +61,7 @@ def job_split(*, job_id: int) -> int:
         Job.objects.filter(pk=job_id, state=Job.State.PENDING).update(
             state=Job.State.RUNNING, units_total=count, started_at=timezone.now()
         )
+        job_event(job_id=job_id, type=catalog.JOB_STARTED)
     log.info("job %s split into %s units", job_id, count)
     return count
 

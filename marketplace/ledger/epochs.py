@@ -34,6 +34,8 @@ from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, AuditEntry, Epoch, EpochLeaf, Line, Posting, WalletLink
 from marketplace.ledger.postings import account_get, posting_write
 from marketplace.ledger.wallets import wallet_changes_activate
+from marketplace.webhooks import catalog
+from marketplace.webhooks.services import event_emit, owners_listening
 
 if TYPE_CHECKING:
     from marketplace.chain.client import ChainClient
@@ -116,7 +118,27 @@ def _mark_published(epoch: Epoch, *, client: ChainClient, block_number: int | No
         if moved:
             AuditEntry.objects.create(actor="system:settlement", action="epoch.published", reason=how,
                                       data={"epoch": epoch.number, "tx_hash": epoch.tx_hash, "block": block})
+            epoch.refresh_from_db()
+            _published_tell(epoch)
     epoch.refresh_from_db()
+
+
+def _published_tell(epoch: Epoch) -> None:
+    """payout.epoch_published to each person with a payout address in the epoch who has an endpoint that
+    listens (their cumulative amounts are claimable now), in the transaction that marks it published."""
+    listening = owners_listening(type=catalog.PAYOUT_EPOCH_PUBLISHED)
+    if not listening:
+        return
+    owner_of = dict(WalletLink.objects.filter(user_id__in=listening).values_list("address", "user_id"))
+    payouts: dict[int, list[dict[str, str]]] = {}
+    for address, cumulative in EpochLeaf.objects.filter(epoch=epoch, address__in=list(owner_of)).values_list(
+            "address", "cumulative"):
+        payouts.setdefault(owner_of[address], []).append({"address": address, "cumulative": str(cumulative)})
+    about = {"number": epoch.number, "root": epoch.root, "state": epoch.state, "tx_hash": epoch.tx_hash,
+             "block_number": epoch.block_number, "chain_id": epoch.chain_id,
+             "contract": settings.IDLEGRID_CHAIN_CONTRACT, "published_at": epoch.published_at}
+    for user_id, rows in sorted(payouts.items()):
+        event_emit(owner_id=user_id, type=catalog.PAYOUT_EPOCH_PUBLISHED, data={"epoch": about, "payouts": rows})
 
 
 def _nonce_reserve(epoch: Epoch, *, client: ChainClient) -> int:

@@ -15,6 +15,8 @@ from django.utils import timezone
 from marketplace.core.tasks import enqueue_on_commit
 from marketplace.jobs.lifecycle import job_reopen
 from marketplace.ledger import hooks as ledger_hooks
+from marketplace.webhooks import catalog
+from marketplace.webhooks.services import event_emit
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workers.trust import is_trusted
 from marketplace.workunits.models import Result, WorkUnit
@@ -51,7 +53,16 @@ def device_ban(*, device_id: int, reason: str) -> bool:
     since = timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
     device_results_reverify(device_id=device_id, since=since)
     ledger_hooks.device_banned(device_id)  # after the withdrawals above: the rest of its held earnings is forfeit
+    _ban_tell(device_id)
     return True
+
+
+def _ban_tell(device_id: int) -> None:
+    """device.banned to the device's owner (their webhook endpoints), in the ban's transaction."""
+    device = Device.objects.get(pk=device_id)
+    event_emit(owner_id=device.owner_id, type=catalog.DEVICE_BANNED, data=lambda: {"device": {
+        "id": device.pk, "name": device.name, "state": device.state, "banned_at": device.banned_at,
+        "reason": device.ban_reason, "earnings_held": device.earnings_held}})
 
 
 def device_results_reverify(*, device_id: int, since: datetime) -> int:

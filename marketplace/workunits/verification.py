@@ -24,6 +24,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from marketplace.artifacts.storage import get_storage
+from marketplace.jobs.events import job_progress
 from marketplace.jobs.kinds import kind_module
 from marketplace.jobs.lifecycle import job_merge_if_done
 from marketplace.ledger import hooks as ledger_hooks
@@ -340,6 +341,7 @@ def _accept(unit: WorkUnit, agreeing: list[Result], losers: list[Result], known_
     )
     unit.results.filter(state=Result.State.UNSENT).update(state=Result.State.CANCELLED)
     job_merge_if_done(job_id=unit.job_id)
+    job_progress(job_id=unit.job_id, owner_id=unit.job.owner_id)  # throttled: one cache operation, mostly
 
 
 def _winners_credit(unit: WorkUnit, newly_valid: list[Result], *, audited: int | None) -> None:

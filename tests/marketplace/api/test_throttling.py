@@ -79,10 +79,11 @@ def _requests(api, submitter, device):
         "upload": lambda: agent.post("/api/v1/artifacts/", data=b"bytes", content_type="application/octet-stream"),
         "job_create": lambda: person.post("/api/v1/jobs/", {"kind": "inference", "spec": {}}, format="json"),
         "wallet": lambda: person.get("/api/v1/wallet/challenge/"),
+        "webhook_send": lambda: person.post("/api/v1/webhooks/deliveries/999999/replay/"),
     }
 
 
-SCOPES = ["token", "lease", "heartbeat", "report", "fail", "upload", "job_create", "wallet"]
+SCOPES = ["token", "lease", "heartbeat", "report", "fail", "upload", "job_create", "wallet", "webhook_send"]
 
 
 @pytest.mark.parametrize("scope", SCOPES)
