@@ -22,3 +22,11 @@ class IdCursorPagination(CursorPagination):
     max_page_size = MAX_PAGE_SIZE
     page_size_query_description = f"results per page, 1..{MAX_PAGE_SIZE} (default {PAGE_SIZE})"
     cursor_query_description = "the opaque cursor of a page: take it from `next` or `previous`"
+
+    def get_paginated_response_schema(self, schema):
+        envelope = super().get_paginated_response_schema(schema)
+        properties = envelope["properties"]
+        properties["next"]["description"] = "the next (older) page's URL; null on the last page"
+        properties["previous"]["description"] = "the previous (newer) page's URL; null on the first page"
+        properties["results"]["description"] = f"this page's rows, newest first (`limit`, default {PAGE_SIZE})"
+        return envelope

@@ -54,6 +54,14 @@ class EndpointOut(serializers.ModelSerializer):
         model = Endpoint
         fields = ["id", "url", "description", "event_types", "enabled", "previous_secret_expires_at", "created_at",
                   "updated_at"]
+        extra_kwargs = {
+            "id": {"help_text": "the endpoint's id"},
+            "url": {"help_text": "where events are POSTed"},
+            "description": {"help_text": "yours, free text"},
+            "enabled": {"help_text": "false: nothing is sent to it (pending deliveries wait)"},
+            "created_at": {"help_text": "when it was registered"},
+            "updated_at": {"help_text": "when it last changed"},
+        }
 
 
 class EndpointSecretOut(EndpointOut):
@@ -69,18 +77,27 @@ class AttemptOut(serializers.ModelSerializer):
         model = Attempt
         fields = ["number", "replay", "started_at", "duration_ms", "outcome", "status_code", "error",
                   "response_body", "address"]
+        extra_kwargs = {
+            "replay": {"help_text": "made by a replay through the API, not by the schedule"},
+            "started_at": {"help_text": "when the attempt began"},
+            "duration_ms": {"help_text": "from connect to the end of the answer (or the failure)"},
+            "outcome": {"help_text": "succeeded (2xx), http_error, timeout, connection_error, or refused (SSRF rules, "
+                                     "endpoint disabled or deleted)"},
+            "status_code": {"help_text": "the receiver's HTTP status; null without an answer"},
+            "error": {"help_text": "what went wrong, for people; empty on success"},
+        }
 
 
 class EventOut(serializers.Serializer):
     id = serializers.CharField(source="msg_id", help_text="the webhook-id header: the same on every attempt")
-    type = serializers.CharField()
-    data = serializers.JSONField()
+    type = serializers.CharField(help_text="the event type, e.g. job.completed (docs/api/webhooks.md)")
+    data = serializers.JSONField(help_text="the payload's data: ids and states, per type (docs/api/webhooks.md)")
     created_at = serializers.DateTimeField(help_text="the payload's timestamp")
 
 
 class DeliveryOut(serializers.ModelSerializer):
-    endpoint = serializers.IntegerField(source="endpoint_id")
-    event = EventOut()
+    endpoint = serializers.IntegerField(source="endpoint_id", help_text="the endpoint it is sent to")
+    event = EventOut(help_text="the event it carries")
     next_attempt_at = serializers.DateTimeField(allow_null=True, help_text="while pending: the next attempt's time")
     last_status_code = serializers.IntegerField(allow_null=True, help_text="of the latest attempt that got an answer")
 
@@ -88,6 +105,12 @@ class DeliveryOut(serializers.ModelSerializer):
         model = Delivery
         fields = ["id", "endpoint", "event", "state", "attempts_made", "next_attempt_at", "last_status_code",
                   "created_at", "finished_at"]
+        extra_kwargs = {
+            "id": {"help_text": "the delivery's id"},
+            "state": {"help_text": "pending (attempts left), succeeded, or failed (the schedule ran out)"},
+            "created_at": {"help_text": "when the event was emitted for this endpoint"},
+            "finished_at": {"help_text": "when it succeeded or ran out of attempts"},
+        }
 
 
 class DeliveryDetailOut(DeliveryOut):
@@ -100,19 +123,20 @@ class DeliveryDetailOut(DeliveryOut):
 class EndpointIn(serializers.Serializer):
     url = serializers.CharField(max_length=MAX_URL, help_text="https:// (http:// only where the operator allows it) "
                                                               "to a public address; redirects are not followed")
-    description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="",
+                                        help_text="yours, free text (500 characters at most)")
     event_types = serializers.ListField(child=serializers.ChoiceField(choices=EVENT_TYPES), required=False,
                                         default=list, max_length=len(EVENT_TYPES),
                                         help_text="the types to send; empty or left out: all")
-    enabled = serializers.BooleanField(required=False, default=True)
+    enabled = serializers.BooleanField(required=False, default=True, help_text="false: nothing is sent to it")
 
 
 class EndpointPatchIn(EndpointIn):
-    url = serializers.CharField(max_length=MAX_URL, required=False)
-    description = serializers.CharField(max_length=500, required=False, allow_blank=True)
+    url = serializers.CharField(max_length=MAX_URL, required=False, help_text="a new target (checked as at creation)")
+    description = serializers.CharField(max_length=500, required=False, allow_blank=True, help_text="yours, free text")
     event_types = serializers.ListField(child=serializers.ChoiceField(choices=EVENT_TYPES), required=False,
-                                        max_length=len(EVENT_TYPES))
-    enabled = serializers.BooleanField(required=False)
+                                        max_length=len(EVENT_TYPES), help_text="the types to send; empty: all")
+    enabled = serializers.BooleanField(required=False, help_text="false: nothing is sent to it")
 
 
 class EndpointListApi(generics.GenericAPIView):
