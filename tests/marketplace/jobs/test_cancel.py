@@ -16,6 +16,7 @@ from marketplace.jobs.services import job_merge, job_split
 from marketplace.jobs.tasks import job_cancel_finish_task
 from marketplace.ledger.models import Account, Earning, Posting
 from marketplace.ledger.postings import account_get, balance
+from marketplace.ledger.selectors import ledger_check
 from marketplace.workunits.cancel import UNDECIDED_REASON
 from marketplace.workunits.leasing import lease_renew, leases_expire, workunit_lease
 from marketplace.workunits.models import Result, WorkUnit
@@ -161,6 +162,7 @@ def test_cancel_mid_job_pays_validated_work_returns_the_rest_and_keeps_the_decid
     canonical = [load(stored_bytes(u.canonical_result.output_id))["y"] for u in units[:2]]
     np.testing.assert_array_equal(output["y"][output["mask"]], np.concatenate(canonical))
     assert not output["y"][~output["mask"]].any()
+    assert ledger_check() == []  # balanced, nothing negative, every credit traced to a valid result
 
 
 def test_the_partial_output_is_downloadable_once_cancelled(mid_job, api, submitter):
@@ -288,6 +290,7 @@ def test_a_ban_after_the_cancel_makes_the_partial_output_again_without_what_the_
     assert [u.state for u in units_of(job)] == [WorkUnit.State.ERROR] * 4
     assert not Result.objects.filter(job=job, state__in=(Result.State.UNSENT, Result.State.IN_PROGRESS)).exists()
     assert escrow(job) == 0  # alice's reversed earnings went back to the submitter too
+    assert ledger_check() == []
 
 
 def test_a_federated_job_cancelled_mid_training_keeps_its_last_aggregated_weights(
