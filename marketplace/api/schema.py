@@ -39,7 +39,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
     404: ("not_found", "no_proof"),
     405: ("method_not_allowed",),
     406: ("not_acceptable",),
-    409: ("conflict", "lease_expired", "already_reported", "hardware_changed", "idempotency_key_in_flight",
+    409: ("conflict", "lease_expired", "lease_cancelled", "already_reported", "hardware_changed", "idempotency_key_in_flight",
           "epoch_out_of_order", "epoch_underfunded"),
     413: ("too_large",),
     415: ("unsupported_media_type",),
@@ -72,7 +72,8 @@ WHY: dict[int, str] = {
     402: "insufficient_balance: your available balance does not cover the job's escrow; nothing was created",
     403: "forbidden: these credentials may not call this (a device on a people's endpoint, or the reverse)",
     404: "not_found: no such object, or not yours",
-    409: "a conflict with the object's state (conflict, lease_expired, already_reported, hardware_changed) or "
+    409: "a conflict with the object's state (conflict, lease_expired, lease_cancelled, already_reported, "
+         "hardware_changed) or "
          "idempotency_key_in_flight: a request with this Idempotency-Key is still running; retry later",
     413: "too_large: the body is past the size limit",
     415: "unsupported_media_type: send the Content-Type this operation takes",
@@ -91,7 +92,8 @@ RAISES: dict[str, set[int]] = {
     "agent_release": {409},
     "artifact_upload": {400},  # X-Content-SHA256 is not the body's
     "enrollment_token_create": {429},  # IDLEGRID_ENROLLMENTS_PER_HOUR (RateLimited)
-    "job_output_download": {409},  # not completed yet
+    "job_output_download": {409},  # not completed yet (or cancelled without an output)
+    "job_cancel": {409},  # the job completed or failed
     "job_round_list": {409},  # not a fedavg job
     "wallet_link": {409},  # a concurrent change
 }

@@ -18,6 +18,7 @@ urlpatterns = [
     path("jobs/<int:job_id>/", jobs.JobDetailApi.as_view(), name="job-detail"),
     path("jobs/<int:job_id>/output/", jobs.JobOutputApi.as_view(), name="job-output"),
     path("jobs/<int:job_id>/rounds/", jobs.JobRoundsApi.as_view(), name="job-rounds"),
+    path("jobs/<int:job_id>/cancel/", jobs.JobCancelApi.as_view(), name="job-cancel"),
     path("enrollment-tokens/", accounts.EnrollmentTokenCreateApi.as_view(), name="enrollment-token-create"),
     path("devices/", accounts.DeviceListApi.as_view(), name="device-list"),
     path("ledger/balances/", ledger.BalancesApi.as_view(), name="ledger-balances"),

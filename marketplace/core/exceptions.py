@@ -41,6 +41,10 @@ class LeaseExpired(Conflict):
     code = "lease_expired"
 
 
+class LeaseCancelled(Conflict):
+    code = "lease_cancelled"
+
+
 class AlreadyReported(Conflict):
     code = "already_reported"
 

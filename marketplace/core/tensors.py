@@ -131,11 +131,15 @@ def read_array(path: Path, info: TensorInfo, *, rows: slice | None = None) -> np
     return np.frombuffer(data, dtype=dtype).reshape((last - first, *row_shape))
 
 
-def _header_bytes(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
-    count = 1
-    for dim in shape:
-        count *= dim
-    header = {name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, count * DTYPE_SIZES[dtype]]}}
+def _header_bytes(*tensors: tuple[str, str, tuple[int, ...]]) -> bytes:
+    """The header of a file holding (name, dtype, shape) tensors, their data laid out in this order."""
+    header, offset = {}, 0
+    for name, dtype, shape in tensors:
+        count = 1
+        for dim in shape:
+            count *= dim
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count * DTYPE_SIZES[dtype]]}
+        offset += count * DTYPE_SIZES[dtype]
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
     return struct.pack("<Q", len(raw)) + raw
@@ -143,12 +147,20 @@ def _header_bytes(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
 
 def write_single(chunks: Iterable[bytes], *, name: str, dtype: str, shape: tuple[int, ...]) -> Iterable[bytes]:
     """Yield a one-tensor safetensors file from the tensor's raw bytes, streamed in order."""
-    yield _header_bytes(name, dtype, shape)
+    yield _header_bytes((name, dtype, shape))
     yield from chunks
+
+
+def write_many(tensors: list[tuple[str, str, tuple[int, ...], Iterable[bytes]]]) -> Iterable[bytes]:
+    """Yield a safetensors file of several tensors, (name, dtype, shape, raw byte chunks) each, streamed in
+    order: each tensor's chunks must add up to exactly its size."""
+    yield _header_bytes(*((name, dtype, shape) for name, dtype, shape, _ in tensors))
+    for *_, chunks in tensors:
+        yield from chunks
 
 
 def array_file_bytes(array: np.ndarray, *, name: str) -> bytes:
     """A one-tensor safetensors file for a small array (a unit's input slice)."""
     dtype = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}[array.dtype]
     contiguous = np.ascontiguousarray(array)
-    return _header_bytes(name, dtype, contiguous.shape) + contiguous.tobytes()
+    return _header_bytes((name, dtype, contiguous.shape)) + contiguous.tobytes()

@@ -7,6 +7,9 @@ modules: what runs later is enqueued by task name after commit (marketplace/core
     pending --split--> running --last unit decided--> merging --merged--> completed
                           ^  \--a unit errored--> failed         |
                           +--------- reopened (a ban) <----------+
+
+A cancelled job (jobs/cancel.py) is never moved back to running: a ban that re-decides one of its
+units moves it to cancelling again, and its partial output is made anew without that unit.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def job_reopen(*, job_id: int) -> None:
     )
     if reopened:
         log.warning("job %s reopened: a device it relied on was banned", job_id)
+    elif Job.objects.filter(pk=job_id, state=Job.State.CANCELLED).update(
+        state=Job.State.CANCELLING, finished_at=None, corrections=F("corrections") + 1, reopened_at=timezone.now()
+    ):
+        log.warning("job %s: its partial output is made again: a device it relied on was banned", job_id)
+        enqueue_on_commit("jobs.cancel_finish", job_id)
     job_merge_if_done(job_id=job_id)
 
 

@@ -3,7 +3,8 @@ from django.db import models
 
 
 class Job(models.Model):
-    """A submitter's AI job. pending -> running -> merging -> completed, or failed."""
+    """A submitter's AI job. pending -> running -> merging -> completed, or failed; or, on the submitter's
+    request, cancelling -> cancelled (marketplace/jobs/cancel.py)."""
 
     class State(models.TextChoices):
         PENDING = "pending"
@@ -11,6 +12,8 @@ class Job(models.Model):
         MERGING = "merging"
         COMPLETED = "completed"
         FAILED = "failed"
+        CANCELLING = "cancelling"  # asked to stop: nothing more is leased; reported results are still judged
+        CANCELLED = "cancelled"  # stopped: validated work paid, unused escrow returned, partial output kept
 
     class Kind(models.TextChoices):
         INFERENCE = "inference"

@@ -1,9 +1,9 @@
 """Celery tasks of jobs: thin, take ids, call one service each. The registered names ("jobs.split",
-"jobs.merge") are the contract with queued messages and with enqueue_on_commit: never rename them."""
+"jobs.merge", "jobs.cancel_finish") are the contract with queued messages and with enqueue_on_commit: never rename them."""
 
 from celery import shared_task
 
-from marketplace.jobs import services
+from marketplace.jobs import cancel, services
 from marketplace.jobs.lifecycle import job_fail
 
 
@@ -19,3 +19,8 @@ def job_split_task(job_id: int) -> int:
 @shared_task(name="jobs.merge", acks_late=True)
 def job_merge_task(job_id: int) -> None:
     services.job_merge(job_id=job_id)
+
+
+@shared_task(name="jobs.cancel_finish", acks_late=True)
+def job_cancel_finish_task(job_id: int) -> None:
+    cancel.job_cancel_finish(job_id=job_id)

@@ -13,8 +13,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from marketplace.jobs.models import Job
-from marketplace.ledger.escrow import job_escrow_release, job_price
+from marketplace.ledger.escrow import ENDED, job_escrow_release, job_price
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, Earning, Posting
 from marketplace.ledger.postings import account_get, account_lock, balance, posting_exists, posting_write
@@ -64,6 +63,15 @@ def result_credit(*, result_id: int, now: datetime | None = None) -> Earning | N
         if posting is None:  # a racing credit of the same result committed first
             return None
         return Earning.objects.create(**earning, credit=posting)
+
+
+def job_earnings_credit(*, job_id: int) -> int:
+    """Credit now every valid result of the job that its after-commit hook has not credited yet: a job
+    about to end (cancelled) pays its validated work out of its escrow before the rest is returned, so a
+    hook that failed or has not run yet cannot find the escrow empty. Returns how many were credited."""
+    owed = Result.objects.filter(job_id=job_id, state=Result.State.VALID, earning__isnull=True, device__isnull=False,
+                                 disputes_known_answer__isnull=True).order_by("pk").values_list("pk", flat=True)
+    return sum(result_credit(result_id=pk) is not None for pk in list(owed))
 
 
 def _earner_id(result: Result) -> int:
@@ -210,7 +218,7 @@ def earnings_sync(*, now: datetime | None = None, limit: int = 1000) -> dict[str
     banned = set(Earning.objects.filter(state=Earning.State.HELD, device__state=Device.State.BANNED)
                  .values_list("device_id", flat=True)[:limit])
     forfeited = sum(device_forfeit(device_id=device_id) for device_id in banned)
-    ended = (Account.objects.filter(kind=K.JOB_ESCROW, job__state__in=(Job.State.COMPLETED, Job.State.FAILED))
+    ended = (Account.objects.filter(kind=K.JOB_ESCROW, job__state__in=ENDED)
              .annotate(left=AmountSum("lines__amount")).values_list("job_id", "left"))
     released = sum(job_escrow_release(job_id=job_id) is not None for job_id, left in ended if (left or 0) > 0)
     return {"credited": credited, "reversed": reversed_, "forfeited": forfeited, "released": released}

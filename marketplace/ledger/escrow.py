@@ -15,6 +15,7 @@ from marketplace.ledger.models import Account, Posting
 from marketplace.ledger.postings import account_get, account_lock, balance, posting_write
 
 K = Account.Kind
+ENDED = (Job.State.COMPLETED, Job.State.FAILED, Job.State.CANCELLED)  # what is left in their escrow goes back
 MAX_PRICE = 10**36  # per result; keeps price x units x replication far inside 78 digits
 
 
@@ -82,7 +83,7 @@ def job_escrow_release(*, job_id: int) -> Posting | None:
     posts nothing, and a job reopened and ended again (a ban re-verified it) releases again."""
     with transaction.atomic(durable=True):
         job = Job.objects.get(pk=job_id)
-        if job.state not in (Job.State.COMPLETED, Job.State.FAILED):
+        if job.state not in ENDED:
             return None
         escrow = account_get(K.JOB_ESCROW, job_id=job_id)
         account_lock(escrow)

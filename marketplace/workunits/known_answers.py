@@ -17,6 +17,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db.models import F, Max, Min
 
+from marketplace.jobs.models import Job
 from marketplace.ledger.selectors import verification_budget_available
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.creation import units_sign
@@ -77,7 +78,7 @@ def _pick_source(device: Device) -> WorkUnit | None:
     candidates = WorkUnit.objects.filter(
         state=WorkUnit.State.DONE, known_answer_of__isnull=True, canonical_result__accepted_alone=False,
         known_answer_copies__lt=limit,
-    ).exclude(results__owner_id=device.owner_id)
+    ).exclude(results__owner_id=device.owner_id).exclude(job__state__in=(Job.State.CANCELLING, Job.State.CANCELLED))
     for _ in range(3):  # a lost race for the last copy of one unit tries another
         bounds = candidates.aggregate(low=Min("pk"), high=Max("pk"))
         if bounds["low"] is None:

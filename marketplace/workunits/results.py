@@ -19,7 +19,14 @@ from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.storage import get_storage
-from marketplace.core.exceptions import AlreadyReported, Forbidden, LeaseExpired, NotFound, ValidationFailed
+from marketplace.core.exceptions import (
+    AlreadyReported,
+    Forbidden,
+    LeaseCancelled,
+    LeaseExpired,
+    NotFound,
+    ValidationFailed,
+)
 from marketplace.core.tasks import enqueue_on_commit
 from marketplace.core.tensors import TensorFileError
 from marketplace.jobs.kinds import kind_module
@@ -45,6 +52,8 @@ def _leased_result(*, device: Device, result_id: int) -> Result:
         raise Forbidden(f"result {result_id} is not leased to this device")
     if result.state in (Result.State.REPORTED, Result.State.VALID, Result.State.INVALID):
         raise AlreadyReported(f"result {result_id} was already reported")
+    if result.state == Result.State.CANCELLED:  # its job was cancelled (workunits/cancel.py): never paid
+        raise LeaseCancelled(f"result {result_id} was cancelled with its job; drop the unit, nothing is paid for it")
     # A lease sets lease_expires_at with the state: in progress without one cannot be, and would read as expired.
     if (result.state != Result.State.IN_PROGRESS or result.lease_expires_at is None
             or result.lease_expires_at < timezone.now()):

@@ -27,6 +27,7 @@ class SweepReport(TypedDict):
     validated: int
     split: int
     merging: int
+    cancelling: int
     failed: int
     failures: list[str]  # the first 20 named
 
@@ -44,8 +45,8 @@ def _each(what: str, ids: Iterable[int], work: Callable[[int], Any], failures: l
 
 
 def sweep_run(*, limit: int = 500) -> SweepReport:
-    """Validate units left waiting, split jobs left pending, move finished jobs on to merging, and requeue
-    merges. Returns what it did, with the failures named."""
+    """Validate units left waiting, split jobs left pending, move finished jobs on to merging, requeue
+    merges and the end of cancellations. Returns what it did, with the failures named."""
     failures: list[str] = []
     stale = timezone.now() - timedelta(seconds=5)
     units = list(WorkUnit.objects.filter(need_validate=True).order_by("pk").values_list("pk", flat=True)[:limit])
@@ -56,5 +57,7 @@ def sweep_run(*, limit: int = 500) -> SweepReport:
     _each("merge check of job", running, lambda pk: job_merge_if_done(job_id=pk), failures)
     merging = list(Job.objects.filter(state=Job.State.MERGING).values_list("pk", flat=True))
     merged = _each("merge of job", merging, lambda pk: enqueue("jobs.merge", pk), failures)
-    return {"validated": validated, "split": split, "merging": merged, "failed": len(failures),
-            "failures": failures[:20]}
+    cancelling = list(Job.objects.filter(state=Job.State.CANCELLING).values_list("pk", flat=True))
+    finishing = _each("cancellation of job", cancelling, lambda pk: enqueue("jobs.cancel_finish", pk), failures)
+    return {"validated": validated, "split": split, "merging": merged, "cancelling": finishing,
+            "failed": len(failures), "failures": failures[:20]}

@@ -12,6 +12,7 @@ from marketplace.api.schema import ErrorOut
 from marketplace.api.specs import JobSubmission, submission_examples
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
+from marketplace.jobs.cancel import job_cancel
 from marketplace.jobs.models import Job
 from marketplace.jobs.quotes import job_quote
 from marketplace.jobs.selectors import job_get_for_owner, job_progress, job_rounds
@@ -137,8 +138,10 @@ class JobOutputApi(APIView):
                    description="A completed job's merged output (safetensors); 409 before it completed.")
     def get(self, request, job_id: int):
         job = job_get_for_owner(job_id=job_id, owner=request.user)
-        if job.state != Job.State.COMPLETED:
-            raise Conflict(f"job {job.pk} is {job.state}; its output exists once it is completed")
+        if job.state == Job.State.CANCELLED and job.output is None:
+            raise Conflict(f"job {job.pk} was cancelled before anything was decided; it has no output")
+        if job.state not in (Job.State.COMPLETED, Job.State.CANCELLED):
+            raise Conflict(f"job {job.pk} is {job.state}; its output exists once it is completed (or cancelled)")
         return file_response(job.output, filename=f"job-{job.pk}-output.safetensors")
 
 
@@ -181,3 +184,24 @@ class JobRoundsApi(APIView):
         if job.kind != Job.Kind.FEDAVG:
             raise Conflict(f"job {job.pk} is a {job.kind} job; only fedavg jobs have rounds")
         return Response(RoundsOut(job_rounds(job=job)).data)
+
+
+class JobCancelApi(APIView):
+    """Cancel a job (docs/api/cancel.md): `cancelling` at once, `cancelled` once its reports are judged."""
+
+    permission_classes = [IsPerson]
+
+    @extend_schema(
+        operation_id="job_cancel", request=None, responses={200: JobOut, 401: ErrorOut, 404: ErrorOut, 409: ErrorOut},
+        parameters=[OpenApiParameter(
+            "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
+            description="Optional: a retry with the same key gets the first answer again (Idempotent-Replayed: "
+                        "true); cancelling is idempotent anyway.")],
+        description="Stop the job: nothing more of it is leased, leases held are revoked; results already reported "
+                    "are judged and what is valid is paid; then `cancelled`, the unused escrow returned and the "
+                    "partial output downloadable. Idempotent: a cancelling or cancelled job is answered as it is; "
+                    "409 `conflict` for a completed or failed job.",
+    )
+    @idempotent
+    def post(self, request, job_id: int):
+        return Response(job_out(job_cancel(job_id=job_id, owner=request.user)))

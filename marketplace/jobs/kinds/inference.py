@@ -52,6 +52,8 @@ MAX_KNOWN_ROWS = 10_000
 MAX_KNOWN_PER_UNIT = 16
 _random = random.SystemRandom()  # where known rows hide must not be predictable by anyone
 OUTPUT_NAME = "y"
+MASK_NAME = "mask"  # a cancelled job's partial output: which rows of `y` were decided
+ZEROS_CHUNK = 1 << 20
 _bounded_int = partial(bounded_int, defaults=DEFAULTS)
 
 
@@ -263,6 +265,38 @@ def output_rows_bytes(path: Path, *, hidden_rows: list[list[int]] | None = None)
             chunk = handle.read(min(remaining, 1024 * 1024))
             remaining -= len(chunk)
             yield chunk
+
+
+def partial_tensors(spec: dict[str, Any], decided: dict[int, tuple[str, list[list[int]]]]) -> list[
+        tuple[str, str, tuple[int, ...], Iterator[bytes]]]:
+    """A cancelled job's output, for core.tensors.write_many: `y` over every row of the dataset, the rows of
+    decided units (`decided`: unit index -> canonical output, hidden rows) filled in and the others zero,
+    and `mask` (bool, one per row) saying which are decided. Streamed: one unit output at a time."""
+    rows, width = merged_shape(spec)
+    step = spec["rows_per_unit"]
+    spans = [(index, min(step, rows - start)) for index, start in enumerate(range(0, rows, step))]
+
+    def y_chunks() -> Iterator[bytes]:
+        storage = get_storage()
+        for index, count in spans:
+            if index in decided:
+                sha, hidden = decided[index]
+                with storage.local_path(sha) as path:
+                    yield from output_rows_bytes(path, hidden_rows=hidden)
+            else:
+                yield from _zeros(count * width * 4)
+
+    def mask_chunks() -> Iterator[bytes]:
+        for index, count in spans:
+            yield (b"\x01" if index in decided else b"\x00") * count
+
+    return [(OUTPUT_NAME, "F32", (rows, width), y_chunks()), (MASK_NAME, "BOOL", (rows,), mask_chunks())]
+
+
+def _zeros(size: int) -> Iterator[bytes]:
+    while size > 0:
+        yield bytes(min(size, ZEROS_CHUNK))
+        size -= ZEROS_CHUNK
 
 
 def units_expected(spec: dict[str, Any]) -> int:

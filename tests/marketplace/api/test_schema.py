@@ -5,7 +5,7 @@ import re
 from django.core.management import call_command
 
 AGENT_OPERATIONS = {"agent_enroll", "agent_key_list", "agent_lease", "agent_heartbeat", "agent_report", "agent_fail"}
-JOB_OPERATIONS = {"job_create", "job_retrieve", "job_output_download", "job_round_list"}
+JOB_OPERATIONS = {"job_create", "job_retrieve", "job_output_download", "job_round_list", "job_cancel"}
 OTHER_OPERATIONS = {"artifact_upload", "artifact_download", "enrollment_token_create", "device_list"}
 AUTH_OPERATIONS = {"auth_token_create", "auth_token_list", "auth_token_revoke", "auth_logout", "auth_logout_all"}
 WALLET_OPERATIONS = {"wallet_challenge_create", "wallet_retrieve", "wallet_link", "wallet_change_cancel"}
