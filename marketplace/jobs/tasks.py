@@ -1,9 +1,10 @@
 """Celery tasks of jobs: thin, take ids, call one service each. The registered names ("jobs.split",
-"jobs.merge") are the contract with queued messages and with enqueue_on_commit: never rename them."""
+"jobs.merge", "jobs.collect_artifacts") are the contract with queued messages and with enqueue_on_commit: never rename them."""
 
 from celery import shared_task
 
 from marketplace.jobs import services
+from marketplace.jobs.artifacts import artifacts_collect
 from marketplace.jobs.lifecycle import job_fail
 
 
@@ -19,3 +20,8 @@ def job_split_task(job_id: int) -> int:
 @shared_task(name="jobs.merge", acks_late=True)
 def job_merge_task(job_id: int) -> None:
     services.job_merge(job_id=job_id)
+
+
+@shared_task(name="jobs.collect_artifacts", acks_late=True)
+def artifacts_collect_task() -> dict[str, int]:
+    return artifacts_collect()

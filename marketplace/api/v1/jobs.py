@@ -3,17 +3,25 @@ from __future__ import annotations
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
+from rest_framework.generics import GenericAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
+from marketplace.api.filters import JobFilter
 from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.api.v1.artifacts import file_response
 from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
 from marketplace.jobs.quotes import job_quote
-from marketplace.jobs.selectors import job_get_for_owner, job_progress, job_rounds
+from marketplace.jobs.selectors import (
+    job_get_for_owner,
+    job_progress,
+    job_progress_annotated,
+    job_rounds,
+    jobs_for_owner,
+)
 from marketplace.jobs.services import job_submit
 
 
@@ -36,7 +44,7 @@ class JobOut(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
 
-def job_out(job: Job) -> dict:
+def job_out(job: Job, *, progress: dict | None = None) -> dict:
     return JobOut(
         {
             "id": job.pk,
@@ -49,7 +57,7 @@ def job_out(job: Job) -> dict:
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
-            **job_progress(job=job),
+            **(progress if progress is not None else job_progress(job=job)),
         }
     ).data
 
@@ -76,9 +84,12 @@ class QuoteOut(serializers.Serializer):
     spec = serializers.JSONField(help_text="the spec as a submission would store it, defaults filled in")
 
 
-class JobCreateApi(APIView):
+class JobCreateApi(GenericAPIView):
+    """GET lists the caller's jobs (paged, filtered); POST submits one."""
+
     permission_classes = [IsPerson]
     throttle_scope = "job_create"
+    filterset_class = JobFilter
 
     class JobCreateIn(serializers.Serializer):
         kind = serializers.CharField(help_text="the task kind: inference or fedavg")
@@ -86,6 +97,21 @@ class JobCreateApi(APIView):
         dry_run = serializers.BooleanField(
             default=False, help_text="true: validate and quote (200, the same body as POST /jobs/quote/); nothing is "
                                      "created or escrowed")
+
+    def get_queryset(self):
+        return jobs_for_owner(owner=self.request.user)
+
+    def get_throttles(self):
+        # A list is a read: the job_create budget counts submissions and quotes only.
+        return [] if self.request.method == "GET" else super().get_throttles()
+
+    @extend_schema(
+        operation_id="job_list", responses={200: JobOut(many=True), 400: ErrorOut, 401: ErrorOut, 404: ErrorOut},
+        description="Your jobs, newest first, a page at a time (docs/api/lists.md): follow `next` until it is "
+                    "null. 400 for a bad filter or limit, 404 for a cursor that was not given out.")
+    def get(self, request):
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response([job_out(job, progress=job_progress_annotated(job=job)) for job in page])
 
     @extend_schema(
         operation_id="job_create", request=JobCreateIn,
