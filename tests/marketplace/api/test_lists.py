@@ -11,7 +11,6 @@ from urllib.parse import urlencode
 import pytest
 from django.utils import timezone
 
-from marketplace.artifacts.services import artifact_store
 from marketplace.jobs.models import Job
 from marketplace.ledger.grants import balance_grant
 from marketplace.workers.models import Device
