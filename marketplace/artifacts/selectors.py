@@ -11,4 +11,4 @@ from marketplace.artifacts.models import Artifact
 def artifacts_quota_used(*, owner: AbstractBaseUser) -> int:
     """Bytes of the artifacts the person holds, each counted once however often they uploaded it; shared
     bytes (content addressing dedups across people) count in full for every holder."""
-    return Artifact.objects.filter(owners=owner).aggregate(used=Sum("size"))["used"] or 0
+    return Artifact.objects.filter(owners__pk=owner.pk).aggregate(used=Sum("size"))["used"] or 0

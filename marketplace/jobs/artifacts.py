@@ -28,7 +28,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Exists, Model, OuterRef, Q, QuerySet
+from django.db.models import Exists, Model, OuterRef, Q, QuerySet, TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
@@ -92,9 +93,7 @@ def artifact_delete(*, owner: AbstractBaseUser, sha256: str) -> bool:
         raise ArtifactInUse(f"jobs {', '.join(map(str, jobs))} use this artifact and have not ended: delete it "
                             "once they have", fields={"jobs": jobs})
     artifact_disown(artifact=artifact, owner=owner)
-    named = _named_by_jobs(since=timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS))
-    # A device holding the same bytes may be about to report them: the collection decides, after the grace.
-    removed = artifact_remove(sha256=sha256, needed=lambda a: a.devices.exists() or _referenced(a.pk, named))
+    removed = artifact_remove(sha256=sha256, needed=_needed_after_delete)
     log.info("artifact %s deleted by %s (%s)", sha256, owner, "removed" if removed else "kept for others")
     return removed
 
@@ -117,10 +116,26 @@ def artifacts_collect(*, now: datetime | None = None) -> dict[str, int]:
     return {"removed": removed, "temp_files": temp_files}
 
 
+def _needed_after_delete(artifact: Artifact) -> bool:
+    """Whether a deleted artifact must stay for now: a row or a recent job's spec names it, or a device
+    holds the same bytes (it may be about to report them: the collection decides, after the grace)."""
+    if artifact.devices.exists() or _referenced(artifact.pk, set()):
+        return True
+    since = timezone.now() - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS)
+    # One artifact: the database looks for its name in the specs' text, rather than Python in every spec.
+    specs = _recent_jobs(since=since).annotate(text=Cast("spec", TextField()))
+    return specs.filter(text__contains=artifact.pk).exists()
+
+
+def _recent_jobs(*, since: datetime) -> QuerySet[Job]:
+    """Jobs that have not ended, or ended (or were reopened) since `since`: their specs may be read again."""
+    return Job.objects.filter(Q(state__in=LIVE) | Q(finished_at__gte=since) | Q(reopened_at__gte=since))
+
+
 def _named_by_jobs(*, since: datetime) -> set[str]:
-    """What the specs of jobs that have not ended, or ended since `since`, name."""
-    recent = Job.objects.filter(Q(state__in=LIVE) | Q(finished_at__gte=since) | Q(reopened_at__gte=since))
-    return {sha for spec in recent.values_list("spec", flat=True).iterator() for sha in spec_artifacts(spec)}
+    """What the specs of _recent_jobs name (one pass over them per collection run)."""
+    specs = _recent_jobs(since=since).values_list("spec", flat=True).iterator()
+    return {sha for spec in specs for sha in spec_artifacts(spec)}
 
 
 # Every row that names an artifact by a foreign key or a many-to-many, as (model, field): tests/marketplace/
