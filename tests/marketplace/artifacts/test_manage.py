@@ -121,9 +121,9 @@ def test_a_device_cannot_delete(contributor, make_device, upload):
 
 # --- quota ---------------------------------------------------------------------------------------
 
-def test_an_upload_past_the_quota_is_refused_while_it_streams_and_stores_nothing(submitter, settings, artifact_dir):
+def test_an_upload_past_the_quota_is_refused_while_it_streams_and_stores_nothing(submitter, settings, backend):
     settings.IDLEGRID_ARTIFACT_QUOTA_BYTES = 10_000
-    artifact_store(chunks=[b"a" * 4000], uploaded_by=submitter, quota_of=submitter)
+    kept_sha = artifact_store(chunks=[b"a" * 4000], uploaded_by=submitter, quota_of=submitter)[0].sha256
     sent = []
 
     def chunks():
@@ -137,8 +137,17 @@ def test_an_upload_past_the_quota_is_refused_while_it_streams_and_stores_nothing
     assert len(sent) == 7  # refused at the chunk that passed the quota, not after reading everything
     assert "4,000 of 10,000 bytes" in refused.value.message
     assert Artifact.objects.count() == 1 and artifacts_quota_used(owner=submitter) == 4000
-    assert sorted(p.name for p in (artifact_dir / "tmp").iterdir()) == []  # the staging file is gone
-    assert len([p for p in artifact_dir.rglob("*") if p.is_file()]) == 1
+    assert backend.leftovers() == []  # the staging file is gone
+    assert [name.rsplit("/", 1)[-1] for name in backend.stored()] == [kept_sha]
+
+
+def test_deleting_removes_the_object_from_the_bucket_too(api, submitter, s3):
+    sha = api(submitter).post(ARTIFACTS, b"in a bucket", content_type="application/octet-stream").json()["sha256"]
+    assert s3.keys() == [s3.key_of(sha)]
+
+    assert api(submitter).delete(f"{ARTIFACTS}{sha}/").status_code == 204
+
+    assert s3.keys() == [] and not Artifact.objects.filter(pk=sha).exists()
 
 
 def test_the_api_answers_413_quota_exceeded_with_used_and_quota(api, submitter, settings):
@@ -296,3 +305,17 @@ def test_the_collection_runs_hourly_and_expires_like_the_other_periodic_tasks():
 
     assert entry["task"] == "jobs.collect_artifacts"
     assert entry["schedule"] == timedelta(hours=1) and entry["options"]["expires"] == 3600
+
+
+def test_a_store_whose_bytes_a_collection_removed_meanwhile_asks_for_the_upload_again(submitter, monkeypatch,
+                                                                                        artifact_dir):
+    from marketplace.artifacts.storage import FileSystemStorage
+    from marketplace.core.exceptions import Conflict
+
+    # The collection deleted the row and then the bytes between this store's save and its row: as if so.
+    monkeypatch.setattr(FileSystemStorage, "exists", lambda self, sha256: False)
+
+    with pytest.raises(Conflict, match="upload it again"):
+        artifact_store(chunks=[b"collected under it"], uploaded_by=submitter)
+
+    assert not Artifact.objects.exists()  # no row that names bytes storage does not hold
