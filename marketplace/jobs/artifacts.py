@@ -104,8 +104,10 @@ def artifacts_collect(*, now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     young = now - timedelta(seconds=settings.IDLEGRID_ARTIFACT_GC_GRACE_SECONDS)
     named = _named_by_jobs(since=now - timedelta(seconds=settings.IDLEGRID_AUDIT_WINDOW_SECONDS))
-    candidates = list(_unreferenced().filter(stored_at__lt=young).exclude(pk__in=named)
-                      .order_by("stored_at").values_list("pk", flat=True)[:COLLECT_BATCH])
+    # Spec names are skipped here, not in SQL: a month of jobs can name more artifacts than SQLite takes
+    # query parameters. Oldest first, so what the specs still name never hides the rest for long.
+    oldest = _unreferenced().filter(stored_at__lt=young).order_by("stored_at", "pk").values_list("pk", flat=True)
+    candidates = [sha for sha in oldest[:COLLECT_BATCH * 4] if sha not in named][:COLLECT_BATCH]
     removed = sum(
         artifact_remove(sha256=sha, needed=lambda a: a.stored_at >= young or _referenced(a.pk, named))
         for sha in candidates
