@@ -191,7 +191,7 @@ def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, sta
                      "results_invalid": job["results_invalid"], "results_per_unit": job["results_per_unit"]}
     devices = []
     for owner, _device, faulty in AGENTS:
-        for device in Api(cluster.url, owners[owner]).get("/api/v1/devices/").json():
+        for device in Api(cluster.url, owners[owner]).get("/api/v1/devices/").json()["results"]:  # one page: 1-2 each
             devices.append({"device": device["name"], "owner": owner, "faulty_on_purpose": faulty,
                             "valid": device["valid_results"], "invalid": device["invalid_results"]})
     summary["devices"] = devices

@@ -124,7 +124,7 @@ def summarise(api, cluster, job, progress, reference, owners, federated_seconds,
         api_of_owner = Api(cluster.url, owners[owner])
         # Each validated update credits its device's owner (marketplace/ledger), held for the audit window.
         earned = api_of_owner.get("/api/v1/ledger/balances/").json()["earnings_held"]
-        for device in api_of_owner.get("/api/v1/devices/").json():
+        for device in api_of_owner.get("/api/v1/devices/").json()["results"]:  # an owner has fewer than a page
             devices.append({"device": device["name"], "fault": fault, "valid": device["valid_results"],
                             "invalid": device["invalid_results"], "earnings_held": earned})
     summary["devices"] = devices

@@ -268,6 +268,14 @@ IDLEGRID_STORAGE_TMP_DIR = Path(env("IDLEGRID_STORAGE_TMP_DIR") or VAR_DIR / "tm
 # the database; every web and Celery process must see the same directory.
 IDLEGRID_SIGNING_KEY_DIR = Path(env("IDLEGRID_SIGNING_KEY_DIR") or VAR_DIR / "keys").resolve()
 IDLEGRID_MAX_ARTIFACT_BYTES = envint("IDLEGRID_MAX_ARTIFACT_BYTES", 256 * 1024 * 1024, low=1024)
+# Storage per person: the bytes of the artifacts they hold (uploads, their jobs' outputs and rounds), each
+# counted once; an API upload past it is refused (413 quota_exceeded) and stores nothing. 10 GiB holds
+# forty uploads at the per-upload limit above; devices' outputs are not counted (docs/api/artifacts.md).
+IDLEGRID_ARTIFACT_QUOTA_BYTES = envint("IDLEGRID_ARTIFACT_QUOTA_BYTES", 10 * 1024**3, low=1024)
+# An artifact nothing references is collected only this long after its bytes were last stored: a device's
+# output waits at most a lease (IDLEGRID_LEASE_SECONDS plus the unit's time limit) for its report, and a
+# day covers an upload made for a job that is submitted later the same day (marketplace/jobs/artifacts.py).
+IDLEGRID_ARTIFACT_GC_GRACE_SECONDS = envint("IDLEGRID_ARTIFACT_GC_GRACE_SECONDS", 86_400, low=3600)
 IDLEGRID_LEASE_SECONDS = envint("IDLEGRID_LEASE_SECONDS", 120, low=2, high=86_400)
 IDLEGRID_LEASE_RETRY_AFTER = envint("IDLEGRID_LEASE_RETRY_AFTER", 2, low=1, high=3600)
 IDLEGRID_ENROLLMENT_TOKEN_SECONDS = envint("IDLEGRID_ENROLLMENT_TOKEN_SECONDS", 3600, low=60)
@@ -360,6 +368,8 @@ IDLEGRID_KNOWN_ANSWER_MAX_COPIES = envint("IDLEGRID_KNOWN_ANSWER_MAX_COPIES", 3,
 IDLEGRID_WALLET_CHALLENGE_SECONDS = envint("IDLEGRID_WALLET_CHALLENGE_SECONDS", 600, low=10, high=86_400)
 IDLEGRID_CHAIN_START_BLOCK = envint("IDLEGRID_CHAIN_START_BLOCK", 0)  # the deployment block: deposits are read from it
 IDLEGRID_CHAIN_GAS_PRICE_WEI = envint("IDLEGRID_CHAIN_GAS_PRICE_WEI", 0) or None  # unset: the node's fee market
+CELERY_BEAT_SCHEDULE["collect-artifacts"] = {"task": "jobs.collect_artifacts", "schedule": timedelta(hours=1),
+                                             "options": {"expires": 3600}}
 CELERY_BEAT_SCHEDULE["ledger-sweep"] = {"task": "ledger.sweep", "schedule": timedelta(seconds=max(60, IDLEGRID_SWEEP_SECONDS)),
                                         "options": {"expires": max(60, IDLEGRID_SWEEP_SECONDS)}}
 if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:

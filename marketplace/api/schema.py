@@ -32,16 +32,16 @@ from marketplace.api.throttling import LIMIT_HEADER, POLICY_HEADER, REMAINING_HE
 # Every `code` an error can carry, by the status it comes with (core/exceptions.py and its subclasses,
 # DRF's exceptions as api/exception_handler.py renames them, Django's error views there).
 ERROR_CODES: dict[int, tuple[str, ...]] = {
-    400: ("invalid", "wallet_link_refused"),
+    400: ("invalid", "wallet_link_refused", "webhook_target_refused"),
     401: ("not_authenticated",),
     402: ("insufficient_balance",),
     403: ("forbidden",),
     404: ("not_found", "no_proof"),
     405: ("method_not_allowed",),
     406: ("not_acceptable",),
-    409: ("conflict", "lease_expired", "lease_cancelled", "already_reported", "hardware_changed", "idempotency_key_in_flight",
+    409: ("conflict", "lease_expired", "lease_cancelled", "already_reported", "artifact_in_use", "hardware_changed", "idempotency_key_in_flight",
           "epoch_out_of_order", "epoch_underfunded"),
-    413: ("too_large",),
+    413: ("too_large", "quota_exceeded"),
     415: ("unsupported_media_type",),
     422: ("idempotency_key_reused",),
     429: ("throttled",),
@@ -67,15 +67,17 @@ class ErrorOut(serializers.Serializer):
 
 WHY: dict[int, str] = {
     400: "invalid: the body, a query parameter or a header is invalid; `fields` says which and why "
-         "(wallet_link_refused on a wallet link the signature does not prove)",
+         "(wallet_link_refused on a wallet link the signature does not prove; webhook_target_refused on a webhook "
+         "URL that is not a public http(s) address)",
     401: "not_authenticated: no credentials, or wrong, expired or revoked ones",
     402: "insufficient_balance: your available balance does not cover the job's escrow; nothing was created",
     403: "forbidden: these credentials may not call this (a device on a people's endpoint, or the reverse)",
     404: "not_found: no such object, or not yours",
     409: "a conflict with the object's state (conflict, lease_expired, lease_cancelled, already_reported, "
-         "hardware_changed) or "
+         "hardware_changed, artifact_in_use) or "
          "idempotency_key_in_flight: a request with this Idempotency-Key is still running; retry later",
-    413: "too_large: the body is past the size limit",
+    413: "too_large: the body is past the size limit; quota_exceeded: the upload would take your artifacts past "
+         "your storage quota (nothing was stored)",
     415: "unsupported_media_type: send the Content-Type this operation takes",
     422: "idempotency_key_reused: this Idempotency-Key was used with other parameters or another operation",
     429: "throttled: too many requests (or a domain limit, such as enrolment tokens per hour); wait Retry-After "
@@ -136,9 +138,10 @@ def _views(generator) -> dict[tuple[str, str], Any]:
     return {(path, method.lower()): callback.cls for path, _, method, callback in generator.endpoints}
 
 
-def _is_throttled(view: Any) -> bool:
-    return bool(getattr(view, "throttle_scope", None)) and any(
-        issubclass(throttle, ScopedThrottle) for throttle in view.throttle_classes)
+def _is_throttled(view: Any, method: str) -> bool:
+    return (bool(getattr(view, "throttle_scope", None))
+            and method.upper() not in getattr(view, "throttle_exempt_methods", ())
+            and any(issubclass(throttle, ScopedThrottle) for throttle in view.throttle_classes))
 
 
 def _statuses(operation: dict[str, Any], view: Any, method: str, path: str) -> set[int]:
@@ -159,7 +162,7 @@ def _statuses(operation: dict[str, Any], view: Any, method: str, path: str) -> s
         found.add(404)
     if idempotent:
         found |= {409, 422}
-    if _is_throttled(view):
+    if _is_throttled(view, method):
         found.add(429)
     return found | RAISES.get(operation.get("operationId", ""), set())
 
@@ -201,7 +204,7 @@ def _document(operation: dict[str, Any], view: Any, method: str, path: str) -> N
     responses = operation.setdefault("responses", {})
     _document_errors(responses, _statuses(operation, view, method, path))
     operation["responses"] = dict(sorted(responses.items()))
-    if _is_throttled(view):
+    if _is_throttled(view, method):
         _add_headers(operation["responses"], RATE_HEADERS)
     if is_idempotent(getattr(view, method, None)):
         _document_idempotency(operation)

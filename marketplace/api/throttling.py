@@ -79,7 +79,8 @@ class ScopedThrottle(BaseThrottle):
 
     def allow_request(self, request, view) -> bool:
         scope = getattr(view, "throttle_scope", None)
-        if not scope:
+        # A view whose path also serves reads names them: a list must not spend the upload or submission budget.
+        if not scope or request.method in getattr(view, "throttle_exempt_methods", ()):
             return True
         limit, window = rate_of(scope)
         key = f"throttle:{scope}:{self.client(request)}"

@@ -1,5 +1,6 @@
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Artifact(models.Model):
@@ -19,6 +20,10 @@ class Artifact(models.Model):
     # knowledge of a hash), and two honest devices of one hardware class upload the very same bytes.
     devices = models.ManyToManyField("workers.Device", blank=True, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
+    # The last time anyone stored these bytes (a dedup'd upload too): collection spares an artifact for a
+    # grace period after it, so a device's output waiting for its report, or a re-upload of old bytes for
+    # a job about to be submitted, is never collected under it (marketplace/jobs/artifacts.py).
+    stored_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     def __str__(self) -> str:
         return f"{self.sha256[:12]}… ({self.size:,} bytes)"

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
+from marketplace.artifacts.selectors import artifacts_quota_used
 from marketplace.artifacts.storage import get_storage
-from marketplace.core.exceptions import ValidationFailed
+from marketplace.core.exceptions import Conflict, QuotaExceeded, ValidationFailed
 from marketplace.workers.models import Device
 from worker_agent.protocol import is_sha256_hex
 
@@ -19,18 +22,74 @@ def artifact_store(
     device: Device | None = None,
     declared_sha256: str | None = None,
     max_bytes: int | None = None,
+    quota_of: AbstractBaseUser | None = None,
 ) -> tuple[Artifact, bool]:
-    """Store a blob by content; returns (artifact, created). Uploading the same bytes twice is a no-op."""
+    """Store a blob by content; returns (artifact, created). Uploading the same bytes twice is a no-op.
+
+    With `quota_of`, the upload counts against that person's IDLEGRID_ARTIFACT_QUOTA_BYTES: it is refused
+    (QuotaExceeded, 413) as soon as the bytes received pass what is left, and nothing is stored. Only
+    people's uploads through the API pass it: what the marketplace stores itself (splits, merges, rounds)
+    and devices' outputs (bounded per upload by IDLEGRID_MAX_ARTIFACT_BYTES) are never refused for it."""
     if declared_sha256 is not None and not is_sha256_hex(declared_sha256):
         raise ValidationFailed("X-Content-SHA256 must be 64 lowercase hex digits")
-    sha256, size = get_storage().save(
+    if quota_of is not None and not _owns(quota_of, declared_sha256):
+        chunks = _within_quota(chunks, used=artifacts_quota_used(owner=quota_of),
+                               quota=settings.IDLEGRID_ARTIFACT_QUOTA_BYTES)
+    storage = get_storage()
+    sha256, size = storage.save(
         chunks, max_bytes=max_bytes or settings.IDLEGRID_MAX_ARTIFACT_BYTES, declared_sha256=declared_sha256
     )
-    artifact, created = Artifact.objects.get_or_create(
-        sha256=sha256, defaults={"size": size, "uploaded_by": uploaded_by, "uploaded_by_device": device}
-    )
-    if uploaded_by is not None:
-        artifact.owners.add(uploaded_by)
-    if device is not None:
-        artifact.devices.add(device)  # it holds these bytes: it may report them (results._check_output)
+    with transaction.atomic():
+        # The row lock orders this store after a collection removing the same blob (artifact_remove):
+        # then the row is made anew, and the bytes the collection deleted after this save are missed.
+        artifact, created = Artifact.objects.select_for_update().get_or_create(
+            sha256=sha256, defaults={"size": size, "uploaded_by": uploaded_by, "uploaded_by_device": device}
+        )
+        if created and not storage.exists(sha256):
+            raise Conflict("the artifact was collected while it was uploaded: upload it again")
+        if not created:
+            Artifact.objects.filter(pk=sha256).update(stored_at=timezone.now())
+        if uploaded_by is not None:
+            artifact.owners.add(uploaded_by)
+        if device is not None:
+            artifact.devices.add(device)  # it holds these bytes: it may report them (results._check_output)
     return artifact, created
+
+
+def _owns(user: AbstractBaseUser, sha256: str | None) -> bool:
+    """Bytes the person owns already add nothing to their usage (known only when the upload declares them)."""
+    return sha256 is not None and Artifact.owners.through.objects.filter(artifact_id=sha256, user_id=user.pk).exists()
+
+
+def _within_quota(chunks: Iterable[bytes], *, used: int, quota: int) -> Iterator[bytes]:
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if used + received > quota:
+            raise QuotaExceeded(
+                f"this upload exceeds your storage quota: {used:,} of {quota:,} bytes are used by the artifacts "
+                f"you hold and the upload passed {quota - used:,} bytes; delete some (DELETE /api/v1/artifacts/"
+                f"<sha256>/) and upload again", fields={"used": used, "quota": quota})
+        yield chunk
+
+
+def artifact_disown(*, artifact: Artifact, owner: AbstractBaseUser) -> None:
+    """The person no longer holds the artifact: it leaves their list and their quota."""
+    artifact.owners.remove(owner)
+
+
+def artifact_remove(*, sha256: str, needed: Callable[[Artifact], bool]) -> bool:
+    """Delete the row and the bytes of an artifact no person holds and that `needed` (the caller's check
+    of every reference, and of the devices that hold it) says nothing uses. The row is locked and checked again
+    inside, so a concurrent upload of the same bytes either comes first (and keeps it) or makes it anew.
+    True when it was removed. The references are checked before the DELETE: a PROTECTed foreign key
+    never turns into an IntegrityError."""
+    with transaction.atomic():
+        artifact = Artifact.objects.select_for_update().filter(pk=sha256).first()
+        if artifact is None or artifact.owners.exists() or needed(artifact):
+            return False
+        artifact.delete()
+        # Inside the transaction and after the row's DELETE: if storage fails, the row comes back with its
+        # bytes; a store waiting on the lock sees the row gone and checks the bytes (artifact_store).
+        get_storage().delete(sha256)
+    return True

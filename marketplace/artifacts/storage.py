@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
@@ -63,6 +64,16 @@ class ArtifactStorage(Protocol):
         """A local file holding the blob, for the `with` block only: do not keep the path past it."""
         ...
 
+    def delete(self, sha256: str) -> None:
+        """Remove the blob; deleting one that is not stored is no error (the row's removal may be retried)."""
+        ...
+
+    def temp_files_purge(self, *, older_than: float) -> int:
+        """Remove the staging files of uploads that died (a killed process never ran its cleanup) last
+        written more than `older_than` seconds ago; returns how many. A live upload writes its file at
+        least once per chunk, so an hour-old one is dead."""
+        ...
+
 
 def _blob_name(sha256: str) -> str:
     """The layout both backends share: two levels of fan-out keep directories (and listings) small."""
@@ -103,6 +114,18 @@ def _spooled(
         tmp.unlink(missing_ok=True)
 
 
+def _purge_old_files(folder: Path, *, older_than: float) -> int:
+    cutoff, removed = time.time() - older_than, 0
+    for path in folder.iterdir() if folder.is_dir() else ():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # its upload finished (or another purge won) meanwhile
+            continue
+    return removed
+
+
 # --- the filesystem (embedded default; one host, or a shared mount) -----------------------------------
 
 class FileSystemStorage:
@@ -139,6 +162,12 @@ class FileSystemStorage:
         if not path.is_file():
             raise FileNotFoundError(f"no artifact {sha256} is stored")
         yield path  # the stored file itself: nothing to copy or clean up
+
+    def delete(self, sha256: str) -> None:
+        self._file(sha256).unlink(missing_ok=True)
+
+    def temp_files_purge(self, *, older_than: float) -> int:
+        return _purge_old_files(self._root / "tmp", older_than=older_than)
 
 
 # --- S3-compatible object storage (several hosts) ------------------------------------------------------
@@ -223,6 +252,15 @@ class S3ObjectStorage:
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+    def delete(self, sha256: str) -> None:
+        # S3's DELETE answers 204 for a key that is not there: deleting twice is no error, as on disk.
+        self._client.delete_object(Bucket=self._s3.bucket_name, Key=self._key(sha256))
+
+    def temp_files_purge(self, *, older_than: float) -> int:
+        # Uploads and local_path copies are staged in this host's folder; a multipart upload a killed process
+        # left unfinished in the bucket is the bucket's lifecycle rule's to abort (docs/api/artifacts.md).
+        return _purge_old_files(self._tmp_dir, older_than=older_than)
 
 
 # --- chosen by settings ---------------------------------------------------------------------------

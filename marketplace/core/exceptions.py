@@ -63,3 +63,7 @@ class RateLimited(ApplicationError):
 class TooLarge(ApplicationError):
     status = 413
     code = "too_large"
+
+
+class QuotaExceeded(TooLarge):
+    code = "quota_exceeded"

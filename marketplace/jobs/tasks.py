@@ -1,9 +1,10 @@
 """Celery tasks of jobs: thin, take ids, call one service each. The registered names ("jobs.split",
-"jobs.merge", "jobs.cancel_finish") are the contract with queued messages and with enqueue_on_commit: never rename them."""
+"jobs.merge", "jobs.cancel_finish", "jobs.collect_artifacts") are the contract with queued messages and with enqueue_on_commit: never rename them."""
 
 from celery import shared_task
 
 from marketplace.jobs import cancel, services
+from marketplace.jobs.artifacts import artifacts_collect
 from marketplace.jobs.lifecycle import job_fail
 
 
@@ -24,3 +25,6 @@ def job_merge_task(job_id: int) -> None:
 @shared_task(name="jobs.cancel_finish", acks_late=True)
 def job_cancel_finish_task(job_id: int) -> None:
     cancel.job_cancel_finish(job_id=job_id)
+@shared_task(name="jobs.collect_artifacts", acks_late=True)
+def artifacts_collect_task() -> dict[str, int]:
+    return artifacts_collect()

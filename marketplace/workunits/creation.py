@@ -31,7 +31,9 @@ def units_create(*, job: Job, plans: Sequence[UnitPlan]) -> list[WorkUnit]:
     units, inputs = [], []
     for plan in plans:
         weights = plan.payload["model"]["weights"]  # a fedavg round trains its own global weights
-        shas = [artifact_store(chunks=[data], uploaded_by=job.owner)[0].sha256 for data in plan.inputs]
+        # The marketplace's own files, held by no person: the units' rows keep them (WorkUnit.inputs), and a
+        # split must not fill its submitter's storage quota (marketplace/jobs/artifacts.py).
+        shas = [artifact_store(chunks=[data])[0].sha256 for data in plan.inputs]
         if shas != list(plan.payload["inputs"].values()):
             # The payload names its inputs by content and is signed as it is: stored bytes that are not
             # those very files would make a unit no agent can run (a bug in the kind's plan, never data).

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
 from marketplace.api.idempotency import idempotent
+from marketplace.api.filters import DeviceFilter
+from marketplace.api.schema import ErrorOut
 from marketplace.workers.models import Device, DeviceTrust
+from marketplace.workers.selectors import devices_for_owner
 from marketplace.workers.services import enrollment_token_create
 
 
@@ -78,11 +82,16 @@ class DeviceOut(serializers.ModelSerializer):
         }
 
 
-class DeviceListApi(APIView):
+class DeviceListApi(ListAPIView):
     permission_classes = [IsPerson]
+    serializer_class = DeviceOut
+    filterset_class = DeviceFilter
 
-    @extend_schema(operation_id="device_list", responses=DeviceOut(many=True),
-                   description="Your enrolled devices with their counts, trust and earnings held.")
-    def get(self, request):
-        devices = Device.objects.filter(owner=request.user).prefetch_related("trust").order_by("pk")
-        return Response(DeviceOut(devices, many=True).data)
+    def get_queryset(self):
+        return devices_for_owner(owner=self.request.user)
+
+    @extend_schema(operation_id="device_list",
+                   responses={200: DeviceOut(many=True), 400: ErrorOut, 401: ErrorOut, 404: ErrorOut},
+                   description="Your devices, newest first, a page at a time (docs/api/lists.md).")
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)

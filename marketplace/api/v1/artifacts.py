@@ -4,15 +4,19 @@ from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import exceptions, parsers, serializers, status
+from rest_framework.generics import GenericAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace.api.authentication import DeviceAuthentication
+from marketplace.api.authentication import DeviceAuthentication, IsPerson
+from marketplace.api.filters import ArtifactFilter
+from marketplace.api.schema import ErrorOut
 from marketplace.artifacts.models import Artifact
 from marketplace.artifacts.services import artifact_store
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import NotFound, ValidationFailed
-from marketplace.jobs.selectors import artifact_get_for_user
+from marketplace.jobs.artifacts import artifact_delete, artifacts_in_use
+from marketplace.jobs.selectors import artifact_get_for_user, artifacts_for_owner
 from marketplace.workers.models import Device
 from marketplace.workunits.selectors import artifact_get_for_device
 from worker_agent.protocol import is_sha256_hex
@@ -41,17 +45,55 @@ ArtifactOut = inline_serializer("Artifact", {
     "size": serializers.IntegerField(help_text="bytes")})
 
 
-class ArtifactUploadApi(APIView):
+class HeldArtifactOut(serializers.Serializer):
+    sha256 = serializers.CharField(help_text="the artifact's name: the sha256 of its bytes")
+    size = serializers.IntegerField(help_text="bytes")
+    created_at = serializers.DateTimeField(help_text="when these bytes were first stored (by anyone)")
+    in_use_by = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="ids of your jobs that have not ended and use it (spec or unit inputs): it cannot be deleted "
+                  "while this is not empty")
+
+
+class ArtifactUploadApi(GenericAPIView):
+    """GET lists the artifacts you hold (people only); POST uploads one (people and devices)."""
+
     authentication_classes = [DeviceAuthentication, *APIView.authentication_classes]
     parser_classes = [StreamParser]
     throttle_scope = "upload"
+    throttle_exempt_methods = ("GET",)  # the upload budget is for uploads
+    filterset_class = ArtifactFilter
+
+    def get_queryset(self):
+        return artifacts_for_owner(owner=self.request.user)
+
+    def get_permissions(self):
+        return [IsPerson()] if self.request.method == "GET" else super().get_permissions()
+
+
+    @extend_schema(
+        operation_id="artifact_list",
+        responses={200: HeldArtifactOut(many=True), 400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut},
+        description="The artifacts you hold (uploaded, or your jobs' outputs), newest first by when you came to "
+                    "hold them, a page at a time (docs/api/lists.md).",
+    )
+    def get(self, request):
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        uses = artifacts_in_use(owner=request.user, shas=[row.artifact_id for row in page])
+        return self.get_paginated_response([
+            {"sha256": row.artifact.sha256, "size": row.artifact.size, "created_at": row.artifact.created_at,
+             "in_use_by": uses.get(row.artifact_id, [])} for row in page
+        ])
 
     @extend_schema(
         operation_id="artifact_upload",
         request={"application/octet-stream": OpenApiTypes.BINARY},
         parameters=[OpenApiParameter("X-Content-SHA256", str, OpenApiParameter.HEADER, required=False)],
-        responses={201: ArtifactOut, 200: ArtifactOut},
-        description="Upload a blob; it is stored under its sha256. The same bytes twice store nothing new.",
+        responses={201: ArtifactOut, 200: ArtifactOut, 400: ErrorOut, 401: ErrorOut, 409: ErrorOut, 413: ErrorOut,
+                   415: ErrorOut, 429: ErrorOut},
+        description="Upload a blob; it is stored under its sha256. The same bytes twice store nothing new. A "
+                    "person's upload past their storage quota answers 413 quota_exceeded and stores nothing "
+                    "(docs/api/artifacts.md).",
     )
     def post(self, request):
         if request.content_type.split(";")[0].strip() != StreamParser.media_type:
@@ -69,6 +111,7 @@ class ArtifactUploadApi(APIView):
             uploaded_by=None if device else request.user,
             device=device,
             declared_sha256=request.headers.get("X-Content-SHA256"),
+            quota_of=None if device else request.user,
         )
         return Response(
             {"sha256": artifact.sha256, "size": artifact.size},
@@ -77,7 +120,12 @@ class ArtifactUploadApi(APIView):
 
 
 class ArtifactDownloadApi(APIView):
+    """GET downloads (people and devices); DELETE stops holding it (people)."""
+
     authentication_classes = [DeviceAuthentication, *APIView.authentication_classes]
+
+    def get_permissions(self):
+        return [IsPerson()] if self.request.method == "DELETE" else super().get_permissions()
 
     @extend_schema(operation_id="artifact_download", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
                    description="An artifact's bytes: yours, or (for a device) an input of its leases.")
@@ -90,6 +138,16 @@ class ArtifactDownloadApi(APIView):
         else:
             artifact = artifact_get_for_user(sha256=sha256, user=request.user)
         return file_response(artifact)
+
+    @extend_schema(
+        operation_id="artifact_delete", responses={204: None, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut},
+        description="Stop holding the artifact: it leaves your list and your quota. 409 artifact_in_use while a job "
+                    "of yours that has not ended uses it; 404 if you do not hold it. The bytes are removed once no "
+                    "one holds them and nothing references them (docs/api/artifacts.md).",
+    )
+    def delete(self, request, sha256: str):
+        artifact_delete(owner=request.user, sha256=sha256)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 def file_response(artifact: Artifact, *, filename: str | None = None) -> FileResponse:

@@ -3,10 +3,12 @@ from __future__ import annotations
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
+from rest_framework.generics import GenericAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
+from marketplace.api.filters import JobFilter
 from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.api.specs import JobSubmission, submission_examples
@@ -15,7 +17,13 @@ from marketplace.core.exceptions import Conflict
 from marketplace.jobs.cancel import job_cancel
 from marketplace.jobs.models import Job
 from marketplace.jobs.quotes import job_quote
-from marketplace.jobs.selectors import job_get_for_owner, job_progress, job_rounds
+from marketplace.jobs.selectors import (
+    job_get_for_owner,
+    job_progress,
+    job_progress_annotated,
+    job_rounds,
+    jobs_for_owner,
+)
 from marketplace.jobs.services import job_submit
 
 
@@ -38,7 +46,7 @@ class JobOut(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True, help_text="when it completed or failed")
 
 
-def job_out(job: Job) -> dict:
+def job_out(job: Job, *, progress: dict | None = None) -> dict:
     return JobOut(
         {
             "id": job.pk,
@@ -51,7 +59,7 @@ def job_out(job: Job) -> dict:
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
-            **job_progress(job=job),
+            **(progress if progress is not None else job_progress(job=job)),
         }
     ).data
 
@@ -78,9 +86,13 @@ class QuoteOut(serializers.Serializer):
     spec = serializers.JSONField(help_text="the spec as a submission would store it, defaults filled in")
 
 
-class JobCreateApi(APIView):
+class JobCreateApi(GenericAPIView):
+    """GET lists the caller's jobs (paged, filtered); POST submits one."""
+
     permission_classes = [IsPerson]
     throttle_scope = "job_create"
+    throttle_exempt_methods = ("GET",)  # a list is a read: the job_create budget counts submissions only
+    filterset_class = JobFilter
 
     class JobCreateIn(serializers.Serializer):
         kind = serializers.CharField(help_text="the task kind: inference or fedavg")
@@ -88,6 +100,18 @@ class JobCreateApi(APIView):
         dry_run = serializers.BooleanField(
             default=False, help_text="true: validate and quote (200, the same body as POST /jobs/quote/); nothing is "
                                      "created or escrowed")
+
+    def get_queryset(self):
+        return jobs_for_owner(owner=self.request.user)
+
+
+    @extend_schema(
+        operation_id="job_list", responses={200: JobOut(many=True), 400: ErrorOut, 401: ErrorOut, 404: ErrorOut},
+        description="Your jobs, newest first, a page at a time (docs/api/lists.md): follow `next` until it is "
+                    "null. 400 for a bad filter or limit, 404 for a cursor that was not given out.")
+    def get(self, request):
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response([job_out(job, progress=job_progress_annotated(job=job)) for job in page])
 
     @extend_schema(
         operation_id="job_create", request=JobSubmission, examples=submission_examples(),
@@ -110,6 +134,7 @@ class JobCreateApi(APIView):
 class JobQuoteApi(APIView):
     permission_classes = [IsPerson]
     throttle_scope = "job_create"
+    throttle_exempt_methods = ("GET",)  # a list is a read: the job_create budget counts submissions only
 
     @extend_schema(operation_id="job_quote", request=JobSubmission, examples=submission_examples(),
                    responses={200: QuoteOut, 400: ErrorOut, 401: ErrorOut, 429: ErrorOut},
@@ -193,10 +218,6 @@ class JobCancelApi(APIView):
 
     @extend_schema(
         operation_id="job_cancel", request=None, responses={200: JobOut, 401: ErrorOut, 404: ErrorOut, 409: ErrorOut},
-        parameters=[OpenApiParameter(
-            "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
-            description="Optional: a retry with the same key gets the first answer again (Idempotent-Replayed: "
-                        "true); cancelling is idempotent anyway.")],
         description="Stop the job: nothing more of it is leased, leases held are revoked; results already reported "
                     "are judged and what is valid is paid; then `cancelled`, the unused escrow returned and the "
                     "partial output downloadable. Idempotent: a cancelling or cancelled job is answered as it is; "

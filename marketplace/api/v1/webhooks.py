@@ -171,7 +171,8 @@ class EndpointListApi(generics.GenericAPIView):
 class EndpointDetailApi(APIView):
     permission_classes = [IsPerson]
 
-    @extend_schema(operation_id="webhook_endpoint_retrieve", responses={200: EndpointOut, **READ_ERRORS})
+    @extend_schema(operation_id="webhook_endpoint_retrieve", responses={200: EndpointOut, **READ_ERRORS},
+                   description="One of your endpoints (never its secret).")
     def get(self, request, endpoint_id: int):
         return Response(EndpointOut(endpoint_get_for_owner(endpoint_id=endpoint_id, owner_id=request.user.pk)).data)
 

@@ -157,10 +157,11 @@ def test_the_device_list_shows_only_your_devices_with_their_counters(api, contri
     response = api(contributor).get("/api/v1/devices/")
 
     assert response.status_code == 200
-    assert [(d["id"], d["name"], d["valid_results"], d["invalid_results"]) for d in response.json()] == [
+    devices = response.json()["results"]
+    assert [(d["id"], d["name"], d["valid_results"], d["invalid_results"]) for d in devices] == [
         (mine.pk, "mine", 3, 1)
     ]
-    assert response.json()[0]["last_seen_at"] is not None
+    assert devices[0]["last_seen_at"] is not None
 
 
 def test_a_device_cannot_mint_enrolment_tokens(make_device, contributor):

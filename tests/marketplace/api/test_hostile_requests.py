@@ -3,7 +3,9 @@ kind of caller, and hostile numbers in query strings, headers and paths."""
 
 from __future__ import annotations
 
+import base64
 import json
+from urllib.parse import urlencode
 
 import pytest
 from django.conf import settings
@@ -99,10 +101,12 @@ ENTRIES = "/api/v1/ledger/entries/"
 
 
 @pytest.mark.parametrize("query", [
-    {"before": "²"}, {"before": "9" * 5000}, {"before": "1" * 20}, {"before": "-1"}, {"before": ""},
-    {"limit": "²"}, {"limit": "9" * 5000}, {"limit": "0"}, {"limit": "201"},
-], ids=["before superscript", "before 5000 digits", "before 20 digits", "before negative", "before empty",
-        "limit superscript", "limit 5000 digits", "limit zero", "limit too many"])
+    {"created_after": "²"}, {"created_after": "9" * 5000}, {"created_before": "2026-13-01"}, {"kind": "nonsense"},
+    {"kind": "\x00"}, {"limit": "²"}, {"limit": "9" * 5000}, {"limit": "0"}, {"limit": "201"}, {"limit": "-1"},
+    {"limit": ""},
+], ids=["created_after superscript", "created_after 5000 digits", "created_before month 13", "kind unknown",
+        "kind NUL", "limit superscript", "limit 5000 digits", "limit zero", "limit too many", "limit negative",
+        "limit empty"])
 def test_a_hostile_ledger_query_is_400_in_the_error_shape(api, contributor, query: dict) -> None:
     response = api(contributor).get(ENTRIES, query)
 
@@ -110,12 +114,15 @@ def test_a_hostile_ledger_query_is_400_in_the_error_shape(api, contributor, quer
     assert json.loads(response.content)["error"]["code"] == "invalid"
 
 
-def test_an_entry_id_past_any_row_lists_everything_older(api, contributor) -> None:
-    # 19 digits pass the length bound but exceed 2**63 - 1: Django 5.2 makes pk < it a full result set.
-    response = api(contributor).get(ENTRIES, {"before": "9" * 19})
+@pytest.mark.parametrize("position", ["9" * 19, "9" * 5000, "-1", "abc", "\x00", "²"])
+def test_a_forged_cursor_is_404_in_the_error_shape(api, contributor, position: str) -> None:
+    # 19 digits pass a length bound but exceed 2**63 - 1; the others are no id at all (DRF sent them to the query).
+    cursor = base64.b64encode(urlencode({"p": position}).encode()).decode()
 
-    assert response.status_code == 200
-    assert response.json() == []
+    response = api(contributor).get(ENTRIES, {"cursor": cursor})
+
+    assert response.status_code == 404
+    assert json.loads(response.content)["error"] == {"code": "not_found", "message": "Invalid cursor", "fields": {}}
 
 
 @pytest.mark.parametrize("device_id", ["9" * 5000, "9" * 20, "9" * 19, "0" * 30 + "1", "²"])

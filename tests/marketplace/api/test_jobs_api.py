@@ -49,7 +49,7 @@ def test_a_token_is_issued_for_a_username_and_password(api, submitter):
 
     assert response.status_code == 201
     token = response.json()["token"]
-    assert api().get("/api/v1/devices/", HTTP_AUTHORIZATION=f"Token {token}").json() == []
+    assert api().get("/api/v1/devices/", HTTP_AUTHORIZATION=f"Token {token}").json()["results"] == []
     assert AuthToken.objects.get(user=submitter).token_key == response.json()["token_key"] == token[:15]
 
 

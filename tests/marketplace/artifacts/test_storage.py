@@ -177,3 +177,31 @@ def test_s3_moves_a_large_blob_in_bounded_memory(s3):
 
     assert (sha, stored) == (hashlib.sha256(chunk * (size // MiB)).hexdigest(), size)
     assert peak < size / 2, f"{peak / MiB:.1f} MiB traced at the peak"
+
+
+def test_delete_removes_the_blob_and_deleting_again_is_no_error(backend):
+    backend.storage.save(chunks_of(BLOB), max_bytes=len(BLOB))
+    other, _ = backend.storage.save([b"other"], max_bytes=100)
+
+    backend.storage.delete(SHA)
+    backend.storage.delete(SHA)
+
+    assert not backend.storage.exists(SHA) and backend.storage.exists(other)
+    with pytest.raises(FileNotFoundError):
+        backend.storage.open(SHA)
+    assert len(backend.stored()) == 1
+
+
+def test_purging_staging_files_removes_only_those_untouched_for_long(backend):
+    import os
+    import time
+
+    backend.tmp_dir.mkdir(parents=True, exist_ok=True)
+    dead, alive = backend.tmp_dir / "tmpdead", backend.tmp_dir / "tmpalive"
+    dead.write_bytes(b"half an upload"), alive.write_bytes(b"an upload in progress")
+    two_hours_ago = time.time() - 7200
+    os.utime(dead, (two_hours_ago, two_hours_ago))
+
+    assert backend.storage.temp_files_purge(older_than=3600) == 1
+
+    assert backend.leftovers() == [alive]

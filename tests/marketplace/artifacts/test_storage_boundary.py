@@ -53,7 +53,7 @@ def violations(source: str) -> list[str]:
 
 
 def test_the_backends_offer_the_interface_and_nothing_more():
-    assert INTERFACE == {"exists", "size", "save", "open", "local_path"}
+    assert INTERFACE == {"exists", "size", "save", "open", "local_path", "delete", "temp_files_purge"}
     for backend in (FileSystemStorage, S3ObjectStorage):
         assert {name for name in vars(backend) if not name.startswith("_")} == INTERFACE, backend.__name__
 

@@ -19,12 +19,12 @@ def test_a_submitter_sees_their_balance_and_escrow_as_strings(api, submitter, su
 def test_entries_list_the_persons_own_lines_newest_first(api, submitter, other_submitter, submit_job):
     job = submit_job(rows=4, rows_per_unit=4)
 
-    entries = api(submitter).get("/api/v1/ledger/entries/?limit=10").json()
+    entries = api(submitter).get("/api/v1/ledger/entries/?limit=10").json()["results"]
 
     assert [e["kind"] for e in entries] == ["escrow", "escrow", "grant"]
     assert {e["account"] for e in entries} == {f"submitter_balance:user={submitter.pk}", f"job_escrow:job={job.pk}"}
     assert [e["amount"] for e in entries[:2]] in ([str(-6 * 10**15), str(6 * 10**15)], [str(6 * 10**15), str(-6 * 10**15)])
-    assert api(other_submitter).get("/api/v1/ledger/entries/").json()[0]["kind"] == "grant"
+    assert api(other_submitter).get("/api/v1/ledger/entries/").json()["results"][0]["kind"] == "grant"
     assert api(submitter).get("/api/v1/ledger/entries/?limit=0").status_code == 400
 
 

@@ -173,7 +173,7 @@ def _devices(person):
 
     client = APIClient()
     client.force_authenticate(person)
-    return client.get("/api/v1/devices/").json()
+    return client.get("/api/v1/devices/").json()["results"]
 
 
 def test_an_owner_never_gets_a_unit_back_that_one_of_its_devices_gave_up(submit_job, make_device, people, policy):

@@ -380,7 +380,7 @@ def test_devices_show_their_trust_and_audits_through_the_api(adaptive_job, make_
     alice, bob = make_device(people[0], name="alice-laptop"), make_device(people[1])
     make_trusted(alice, bob, adaptive_job, report)
 
-    (device,) = api(people[0]).get("/api/v1/devices/").json()
+    (device,) = api(people[0]).get("/api/v1/devices/").json()["results"]
 
     assert device["name"] == "alice-laptop" and device["state"] == "active"
     assert device["trust"] == [{"kind": KIND, "hardware_class": alice.device.hardware_class, "state": "trusted",
