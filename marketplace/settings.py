@@ -441,6 +441,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Lists page by cursor (marketplace/api/pagination.py) and filter with django-filter FilterSets.
     "DEFAULT_PAGINATION_CLASS": "marketplace.api.pagination.IdCursorPagination",
+    # OPTIONS names the view and its media types; the bodies are described by /api/schema/ (api/metadata.py).
+    "DEFAULT_METADATA_CLASS": "marketplace.api.metadata.ViewMetadata",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "EXCEPTION_HANDLER": "marketplace.api.exception_handler.handle",
     # Every JSON body is parsed with limits on size, depth and count (marketplace/api/parsers.py).

@@ -153,6 +153,8 @@ def _statuses(operation: dict[str, Any], view: Any, method: str, path: str) -> s
         found |= {400, 413, 415}
     if has_query:
         found.add(400)
+    if any(p.get("in") == "query" and p.get("name") == "cursor" for p in operation.get("parameters", [])):
+        found.add(404)  # a cursor that was not given out: "Invalid cursor" (api/pagination.py)
     permissions = view.permission_classes
     if not all(issubclass(p, AllowAny) for p in permissions):
         found.add(401)
