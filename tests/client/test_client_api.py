@@ -168,3 +168,24 @@ def test_the_cli_quotes_a_spec_file_whose_artifact_fields_name_local_files(marke
     assert (quote["units"], quote["quorum"], quote["spec"]["rows_per_unit"]) == (2, 3, 5)  # a flag beats the file
     assert quote["spec"]["dataset"] == hashlib.sha256(dataset_file.read_bytes()).hexdigest()
     assert Job.objects.count() == 0
+
+
+def test_the_client_pages_through_the_real_job_list_and_cancels_on_the_real_api(market, files):
+    weights_file, dataset_file = files
+    with logged_in(market) as client:
+        spec = {"model": {"architecture": "mlp", "config": MLP_CONFIG, "weights": client.upload(weights_file)},
+                "dataset": client.upload(dataset_file), "rows_per_unit": 4, "price_per_result": "1000"}
+        submitted = [client.submit("inference", spec).id for _ in range(5)]
+        listed = [job.id for job in client.jobs(page_size=2)]  # three pages of the real cursor pagination
+        cancelled = client.cancel(submitted[0])
+        again = client.cancel(submitted[0])  # idempotent: the job as it is
+        pending_only = [job.id for job in client.jobs(state="pending")]
+        Job.objects.filter(pk=submitted[1]).update(state=Job.State.COMPLETED)
+        with pytest.raises(ApiError) as finished:
+            client.cancel(submitted[1])
+
+    assert listed == sorted(submitted, reverse=True)  # every job once, newest first
+    assert cancelled.state in ("cancelling", "cancelled") and again.id == cancelled.id
+    assert Job.objects.get(pk=submitted[0]).state in (Job.State.CANCELLING, Job.State.CANCELLED)
+    assert pending_only == sorted(submitted[1:], reverse=True)
+    assert (finished.value.status, finished.value.code) == (409, "conflict")

@@ -26,7 +26,7 @@ from tests.e2e.conftest import Client, enrolled, mlp_job
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 15
 # They revoke the token the run authenticates with.
 SESSION_ENDING = ("auth_logout", "auth_logout_all", "auth_token_revoke")
 
