@@ -4,9 +4,13 @@ from the same body as a submission, without creating or escrowing anything.
 - Cost: the escrow (price x units x max_results_per_unit) is the worst case; the expected cost uses
   the results per decided unit this kind needed over the last QUOTE_WINDOW (replicas, disagreements,
   audits; the quorum when there is no history), never more than the worst case.
-- Time: from the compute times devices reported for this kind over the window (their p50 and p90,
-  per result) and the devices active in the last ACTIVE_WINDOW: results needed / devices, rounded up,
-  times the per-result time. No history, or no device: no ETA, and the reason.
+- Time: from the throughput devices showed for this kind over the window and the devices active in the
+  last ACTIVE_WINDOW: results needed / devices, rounded up, times the per-result time (its p50 and p90).
+  A result's time is what it took the device in wall time: the gap since the same device's previous
+  report when that gap is short enough to mean it was busy (BUSY_GAP: the lease, the downloads, the
+  upload and the report all count), and never less than the compute time it reported. Compute time
+  alone was 20x short on small units, whose cost is mostly the round trips. No history, or no device:
+  no ETA, and the reason.
 - Feasibility: a unit is decided by results from devices of `quorum` different owners, so the pool
   must hold active devices of at least that many owners.
 """
@@ -14,6 +18,7 @@ from the same body as a submission, without creating or escrowing anything.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,6 +36,7 @@ from marketplace.workunits.models import Result, WorkUnit
 QUOTE_WINDOW = timedelta(days=1)
 ACTIVE_WINDOW = timedelta(hours=1)
 MIN_HISTORY = 5  # fewer timed results than this say nothing about a kind's speed
+BUSY_GAP = timedelta(minutes=2)  # a device that reports again within this was working between the two
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,29 @@ def _pool() -> tuple[int, int]:
 def _eta(kind: str, *, results: int, devices: int) -> tuple[int | None, int | None, str | None]:
     if devices == 0:
         return None, None, "no device is active"
-    since = timezone.now() - QUOTE_WINDOW
-    times = sorted(Result.objects.filter(job__kind=kind, reported_at__gte=since, elapsed_seconds__isnull=False)
-                   .order_by("-reported_at").values_list("elapsed_seconds", flat=True)[:1000])
+    times = sorted(_result_times(kind))
     if len(times) < MIN_HISTORY:
         return None, None, f"fewer than {MIN_HISTORY} results of this kind were timed in the last day"
     rounds = math.ceil(results / devices)  # one unit at a time per device (the agent's loop)
     return (math.ceil(rounds * _percentile(times, 0.5)), math.ceil(rounds * _percentile(times, 0.9)), None)
+
+
+def _result_times(kind: str) -> list[float]:
+    """Wall seconds per result of the latest reports of this kind (module docstring: Time)."""
+    since = timezone.now() - QUOTE_WINDOW
+    rows = (Result.objects.filter(job__kind=kind, reported_at__gte=since, elapsed_seconds__isnull=False)
+            .order_by("-reported_at").values_list("device_id", "reported_at", "elapsed_seconds")[:1000])
+    by_device: dict[int, list[tuple[Any, float]]] = defaultdict(list)
+    for device_id, reported_at, elapsed in rows:
+        by_device[device_id].append((reported_at, max(0.0, elapsed)))
+    times = []
+    for reports in by_device.values():
+        reports.sort()
+        times.append(reports[0][1])
+        for (before, _), (at, elapsed) in zip(reports, reports[1:]):
+            gap = (at - before).total_seconds()
+            times.append(max(elapsed, gap) if gap <= BUSY_GAP.total_seconds() else elapsed)
+    return times
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -7,8 +7,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
-from marketplace.api.idempotency import idempotent
 from marketplace.api.filters import DeviceFilter
+from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workers.selectors import devices_for_owner

@@ -14,8 +14,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsPerson
-from marketplace.api.idempotency import idempotent
 from marketplace.api.filters import EntryFilter
+from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import NotFound, ValidationFailed
 from marketplace.ledger.models import Line, WalletLink

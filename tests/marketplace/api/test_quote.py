@@ -87,3 +87,27 @@ def test_dry_run_on_create_answers_the_quote_and_creates_nothing(api, submitter,
     assert response.status_code == 200
     assert response.json()["units"] == 3
     assert Job.objects.count() == 0
+
+
+def test_the_eta_counts_the_wall_time_between_a_busy_devices_reports_not_only_its_compute_time(
+        api, submitter, inference_spec, submit_job, make_device, contributor, other_contributor, report):
+    from datetime import timedelta
+
+    from marketplace.workunits.leasing import workunit_lease
+
+    submit_job(rows=24, rows_per_unit=4)  # 6 units: 6 reports per device, 4 s apart
+    start = timezone.now() - timedelta(minutes=10)
+    for owner in (contributor, other_contributor):
+        device = make_device(owner)
+        for n, lease in enumerate(workunit_lease(device=device.device, max_units=64)):
+            report(device, lease.result_id)
+            # 0.1 s of compute, but a report every 4 s: the round trips are most of a small unit's cost
+            Result.objects.filter(pk=lease.result_id).update(elapsed_seconds=0.1,
+                                                              reported_at=start + timedelta(seconds=4 * n))
+    Device.objects.update(last_seen_at=timezone.now())
+
+    quote = api(submitter).post(QUOTE, {"kind": "inference", "spec": _spec(inference_spec)}, format="json").json()
+
+    # the quoted job: 3 units x 2 results over 2 devices, 3 results each, at the 4 s p50 and p90 per result
+    # (the first report of each device counts only its 0.1 s of compute)
+    assert quote["eta_seconds_p50"] == quote["eta_seconds_p90"] == 12
