@@ -111,3 +111,18 @@ def test_the_eta_counts_the_wall_time_between_a_busy_devices_reports_not_only_it
     # the quoted job: 3 units x 2 results over 2 devices, 3 results each, at the 4 s p50 and p90 per result
     # (the first report of each device counts only its 0.1 s of compute)
     assert quote["eta_seconds_p50"] == quote["eta_seconds_p90"] == 12
+
+
+def test_the_quoted_worst_case_is_what_the_submission_then_escrows(api, submitter, inference_spec):
+    from marketplace.ledger.selectors import balances_for
+
+    body = {"kind": "inference", "spec": _spec(inference_spec)}
+    before = balances_for(user=submitter)
+    quote = api(submitter).post(QUOTE, body, format="json").json()
+    created = api(submitter).post("/api/v1/jobs/", body, format="json")
+    after = balances_for(user=submitter)
+
+    assert created.status_code == 201, created.json()
+    assert int(after["escrowed"]) - int(before["escrowed"]) == int(quote["cost_worst_case"]) > 0
+    assert int(before["available"]) - int(after["available"]) == int(quote["cost_worst_case"])
+    assert quote["spec"] == created.json()["spec"]  # the spec the quote priced is the one stored
