@@ -8,8 +8,11 @@ the database), text by length, and Django's CharField refuses U+0000 (PostgreSQL
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import django_filters
 from django import forms
+from django_filters.fields import IsoDateTimeField
 
 from marketplace.jobs.models import Job
 from marketplace.ledger.models import Posting
@@ -27,12 +30,38 @@ class SizeFilter(django_filters.Filter):
         super().__init__(*args, min_value=0, max_value=MAX_SIZE, **kwargs)
 
 
-def _created(field_name: str) -> tuple[django_filters.IsoDateTimeFilter, django_filters.IsoDateTimeFilter]:
+class UtcDateTimeField(IsoDateTimeField):
+    """An ISO 8601 time, turned to UTC before it reaches the query: Python takes offsets up to +-24 h,
+    PostgreSQL only to +-15:59 ("time zone displacement out of range" was a 500, found by schemathesis),
+    and a time that cannot be expressed in UTC (year 9999 with a negative offset) is refused."""
+
+    def clean(self, value):
+        cleaned = super().clean(value)
+        if cleaned is None:
+            return None
+        try:
+            return cleaned.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError("a time out of range", code="invalid") from None
+
+
+class UtcDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UtcDateTimeField
+
+
+class IdFilter(django_filters.Filter):
+    """A row id, 1..2**63 - 1 (NumberFilter takes any decimal: 0.0, 1e999)."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, min_value=1, max_value=2**63 - 1, **kwargs)
+
+
+def created_range(field_name: str) -> tuple[UtcDateTimeFilter, UtcDateTimeFilter]:
     return (
-        django_filters.IsoDateTimeFilter(field_name=field_name, lookup_expr="gte",
-                                         help_text="created at or after this time (ISO 8601)"),
-        django_filters.IsoDateTimeFilter(field_name=field_name, lookup_expr="lt",
-                                         help_text="created before this time (ISO 8601)"),
+        UtcDateTimeFilter(field_name=field_name, lookup_expr="gte", help_text="created at or after this time (ISO 8601)"),
+        UtcDateTimeFilter(field_name=field_name, lookup_expr="lt", help_text="created before this time (ISO 8601)"),
     )
 
 
@@ -40,13 +69,13 @@ class JobFilter(django_filters.FilterSet):
     state = django_filters.MultipleChoiceFilter(
         choices=Job.State.choices, help_text="one or more states: ?state=pending&state=running")
     kind = django_filters.ChoiceFilter(choices=Job.Kind.choices)
-    created_after, created_before = _created("created_at")
+    created_after, created_before = created_range("created_at")
 
 
 class ArtifactFilter(django_filters.FilterSet):
     """Over the caller's ownership rows (Artifact.owners' through table), hence the `artifact__` paths."""
 
-    created_after, created_before = _created("artifact__created_at")
+    created_after, created_before = created_range("artifact__created_at")
     size_min = SizeFilter(field_name="artifact__size", lookup_expr="gte", help_text="at least this many bytes")
     size_max = SizeFilter(field_name="artifact__size", lookup_expr="lte", help_text="at most this many bytes")
 
@@ -54,10 +83,10 @@ class ArtifactFilter(django_filters.FilterSet):
 class DeviceFilter(django_filters.FilterSet):
     state = django_filters.MultipleChoiceFilter(choices=Device.State.choices, help_text="one or more states")
     hardware_class = django_filters.CharFilter(max_length=64)
-    created_after, created_before = _created("created_at")
+    created_after, created_before = created_range("created_at")
 
 
 class EntryFilter(django_filters.FilterSet):
     kind = django_filters.MultipleChoiceFilter(field_name="posting__kind", choices=Posting.Kind.choices,
                                                help_text="one or more posting kinds")
-    created_after, created_before = _created("posting__created_at")
+    created_after, created_before = created_range("posting__created_at")

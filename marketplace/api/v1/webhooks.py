@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.authentication import IsPerson
+from marketplace.api.filters import IdFilter, created_range
 from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.webhooks.catalog import EVENT_TYPES
@@ -224,14 +225,11 @@ class EndpointTestApi(APIView):
 
 
 class DeliveryFilter(django_filters.FilterSet):
-    endpoint = django_filters.NumberFilter(field_name="endpoint_id", help_text="one endpoint's deliveries")
+    endpoint = IdFilter(field_name="endpoint_id", help_text="one endpoint's deliveries")
     event_type = django_filters.ChoiceFilter(field_name="event__type", help_text="one event type's",
                                              choices=[(t, t) for t in (*EVENT_TYPES, "webhook.test")])
     state = django_filters.ChoiceFilter(choices=Delivery.State.choices)
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte",
-                                                     help_text="created at or after (ISO 8601)")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt",
-                                                      help_text="created before (ISO 8601)")
+    created_after, created_before = created_range("created_at")
 
     class Meta:
         model = Delivery

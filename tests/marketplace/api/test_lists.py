@@ -121,6 +121,7 @@ def test_jobs_filter_by_creation_time(api, submitter):
 @pytest.mark.parametrize("query, field", [
     ({"state": "exploded"}, "state"), ({"kind": "mining"}, "kind"), ({"created_after": "yesterday"}, "created_after"),
     ({"created_before": "2026-13-01T00:00:00Z"}, "created_before"), ({"kind": "\x00"}, "kind"),
+    ({"created_before": "9999-12-31T23:00:00-23:00"}, "created_before"),  # past what UTC can say
 ])
 def test_a_bad_filter_value_is_400_in_the_error_shape_and_names_the_parameter(api, submitter, query, field):
     response = api(submitter).get(JOBS, query)
@@ -253,3 +254,14 @@ def test_entries_page_by_cursor_and_filter_by_kind_and_time(api, submitter, othe
     assert [e["kind"] for e in client.get(ENTRIES, {"kind": "grant"}).json()["results"]] == ["grant", "grant"]
     assert ids(client.get(ENTRIES, {"created_after": timezone.now().isoformat()})) == []
     assert client.get(ENTRIES, {"kind": "theft"}).status_code == 400
+
+
+def test_a_time_with_an_offset_postgresql_refuses_is_read_as_the_same_instant_in_utc(api, submitter, submit_job):
+    # Python takes offsets to +-24 h, PostgreSQL to +-15:59: this query was a 500 on PostgreSQL (schemathesis)
+    job = submit_job()
+
+    response = api(submitter).get(JOBS, {"created_after": "2000-01-01T00:00:00-18:48",
+                                         "created_before": "6783-05-28T09:23:38+18:48"})
+
+    assert response.status_code == 200, response.json()
+    assert ids(response) == [job.pk]
