@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from marketplace.jobs.models import Job
@@ -23,6 +24,9 @@ def _split(job_id: int) -> None:
     _wait_until(lambda: Job.objects.get(pk=job_id).state == Job.State.RUNNING)
 
 
+# A refused unit is a give-up, and a give-up costs the device a cool-down (60 s by default) before it
+# leases the other units; the cool-down is not what this test is about.
+@pytest.mark.cluster_env(IDLEGRID_GIVE_UP_COOLDOWN_SECONDS="2")
 def test_an_agent_refuses_a_unit_changed_in_the_database_and_computes_the_others(cluster):
     submitter, alice, bob = (Client(cluster, name) for name in ("submitter", "alice", "bob"))
     job_id, _ = mlp_job(submitter, rows=30, rows_per_unit=10)
