@@ -37,11 +37,13 @@ from marketplace.artifacts.services import artifact_store
 from marketplace.core.exceptions import Conflict
 from marketplace.core.tasks import enqueue_on_commit
 from marketplace.core.tensors import write_many
+from marketplace.jobs.events import job_event
 from marketplace.jobs.kinds import kind_module
 from marketplace.jobs.models import FedRound, Job
 from marketplace.jobs.selectors import job_get_for_owner
 from marketplace.ledger import hooks as ledger_hooks
 from marketplace.ledger.earnings import job_earnings_credit
+from marketplace.webhooks import catalog
 from marketplace.workunits.cancel import job_reports_queue, job_results_revoke, job_units_close, job_units_waiting
 from marketplace.workunits.models import WorkUnit
 from marketplace.workunits.verification import unit_validate
@@ -94,7 +96,7 @@ def job_cancel_finish(*, job_id: int) -> Job:
             state=Job.State.CANCELLED, output_id=output, finished_at=timezone.now()
         )
         ledger_hooks.job_ended(job_id)
-        # webhook: job.cancelled
+        job_event(job_id=job_id, type=catalog.JOB_CANCELLED)  # sent once this commits
     log.info("job %s cancelled: %s units undecided, output %s", job_id, closed, output)
     job.refresh_from_db()
     return job

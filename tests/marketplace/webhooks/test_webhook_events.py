@@ -140,6 +140,26 @@ def test_job_failed_with_the_reason(register, submit_job):
         job.pk, "failed", "a unit errored")
 
 
+def test_job_cancelled_once_the_cancellation_finishes_with_the_partial_output(register, submit_job, submitter, decide):
+    from marketplace.jobs.cancel import job_cancel, job_cancel_finish
+
+    register(event_types=[catalog.JOB_CANCELLED])
+    job = submit_job(rows=8, rows_per_unit=4)
+    job_split(job_id=job.pk)
+    decide(job)  # both units decided, then the job cancelled before its merge
+    Job.objects.filter(pk=job.pk).update(state=Job.State.RUNNING)
+
+    job_cancel(job_id=job.pk, owner=submitter)
+    assert events(catalog.JOB_CANCELLED) == []  # cancelling is not cancelled yet
+    job_cancel_finish(job_id=job.pk)
+    job_cancel_finish(job_id=job.pk)  # a second run finds it finished: no second event
+
+    (cancelled,) = events(catalog.JOB_CANCELLED)
+    data = cancelled.data["job"]
+    assert (data["id"], data["state"], data["units_done"]) == (job.pk, "cancelled", 2)
+    assert data["output_sha256"] == Job.objects.get(pk=job.pk).output_id is not None
+
+
 def test_job_completed_once_however_many_merges_race(register, submit_job):
     register()
     job = submit_job(rows=4, rows_per_unit=4)
