@@ -38,6 +38,7 @@ import httpx
 
 from idlegrid_client._version import __version__
 from worker_agent import safejson
+from worker_agent.client import read_capped, read_prefix
 
 T = TypeVar("T")
 # progress(bytes done, bytes in all or None when the server does not say): called as a transfer goes.
@@ -344,26 +345,6 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    chunks, size = [], 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise BadAnswer(f"the server sent an answer larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _read_prefix(response: httpx.Response, limit: int) -> bytes:
-    chunks, size = [], 0
-    for chunk in response.iter_bytes():
-        chunks.append(chunk[: limit - size])
-        size += len(chunks[-1])
-        if size >= limit:
-            break
-    return b"".join(chunks)
-
-
 def file_sha256(path: Path, *, progress: ProgressCallback | None = None) -> str:
     """The sha256 of a file, read in chunks (progress as it reads)."""
     digest, done, total = hashlib.sha256(), 0, path.stat().st_size
@@ -573,7 +554,9 @@ class Client:
                 raise self._transport_failure(method, url, exc, idempotent=idempotent) from exc
             try:
                 self._check_status(response, idempotent=idempotent)
-                data = _read_capped(response, MAX_ANSWER_BYTES)
+                data = read_capped(response, MAX_ANSWER_BYTES)
+                if data is None:
+                    raise BadAnswer(f"the server sent an answer larger than {MAX_ANSWER_BYTES} bytes")
             except httpx.HTTPError as exc:
                 raise self._transport_failure(method, url, exc, idempotent=idempotent) from exc
             finally:
@@ -616,7 +599,7 @@ class Client:
         status = response.status_code
         if status < 400:
             return
-        error = ApiError.from_answer(status, _read_prefix(response, MAX_ERROR_BYTES), response.reason_phrase)
+        error = ApiError.from_answer(status, read_prefix(response, MAX_ERROR_BYTES), response.reason_phrase)
         if status == 429:
             wait = _retry_after(response)
             if wait is not None and wait > self._retry.max_retry_after:

@@ -204,7 +204,7 @@ class AgentClient:
             response = self._http.send(self._http.build_request(method, path, **kwargs, **extra), stream=True)
             try:
                 _raise_for_status(response)
-                content = _read_capped(response, MAX_ANSWER_BYTES)
+                content = read_capped(response, MAX_ANSWER_BYTES)
             finally:
                 response.close()
         except RETRYABLE_ERRORS as exc:
@@ -241,8 +241,9 @@ def _copy(chunks: Any, sink: BinaryIO, digest: Any) -> None:
         sink.write(chunk)
 
 
-def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
-    """The (decoded) body, or None once it passes `limit` bytes: reading stops there."""
+def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The (decoded) body, or None once it passes `limit` bytes: reading stops there (the submitter's
+    client, idlegrid_client, reads its answers with this too)."""
     chunks, size = [], 0
     for chunk in response.iter_bytes():
         size += len(chunk)
@@ -252,7 +253,7 @@ def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _read_prefix(response: httpx.Response, limit: int) -> bytes:
+def read_prefix(response: httpx.Response, limit: int) -> bytes:
     """At most the first `limit` bytes of the body; the rest is not read."""
     chunks, size = [], 0
     for chunk in response.iter_bytes():
@@ -268,7 +269,7 @@ def _raise_for_status(response: httpx.Response) -> None:
     if status == 429 or status >= 500:
         raise _Retryable(f"HTTP {status} {response.reason_phrase}", _retry_after(response))
     if status >= 400:
-        raise ApiError.from_response(response, _read_prefix(response, MAX_ERROR_BYTES))
+        raise ApiError.from_response(response, read_prefix(response, MAX_ERROR_BYTES))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
