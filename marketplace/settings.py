@@ -109,6 +109,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "marketplace.portal",  # before allauth: its templates (allauth/layouts/base.html) override allauth's own
+    "allauth",
+    "allauth.account",
     "rest_framework",
     "knox",
     "drf_spectacular",
@@ -133,6 +136,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "marketplace.api.throttling.RateLimitHeadersMiddleware",  # RateLimit-* on throttled views' answers
 ]
@@ -149,6 +153,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "marketplace.portal.context.portal",
             ]
         },
     }
@@ -500,8 +505,9 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
                           "LOCATION": str(private_dir(VAR_DIR / "cache")), "OPTIONS": {"MAX_ENTRIES": 50_000}}}
 
-# --- email (the payout-address change notice) -------------------------------------------------------
-# SMTP when EMAIL_HOST is set; else every message is a file under var/mail (the embedded default).
+# --- email (password resets, address verification, the payout-address change notice) -------------------
+# SMTP when EMAIL_HOST is set; else every message is a file under var/mail (the embedded default: a
+# newcomer reads the reset link there), or printed by the web process with IDLEGRID_EMAIL=console.
 EMAIL_HOST = env("EMAIL_HOST") or ""
 EMAIL_PORT = envint("EMAIL_PORT", 587, low=1, high=65_535)
 EMAIL_HOST_USER = env("EMAIL_HOST_USER") or ""
@@ -512,11 +518,48 @@ if EMAIL_USE_TLS and EMAIL_USE_SSL:
     raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL cannot both be true (STARTTLS or TLS from the start)")
 EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 10, low=1, high=300)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL") or "Idlegrid <idlegrid@localhost>"
+_email_local = env("IDLEGRID_EMAIL") or "file"
+if _email_local not in ("file", "console"):
+    raise ImproperlyConfigured(f"IDLEGRID_EMAIL must be file or console (SMTP: set EMAIL_HOST), got {_email_local!r}")
 if EMAIL_HOST:
     EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+elif _email_local == "console":  # every message printed on the web process's output
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
 else:
     EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
     EMAIL_FILE_PATH = str(private_dir(VAR_DIR / "mail"))
+
+# --- the portal and its accounts (marketplace/portal, django-allauth) -------------------------------
+# Sign up, log in, log out and password reset by email, through allauth; sessions for the portal, tokens
+# for the API (the same accounts). Logging in takes the username or the email address. Email addresses
+# are asked for (a password reset needs one) and verified optionally: a link is mailed, nothing waits on it.
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",  # the API's username + password login, the admin
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+ACCOUNT_LOGIN_METHODS = {"username", "email"}
+ACCOUNT_FORMS = {"login": "marketplace.portal.forms.LoginForm"}
+ACCOUNT_SIGNUP_FIELDS = ["username*", "email*", "password1*", "password2*"]
+ACCOUNT_EMAIL_VERIFICATION = "optional"
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_LOGOUT_ON_PASSWORD_CHANGE = False
+ACCOUNT_LOGIN_ON_PASSWORD_RESET = False
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = "https" if IDLEGRID_PRODUCTION else "http"
+# allauth's own rate limits (sign-up, login failures, reset mails) count in the shared cache above.
+ACCOUNT_RATE_LIMITS = {"signup": "20/m/ip", "login_failed": "10/m/ip,5/5m/key", "reset_password": "20/m/ip,5/m/key"}
+LOGIN_URL = "account_login"
+LOGIN_REDIRECT_URL = "portal:home"
+ACCOUNT_LOGOUT_REDIRECT_URL = "portal:landing"
+ACCOUNT_SIGNUP_REDIRECT_URL = "portal:home"
+# The payout token as people see it: amounts are stored in base units and shown in tokens, with the
+# base units on hover (TestToken "IGT" locally, 18 decimals like most ERC-20s).
+IDLEGRID_TOKEN_SYMBOL = env("IDLEGRID_TOKEN_SYMBOL") or "IGT"
+IDLEGRID_TOKEN_DECIMALS = envint("IDLEGRID_TOKEN_DECIMALS", 18, low=0, high=36)
+# A device that has made a request within this long counts as online (the landing page's figures, the
+# devices page).
+IDLEGRID_DEVICE_ONLINE_SECONDS = envint("IDLEGRID_DEVICE_ONLINE_SECONDS", 120, low=10, high=86_400)
+# Live views poll (htmx `every Ns`): no web worker is held per viewer between polls.
+IDLEGRID_PORTAL_POLL_SECONDS = envint("IDLEGRID_PORTAL_POLL_SECONDS", 2, low=1, high=300)
 
 # --- security and HTTPS ---------------------------------------------------------------------------
 # Secure by default with IDLEGRID_PRODUCTION=true (`manage.py check --deploy` passes clean), off otherwise:

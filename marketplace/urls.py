@@ -15,6 +15,8 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("healthz", health, name="health"),
+    path("accounts/", include("allauth.urls")),
+    path("", include("marketplace.portal.urls")),
 ]
 
 # What never reaches a DRF view (an unknown path, a body past DATA_UPLOAD_MAX_MEMORY_SIZE, an uncaught

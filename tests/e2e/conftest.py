@@ -33,7 +33,13 @@ def _database_url() -> str:
 
 
 @pytest.fixture
-def cluster(transactional_db, tmp_path, settings, request) -> Cluster:
+def cluster_extra_env() -> dict[str, str]:
+    """More settings for the servers, from a fixture (the browser tests' chain); none here."""
+    return {}
+
+
+@pytest.fixture
+def cluster(transactional_db, tmp_path, settings, request, cluster_extra_env) -> Cluster:
     """gunicorn + Celery worker + beat against the test database; stopped by PID, always.
     `@pytest.mark.cluster_env(NAME="value")` adds settings for the servers."""
     settings.IDLEGRID_ARTIFACT_DIR = tmp_path / "artifacts"
@@ -48,6 +54,7 @@ def cluster(transactional_db, tmp_path, settings, request) -> Cluster:
         # Known-answer units are random by design; tests that exercise them turn them on with the marker.
         "IDLEGRID_KNOWN_ANSWER_RATE": "0",
     }
+    env.update(cluster_extra_env)
     marker = request.node.get_closest_marker("cluster_env")
     env.update(marker.kwargs if marker else {})
     running = Cluster(var_dir=tmp_path / "cluster", env_overrides=env)

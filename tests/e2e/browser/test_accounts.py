@@ -1,0 +1,65 @@
+"""A newcomer's account in the browser: the landing page's live figures, sign up, log out, log in, and a
+forgotten password reset through the link mailed to them (the embedded mail folder)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from tests.e2e.browser.conftest import shoot
+
+
+def _mail_link(cluster, *, to: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message in sorted((cluster.var_dir / "mail").glob("*.log")):
+            text = message.read_text(errors="replace")
+            if to in text and (link := re.search(r"http://\S+/accounts/password/reset/key/\S+", text)):
+                return link.group(0)
+        time.sleep(0.2)
+    raise AssertionError(f"no password reset mail to {to} in {cluster.var_dir / 'mail'}")
+
+
+def test_a_newcomer_signs_up_logs_out_logs_in_and_resets_a_forgotten_password(cluster, browse):
+    page = browse()
+    page.goto("/")
+    assert page.get_by_role("heading", level=1).inner_text().startswith("AI compute on idle devices")
+    assert page.locator(".stats .stat").count() == 6
+    shoot(page, "landing")
+
+    page.get_by_role("link", name="Sign up").first.click()
+    page.get_by_label("Username").fill("newcomer")
+    page.get_by_label("Email").fill("newcomer@example.org")
+    page.get_by_label("Password:", exact=True).fill("a long enough passphrase 41")
+    page.get_by_label("Password (again)").fill("a long enough passphrase 41")
+    shoot(page, "signup")
+    page.get_by_role("button", name="Sign Up").click()
+    page.wait_for_url("**/jobs/")
+    assert page.locator(".who").inner_text().startswith("newcomer")
+
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url(f"{cluster.url}/")
+    assert page.get_by_role("banner").get_by_role("link", name="Log in").is_visible()
+
+    page.goto("/accounts/login/")
+    page.get_by_label("Username or email:").fill("newcomer")
+    page.get_by_label("Password:", exact=True).fill("not the password")
+    page.get_by_role("button", name="Sign In").click()
+    assert "not correct" in page.locator(".account").inner_text()
+    shoot(page, "login-error")
+
+    page.get_by_role("link", name="Forgot your password?").click()
+    page.get_by_label("Email").fill("newcomer@example.org")
+    page.get_by_role("button", name="Reset My Password").click()
+    page.wait_for_url("**/password/reset/done/")
+    page.goto(_mail_link(cluster, to="newcomer@example.org"))
+    page.get_by_label("New Password:", exact=True).fill("another long passphrase 42")
+    page.get_by_label("New Password (again)").fill("another long passphrase 42")
+    page.get_by_role("button", name="Change Password").click()
+    page.wait_for_url("**/password/reset/key/done/")
+
+    page.goto("/accounts/login/")
+    page.get_by_label("Username or email:").fill("newcomer@example.org")
+    page.get_by_label("Password:", exact=True).fill("another long passphrase 42")
+    page.get_by_role("button", name="Sign In").click()
+    page.wait_for_url("**/jobs/")
