@@ -6,6 +6,8 @@ chain (anvil) and paid out in one epoch root that the contributors claim (demo/p
     bin/demo --keep         # leave var/demo and the logs for a look afterwards
     bin/demo --fedavg       # federated training instead: a CNN trained in rounds across the agents
                             # (demo/fedavg.py), checked against `python -m demo.fedavg_reference`
+    bin/demo --portal       # the same, then everything stays up: the portal's URL and the demo's logins
+                            # are printed, until Ctrl-C
 
 Its last line is one JSON object of the figures; it exits non-zero if the job fails, the faulty
 device is not caught, the accuracies differ, a claim differs from the ledger, or the chain and the
@@ -48,7 +50,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the job")
     parser.add_argument("--keep", action="store_true", help="keep var dir and logs after a successful run")
     parser.add_argument("--fedavg", action="store_true", help="run the federated training scenario (demo/fedavg.py)")
-    return parser.parse_args()
+    parser.add_argument("--portal", action="store_true",
+                        help="after the run, keep the cluster, the agents and the chain up and print the portal's URL "
+                             "and logins, until Ctrl-C")
+    args = parser.parse_args()
+    if args.portal and args.fedavg:
+        parser.error("--portal runs with the inference scenario only")
+    return args
 
 
 def submit(api: Api, model, x_test: np.ndarray, args: argparse.Namespace) -> int:
@@ -172,6 +180,8 @@ def main() -> int:
         ok = summary["ok"]
         print_summary(summary)
         print(json.dumps(summary))
+        if args.portal:
+            portal_serve(cluster, chain)
         return 0 if ok else 1
     finally:
         try:
@@ -183,6 +193,27 @@ def main() -> int:
             shutil.rmtree(args.var_dir, ignore_errors=True)
         elif not ok:
             console.print(f"logs kept in {args.var_dir / 'logs'}")
+
+
+def portal_serve(cluster: Cluster, chain: payouts.LocalChain) -> None:
+    """Keep everything up and tell a newcomer where to click, until Ctrl-C (or a server process dies)."""
+    table = Table(title="Log in to the portal", title_justify="left")
+    for column in ("username", "password", "role"):
+        table.add_column(column)
+    roles = {"submitter": "submitted the job; funded it on chain"}
+    roles.update({owner: f"contributor: runs {device}{' (faulty on purpose)' if faulty else ''}"
+                  for owner, device, faulty in AGENTS})
+    for username, password in cluster.passwords.items():
+        table.add_row(username, password, roles.get(username, ""))
+    console.print(table)
+    console.print(f"[bold]Portal:[/] {cluster.url}/   (REST API: {cluster.url}/api/docs/; chain: {chain.url})")
+    console.print(f"Mail (password resets) is written under {cluster.var_dir / 'mail'}. Press Ctrl-C to stop.")
+    try:
+        while all(p.alive() for p in cluster.processes if not p.name.startswith("agent")):
+            time.sleep(1)
+        console.print("[red]a server process exited[/]; stopping")
+    except KeyboardInterrupt:
+        console.print("stopping")
 
 
 def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started, payout) -> dict:

@@ -79,3 +79,19 @@ def test_a_worker_consumes_the_webhooks_queue_and_the_default_worker_does_not():
     assert command[command.index("-Q") + 1] == settings.IDLEGRID_WEBHOOKS_QUEUE
     assert settings.CELERY_TASK_ROUTES["webhooks.deliver"]["queue"] == settings.IDLEGRID_WEBHOOKS_QUEUE
     assert "-Q" not in services()["worker"]["command"]  # the default queue: splits, merges, validations
+
+
+def test_the_image_serves_the_same_front_end_files_as_a_bootstrapped_checkout():
+    """bin/bootstrap copies the portal's vendored files out of frontend/node_modules; the image's frontend stage
+    must copy the same ones (the portal's pages load them from static/portal/vendor/)."""
+    root = COMPOSE.parent.parent
+    bootstrap = (root / "bin" / "bootstrap").read_text()
+    copied = set(re.findall(r"frontend/node_modules/(\S+?\.(?:js|css))", bootstrap))
+    dockerfile = (root / "docker" / "Dockerfile").read_text()
+    in_image = set(re.findall(r"/frontend/node_modules/(\S+?\.(?:js|css))", dockerfile))
+    assert copied and copied == in_image
+    ignore = (root / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!frontend/package-lock.json" in ignore and "!frontend/package.json" in ignore
+    templates = root / "marketplace" / "portal" / "templates" / "portal" / "base.html"
+    for name in {path.rsplit("/", 1)[1] for path in copied}:
+        assert f"portal/vendor/{name}" in templates.read_text(), name
