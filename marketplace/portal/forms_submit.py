@@ -26,12 +26,13 @@ EXAMPLE_CONFIGS = {
     "mlp": {"in_features": 16, "hidden": [32], "out_features": 4},
     "cnn": {"in_channels": 1, "height": 8, "width": 8, "channels": [4], "hidden": 8, "out_features": 5},
 }
-COMPARE_METHODS = [("allclose", "allclose: every value within rtol/atol, same top-1"), ("exact", "exact: identical bytes"),
-                   ("top1", "top1: same predicted class")]
+COMPARE_METHODS = [("allclose", "allclose (within tolerance)"), ("exact", "exact (identical bytes)"),
+                   ("top1", "top1 (same predicted class)")]
 # (form field, file field) per artifact the spec names, and which kinds name it
 ARTIFACTS = {"weights": ("weights_file", None), "dataset": ("dataset_file", Job.Kind.INFERENCE),
              "train_dataset": ("train_dataset_file", Job.Kind.FEDAVG),
              "eval_dataset": ("eval_dataset_file", Job.Kind.FEDAVG)}
+SHA_OF = {file_field: name for name, (file_field, _) in ARTIFACTS.items()}
 # where a spec error (its key in ValidationFailed.fields) is shown
 FIELD_OF = {
     "model": "config", "model.architecture": "architecture", "model.config": "config", "model.weights": "weights_file",
@@ -83,7 +84,8 @@ class JobForm(forms.Form):
                                 help_text="agreeing results from devices of different owners")
     max_results_per_unit = forms.IntegerField(min_value=2, max_value=20, initial=6, widget=_number(),
                                               help_text="replicas a disputed unit may take; the escrow pays this many")
-    compare_method = forms.ChoiceField(choices=COMPARE_METHODS, initial="allclose", label="Comparator")
+    compare_method = forms.ChoiceField(choices=COMPARE_METHODS, initial="allclose", label="Comparator",
+                                       help_text="how two replicas of a unit must agree")
     rtol = forms.FloatField(required=False, min_value=0, label="Relative tolerance",
                             widget=_number(step="any", placeholder="1e-5 (fedavg: 1e-3)"), help_text="allclose only")
     atol = forms.FloatField(required=False, min_value=0, label="Absolute tolerance",
@@ -106,7 +108,7 @@ class JobForm(forms.Form):
             is_file = name.endswith("_file")
             field.widget.attrs.update({
                 "hx-post": url, "hx-target": f"#id_{name}_status", "hx-swap": "innerHTML",
-                "hx-trigger": "uploaded" if is_file else "change, keyup changed delay:600ms",
+                "hx-trigger": "uploaded" if is_file else "input changed delay:500ms, change",
                 "hx-vals": json.dumps({"_field": name}), "hx-params": f"not {files}",
             })
 

@@ -114,8 +114,9 @@ def job_validate(request: HttpRequest) -> HttpResponse:
         except ApplicationError as exc:
             form.spec_errors_show(exc)
     problem = form.errors[name][0] if name in form.errors else None
+    given = request.POST.get(forms_submit.SHA_OF.get(name, name)) or ""  # a file: the sha256 of its upload
     return render(request, "portal/submitter/partials/field_status.html",
-                  {"name": name, "problem": problem, "empty": not (request.POST.get(name) or "").strip()})
+                  {"name": name, "problem": problem, "empty": not given.strip()})
 
 
 @login_required
@@ -177,16 +178,23 @@ def _job_or_404(request: HttpRequest, job_id: int):
 @login_required
 @require_GET
 def job(request: HttpRequest, job_id: int) -> HttpResponse:
-    found = _job_or_404(request, job_id)
-    return render(request, "portal/submitter/job.html", {"live": job_live(job=found), "job": found})
+    return render(request, "portal/submitter/job.html", _job_context(_job_or_404(request, job_id)))
 
 
 @login_required
 @require_GET
 def job_live_fragment(request: HttpRequest, job_id: int) -> HttpResponse:
     """The job page's live part, polled by htmx until the job is final (the fragment then stops asking)."""
-    found = _job_or_404(request, job_id)
-    return render(request, "portal/submitter/partials/job_live.html", {"live": job_live(job=found), "job": found})
+    return render(request, "portal/submitter/partials/job_live.html", _job_context(_job_or_404(request, job_id)))
+
+
+def _job_context(found: Any) -> dict[str, Any]:
+    """The charts' data as JSON text for a hidden element, not a json_script <script>: htmx (allowScriptTags
+    false) drops <script> elements from the fragments it swaps in, and the charts lost their data."""
+    live = job_live(job=found)
+    charts = {"progress": json.dumps(live["series"]),
+              "rounds": json.dumps(live["rounds"]["series"]) if live["rounds"] else None}
+    return {"live": live, "job": found, "charts": charts}
 
 
 @login_required

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import re
+from html import unescape
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -271,7 +272,7 @@ def test_the_job_page_shows_progress_verification_and_cost(browser, submit_job, 
     assert re.search(r'id="units-done">2 / 2<', html)
     assert re.search(r"<dt>Devices</dt><dd>2</dd>", html) and re.search(r"<dt>Owners</dt><dd>2</dd>", html)
     assert re.search(r"<dt>Replicas issued</dt><dd>4</dd>", html)
-    data = json.loads(re.search(r'id="job-progress-data" type="application/json">(.*?)</script>', html, re.S).group(1))
+    data = json.loads(unescape(re.search(r'id="job-progress-data" class="chart-data" hidden>(.*?)</div>', html, re.S).group(1)))
     assert data["series"][0]["values"][-1] == 2 and len(data["x"]) == len(data["series"][0]["values"])
 
 
