@@ -101,15 +101,20 @@ def progress_series(*, job: Job) -> dict[str, Any]:
     finished = list(WorkUnit.objects.filter(job=job, known_answer_of__isnull=True, state=WorkUnit.State.DONE,
                                             finished_at__isnull=False)
                     .order_by("finished_at").values_list("finished_at", flat=True)[:100_000])
-    x, values = [], []
-    if job.started_at is not None:
+    x: list[int] = []
+    values: list[int] = []
+    if job.started_at is not None and finished:  # a lone start point draws axes around nothing
         x.append(int(job.started_at.timestamp()))
         values.append(0)
     step = max(1, math.ceil(len(finished) / SERIES_POINTS))
     for count, moment in enumerate(finished, start=1):
         if count % step == 0 or count == len(finished):
-            x.append(int(moment.timestamp()))
-            values.append(count)
+            second = int(moment.timestamp())
+            if x and x[-1] >= second:  # one point per second: the chart's x must strictly increase
+                values[-1] = count
+            else:
+                x.append(second)
+                values.append(count)
     return {"x": x, "x_time": True, "y": "units decided", "series": [{"label": "units decided", "values": values}]}
 
 

@@ -145,11 +145,17 @@ class JobForm(forms.Form):
         except InvalidOperation:
             return None
 
-    def artifacts_missing(self) -> None:
-        """A file not chosen (and not uploaded before): said in words, next to its field."""
+    def artifacts_missing(self, *, stored: bool) -> None:
+        """A file not chosen (and not uploaded before), said in words next to its field; `stored` False: the
+        form had other errors, so a file it carried was not stored (nothing is, on bad input)."""
         kind = self.cleaned_data.get("kind")
         for name, (file_field, only) in ARTIFACTS.items():
-            if (only is None or only == kind) and not self.cleaned_data.get(name) and file_field not in self.errors:
+            if (only is not None and only != kind) or self.cleaned_data.get(name) or file_field in self.errors:
+                continue
+            if not stored and self.files.get(file_field) is not None:
+                self.add_error(file_field, "Not stored: the form had errors. Choose the file again once they are "
+                                           "fixed (with JavaScript it goes up as soon as you choose it).")
+            else:
                 self.add_error(file_field, f"Choose a file: {self.fields[file_field].label}.")
 
     def submission(self) -> tuple[str, dict[str, Any]]:

@@ -71,9 +71,10 @@ def job_new(request: HttpRequest) -> HttpResponse:
         recalled = forms_submit.quote_recall(request.session, request.GET.get("quote", ""))
         return _new_job_page(request, JobForm(initial=recalled["values"]) if recalled else JobForm())
     form = JobForm(request.POST, request.FILES)
-    if form.is_valid():
+    valid = form.is_valid()
+    if valid:
         forms_submit.uploads_store(form, request.FILES, user=request.user)
-        form.artifacts_missing()
+    form.artifacts_missing(stored=valid)
     if form.errors:
         return _new_job_page(request, form, status=400)
     kind, spec = form.submission()

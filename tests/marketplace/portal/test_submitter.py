@@ -105,7 +105,9 @@ def test_a_config_that_is_not_json_is_refused_next_to_its_field_and_nothing_is_s
     response = browser.post("/jobs/new/", {**_form(config="{in_features: 4"), **_files(make_weights, make_dataset)})
 
     assert response.status_code == 400
-    assert _field_error(response.content.decode(), "config").startswith("not JSON")
+    html = response.content.decode()
+    assert _field_error(html, "config").startswith("not JSON")
+    assert _field_error(html, "weights_file").startswith("Not stored: the form had errors")
     assert Artifact.objects.count() == 0 and Job.objects.count() == 0
 
 
@@ -364,3 +366,56 @@ def test_the_statement_pages_the_entries_and_the_csv_has_them_all(browser, submi
     kinds = sorted(row[2] for row in rows[1:])
     assert len(rows) == 4 and kinds == ["escrow", "escrow", "grant"]
     assert response["Content-Type"].startswith("text/csv")
+
+
+# --- federated jobs -----------------------------------------------------------------------------
+
+def _labelled(rows: int, seed: int) -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    x = np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)
+    return save({"x": x, "y": x[:, :3].argmax(axis=1).astype(np.int64)})
+
+
+def test_a_federated_job_is_quoted_from_its_own_fields(browser, make_weights):
+    files = {"weights_file": SimpleUploadedFile("w.safetensors", make_weights("mlp", MLP)),
+             "train_dataset_file": SimpleUploadedFile("train.safetensors", _labelled(60, 1)),
+             "eval_dataset_file": SimpleUploadedFile("eval.safetensors", _labelled(30, 2))}
+
+    response = browser.post("/jobs/new/", {**_form(kind="fedavg", rows_per_unit="", rounds="2", shards="3"), **files})
+
+    html = response.content.decode()
+    assert response.status_code == 200, html[:2000]
+    assert "Quote: fedavg job" in html and re.search(r"<dt>Units</dt><dd>6</dd>", html)  # 2 rounds x 3 shards
+
+
+def test_a_federated_job_without_its_datasets_says_which_are_missing(browser, upload, submitter, make_weights):
+    weights = upload(make_weights("mlp", MLP), submitter)
+
+    response = browser.post("/jobs/new/", _form(kind="fedavg", weights=weights, rounds="2", shards="0"))
+
+    html = response.content.decode()
+    assert response.status_code == 400
+    assert _field_error(html, "train_dataset_file").startswith("Choose a file")
+    assert _field_error(html, "eval_dataset_file").startswith("Choose a file")
+    assert "greater than or equal to 1" in _field_error(html, "shards")
+
+
+def test_a_federated_jobs_page_charts_accuracy_and_loss_per_round(browser, upload, submitter, make_weights):
+    from marketplace.jobs.models import FedRound
+    from marketplace.jobs.services import job_submit
+
+    spec = {"model": {"architecture": "mlp", "config": MLP, "weights": upload(make_weights("mlp", MLP), submitter)},
+            "train_dataset": upload(_labelled(60, 1), submitter), "eval_dataset": upload(_labelled(30, 2), submitter),
+            "rounds": 2, "shards": 3}
+    job = job_submit(owner=submitter, kind="fedavg", spec=spec)
+    weights = spec["model"]["weights"]
+    FedRound.objects.create(job=job, index=0, weights_in_id=weights, weights_out_id=weights, updates=[1, 2, 3],
+                            samples=60, train_loss=1.1, eval_loss=1.0, eval_accuracy=0.5)
+
+    html = browser.get(f"/jobs/{job.pk}/").content.decode()
+
+    data = json.loads(unescape(re.search(r'id="job-rounds-data" class="chart-data" hidden>(.*?)</div>', html, re.S).group(1)))
+    assert data["x"] == [0] and [s["label"] for s in data["series"]] == ["eval accuracy", "eval loss", "train loss"]
+    assert "1 of 2 aggregated" in html and "50.0 %" in html
