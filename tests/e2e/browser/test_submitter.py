@@ -157,6 +157,11 @@ def test_a_new_submitter_funds_the_account_submits_watches_downloads_and_cancels
     assert _wait_for_state(page, ("cancelled",)) == "cancelled"
     assert page.get_by_role("button", name="Cancel job").count() == 0
     shoot(page, "submitter-job-cancelled")
+    page.goto(job_url)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing may overflow sideways
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    shoot(page, "submitter-job-done-narrow")
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     page.goto("/jobs/")
     assert page.locator("tbody tr").count() == 2
