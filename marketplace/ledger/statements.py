@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import QuerySet
 
@@ -24,6 +24,7 @@ from marketplace.ledger.models import Account, ChainCursor, Deposit, Line, Posti
 from marketplace.ledger.selectors import entries_for
 
 PENDING_BLOCKS = 2000  # the follower's own read size: one log query, however far behind it is
+PENDING_TIMEOUT = 3.0  # seconds per JSON-RPC call: a page waits this long at worst per call, not the follower's 10
 CSV_HEADER = ["line", "posting", "kind", "account", "amount_base_units", "memo", "created_at"]
 
 
@@ -34,27 +35,24 @@ class PendingDeposits:
     reason: str | None = None
 
 
-def linked_addresses(*, user: AbstractBaseUser) -> list[str]:
+def linked_addresses(*, user: User) -> list[str]:
     """Every address the person linked (active, pending or replaced), in the EIP-55 form deposits record."""
     return list(WalletLink.objects.filter(user=user).values_list("address", flat=True))
 
 
-def deposits_credited(*, user: AbstractBaseUser) -> QuerySet[Deposit]:
+def deposits_credited(*, user: User) -> QuerySet[Deposit]:
     """Deposits from the person's addresses the follower credited, newest first (to their balance, or to
     the address's suspense until they linked it, then moved to their balance)."""
     return Deposit.objects.filter(depositor__in=linked_addresses(user=user)).order_by("-block_number", "-log_index")
 
 
-def deposits_pending(*, user: AbstractBaseUser, client: Any = None) -> PendingDeposits:
+def deposits_pending(*, user: User, client: Any = None) -> PendingDeposits:
     """Deposited events from the person's addresses that the follower has not credited yet (module doc)."""
     addresses = set(linked_addresses(user=user))
     if not addresses:
         return PendingDeposits([], checked=True)
     try:
-        if client is None:
-            from marketplace.chain.client import chain_client
-
-            client = chain_client()
+        client = client or _chain_reader()
         head = client.block_number()
         cursor = ChainCursor.objects.filter(chain_id=client.chain_id).values_list("block_number", flat=True).first()
         start = max(settings.IDLEGRID_CHAIN_START_BLOCK if cursor is None else cursor + 1, head - PENDING_BLOCKS + 1, 0)
@@ -74,6 +72,16 @@ def deposits_pending(*, user: AbstractBaseUser, client: Any = None) -> PendingDe
     return PendingDeposits(pending, checked=True)
 
 
+def _chain_reader() -> Any:
+    """The settings' chain client with a short timeout (a page is waiting); chain_client's checks first."""
+    from marketplace.chain.client import Web3ChainClient, chain_client, web3_connect
+
+    chain_client()  # refuses missing settings with ImproperlyConfigured, as the follower would
+    url, contract, key = (str(settings.IDLEGRID_CHAIN_RPC_URL), str(settings.IDLEGRID_CHAIN_CONTRACT),
+                          str(settings.IDLEGRID_CHAIN_OPERATOR_KEY))
+    return Web3ChainClient(web3_connect(url, timeout=PENDING_TIMEOUT), contract, key)
+
+
 def job_costs(*, job_id: int) -> dict[str, int]:
     """A job's escrow: funded at submission, spent so far on valid results (and their fee), returned when
     it ended, and what it holds now. Base units."""
@@ -86,7 +94,7 @@ def job_costs(*, job_id: int) -> dict[str, int]:
     return {"funded": funded, "spent": max(0, funded - returned - held), "returned": returned, "held": held}
 
 
-def statement_rows(*, user: AbstractBaseUser) -> Iterator[list[str]]:
+def statement_rows(*, user: User) -> Iterator[list[str]]:
     """Every ledger line of the person, newest first, as CSV rows (header first), read in chunks."""
     yield CSV_HEADER
     for line in entries_for(user=user).iterator(chunk_size=500):
