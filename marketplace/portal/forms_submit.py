@@ -105,10 +105,11 @@ class JobForm(forms.Form):
         for name, field in self.fields.items():
             if isinstance(field.widget, forms.HiddenInput):
                 continue
-            is_file = name.endswith("_file")
+            trigger = ("uploaded" if name.endswith("_file")  # submit.js fires it once the file is stored
+                       else "change" if isinstance(field.widget, forms.Select)
+                       else "input changed delay:500ms, change")
             field.widget.attrs.update({
-                "hx-post": url, "hx-target": f"#id_{name}_status", "hx-swap": "innerHTML",
-                "hx-trigger": "uploaded" if is_file else "input changed delay:500ms, change",
+                "hx-post": url, "hx-target": f"#id_{name}_status", "hx-swap": "innerHTML", "hx-trigger": trigger,
                 "hx-vals": json.dumps({"_field": name}), "hx-params": f"not {files}",
             })
 

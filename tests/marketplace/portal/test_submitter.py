@@ -419,3 +419,29 @@ def test_a_federated_jobs_page_charts_accuracy_and_loss_per_round(browser, uploa
     data = json.loads(unescape(re.search(r'id="job-rounds-data" class="chart-data" hidden>(.*?)</div>', html, re.S).group(1)))
     assert data["x"] == [0] and [s["label"] for s in data["series"]] == ["eval accuracy", "eval loss", "train loss"]
     assert "1 of 2 aggregated" in html and "50.0 %" in html
+
+
+def test_a_cancelled_jobs_partial_output_downloads_under_its_own_name(browser, submit_job, submitter):
+    job = submit_job()
+    artifact, _ = artifact_store(chunks=[b"rows decided so far"], uploaded_by=submitter)
+    Job.objects.filter(pk=job.pk).update(state=Job.State.CANCELLED, output=artifact)
+
+    response = browser.get(f"/jobs/{job.pk}/output/")
+    page = browser.get(f"/jobs/{job.pk}/").content.decode()
+
+    assert b"".join(response.streaming_content) == b"rows decided so far"
+    assert f"job-{job.pk}-output-partial.safetensors" in response["Content-Disposition"]
+    assert "Download partial output" in page
+
+
+def test_a_confirm_posted_while_the_first_is_still_submitting_creates_nothing(browser, submitter, make_weights,
+                                                                              make_dataset):
+    from marketplace.portal import forms_submit
+
+    _, token = _quote(browser, make_weights, make_dataset)
+    assert forms_submit.confirm_claim(user=submitter, token=token) == (True, None)  # the first POST, in flight
+
+    response = browser.post("/jobs/new/confirm/", {"token": token})
+
+    assert response.status_code == 302 and response["Location"] == "/jobs/"
+    assert Job.objects.count() == 0
