@@ -23,13 +23,29 @@
   // A chart's data: {"x": [unix seconds...], "series": [{"label": "...", "values": [...], "color": "#..."}],
   // "y": "label of the y axis", "x_time": true|false, "x_label": "..."}.
   var charts = [];
+  // Charts whose element left the page (an htmx poll swapped the fragment) are destroyed and forgotten,
+  // so that a page polled for hours holds the charts it shows, not one per poll.
+  function forgetDetached() {
+    charts = charts.filter(function (c) {
+      if (document.body.contains(c.el)) return true;
+      c.plot.destroy();
+      return false;
+    });
+  }
+
   function drawCharts(root) {
     if (typeof uPlot === "undefined") return;
+    forgetDetached();
     root.querySelectorAll(".chart[data-chart]").forEach(function (el) {
       var source = document.getElementById(el.getAttribute("data-chart"));
       if (!source) return;
       var data;
       try { data = JSON.parse(source.textContent); } catch (e) { return; }
+      charts = charts.filter(function (c) {  // drawn before (the page's load and htmx's both enhance it)
+        if (c.el !== el) return true;
+        c.plot.destroy();
+        return false;
+      });
       el.textContent = "";
       if (!data.x || data.x.length < 1) {
         var empty = document.createElement("p");
@@ -79,7 +95,7 @@
   }
 
   window.addEventListener("resize", function () {
-    charts = charts.filter(function (c) { return document.body.contains(c.el); });
+    forgetDetached();
     charts.forEach(function (c) { c.plot.setSize({ width: Math.max(240, c.el.clientWidth), height: c.plot.height }); });
   });
 
