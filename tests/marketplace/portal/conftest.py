@@ -3,8 +3,6 @@ and validate services (so devices, earnings and proofs are what production would
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
 from marketplace.workunits.leasing import workunit_lease

@@ -254,7 +254,7 @@ def test_held_earnings_show_with_when_they_settle_and_only_ones_own(signed_in, s
     assert mine.state == Earning.State.HELD
     assert f'title="{int(mine.net):,} base units"' in page
     assert mine.settle_after.strftime("%Y-%m-%dT%H:%M") in page
-    assert re.search(r"<td>mine</td><td>#%d</td><td class=\"num\">1</td>" % job.pk, page)
+    assert f'<td>mine</td><td>#{job.pk}</td><td class="num">1</td>' in page
     assert "theirs" not in page
     series = response.context["report"].series
     assert len(series["x"]) == 1 and series["series"][0]["values"] == [int(mine.net) / 10**18]
@@ -272,7 +272,7 @@ def test_settled_earnings_and_the_epoch_that_paid_them(settings, signed_in, subm
 
     net = int(Earning.objects.get(user=contributor).net)
     assert epoch is not None and Earning.objects.get(user=contributor).state == Earning.State.SETTLED
-    assert re.search(r"Settled</dt><dd><span class=\"amount\" title=\"%s base units\"" % f"{net:,}", page)
+    assert f'Settled</dt><dd><span class="amount" title="{net:,} base units"' in page
     assert address in page
     assert "shown on chain only" in page  # no chain configured in these tests
 
