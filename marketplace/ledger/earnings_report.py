@@ -180,6 +180,10 @@ def earnings_series(*, user: User, now: datetime | None = None) -> dict[str, Any
     start = moments[0] if moments else 0
     scale = 10 ** settings.IDLEGRID_TOKEN_DECIMALS
     running = [sum(v for t, v in earned.items() if t < start), sum(v for t, v in settled.items() if t < start)]
+    # where the line starts: what had been earned before the first bucket shown (a single bucket is a line too)
+    data["x"].append(start)
+    data["series"][0]["values"].append(running[0] / scale)
+    data["series"][1]["values"].append(running[1] / scale)
     for moment in moments:
         running[0] += earned.get(moment, 0)
         running[1] += settled.get(moment, 0)

@@ -28,14 +28,14 @@ def device_refusals(*, device: Device, now: datetime | None = None) -> list[Reas
     now = now or timezone.now()
     reasons = []
     if device.state == Device.State.BANNED:
-        reasons.append(Reason("banned", f"banned for good: {device.ban_reason or 'it failed an audit'}. "
+        reasons.append(Reason("banned", f"Banned for good: {device.ban_reason or 'it failed an audit'}. "
                                         "Its held earnings were forfeited; enrol an honest device again."))
     elif device.state == Device.State.DISABLED:
-        reasons.append(Reason("disabled", "disabled: the marketplace refuses its requests."))
+        reasons.append(Reason("disabled", "Disabled: the marketplace refuses its requests."))
     if not device.owner.is_active:
-        reasons.append(Reason("owner_inactive", "the account that owns it is deactivated: its devices are refused."))
+        reasons.append(Reason("owner_inactive", "The account that owns it is deactivated: its devices are refused."))
     if device.cooldown_until is not None and device.cooldown_until > now:
-        reasons.append(Reason("cooldown", "on cool-down after it gave a unit up: it leases nothing until then.",
+        reasons.append(Reason("cooldown", "On cool-down after it gave a unit up: it leases nothing until then.",
                               until=device.cooldown_until))
     return reasons
 
@@ -48,4 +48,4 @@ def device_online(*, device: Device, now: datetime | None = None) -> bool:
 
 
 def offline_reason(*, device: Device) -> Reason:
-    return Reason("offline", "offline: its agent has not asked for work lately. Start it with `idlegrid-agent run`.")
+    return Reason("offline", "Offline: its agent has not asked for work lately. Start it with `idlegrid-agent run`.")

@@ -59,13 +59,13 @@ def device_outlook(*, device: Device, now: datetime | None = None) -> Outlook:
 def _work_reasons(*, device: Device, held: int, cap: int) -> list[Reason]:
     if held >= cap:
         probation = " (a device on probation holds one at a time until it is trusted)" if cap == 1 else ""
-        return [Reason("quota", f"throttled: it holds {held} lease{'s' if held != 1 else ''}, its quota{probation}; "
+        return [Reason("quota", f"Throttled: it holds {held} lease{'s' if held != 1 else ''}, its quota{probation}; "
                                 "it gets more as it reports them.")]
     any_waiting, for_this_owner = work_waiting_for(owner_id=device.owner_id)
     if not any_waiting:
-        return [Reason("no_work", "no jobs it can run: no work unit is waiting in the queue right now.")]
+        return [Reason("no_work", "No jobs it can run: no work unit is waiting in the queue right now.")]
     if not for_this_owner:
-        return [Reason("other_owners", "no jobs it can run: every unit waiting was already computed by one of your "
+        return [Reason("other_owners", "No jobs it can run: every unit waiting was already computed by one of your "
                                        "devices, and each unit needs results from different owners. It waits for new "
                                        "work or for other owners' devices.")]
     return []

@@ -96,7 +96,7 @@ def test_without_any_job_it_says_no_jobs_it_can_run(signed_in, make_device, cont
     response = signed_in(contributor).get("/devices/")
 
     assert reasons(response) == ["no_work"]
-    assert "no jobs it can run" in text(response)
+    assert "No jobs it can run" in text(response)
 
 
 def test_when_only_units_its_owner_already_had_are_left_it_says_so(signed_in, make_device, submit_job, contributor):
@@ -117,7 +117,7 @@ def test_a_device_at_its_lease_quota_is_throttled(settings, make_device, submit_
 
     (reason,) = device_outlook(device=device.refresh()).reasons
 
-    assert reason.code == "quota" and "throttled" in reason.text and "probation" in reason.text
+    assert reason.code == "quota" and "Throttled" in reason.text and "probation" in reason.text
     assert workunit_lease(device=device.device, max_units=4) == []
 
 
@@ -257,7 +257,7 @@ def test_held_earnings_show_with_when_they_settle_and_only_ones_own(signed_in, s
     assert f'<td>mine</td><td>#{job.pk}</td><td class="num">1</td>' in page
     assert "theirs" not in page
     series = response.context["report"].series
-    assert len(series["x"]) == 1 and series["series"][0]["values"] == [int(mine.net) / 10**18]
+    assert len(series["x"]) == 2 and series["series"][0]["values"] == [0, int(mine.net) / 10**18]
     assert 'id="earnings-series"' in page
 
 
