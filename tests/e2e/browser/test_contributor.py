@@ -131,6 +131,7 @@ def test_a_new_contributor_enrols_computes_links_a_payout_address_and_sees_earni
     figures = page.locator(".stats").inner_text()
     assert "nothing in the audit window" in figures
     assert page.locator("table").filter(has_text="Payout address").locator("tbody tr").count() == 1
+    shoot(page, "contributor-earnings-settled")
 
     page.goto("/payout/")
     proof = page.locator("#proof").inner_text()
