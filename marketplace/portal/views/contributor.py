@@ -7,6 +7,7 @@ that page is never cached: reloading it shows nothing."""
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path
@@ -124,11 +126,30 @@ def _challenge(request: HttpRequest) -> Any:
     return challenge
 
 
+def link_attempt_allowed(user_id: int) -> bool:
+    """At most the API's wallet rate (IDLEGRID_WALLET_RATE) of link attempts per person and window: each
+    carries a password guess, which must not be cheaper here than through POST /api/v1/wallet/. A fixed
+    window in the shared cache (the API's throttle is a layer apart; this page keeps its own count)."""
+    count, _, period = settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["wallet"].partition("/")
+    window = settings.RATE_PERIODS[period]
+    key = f"portal:wallet-link:{user_id}:{int(time.time() // window)}"
+    cache.add(key, 0, timeout=window + 1)
+    try:
+        attempts = cache.incr(key)
+    except ValueError:  # expired between add and incr
+        attempts = 1
+    return attempts <= int(count)
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def payout(request: HttpRequest) -> HttpResponse:
     form = WalletLinkForm(request.POST) if request.method == "POST" else None
-    if form is not None and form.is_valid():
+    status = 200 if form is None else 400
+    if form is not None and form.is_valid() and not link_attempt_allowed(request.user.pk):
+        form.add_error(None, "Too many attempts to link an address: wait a minute and try again.")
+        status = 429
+    elif form is not None and form.is_valid():
         try:
             linked = wallet_link(user=request.user, **form.cleaned_data)
         except ApplicationError as exc:
@@ -150,7 +171,7 @@ def payout(request: HttpRequest) -> HttpResponse:
         form.data["nonce"] = challenge.nonce
     context = {"form": form, "challenge": challenge, "message_hex": "0x" + challenge.message.encode().hex(),
                **_payout_context(request)}
-    response = render(request, "portal/contributor/payout.html", context, status=400 if request.method == "POST" else 200)
+    response = render(request, "portal/contributor/payout.html", context, status=status)
     add_never_cache_headers(response)
     return response
 

@@ -388,3 +388,21 @@ def test_the_proof_the_claim_command_and_the_calldata_of_a_published_epoch(
     assert (args["account"], args["cumulativeAmount"]) == (address, int(leaf.cumulative))
     assert [Web3.to_hex(p) for p in args["proof"]] == leaf.proof
     assert 'data-chain="0x7a69"' in page
+
+
+def test_link_attempts_past_the_wallet_rate_are_refused_before_the_password_is_checked(settings, signed_in,
+                                                                                      contributor):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"],
+                                                          "wallet": "2/minute"}}
+    client = signed_in(contributor)
+    message, nonce = _challenge(client)
+    account, signature = _signed(message)
+    guess = {"nonce": nonce, "address": account.address, "signature": signature, "password": "guess"}
+
+    assert [client.post("/payout/", guess).status_code for _ in range(2)] == [400, 400]
+    refused = client.post("/payout/", {**guess, "password": PASSWORD})
+
+    assert refused.status_code == 429
+    assert "Too many attempts" in text(refused)
+    assert not WalletLink.objects.exists()
