@@ -43,25 +43,28 @@ def work_waiting_for(*, owner_id: int) -> tuple[bool, bool]:
     return True, unsent.filter(~Exists(touched)).exists()
 
 
-def device_outlook(*, device: Device, now: datetime | None = None) -> Outlook:
+def device_outlook(*, device: Device, now: datetime | None = None,
+                   waiting: tuple[bool, bool] | None = None) -> Outlook:
+    """`waiting`: work_waiting_for(owner_id=device.owner_id) when the caller has it (a page of one owner's
+    devices asks once)."""
     now = now or timezone.now()
     held = Result.objects.filter(device=device, state=Result.State.IN_PROGRESS).count()
     cap = lease_cap(device=device)
     online = device_online(device=device, now=now)
     reasons = device_refusals(device=device, now=now)
     if not reasons:
-        reasons = _work_reasons(device=device, held=held, cap=cap)
+        reasons = _work_reasons(device=device, held=held, cap=cap, waiting=waiting)
     if not online and device.state == Device.State.ACTIVE:
         reasons.append(offline_reason(device=device))
     return Outlook(held=held, cap=cap, online=online, reasons=reasons)
 
 
-def _work_reasons(*, device: Device, held: int, cap: int) -> list[Reason]:
+def _work_reasons(*, device: Device, held: int, cap: int, waiting: tuple[bool, bool] | None) -> list[Reason]:
     if held >= cap:
         probation = " (a device on probation holds one at a time until it is trusted)" if cap == 1 else ""
         return [Reason("quota", f"Throttled: it holds {held} lease{'s' if held != 1 else ''}, its quota{probation}; "
                                 "it gets more as it reports them.")]
-    any_waiting, for_this_owner = work_waiting_for(owner_id=device.owner_id)
+    any_waiting, for_this_owner = waiting if waiting is not None else work_waiting_for(owner_id=device.owner_id)
     if not any_waiting:
         return [Reason("no_work", "No jobs it can run: no work unit is waiting in the queue right now.")]
     if not for_this_owner:

@@ -40,9 +40,10 @@ from marketplace.portal.forms_contrib import DeviceEnrolForm, WalletLinkForm, er
 from marketplace.workers.models import Device
 from marketplace.workers.selectors import devices_for_owner
 from marketplace.workers.services import enrollment_token_create
-from marketplace.workunits.availability import Outlook, device_outlook
+from marketplace.workunits.availability import Outlook, device_outlook, work_waiting_for
 
 ENROL_SHOWN = "portal.enrolment_shown"  # session key: the token made by the POST, popped by the next GET
+DEVICES_POLL_SECONDS = 5
 CHALLENGE = "portal.wallet_challenge"  # session key: the nonce of the challenge the payout page shows
 
 
@@ -60,17 +61,21 @@ class DeviceView:
 
 def _device_views(request: HttpRequest) -> list[DeviceView]:
     views = []
+    waiting = work_waiting_for(owner_id=request.user.pk)  # the same for every device of this owner
     for device in devices_for_owner(owner=request.user).select_related("owner").order_by("-created_at", "-pk"):
         trust = sorted((t for t in device.trust.all() if t.hardware_class == device.hardware_class),
                        key=lambda t: t.kind)
-        views.append(DeviceView(device=device, outlook=device_outlook(device=device), trust=trust))
+        views.append(DeviceView(device=device, outlook=device_outlook(device=device, waiting=waiting),
+                                trust=trust))
     return views
 
 
 @login_required
 @require_GET
 def devices(request: HttpRequest) -> HttpResponse:
-    return render(request, "portal/contributor/devices.html", {"devices": _device_views(request)})
+    # Polled more slowly than a job's page: each poll asks why each device gets no work.
+    poll = max(settings.IDLEGRID_PORTAL_POLL_SECONDS, DEVICES_POLL_SECONDS)
+    return render(request, "portal/contributor/devices.html", {"devices": _device_views(request), "devices_poll": poll})
 
 
 @login_required
