@@ -236,3 +236,34 @@ def test_the_api_tokens_page_makes_a_named_token_shown_once_and_revokes_it(clust
     page.get_by_role("button", name="Revoke nightly script").click()
     assert "was revoked" in page.locator(".messages").inner_text()
     assert httpx.get(f"{cluster.url}/api/v1/auth/tokens/", headers={"Authorization": f"Token {token}"}).status_code == 401
+
+
+def test_enrolling_linking_and_making_a_token_work_without_javascript(cluster, browser, tmp_path):
+    context = browser.new_context(base_url=cluster.url, java_script_enabled=False)
+    try:
+        page = context.new_page()
+        _sign_up(page)
+
+        page.goto("/devices/enrol/")
+        page.get_by_label("Device name").fill("no-js box")
+        page.get_by_role("button", name="Create an enrolment token").click()
+        assert page.locator("#enrol-command").inner_text().startswith("idlegrid-agent enroll --server ")
+        assert page.get_by_role("button", name="Copy the commands").is_hidden()  # copying needs JavaScript
+
+        wallet = Wallet.create("nojs", tmp_path / "keys")
+        page.goto("/payout/")
+        assert page.get_by_role("button", name="Sign with my browser wallet").is_hidden()
+        signed = wallet.account().sign_message(encode_defunct(text=page.locator("#challenge-message").inner_text()))
+        page.get_by_label("Payout address", exact=True).fill(wallet.address)
+        page.get_by_label("Signature", exact=True).fill("0x" + bytes(signed.signature).hex())
+        page.get_by_label("Your account password").fill(PASSWORD)
+        page.get_by_role("button", name="Link this address").click()
+        assert page.locator("#active-address").inner_text() == wallet.address
+
+        page.goto("/tokens/")
+        page.get_by_label("Token name").fill("no-js script")
+        page.get_by_role("button", name="Create the token").click()
+        token = page.locator("#new-token").inner_text().strip()
+        assert httpx.get(f"{cluster.url}/api/v1/auth/tokens/", headers={"Authorization": f"Token {token}"}).status_code == 200
+    finally:
+        context.close()
