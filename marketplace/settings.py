@@ -439,7 +439,7 @@ _THROTTLE_RATES = {
 IDLEGRID_NUM_PROXIES = envint("IDLEGRID_NUM_PROXIES", 0, low=0, high=10)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "knox.auth.TokenAuthentication",  # people's API tokens: `Authorization: Token <token>`, hashed, expiring
+        "marketplace.api.authentication.ApiTokenAuthentication",  # people's API tokens (knox), last use kept
         "rest_framework.authentication.SessionAuthentication",  # the admin
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

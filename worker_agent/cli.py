@@ -46,6 +46,14 @@ JSON object: tx_hash (null when there was nothing new to claim), account, amount
 """
 
 
+SIGN_EPILOG = f"""\
+Signs the text exactly as given (one trailing line break dropped) with personal_sign (EIP-191), as a
+browser wallet would; the marketplace's payout page and GET /api/v1/wallet/challenge/ give the message.
+The key is read from --key-file or ${wallet.WALLET_KEY_ENV}, never from the command line, and never
+printed. Needs no enrolment. Prints one JSON object: address, signature.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -99,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     claim_cmd.add_argument("--address", help="which of your payout addresses (default: the active one)")
     claim_cmd.add_argument("--server", help="marketplace URL (default: the one this device enrolled with)")
     claim_cmd.set_defaults(handler=cmd_claim)
+
+    sign_cmd = commands.add_parser(
+        "sign-message", parents=[common], help="sign a message with your payout key (EIP-191), to link the address",
+        epilog=SIGN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sign_cmd.add_argument("--key-file", type=Path, help=f"file holding the private key (default: ${wallet.WALLET_KEY_ENV})")
+    sign_cmd.add_argument("--message-file", type=Path, help="file holding the message (default: standard input)")
+    sign_cmd.set_defaults(handler=cmd_sign_message)
     return parser
 
 
@@ -170,6 +186,21 @@ def cmd_claim(args: argparse.Namespace, state: StateDir) -> int:
         log.info("claimed %d for %s in transaction %s", outcome.amount, outcome.account, outcome.tx_hash)
     print(json.dumps({"tx_hash": outcome.tx_hash, "account": outcome.account, "amount": str(outcome.amount),
                       "cumulative": str(outcome.cumulative), "epoch": outcome.epoch, "gas_used": outcome.gas_used}))
+    return EXIT_OK
+
+
+def cmd_sign_message(args: argparse.Namespace, state: StateDir) -> int:
+    try:
+        key = wallet.wallet_key_load(key_file=args.key_file)
+        try:
+            raw = args.message_file.read_bytes() if args.message_file else sys.stdin.buffer.read(wallet.MAX_MESSAGE_BYTES + 1)
+        except OSError as exc:
+            raise wallet.WalletError(f"cannot read the message file {args.message_file}: {exc.strerror}") from None
+        signed = wallet.message_sign(message=wallet.message_text(raw), key=key)
+    except wallet.WalletError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    print(json.dumps({"address": signed.address, "signature": signed.signature}))
     return EXIT_OK
 
 

@@ -101,6 +101,46 @@ def wallet_key_load(*, key_file: Path | None, environ: Mapping[str, str] | None 
     return key if key.startswith("0x") else "0x" + key
 
 
+# --- signing a message (linking a payout address) -------------------------------------------------
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    address: str
+    signature: str  # 0x + 130 hex digits: r, s, v (personal_sign)
+
+
+def message_text(raw: bytes) -> str:
+    """The message to sign from a file or stdin: UTF-8, at most MAX_MESSAGE_BYTES, one trailing line break
+    dropped (shells and editors add one; the marketplace's challenges end without)."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise WalletError(f"the message is longer than {MAX_MESSAGE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WalletError("the message is not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise WalletError("the message is empty")
+    return text
+
+
+def message_sign(*, message: str, key: str) -> SignedMessage:
+    """EIP-191 personal_sign of `message` with `key`: what a browser wallet makes of the same text."""
+    try:
+        from eth_account import Account
+        from eth_account.messages import encode_defunct
+    except ImportError:
+        raise WalletError("signing needs eth-account: pip install 'idlegrid[claim]'") from None
+    signed = Account.sign_message(encode_defunct(text=message), private_key=key)
+    return SignedMessage(address=str(Account.from_key(key).address), signature="0x" + bytes(signed.signature).hex())
+
+
 # --- the proof --------------------------------------------------------------------------------------
 
 def proof_parse(data: Any) -> PayoutProof:

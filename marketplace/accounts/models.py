@@ -14,3 +14,17 @@ class EnrollmentToken(models.Model):
 
     def __str__(self) -> str:
         return f"token of {self.owner} ({'used' if self.used_at else 'unused'})"
+
+
+class ApiTokenInfo(models.Model):
+    """What knox's AuthToken does not keep: the name its person gave it and when it was last used.
+    One row per token, deleted with it (revoked, expired, logged out)."""
+
+    token = models.OneToOneField("knox.AuthToken", primary_key=True, on_delete=models.CASCADE,
+                                 related_name="info", db_column="digest")
+    name = models.CharField(max_length=100, blank=True)
+    # Written at most once a minute per token (LAST_USE_RESOLUTION in accounts/services.py): not per request.
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"token {self.token_id[:8]}… {self.name!r}"

@@ -48,6 +48,15 @@ def wallet_challenge_create(*, user: User) -> WalletChallenge:
     return WalletChallenge.objects.create(user=user, nonce=nonce, message=message, expires_at=expires)
 
 
+def wallet_challenge_open(*, user: User, nonce: str | None, valid_for: timedelta = timedelta(minutes=2)) -> WalletChallenge | None:
+    """The user's challenge `nonce` if it is unused and still valid for `valid_for`: a page shown again
+    keeps its challenge instead of making a row per view."""
+    if not nonce:
+        return None
+    return WalletChallenge.objects.filter(user=user, nonce=str(nonce)[:64], used_at__isnull=True,
+                                          expires_at__gt=timezone.now() + valid_for).first()
+
+
 def _recover(message: str, signature: str) -> str:
     if not isinstance(signature, str) or not signature.startswith("0x") or len(signature) != 132:
         raise WalletLinkRefused("the signature must be 0x and 130 hex digits (65 bytes)", fields={"signature": "malformed"})

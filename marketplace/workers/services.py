@@ -4,7 +4,7 @@ import hashlib
 import json
 import logging
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from marketplace.accounts.models import EnrollmentToken
@@ -201,3 +202,16 @@ def device_authenticate(*, device_id: str, secret: str) -> Device | None:
     if not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):
         return None
     return device
+
+
+# A device's last request is recorded to this resolution: a lease poll writes at most once per this long.
+SEEN_RESOLUTION = timedelta(seconds=30)
+
+
+def device_seen(*, device_id: int, now: datetime | None = None) -> None:
+    """Record the device's request now, by a conditional UPDATE that matches nothing within SEEN_RESOLUTION
+    of the last one: an idle agent polls for work every few seconds, and counts as online (landing page,
+    devices page) only if its polls are seen, not only its heartbeats."""
+    now = now or timezone.now()
+    Device.objects.filter(pk=device_id).filter(
+        Q(last_seen_at__isnull=True) | Q(last_seen_at__lt=now - SEEN_RESOLUTION)).update(last_seen_at=now)

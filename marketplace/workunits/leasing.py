@@ -25,6 +25,7 @@ from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
 from marketplace.workers.models import Device
+from marketplace.workers.services import device_seen
 from marketplace.workers.trust import lease_cap, trust_reset
 from marketplace.workunits.known_answers import known_answer_draw, known_answers_lease
 from marketplace.workunits.models import Result, WorkUnit
@@ -102,6 +103,7 @@ def cooldown_remaining(*, device: Device, now: datetime | None = None) -> float:
 def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
     """Lease up to max_units replicas of distinct units to a device, within its quota, from the oldest work."""
     now = timezone.now()
+    device_seen(device_id=device.pk, now=now)  # at most one write in SEEN_RESOLUTION, whatever it gets
     room = lease_room(device=device, asked=max_units, now=now)
     if room == 0:
         return []

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from django.contrib.auth import authenticate
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from knox.auth import TokenAuthentication
 from knox.models import AuthToken
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace.accounts.services import api_token_create, api_token_revoke, api_tokens_of, api_tokens_revoke_all
-from marketplace.api.authentication import IsPerson
+from marketplace.accounts.services import (
+    TOKEN_NAME_MAX,
+    api_token_create,
+    api_token_info,
+    api_token_revoke,
+    api_tokens_of,
+    api_tokens_revoke_all,
+)
+from marketplace.api.authentication import ApiTokenAuthentication, IsPerson
 from marketplace.api.idempotency import idempotent
 from marketplace.api.schema import ErrorOut
 from marketplace.core.exceptions import ValidationFailed
@@ -31,6 +37,8 @@ class TokenListed(serializers.Serializer):
     created = serializers.DateTimeField(help_text="when it was made (log in)")
     expiry = serializers.DateTimeField(allow_null=True, help_text="when it stops working")
     current = serializers.BooleanField(help_text="the token this request was made with")
+    name = serializers.CharField(allow_blank=True, help_text="the name given when it was made (empty: none)")
+    last_used_at = serializers.DateTimeField(allow_null=True, help_text="its last use, to the minute (null: never)")
 
 
 class TokenCreateApi(APIView):
@@ -42,6 +50,8 @@ class TokenCreateApi(APIView):
     class LoginIn(serializers.Serializer):
         username = serializers.CharField(max_length=150, help_text="the account's username")
         password = serializers.CharField(max_length=1024, trim_whitespace=False, help_text="the account's password")
+        name = serializers.CharField(max_length=TOKEN_NAME_MAX, required=False, allow_blank=True, default="",
+                                     help_text="a name for the token, shown in your token list (a script, a machine)")
 
     @extend_schema(
         operation_id="auth_token_create", request=LoginIn, auth=[],
@@ -54,10 +64,11 @@ class TokenCreateApi(APIView):
         body = self.LoginIn(data=request.data)
         body.is_valid(raise_exception=True)
         # authenticate() refuses inactive accounts too (ModelBackend.user_can_authenticate).
-        user = authenticate(request, **body.validated_data)
+        data = body.validated_data
+        user = authenticate(request, username=data["username"], password=data["password"])
         if user is None:
             raise ValidationFailed("unable to log in with this username and password")
-        row, token = api_token_create(user=user)
+        row, token = api_token_create(user=user, name=data["name"])
         return Response({"token": token, "expiry": serializers.DateTimeField().to_representation(row.expiry),
                          "token_key": row.token_key}, status=status.HTTP_201_CREATED)
 
@@ -69,9 +80,14 @@ class TokenListApi(APIView):
                    description="Your live tokens, newest first; never the tokens themselves.")
     def get(self, request):
         used = request.auth.digest if isinstance(request.auth, AuthToken) else None
-        return Response([TokenListed({"token_key": row.token_key, "created": row.created, "expiry": row.expiry,
-                                      "current": row.digest == used}).data
+        return Response([TokenListed(_listed(row, current=row.digest == used)).data
                          for row in api_tokens_of(user=request.user)])
+
+
+def _listed(row: AuthToken, *, current: bool) -> dict:
+    info = api_token_info(row)
+    return {"token_key": row.token_key, "created": row.created, "expiry": row.expiry, "current": current,
+            "name": info.name if info else "", "last_used_at": info.last_used_at if info else None}
 
 
 class TokenRevokeApi(APIView):
@@ -87,7 +103,7 @@ class TokenRevokeApi(APIView):
 
 
 class LogoutApi(APIView):
-    authentication_classes = [TokenAuthentication]  # it revokes the token it was called with
+    authentication_classes = [ApiTokenAuthentication]  # it revokes the token it was called with
     permission_classes = [IsPerson]
 
     @extend_schema(operation_id="auth_logout", request=None, responses=LOGGED_OUT,
@@ -99,7 +115,7 @@ class LogoutApi(APIView):
 
 
 class LogoutAllApi(APIView):
-    authentication_classes = [TokenAuthentication]
+    authentication_classes = [ApiTokenAuthentication]
     permission_classes = [IsPerson]
 
     @extend_schema(operation_id="auth_logout_all", request=None, responses=LOGGED_OUT,

@@ -125,7 +125,7 @@ def test_a_person_lists_their_tokens_without_the_tokens(api):
     assert [(t["token_key"], t["current"]) for t in response.json()] == [(second["token_key"], True),
                                                                           (first["token_key"], False)]
     assert first["token"] not in response.content.decode() and second["token"] not in response.content.decode()
-    assert set(response.json()[0]) == {"token_key", "created", "expiry", "current"}
+    assert set(response.json()[0]) == {"token_key", "created", "expiry", "current", "name", "last_used_at"}
 
 
 @pytest.mark.usefixtures("submitter")
