@@ -208,10 +208,15 @@ def device_authenticate(*, device_id: str, secret: str) -> Device | None:
 SEEN_RESOLUTION = timedelta(seconds=30)
 
 
-def device_seen(*, device_id: int, now: datetime | None = None) -> None:
-    """Record the device's request now, by a conditional UPDATE that matches nothing within SEEN_RESOLUTION
-    of the last one: an idle agent polls for work every few seconds, and counts as online (landing page,
-    devices page) only if its polls are seen, not only its heartbeats."""
+def device_seen(*, device: Device, now: datetime | None = None) -> None:
+    """Record the device's request now, at most once per SEEN_RESOLUTION: an idle agent polls for work every
+    few seconds, and counts as online (landing page, devices page) only if its polls are seen, not only its
+    heartbeats. The device row was read to authenticate the request: within SEEN_RESOLUTION of the time it
+    holds no statement is sent at all (the lease is the hot path); past it, a conditional UPDATE, so that
+    concurrent requests write once."""
     now = now or timezone.now()
-    Device.objects.filter(pk=device_id).filter(
+    if device.last_seen_at is not None and device.last_seen_at >= now - SEEN_RESOLUTION:
+        return
+    device.last_seen_at = now
+    Device.objects.filter(pk=device.pk).filter(
         Q(last_seen_at__isnull=True) | Q(last_seen_at__lt=now - SEEN_RESOLUTION)).update(last_seen_at=now)

@@ -103,7 +103,7 @@ def cooldown_remaining(*, device: Device, now: datetime | None = None) -> float:
 def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
     """Lease up to max_units replicas of distinct units to a device, within its quota, from the oldest work."""
     now = timezone.now()
-    device_seen(device_id=device.pk, now=now)  # at most one write in SEEN_RESOLUTION, whatever it gets
+    device_seen(device=device, now=now)  # at most one write in SEEN_RESOLUTION, whatever it gets
     room = lease_room(device=device, asked=max_units, now=now)
     if room == 0:
         return []

@@ -185,10 +185,20 @@ def test_a_lease_poll_counts_as_seen_at_most_once_per_resolution(make_device, co
 
     assert device.client().post("/api/v1/agent/lease", {"max_units": 1}, format="json").status_code == 200
     seen = device.refresh().last_seen_at
-    device_seen(device_id=device.pk, now=seen + timedelta(seconds=5))
+    device_seen(device=Device(pk=device.device.pk, last_seen_at=old), now=seen + timedelta(seconds=5))
 
     assert seen > old
-    assert device.refresh().last_seen_at == seen  # within the resolution: not written again
+    assert device.refresh().last_seen_at == seen  # a stale copy of the row: the conditional UPDATE matched nothing
+
+
+def test_a_lease_poll_within_the_resolution_sends_no_statement_for_it(make_device, contributor,
+                                                                       django_assert_num_queries):
+    device = make_device(contributor).refresh()
+    Device.objects.filter(pk=device.pk).update(last_seen_at=timezone.now())
+    device.refresh_from_db()
+
+    with django_assert_num_queries(0):
+        device_seen(device=device, now=device.last_seen_at + timedelta(seconds=5))
 
 
 # --- enrolment ------------------------------------------------------------------------------------
