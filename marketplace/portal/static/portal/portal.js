@@ -60,15 +60,25 @@
         series.push({ label: s.label, stroke: s.color || palette[i % palette.length], width: 2,
                       points: { show: data.x.length < 40 }, scale: s.scale || "y" });
       });
-      var axes = [{ label: data.x_label || null }, { label: data.y || null, scale: "y" }];
-      if (data.y2) axes.push({ label: data.y2, scale: "y2", side: 1, grid: { show: false } });
+      var axes = [{ label: data.x_label || null }, { label: data.y || null, scale: "y", values: tickValues }];
+      if (data.y2) axes.push({ label: data.y2, scale: "y2", side: 1, grid: { show: false }, values: tickValues });
       var opts = {
         width: Math.max(240, el.clientWidth || 600), height: parseInt(el.getAttribute("data-height") || "220", 10),
         scales: { x: { time: !!data.x_time } }, series: series, axes: axes,
+        legend: { live: false },  // the series' names; values are read off the axes
       };
       var plot = new uPlot(opts, [data.x].concat(data.series.map(function (s) { return s.values; })), el);
       charts.push({ el: el, plot: plot });
     });
+  }
+
+  // Tick labels with as many decimals as the step between ticks needs: uPlot's default wrote 0.002, 0.002,
+  // 0.001, 0.001 for steps of 0.0005 (token amounts are small).
+  function tickValues(u, splits) {
+    if (splits.length < 2) return splits.map(String);
+    var step = Math.abs(splits[1] - splits[0]) || 1;
+    var decimals = Math.min(12, Math.max(0, Math.ceil(-Math.log10(step) - 1e-9)));
+    return splits.map(function (v) { return v == null ? "" : v.toFixed(decimals); });
   }
 
   function copyButtons(root) {
