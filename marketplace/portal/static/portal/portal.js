@@ -73,11 +73,14 @@
   }
 
   // Tick labels with as many decimals as the step between ticks needs: uPlot's default wrote 0.002, 0.002,
-  // 0.001, 0.001 for steps of 0.0005 (token amounts are small).
+  // 0.001, 0.001 for steps of 0.0005 (token amounts are small), and 3 for 2.5.
   function tickValues(u, splits) {
     if (splits.length < 2) return splits.map(String);
     var step = Math.abs(splits[1] - splits[0]) || 1;
-    var decimals = Math.min(12, Math.max(0, Math.ceil(-Math.log10(step) - 1e-9)));
+    var decimals = 0;  // the fewest that write the step exactly: 2.5 -> 1, 0.0005 -> 4, 2 -> 0
+    while (decimals < 12 && Math.abs(step * Math.pow(10, decimals) - Math.round(step * Math.pow(10, decimals))) > 1e-6) {
+      decimals++;
+    }
     return splits.map(function (v) { return v == null ? "" : v.toFixed(decimals); });
   }
 
