@@ -7,7 +7,6 @@ that page is never cached: reloading it shows nothing."""
 from __future__ import annotations
 
 import shlex
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path
@@ -37,6 +35,7 @@ from marketplace.ledger.wallets import (
     wallet_pending,
 )
 from marketplace.portal.forms_contrib import DeviceEnrolForm, WalletLinkForm, errors_from
+from marketplace.portal.limits import within_rate
 from marketplace.workers.models import Device
 from marketplace.workers.selectors import devices_for_owner
 from marketplace.workers.services import enrollment_token_create
@@ -131,27 +130,12 @@ def _challenge(request: HttpRequest) -> Any:
     return challenge
 
 
-def link_attempt_allowed(user_id: int) -> bool:
-    """At most the API's wallet rate (IDLEGRID_WALLET_RATE) of link attempts per person and window: each
-    carries a password guess, which must not be cheaper here than through POST /api/v1/wallet/. A fixed
-    window in the shared cache (the API's throttle is a layer apart; this page keeps its own count)."""
-    count, _, period = settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["wallet"].partition("/")
-    window = settings.RATE_PERIODS[period]
-    key = f"portal:wallet-link:{user_id}:{int(time.time() // window)}"
-    cache.add(key, 0, timeout=window + 1)
-    try:
-        attempts = cache.incr(key)
-    except ValueError:  # expired between add and incr
-        attempts = 1
-    return attempts <= int(count)
-
-
 @login_required
 @require_http_methods(["GET", "POST"])
 def payout(request: HttpRequest) -> HttpResponse:
     form = WalletLinkForm(request.POST) if request.method == "POST" else None
     status = 200 if form is None else 400
-    if form is not None and form.is_valid() and not link_attempt_allowed(request.user.pk):
+    if form is not None and form.is_valid() and not within_rate("wallet", user_id=request.user.pk):
         form.add_error(None, "Too many attempts to link an address: wait a minute and try again.")
         status = 429
     elif form is not None and form.is_valid():

@@ -34,6 +34,7 @@ from marketplace.ledger.statements import deposits_credited, deposits_pending, s
 from marketplace.ledger.wallets import wallet_active
 from marketplace.portal import forms_submit
 from marketplace.portal.forms_submit import JobForm
+from marketplace.portal.limits import within_rate
 
 JOBS_PER_PAGE = 20
 LINES_PER_PAGE = 50
@@ -71,6 +72,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
         recalled = forms_submit.quote_recall(request.session, request.GET.get("quote", ""))
         return _new_job_page(request, JobForm(initial=recalled["values"]) if recalled else JobForm())
     form = JobForm(request.POST, request.FILES)
+    if not within_rate("job_create", user_id=request.user.pk):
+        form.add_error(None, "Too many quotes and submissions in a short time: wait a minute and try again.")
+        return _new_job_page(request, form, status=429)
     valid = form.is_valid()
     if valid:
         forms_submit.uploads_store(form, request.FILES, user=request.user)
@@ -107,6 +111,10 @@ def job_validate(request: HttpRequest) -> HttpResponse:
     form = JobForm(request.POST)
     if name not in form.fields:
         return HttpResponse(status=400)
+    if not within_rate("job_create", user_id=request.user.pk, counter="validate"):
+        return render(request, "portal/submitter/partials/field_status.html",
+                      {"name": name, "problem": "Checked too often: the whole form is checked when you ask for the quote.",
+                       "empty": False}, status=429)
     form.full_clean()
     if name not in form.errors:
         kind, spec = form.submission()
@@ -128,6 +136,8 @@ def job_upload(request: HttpRequest) -> JsonResponse:
     {error} with the status the API would answer."""
     if request.content_type != "application/octet-stream":
         return JsonResponse({"error": "send the file's bytes as application/octet-stream"}, status=415)
+    if not within_rate("upload", user_id=request.user.pk):
+        return JsonResponse({"error": "too many uploads in a short time: wait a minute and try again"}, status=429)
 
     def chunks():
         while chunk := request.read(UPLOAD_CHUNK):
@@ -146,6 +156,9 @@ def job_confirm(request: HttpRequest) -> HttpResponse:
     """Submit what the quote showed (kept in the session under its one-time token). A second POST of the
     same confirm (a double click, a reload) creates nothing: it is sent to the job the first one made."""
     token = request.POST.get("token", "")
+    if not within_rate("job_create", user_id=request.user.pk):
+        messages.error(request, "Too many quotes and submissions in a short time: wait a minute and confirm again.")
+        return redirect(f"{reverse('portal:job-new')}?quote={token}")
     claimed, job_id = forms_submit.confirm_claim(user=request.user, token=token)
     if not claimed:
         messages.info(request, "This job was already submitted." if job_id else "This job is being submitted.")

@@ -445,3 +445,42 @@ def test_a_confirm_posted_while_the_first_is_still_submitting_creates_nothing(br
 
     assert response.status_code == 302 and response["Location"] == "/jobs/"
     assert Job.objects.count() == 0
+
+
+def _rates(settings, **rates):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], **rates}}
+
+
+def test_quotes_past_the_apis_job_rate_are_refused_and_quote_nothing(settings, browser, upload, submitter,
+                                                                     make_weights, make_dataset):
+    _rates(settings, job_create="2/minute")
+    weights, dataset = upload(make_weights("mlp", MLP), submitter), upload(make_dataset(10, (4,)), submitter)
+
+    codes = [browser.post("/jobs/new/", _form(weights=weights, dataset=dataset)).status_code for _ in range(3)]
+
+    assert codes == [200, 200, 429]
+    refused = browser.post("/jobs/new/", _form(weights=weights, dataset=dataset))
+    assert "Too many quotes" in refused.content.decode() and "Quote: inference job" not in refused.content.decode()
+
+
+def test_checks_as_you_type_have_a_count_of_their_own_and_say_when_they_are_past_it(settings, browser):
+    _rates(settings, job_create="1/minute")
+
+    first = browser.post("/jobs/new/validate/", {**_form(), "_field": "rows_per_unit"})
+    second = browser.post("/jobs/new/validate/", {**_form(), "_field": "rows_per_unit"})
+
+    assert first.status_code == 200 and second.status_code == 429
+    assert "Checked too often" in second.content.decode()
+
+
+def test_uploads_past_the_apis_upload_rate_are_refused_and_store_nothing(settings, browser):
+    _rates(settings, upload="1/minute")
+
+    assert browser.post("/jobs/new/upload/", data=b"one", content_type="application/octet-stream").status_code == 201
+    refused = browser.post("/jobs/new/upload/", data=b"two", content_type="application/octet-stream")
+
+    assert refused.status_code == 429 and "too many uploads" in refused.json()["error"]
+    from marketplace.artifacts.models import Artifact
+
+    assert Artifact.objects.count() == 1
