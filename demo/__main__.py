@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -208,12 +209,22 @@ def portal_serve(cluster: Cluster, chain: payouts.LocalChain) -> None:
     console.print(table)
     console.print(f"[bold]Portal:[/] {cluster.url}/   (REST API: {cluster.url}/api/docs/; chain: {chain.url})")
     console.print(f"Mail (password resets) is written under {cluster.var_dir / 'mail'}. Press Ctrl-C to stop.")
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a plain `kill` both stop everything through the caller's `finally`; set explicitly, since a
+    # shell that starts the demo in the background hands it SIGINT ignored.
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         while all(p.alive() for p in cluster.processes if not p.name.startswith("agent")):
             time.sleep(1)
         console.print("[red]a server process exited[/]; stopping")
     except KeyboardInterrupt:
         console.print("stopping")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def summarise(api, cluster, job, data, local_logits, local_accuracy, owners, started, payout) -> dict:
