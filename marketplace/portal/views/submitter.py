@@ -214,7 +214,11 @@ def _job_context(found: Any) -> dict[str, Any]:
 @login_required
 @require_POST
 def job_cancel_view(request: HttpRequest, job_id: int) -> HttpResponse:
-    _job_or_404(request, job_id)
+    """Cancel once confirmed: the page's script asks first (and says so in `confirmed`); without
+    JavaScript the first POST answers a confirmation page whose form confirms."""
+    job = _job_or_404(request, job_id)
+    if request.POST.get("confirmed") != "yes":
+        return render(request, "portal/submitter/cancel_confirm.html", {"job": job})
     try:
         cancelled = job_cancel(job_id=job_id, owner=request.user)
     except Conflict as exc:

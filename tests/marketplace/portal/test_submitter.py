@@ -281,10 +281,23 @@ def test_the_job_page_shows_progress_verification_and_cost(browser, submit_job, 
 def test_cancelling_from_the_page_calls_the_cancel_service(browser, submit_job):
     job = submit_job()
 
-    response = browser.post(f"/jobs/{job.pk}/cancel/")
+    response = browser.post(f"/jobs/{job.pk}/cancel/", {"confirmed": "yes"})
 
     job.refresh_from_db()
     assert response.status_code == 302 and job.state == Job.State.CANCELLING
+
+
+def test_a_cancel_not_yet_confirmed_asks_first_and_changes_nothing(browser, submit_job):
+    """Without JavaScript nothing asked before the form was sent: the server asks, with a form that confirms."""
+    job = submit_job()
+    state = Job.objects.get(pk=job.pk).state
+
+    asked = browser.post(f"/jobs/{job.pk}/cancel/")
+
+    job.refresh_from_db()
+    html = asked.content.decode()
+    assert asked.status_code == 200 and job.state == state and state != Job.State.CANCELLING
+    assert f"Cancel job {job.pk}?" in html and 'name="confirmed" value="yes"' in html
 
 
 def test_the_output_downloads_once_there_is_one(browser, submit_job, submitter):

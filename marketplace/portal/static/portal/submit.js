@@ -124,9 +124,13 @@
   // Delegated, so the job page's live fragment (swapped in by htmx) gets it too.
   document.addEventListener("submit", function (event) {
     var form = event.target;
-    if (form.hasAttribute("data-confirm") && !window.confirm(form.getAttribute("data-confirm"))) {
-      event.preventDefault();
-      return;
+    if (form.hasAttribute("data-confirm")) {
+      if (!window.confirm(form.getAttribute("data-confirm"))) {
+        event.preventDefault();
+        return;
+      }
+      // asked here: the server's own confirmation page (what a browser without JavaScript gets) is skipped
+      form.querySelectorAll("input[data-confirmed]").forEach(function (input) { input.value = "yes"; });
     }
     if (form.hasAttribute("data-once")) {
       if (form.dataset.sent) { event.preventDefault(); return; }
