@@ -139,7 +139,8 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        # Not the test process's own switches: pytest's, and the async-safety override its browser tests set.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
         env.update(
             {
                 "DJANGO_SETTINGS_MODULE": "marketplace.settings",

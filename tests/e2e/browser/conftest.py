@@ -19,15 +19,13 @@ import pytest
 from demo.cluster import ROOT, Cluster
 from demo.payouts import LocalChain, chain_start
 
-# Playwright's sync API runs an event loop in this thread; the test's own ORM reads are still synchronous.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 SCREENSHOTS = ROOT / "var" / "screenshots"
 AXE = ROOT / "frontend" / "node_modules" / "axe-core" / "axe.min.js"
 BLOCKING = ("serious", "critical")
+ASYNC_UNSAFE = "DJANGO_ALLOW_ASYNC_UNSAFE"
 
 
 @pytest.fixture
@@ -46,18 +44,29 @@ def cluster_extra_env(chain: LocalChain) -> dict[str, str]:
     return {**chain.server_env(), "IDLEGRID_AUDIT_WINDOW_SECONDS": "3"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Chromium for one test module. Playwright's sync API runs an event loop in this thread, and the tests'
+    own ORM reads are synchronous: Django's async-safety check is off while it runs, and only then (a later
+    `manage.py check --deploy` of the suite must not inherit it; Cluster.env never passes it to a server)."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: bin/bootstrap --browser installs Debian's chromium (bin/test does)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    before = os.environ.get(ASYNC_UNSAFE)
+    os.environ[ASYNC_UNSAFE] = "true"
+    try:
+        with sync_playwright() as playwright:
+            launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield launched
+            finally:
+                launched.close()
+    finally:
+        if before is None:
+            os.environ.pop(ASYNC_UNSAFE, None)
+        else:
+            os.environ[ASYNC_UNSAFE] = before
 
 
 @dataclass
