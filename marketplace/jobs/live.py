@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, F, Q, Sum, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
@@ -97,24 +98,28 @@ def _eta_reason(job: Job, *, final: bool, remaining: int, speed: float | None) -
 
 
 def progress_series(*, job: Job) -> dict[str, Any]:
-    """Units decided over time, for a chart: x in unix seconds, at most SERIES_POINTS points."""
-    finished = list(WorkUnit.objects.filter(job=job, known_answer_of__isnull=True, state=WorkUnit.State.DONE,
-                                            finished_at__isnull=False)
-                    .order_by("finished_at").values_list("finished_at", flat=True)[:100_000])
+    """Units decided over time, for a chart: x in unix seconds, at most SERIES_POINTS points. The database
+    samples every step-th finish time (a window function): a poll of a 100,000-unit job reads SERIES_POINTS
+    rows, not 100,000."""
+    decided = WorkUnit.objects.filter(job=job, known_answer_of__isnull=True, state=WorkUnit.State.DONE,
+                                      finished_at__isnull=False)
+    total = decided.count()
     x: list[int] = []
     values: list[int] = []
-    if job.started_at is not None and finished:  # a lone start point draws axes around nothing
+    if job.started_at is not None and total:  # a lone start point draws axes around nothing
         x.append(int(job.started_at.timestamp()))
         values.append(0)
-    step = max(1, math.ceil(len(finished) / SERIES_POINTS))
-    for count, moment in enumerate(finished, start=1):
-        if count % step == 0 or count == len(finished):
-            second = int(moment.timestamp())
-            if x and x[-1] >= second:  # one point per second: the chart's x must strictly increase
-                values[-1] = count
-            else:
-                x.append(second)
-                values.append(count)
+    step = max(1, math.ceil(total / SERIES_POINTS))
+    sampled = (decided.annotate(count=Window(RowNumber(), order_by=[F("finished_at").asc(), F("pk").asc()]))
+               .annotate(offset=F("count") % step).filter(Q(offset=0) | Q(count=total))
+               .order_by("finished_at", "pk").values_list("count", "finished_at"))
+    for count, moment in sampled:
+        second = int(moment.timestamp())
+        if x and x[-1] >= second:  # one point per second: the chart's x must strictly increase
+            values[-1] = count
+        else:
+            x.append(second)
+            values.append(count)
     return {"x": x, "x_time": True, "y": "units decided", "series": [{"label": "units decided", "values": values}]}
 
 

@@ -497,3 +497,28 @@ def test_uploads_past_the_apis_upload_rate_are_refused_and_store_nothing(setting
     from marketplace.artifacts.models import Artifact
 
     assert Artifact.objects.count() == 1
+
+
+def test_the_progress_series_samples_a_large_job_to_its_point_budget_and_ends_at_the_count(submit_job, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from marketplace.jobs import live
+    from marketplace.jobs.services import job_split
+    from marketplace.workunits.models import WorkUnit
+
+    monkeypatch.setattr(live, "SERIES_POINTS", 4)
+    job = submit_job(rows=100, rows_per_unit=10)
+    job_split(job_id=job.pk)
+    start = timezone.now() - timedelta(minutes=10)
+    Job.objects.filter(pk=job.pk).update(started_at=start)
+    job.refresh_from_db()
+    for unit in WorkUnit.objects.filter(job=job).order_by("index")[:9]:
+        WorkUnit.objects.filter(pk=unit.pk).update(state=WorkUnit.State.DONE,
+                                                   finished_at=start + timedelta(seconds=10 * (unit.index + 1)))
+
+    series = live.progress_series(job=job)
+
+    assert series["series"][0]["values"] == [0, 3, 6, 9]  # every 3rd of 9 decided (ceil(9 / 4)), and the last
+    assert series["x"] == [int(start.timestamp()) + s for s in (0, 30, 60, 90)]
