@@ -63,3 +63,31 @@ def test_a_newcomer_signs_up_logs_out_logs_in_and_resets_a_forgotten_password(cl
     page.get_by_label("Password:", exact=True).fill("another long passphrase 42")
     page.get_by_role("button", name="Sign In").click()
     page.wait_for_url("**/jobs/")
+
+
+PHONE = {"width": 390, "height": 844}
+# the innermost elements whose right edge passes the screen's (what pushes the page sideways)
+WIDER_THAN_SCREEN = """[...document.querySelectorAll('body *')]
+  .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1 && !(e.parentElement && e.parentElement.closest('.table-wrap')))
+  .filter(e => ![...e.children].some(c => c.getBoundingClientRect().right > window.innerWidth + 1))
+  .slice(0, 5).map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '') + ': ' +
+                   (e.textContent || '').trim().slice(0, 40))"""
+PAGES = ["/", "/jobs/", "/jobs/new/", "/funds/", "/funds/statement/", "/devices/", "/devices/enrol/", "/earnings/",
+         "/payout/", "/tokens/"]
+
+
+def test_every_page_reads_on_a_phone_without_sideways_scrolling(cluster, browse):
+    cluster.account("phone-user")
+    page = browse(viewport=PHONE)
+    page.goto("/accounts/login/")
+    page.get_by_label("Username or email:").fill("phone-user")
+    page.get_by_label("Password:", exact=True).fill(cluster.passwords["phone-user"])
+    page.get_by_role("button", name="Sign In").click()
+    page.wait_for_url("**/jobs/")
+
+    for path in PAGES:
+        page.goto(path)
+        assert page.get_by_role("heading", level=1).count() == 1, path
+        fits = page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert fits, f"{path} overflows sideways: {page.evaluate(WIDER_THAN_SCREEN)}"
+        shoot(page, "phone" + ("-" + path.strip("/").replace("/", "-") if path != "/" else "-landing"))
