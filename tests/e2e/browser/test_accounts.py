@@ -58,10 +58,17 @@ def test_a_newcomer_signs_up_logs_out_logs_in_and_resets_a_forgotten_password(cl
     page.get_by_role("button", name="Change Password").click()
     page.wait_for_url("**/password/reset/key/done/")
 
+    # by keyboard alone: Tab from the top of the page to the login field, type, Tab, type, Enter
     page.goto("/accounts/login/")
-    page.get_by_label("Username or email:").fill("newcomer@example.org")
-    page.get_by_label("Password:", exact=True).fill("another long passphrase 42")
-    page.get_by_role("button", name="Sign In").click()
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "id_login":
+            break
+    assert page.evaluate("document.activeElement.id") == "id_login"
+    page.keyboard.type("newcomer@example.org")
+    page.keyboard.press("Tab")
+    page.keyboard.type("another long passphrase 42")
+    page.keyboard.press("Enter")
     page.wait_for_url("**/jobs/")
 
 
