@@ -78,11 +78,16 @@ class TokenRevokeForm(forms.Form):
     token_key = forms.RegexField(regex=r"^[A-Za-z0-9]{1,64}$", widget=forms.HiddenInput)
 
 
+def as_sentence(text: str) -> str:
+    """A service's message ("no such token") as a sentence on a page ("No such token.")."""
+    return f"{text[:1].upper()}{text[1:]}."
+
+
 def errors_from(form: forms.Form, exc: ApplicationError) -> None:
     """A service's refusal on the form: each field it names gets the refusal's words next to it (the
     service's field notes are terse codes), anything else goes on top of the form."""
     named = [name for name in exc.fields if name in form.fields and not form.fields[name].widget.is_hidden]
     for name in named:
-        form.add_error(name, exc.message[:1].upper() + exc.message[1:] + ".")
+        form.add_error(name, as_sentence(exc.message))
     if not named:
-        form.add_error(None, exc.message[:1].upper() + exc.message[1:] + ".")
+        form.add_error(None, as_sentence(exc.message))

@@ -34,7 +34,7 @@ from marketplace.ledger.wallets import (
     wallet_link,
     wallet_pending,
 )
-from marketplace.portal.forms_contrib import DeviceEnrolForm, WalletLinkForm, errors_from
+from marketplace.portal.forms_contrib import DeviceEnrolForm, WalletLinkForm, as_sentence, errors_from
 from marketplace.portal.limits import within_rate
 from marketplace.workers.models import Device
 from marketplace.workers.selectors import devices_for_owner
@@ -200,7 +200,7 @@ def payout_cancel(request: HttpRequest) -> HttpResponse:
     try:
         cancelled = wallet_change_cancel(user=request.user)
     except ApplicationError as exc:
-        messages.error(request, f"{exc.message[:1].upper()}{exc.message[1:]}.")
+        messages.error(request, as_sentence(exc.message))
     else:
         messages.success(request, f"The change to {cancelled.address} was cancelled.")
     return redirect("portal:payout")

@@ -17,7 +17,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from marketplace.accounts.services import api_token_create, api_token_info, api_token_revoke, api_tokens_of
 from marketplace.core.exceptions import ApplicationError
-from marketplace.portal.forms_contrib import TokenCreateForm, TokenRevokeForm, errors_from
+from marketplace.portal.forms_contrib import TokenCreateForm, TokenRevokeForm, as_sentence, errors_from
 
 TOKEN_SHOWN = "portal.api_token_shown"  # session key: the token made by the POST, popped by the next GET
 
@@ -67,7 +67,7 @@ def token_revoke(request: HttpRequest) -> HttpResponse:
     try:
         api_token_revoke(user=request.user, token_key=form.cleaned_data["token_key"])
     except ApplicationError as exc:
-        messages.error(request, f"{exc.message[:1].upper()}{exc.message[1:]}.")
+        messages.error(request, as_sentence(exc.message))
     else:
         messages.success(request, f"The token {form.cleaned_data['token_key']}… was revoked: it no longer works.")
     return redirect("portal:tokens")
