@@ -44,6 +44,7 @@ from typing import IO
 from worker_agent import kinds
 from worker_agent.architectures import ArchitectureError
 from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus, Limits, PayloadError
+from worker_agent.kinds import _device
 
 EXIT_OK = 0
 EXIT_FAILED = 3
@@ -116,6 +117,7 @@ def _send(protocol: IO[bytes], line: bytes) -> None:
 
 
 def _prepare_torch() -> None:
+    _device.cuda_env()  # before torch is imported: CUDA reads it once
     import torch
 
     # One thread: results must not depend on how many cores the volunteer has, and a unit is
@@ -141,6 +143,7 @@ def _prepare_torch() -> None:
 
     for module in kinds.KIND_MODULES.values():
         importlib.import_module(module)
+    _device.cuda_prepare()  # on a CUDA device the agent allows: its switches and context
     with torch.inference_mode():
         torch.nn.functional.conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
         torch.nn.functional.linear(torch.zeros(1, 4), torch.zeros(2, 4))
@@ -163,6 +166,7 @@ def numerics_facts() -> dict[str, object]:
         "matmul_precision": torch.get_float32_matmul_precision(),
         "math_env": {name: os.environ[name] for name in NUMERICS_ENV if name in os.environ},
         "numerics_revision": NUMERICS_REVISION,
+        **_device.cuda_facts(),  # on a CUDA device: device_type "cuda", the card and its switches
     }
 
 
@@ -245,7 +249,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     # torch's CPU allocator raises RuntimeError("... can't allocate memory ...") when mmap fails;
     # safetensors reports the OS error text.
-    return any(marker in text for marker in ("can't allocate memory", "cannot allocate memory", "not enough memory"))
+    # torch.cuda.OutOfMemoryError says "CUDA out of memory" (the unit's memory_fraction on the card).
+    markers = ("can't allocate memory", "cannot allocate memory", "not enough memory", "cuda out of memory")
+    return any(marker in text for marker in markers)
 
 
 def _first_line(exc: BaseException) -> str:

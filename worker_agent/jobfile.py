@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker_agent.gpu import device_checked
 from worker_agent.wire import Limits, PayloadError
 
 # Sabotage modes for demos and tests: wrong (noise differing per result), collude (the same wrong answer
@@ -31,6 +32,10 @@ class ChildJob:
     fault: str | None = None
     fault_seed: int = 0
     limits: Limits = field(default_factory=Limits)
+    device: str = "cpu"  # "cpu" or "cuda:N" (worker_agent/gpu.py child_device decides)
+
+    def __post_init__(self) -> None:
+        device_checked(self.device)
 
     def artifact_path(self, sha256: str) -> Path:
         try:

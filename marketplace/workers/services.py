@@ -35,6 +35,11 @@ HARDWARE_CLASS_FACTS = (
     "torch_version", "cpu_capability", "device_type", "dtype", "deterministic", "num_threads",
     "matmul_precision", "math_env", "numerics_revision",
 )
+# On a CUDA device (device_type "cuda") the card decides too: "gpu" (name, memory_mb, capability, the
+# CUDA version torch was built with) and "cuda_numerics" (cuDNN's version and the determinism switches:
+# cudnn deterministic/benchmark, TF32 for matmul and cuDNN, the cuBLAS workspace). They count only when
+# sent, so the class of every CPU device stays what it was before GPUs (worker_agent/kinds/_device.py).
+GPU_CLASS_FACTS = ("gpu", "cuda_numerics")
 # The facts of the machine itself: they do not change under one device key, so a lease request whose
 # facts differ on them is refused (the device enrols again as a new device, on probation). Without this a
 # device could claim a new class at will and pick, lease by lease, whether its results are compared
@@ -84,8 +89,10 @@ def enrollment_token_create(*, owner: AbstractBaseUser) -> tuple[str, Enrollment
 
 
 def hardware_class_of(hardware: dict[str, Any]) -> str:
-    """sha256 of exactly the class facts, as canonical JSON (sorted keys; flag lists sorted)."""
+    """sha256 of exactly the class facts (and the GPU's, when sent), as canonical JSON (sorted keys;
+    flag lists sorted)."""
     facts = {key: hardware.get(key) for key in HARDWARE_CLASS_FACTS}
+    facts.update({key: hardware[key] for key in GPU_CLASS_FACTS if hardware.get(key) is not None})
     if isinstance(facts["cpu_flags"], list) and all(isinstance(flag, str) for flag in facts["cpu_flags"]):
         facts["cpu_flags"] = sorted(set(facts["cpu_flags"]))
     canonical = json.dumps(facts, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

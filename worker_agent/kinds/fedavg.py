@@ -23,6 +23,7 @@ from typing import Any
 from worker_agent.architectures import Architecture
 from worker_agent.jobfile import ChildJob
 from worker_agent.kinds import JobError
+from worker_agent.kinds._device import to_cpu, to_device
 from worker_agent.kinds._payload import model_resolve, payload_of_kind
 from worker_agent.wire import FedAvgPayload
 
@@ -76,9 +77,9 @@ def execute(job: ChildJob) -> dict[str, float]:
 
     spec = parse(job.payload)
     started = time.perf_counter()
-    model = load_model(spec, job.artifact_path(spec.weights))
+    model = to_device(load_model(spec, job.artifact_path(spec.weights)), job)
     start_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    x, y = load_shard(spec, job.artifact_path(spec.x), job.artifact_path(spec.y))
+    x, y = to_device(load_shard(spec, job.artifact_path(spec.x), job.artifact_path(spec.y)), job)
     loaded = time.perf_counter()
     if job.fault == "lazy":  # a free rider: sends the global weights back untrained
         weights, loss = start_weights, 0.0
@@ -86,6 +87,7 @@ def execute(job: ChildJob) -> dict[str, float]:
         loss = train_local(model, x, y, epochs=spec.epochs, batch_size=spec.batch_size,
                            learning_rate=spec.learning_rate, seed=spec.seed, momentum=spec.momentum)
         weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    weights, start_weights = to_cpu(weights), to_cpu(start_weights)
     weights = sabotage(weights, start_weights, fault=job.fault, seed=job.fault_seed, unit_seed=spec.seed)
     computed = time.perf_counter()
     save_file(output_tensors(weights, loss=loss, samples=spec.samples), job.output_path)

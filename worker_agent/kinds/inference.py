@@ -15,6 +15,7 @@ from typing import Any
 from worker_agent.architectures import Architecture
 from worker_agent.jobfile import ChildJob
 from worker_agent.kinds import JobError
+from worker_agent.kinds._device import to_cpu, to_device
 from worker_agent.kinds._payload import model_resolve, payload_of_kind
 from worker_agent.wire import InferencePayload, PayloadError
 
@@ -52,13 +53,13 @@ def execute(job: ChildJob) -> dict[str, float]:
 
     spec = parse(job.payload)
     started = time.perf_counter()
-    model = load_model(spec, job.artifact_path(spec.weights))
-    x = load_input(spec, job.artifact_path(spec.inputs))
+    model = to_device(load_model(spec, job.artifact_path(spec.weights)), job)
+    x = to_device(load_input(spec, job.artifact_path(spec.inputs)), job)
     loaded = time.perf_counter()
     if job.fault == "lazy":  # skips the work altogether
         y = lazy_output(spec.output_shape, seed=job.fault_seed)
     else:
-        y = forward(model, x, spec.batch_size)
+        y = to_cpu(forward(model, x, spec.batch_size))
     if job.fault == "wrong":
         y = sabotage(y, seed=job.fault_seed)
     elif job.fault == "collude":  # every colluder derives the same wrong answer from the same input

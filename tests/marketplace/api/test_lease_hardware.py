@@ -1,6 +1,9 @@
 """Hardware facts: the class is a digest of exactly the class facts, and a lease request may carry new
 facts, which move the device to another class before anything is leased."""
 
+import hashlib
+import json
+
 import pytest
 
 from marketplace.workers.models import Device
@@ -27,6 +30,31 @@ def test_the_class_depends_on_the_class_facts_only():
     assert hardware_class_of(same) == hardware_class_of(FACTS)
     for fact in HARDWARE_CLASS_FACTS:
         assert hardware_class_of({**FACTS, fact: "something else"}) != hardware_class_of(FACTS), fact
+
+
+CUDA_FACTS = {**FACTS, "device_type": "cuda", "torch_version": "2.13.0+cu124",
+              "gpu": {"name": "NVIDIA GeForce RTX 3090", "memory_mb": 24259, "capability": "8.6", "cuda": "12.4"},
+              "cuda_numerics": {"cudnn_version": 90100, "cudnn_deterministic": True, "cudnn_benchmark": False,
+                                "cudnn_allow_tf32": False, "matmul_allow_tf32": False,
+                                "cublas_workspace_config": ":4096:8"},
+              "gpu_uuid": "5a3c1a2e-0000-4000-8000-000000000001"}
+
+
+def test_a_cpu_devices_class_is_the_digest_of_the_cpu_class_facts_alone_as_before_gpus():
+    facts = {key: FACTS.get(key) for key in HARDWARE_CLASS_FACTS}
+    canonical = json.dumps({**facts, "cpu_flags": sorted(FACTS["cpu_flags"])}, sort_keys=True, separators=(",", ":"))
+
+    assert hardware_class_of(FACTS) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_a_cuda_device_is_in_a_class_of_its_card_and_its_switches_but_not_of_its_cards_serial():
+    assert hardware_class_of(CUDA_FACTS) != hardware_class_of({**CUDA_FACTS, "gpu": None, "cuda_numerics": None})
+    for fact, value in [("name", "NVIDIA GeForce RTX 3080"), ("capability", "8.9"), ("cuda", "12.8"), ("memory_mb", 12288)]:
+        assert hardware_class_of({**CUDA_FACTS, "gpu": {**CUDA_FACTS["gpu"], fact: value}}) != hardware_class_of(CUDA_FACTS), fact
+    for switch in ("cudnn_deterministic", "cudnn_benchmark", "cudnn_allow_tf32", "matmul_allow_tf32"):
+        numerics = {**CUDA_FACTS["cuda_numerics"], switch: not CUDA_FACTS["cuda_numerics"][switch]}
+        assert hardware_class_of({**CUDA_FACTS, "cuda_numerics": numerics}) != hardware_class_of(CUDA_FACTS), switch
+    assert hardware_class_of({**CUDA_FACTS, "gpu_uuid": "another card"}) == hardware_class_of(CUDA_FACTS)
 
 
 def test_every_class_fact_is_one_the_agent_sends():
