@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -116,12 +117,12 @@ def load_nvml() -> Nvml | None:
 
 
 def gpu_guard(gpu_policy: str, facts: dict[str, Any] | None, *, temp_max_c: float, temp_resume_c: float,
-              power_max_w: float, loader: Any = None) -> GpuGuard | None:
+              power_max_w: float, loader: Callable[[], Nvml | None] = load_nvml) -> GpuGuard | None:
     """The guard for the unit's GPU, or None when units run on the CPU (nothing GPU is loaded then) or
     NVML is unavailable. `loader` (tests) replaces load_nvml."""
     if child_device(gpu_policy, facts) == "cpu":
         return None
-    nvml: Nvml | None = (loader or load_nvml)()
+    nvml = loader()
     if nvml is None:
         return None
     uuid = facts.get("gpu_uuid") if facts is not None else None
@@ -249,8 +250,11 @@ class GpuVerdict:
 
 
 class GpuGuard:
-    """The temperature and power caps of one GPU. Call `check()` about once a second while a GPU unit
-    runs (or is paused by the guard); it keeps the hysteresis and the power share between calls."""
+    """The temperature and power caps of one GPU. Call `check()` once per duty-cycle period (about a
+    second) while a GPU unit runs or is held by this guard, not while it is paused for another reason
+    (the card's idle draw would raise the share); it keeps the hysteresis and the share between calls.
+    The share assumes the draw NVML reports is averaged over the period (it is, over about a second, on
+    recent drivers): the average draw of a duty-cycled card scales with its share."""
 
     def __init__(self, nvml: Nvml, index: int, *, temp_max_c: float, temp_resume_c: float, power_max_w: float) -> None:
         if not temp_resume_c < temp_max_c:
@@ -272,7 +276,7 @@ class GpuGuard:
             self.hot = True
         elif temperature <= self.temp_resume_c:
             self.hot = False
-        if self.power_max_w > 0:
+        if self.power_max_w > 0 and not self.hot:  # a paused card's idle draw says nothing of the unit's
             self.share = self._next_share(draw)
         if self.hot:
             return GpuVerdict(False, f"GPU at {temperature:g} °C, over the {self.temp_max_c:g} °C cap "

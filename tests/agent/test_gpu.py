@@ -22,11 +22,13 @@ import pytest
 import torch
 from agent_models import MLP, inputs, payload, reference_forward, weights, write_safetensors
 from safetensors.torch import load_file
+from test_fedavg_child import in_process as fedavg_in_process
+from test_fedavg_child import make_job as fedavg_job
 
 from worker_agent import child, gpu
 from worker_agent.gpu import FakeGpu, FakeNvml, GpuGuard, PynvmlNvml
 from worker_agent.jobfile import ChildJob, Limits
-from worker_agent.kinds import _device, inference
+from worker_agent.kinds import _device, fedavg, inference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CARD = SimpleNamespace(name="NVIDIA GeForce RTX 3090", total_memory=24 << 30, major=8, minor=6,
@@ -105,6 +107,15 @@ def test_the_share_settles_where_the_average_draw_meets_the_cap_and_recovers_whe
     assert shares == sorted(shares)  # upward only, smoothly
     assert shares[0] <= settled / 200 * gpu.SHARE_RISE  # no jump
     assert shares[-1] == 1.0
+
+
+def test_while_too_hot_the_share_is_kept_not_raised_by_the_paused_cards_idle_draw():
+    nvml = FakeNvml([FakeGpu(power_draw_w=400)])
+    caps = guard(nvml, power_max_w=200)
+    caps.check()
+    nvml.gpus[0].temperature_c, nvml.gpus[0].power_draw_w = 90, 30
+
+    assert caps.check() == gpu.GpuVerdict(False, "GPU at 90 °C, over the 83 °C cap (resumes at 78 °C)", 0.5)
 
 
 def test_the_share_never_falls_below_its_floor_and_no_cap_means_full_time():
@@ -356,6 +367,21 @@ def test_the_inference_kind_moves_the_model_and_rows_to_the_units_device_and_sav
 
     assert placed == ["cpu", "cpu"]
     assert torch.equal(load_file(job.output_path)["y"], reference_forward(arch, config, state, x, 4))
+
+
+@pytest.mark.usefixtures("single_thread_torch")
+def test_the_fedavg_kind_trains_on_the_units_device_and_saves_from_the_cpu(tmp_path, monkeypatch):
+    job = fedavg_job(tmp_path, "unit")
+    placed = []
+    real = _device.torch_device
+    monkeypatch.setattr(_device, "torch_device", lambda job: placed.append(job.device) or real(job))
+
+    fedavg.execute(job)
+
+    assert placed == ["cpu", "cpu"]
+    expected, _loss = fedavg_in_process(job)
+    saved = load_file(job.output_path)
+    assert all(torch.equal(saved[name], tensor) for name, tensor in expected.items())
 
 
 # --- a CPU agent never loads NVML ------------------------------------------------------------------
