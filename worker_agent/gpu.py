@@ -135,9 +135,13 @@ def nvml_index(nvml: Nvml, uuid: str | None) -> int:
     PCI bus, so the child's UUID (torch's, without NVML's "GPU-" prefix) decides; 0 when unknown."""
     if uuid:
         wanted = uuid.lower().removeprefix("gpu-")
-        for index in range(nvml.device_count()):
-            if nvml.uuid(index).lower().removeprefix("gpu-") == wanted:
-                return index
+        try:
+            for index in range(nvml.device_count()):
+                if nvml.uuid(index).lower().removeprefix("gpu-") == wanted:
+                    return index
+        except NvmlFailed as exc:
+            log.warning("NVML could not list the cards' UUIDs (%s); watching device 0", exc)
+            return 0
         log.warning("NVML has no device with the child's UUID %s; watching device 0", uuid)
     return 0
 

@@ -243,6 +243,11 @@ def test_the_guard_watches_the_card_the_child_computes_on_found_by_uuid():
     assert caps is not None and caps.index == 1 and caps.check().allowed
 
 
+def test_a_card_the_child_named_but_nvml_cannot_find_leaves_the_guard_on_device_0():
+    assert gpu.nvml_index(FakeNvml([FakeGpu(uuid="GPU-other")]), "00000000-0000-0000-0000-00000000000b") == 0
+    assert gpu.nvml_index(FakeNvml(failing=True), "00000000-0000-0000-0000-00000000000b") == 0
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda:0", "cuda:7", "cuda:12"])
 def test_a_child_job_carries_its_device_through_its_line(device):
     job = ChildJob(payload={}, artifacts={}, output_path="/tmp/out", device=device)
