@@ -192,7 +192,7 @@ class Governor(threading.Thread):
         verdict = self._decide(now, readings)
         with self._changed:
             if verdict.reasons != self._verdict.reasons:
-                log.info("computing %s", "allowed" if verdict.allowed else "paused: " + ", ".join(verdict.reasons))
+                log.info("policy: %s", "work allowed" if verdict.allowed else "work paused: " + ", ".join(verdict.reasons))
             self._verdict, self._readings = verdict, readings
             self._changed.notify_all()
         self._check_memory(verdict)
