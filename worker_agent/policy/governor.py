@@ -256,7 +256,7 @@ class Governor(threading.Thread):
         else:
             phase = (now - self._duty_start) % DUTY_PERIOD_SECONDS
             run_slice = verdict.cpu_share * DUTY_PERIOD_SECONDS
-            want_running = phase < run_slice
+            want_running = phase < run_slice - 1e-6  # at the switch itself (float dust), stop
             switch = now + ((run_slice - phase) if want_running else (DUTY_PERIOD_SECONDS - phase))
         self._hold(pid, want_running)
         return switch
