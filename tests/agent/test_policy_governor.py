@@ -10,8 +10,16 @@ import pytest
 from worker_agent.policy import conditions
 from worker_agent.policy.config import Policy, load_policy
 from worker_agent.policy.governor import (
-    BATTERY_LOW, DUTY_PERIOD_SECONDS, MANUAL, ON_BATTERY, OTHER_BUSY, OUTSIDE_WINDOWS, RELEASE_SECONDS, USER_ACTIVE,
-    Governor, Samplers,
+    BATTERY_LOW,
+    DUTY_PERIOD_SECONDS,
+    MANUAL,
+    ON_BATTERY,
+    OTHER_BUSY,
+    OUTSIDE_WINDOWS,
+    RELEASE_SECONDS,
+    USER_ACTIVE,
+    Governor,
+    Samplers,
 )
 
 GB = 1 << 30

@@ -8,7 +8,12 @@ import pytest
 
 from worker_agent.policy import idle
 from worker_agent.policy.idle import (
-    NO_SESSION_IDLE_SECONDS, IdleSourceUnavailable, MacSource, idle_from_ioreg, idle_from_sessions, open_idle_source,
+    NO_SESSION_IDLE_SECONDS,
+    IdleSourceUnavailable,
+    MacSource,
+    idle_from_ioreg,
+    idle_from_sessions,
+    open_idle_source,
 )
 
 NOW_USEC = 1_700_000_000_000_000

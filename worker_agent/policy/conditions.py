@@ -25,8 +25,16 @@ class OtherCpu:
     threads, which its own times include, and walking the process table 4 times a second would cost
     more than this whole sampler."""
 
-    def __init__(self, own_pids: Callable[[], Iterable[int]]) -> None:
+    def __init__(
+        self,
+        own_pids: Callable[[], Iterable[int]],
+        *,
+        machine: Callable[[], tuple[float, float]] | None = None,
+        process_cpu: Callable[[int], float | None] | None = None,
+    ) -> None:
         self._own_pids = own_pids
+        self._machine = machine or machine_cpu_seconds
+        self._process_cpu = process_cpu or process_cpu_seconds
         self._last_busy, self._last_total = self._machine()
         self._last_own: dict[int, float] = {}
 
@@ -40,21 +48,29 @@ class OtherCpu:
             return 0.0
         return max(0.0, min(100.0, 100.0 * (busy_delta - max(own_delta, 0.0)) / total_delta))
 
-    @staticmethod
-    def _machine() -> tuple[float, float]:
-        times = psutil.cpu_times()
-        idle = times.idle + getattr(times, "iowait", 0.0)
-        return sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0), sum(times)
-
     def _own(self) -> dict[int, float]:
         used: dict[int, float] = {}
         for pid in {os.getpid(), *self._own_pids()}:
-            try:
-                times = psutil.Process(pid).cpu_times()
-            except psutil.Error:
-                continue
-            used[pid] = times.user + times.system
+            seconds = self._process_cpu(pid)
+            if seconds is not None:
+                used[pid] = seconds
         return used
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, all cores, since boot. Linux counts guest time
+    inside user time as well, so it is taken out once."""
+    times = psutil.cpu_times()
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return total - times.idle - getattr(times, "iowait", 0.0), total
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 def total_memory_bytes() -> int:

@@ -210,17 +210,18 @@ class WindowsSource:
     name = "windows"
 
     def __init__(self) -> None:
-        if sys.platform != "win32":
+        windll: Any = getattr(ctypes, "windll", None)  # only Windows' ctypes has it
+        if windll is None:
             raise IdleSourceUnavailable("Windows only")
-        self._user32 = ctypes.windll.user32  # type: ignore[attr-defined]
-        self._kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        self._user32: Any = windll.user32
+        self._kernel32: Any = windll.kernel32
 
     def seconds_idle(self) -> float | None:
         info = _LastInputInfo(cbSize=ctypes.sizeof(_LastInputInfo))
         if not self._user32.GetLastInputInfo(ctypes.byref(info)):
             return None
-        ticks = self._kernel32.GetTickCount() & 0xFFFFFFFF
-        return ((ticks - info.dwTime) & 0xFFFFFFFF) / 1000.0  # both wrap after 49.7 days
+        ticks = int(self._kernel32.GetTickCount()) & 0xFFFFFFFF
+        return ((ticks - int(info.dwTime)) & 0xFFFFFFFF) / 1000.0  # both wrap after 49.7 days
 
 
 # --- choosing -------------------------------------------------------------------------------------
