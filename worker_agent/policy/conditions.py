@@ -65,10 +65,19 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return total - times.idle - getattr(times, "iowait", 0.0), total
 
 
+_processes: dict[int, psutil.Process] = {}  # a psutil.Process costs a few /proc reads to make; keep ours
+
+
 def process_cpu_seconds(pid: int) -> float | None:
+    process = _processes.get(pid)
     try:
-        times = psutil.Process(pid).cpu_times()
+        if process is None:
+            if len(_processes) > 16:  # children come and go; a handful is all we ever watch
+                _processes.clear()
+            process = _processes[pid] = psutil.Process(pid)
+        times = process.cpu_times()
     except psutil.Error:
+        _processes.pop(pid, None)
         return None
     return float(times.user + times.system)
 

@@ -31,6 +31,7 @@ SAMPLE_SECONDS = 0.25  # input must stop the child within a second: four looks a
 DUTY_PERIOD_SECONDS = 1.0
 CPU_WINDOW_SAMPLES = 8  # other programs' CPU is judged on its mean over the last ~2 s, not one blip
 RELEASE_SECONDS = 5.0  # busy programs / battery must have been quiet this long before computing again
+POWER_SECONDS = 5.0  # the battery changes slowly, and reading it is most of an idle tick's cost
 IN_USE_SECONDS = 60.0  # with idle_minutes = 0, "the user is busy" (memory cap) still means recent input
 
 USER_ACTIVE = "user active"
@@ -118,6 +119,8 @@ class Governor(threading.Thread):
         self._duty_start = clock()
         self._stopped_pid: int | None = None
         self._idle_unknown_logged = False
+        self._power = conditions.Power(on_battery=False, percent=None)
+        self._power_due = -float("inf")
 
     # --- what others call -------------------------------------------------------------------------
 
@@ -187,7 +190,9 @@ class Governor(threading.Thread):
 
     def tick(self, now: float) -> Verdict:
         """Sample everything once and decide. Public for tests (with fake samplers and clock)."""
-        readings = _Readings(self._idle_seconds(), self.samplers.other_cpu(), self.samplers.power())
+        if now >= self._power_due:
+            self._power, self._power_due = self.samplers.power(), now + POWER_SECONDS
+        readings = _Readings(self._idle_seconds(), self.samplers.other_cpu(), self._power)
         self._cpu.append(readings.other_cpu_percent)
         verdict = self._decide(now, readings)
         with self._changed:
