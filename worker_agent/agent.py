@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 QUICK_GIVE_BACK_SECONDS = 5.0  # a cold shutdown must end promptly even if the server is gone
 QUICK_CALL_TIMEOUT = 2.0
 OUTPUT_FILE = "output.safetensors"
+# A warm shutdown finishes the running unit, unless the policy holds it stopped: it could then wait for
+# hours (the owner at the keyboard), so it is handed back at once for another device instead.
+PAUSED_AT_SHUTDOWN = "warm shutdown while the unit was paused"
 ALLOWED_POLL_SECONDS = 0.5  # how soon a waiting loop notices a warm shutdown (a verdict change wakes it at once)
 
 
@@ -241,7 +244,15 @@ class Agent:
         workdir.mkdir(mode=0o700, parents=True)
         try:
             outcome = self._compute(lease, workdir)
-        except (LeaseLost, ChildAborted):
+        except ChildAborted as exc:
+            if str(exc) == PAUSED_AT_SHUTDOWN:
+                log.info("%s: %s; handing it back", lease.label, exc)
+                if self._give_back_one(lease.result_id, quick=False):
+                    self.summary.given_back += 1  # the rest of the queue goes back after the loop
+            else:
+                log.warning("%s: lease lost; abandoned without a report", lease.label)
+                self.summary.lost += 1
+        except LeaseLost:
             log.warning("%s: lease lost; abandoned without a report", lease.label)
             self.summary.lost += 1
         except (UnitSignatureInvalid, PayloadError, ArtifactError, AgentError) as exc:
@@ -283,7 +294,11 @@ class Agent:
         return paths
 
     def _abort_reason(self, lease: Lease) -> str | None:
-        return "lease lost" if self.book.is_lost(lease.result_id) else None
+        if self.book.is_lost(lease.result_id):
+            return "lease lost"
+        if self.shutdown.warm.is_set() and self.governor is not None and not self.governor.verdict().allowed:
+            return PAUSED_AT_SHUTDOWN
+        return None
 
     def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
         if self.book.is_lost(lease.result_id):
