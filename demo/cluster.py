@@ -210,6 +210,10 @@ class Cluster:
     def agent_env(self, state_dir: Path) -> dict[str, str]:
         env = dict(self.env)
         env["IDLEGRID_AGENT_HOME"] = str(state_dir)
+        # A demo computes unconditionally: nobody's keyboard or the other agents' load is a reason to pause
+        # here (a `run` flag of start_agent's `extra` still overrides these).
+        env.update({"IDLEGRID_AGENT_IDLE_SOURCE": "none", "IDLEGRID_AGENT_OTHER_CPU_PERCENT": "100",
+                    "IDLEGRID_AGENT_RUN_ON_BATTERY": "true"})
         for key in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"):
             env.pop(key, None)  # the agent knows only the REST API
         for key in [k for k in env if k.startswith("IDLEGRID_CHAIN_")]:

@@ -4,7 +4,9 @@
 Boring on purpose: one unit at a time in the main thread, one warm compute child (started with the
 loop; the first lease request waits for it, since it carries the child's hardware facts), a heartbeat
 thread renewing leases, and every lease that will not be computed is handed back so the server
-reissues it at once.
+reissues it at once. With a policy, a governor thread (worker_agent/policy/) decides when the machine
+may compute: the loop leases nothing while it says no, and it stops and continues the running child
+itself; the heartbeat goes on meanwhile, so a paused unit keeps its lease.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, Ser
 from worker_agent.heartbeat import Heartbeat, LeaseBook
 from worker_agent.jobfile import ChildJob
 from worker_agent.pinning import UnitSignatureInvalid, UnitVerifier
+from worker_agent.policy.config import Policy
+from worker_agent.policy.governor import Governor, Samplers
 from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
 from worker_agent.signing import sign_result
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 QUICK_GIVE_BACK_SECONDS = 5.0  # a cold shutdown must end promptly even if the server is gone
 QUICK_CALL_TIMEOUT = 2.0
 OUTPUT_FILE = "output.safetensors"
+# A warm shutdown finishes the running unit, unless the policy holds it stopped: it could then wait for
+# hours (the owner at the keyboard), so it is handed back at once for another device instead.
+PAUSED_AT_SHUTDOWN = "warm shutdown while the unit was paused"
+ALLOWED_POLL_SECONDS = 0.5  # how soon a waiting loop notices a warm shutdown (a verdict change wakes it at once)
 
 
 class LeaseLost(Exception):
@@ -51,6 +59,7 @@ class RunOptions:
     poll_seconds: float = 5.0
     fault: str | None = None
     cache_max_bytes: int = 2 << 30
+    threads: int = 1  # torch threads per unit (the policy's `cores`)
 
 
 @dataclass
@@ -83,7 +92,11 @@ class Agent:
         options: RunOptions = RunOptions(),
         shutdown: Shutdown | None = None,
         rng: random.Random | None = None,
+        policy: Policy | None = None,
+        samplers: Samplers | None = None,
     ) -> None:
+        """Without a policy the agent computes whenever it has work (tests, and nothing else: the CLI
+        always passes one). `samplers` defaults to the real machine's (Samplers.for_policy)."""
         self.client = client
         self.device = device
         self.key = key
@@ -98,13 +111,19 @@ class Agent:
         self.summary = Summary()
         # A third of the lease: two beats can fail before the server reissues the unit.
         self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05))
-        self.child = ComputeChild(state.work_dir)
+        self.child = ComputeChild(state.work_dir, threads=options.threads)
+        self.governor: Governor | None = None
+        if policy is not None:
+            samplers = samplers or Samplers.for_policy(policy, own_pids=self._child_pids)
+            self.governor = Governor(policy, samplers, child=self.child)
         self.facts = hardware.FactsReporter()  # sent with a lease request when they change
 
     def run(self) -> Summary:
         self._prepare_state()
         self.heartbeat.start()
         self.child.start()
+        if self.governor is not None:
+            self.governor.start()
         try:
             self._refresh_keys()
             self._loop()
@@ -117,6 +136,8 @@ class Agent:
             self._give_back(self.book.held(), quick=True)
             raise
         finally:
+            if self.governor is not None:
+                self.governor.stop()  # leaves the child running: it is killed next, or already gone
             self.heartbeat.stop()
             self.child.kill()  # never left behind, whatever happened above
         return self.summary
@@ -125,6 +146,8 @@ class Agent:
 
     def _loop(self) -> None:
         while not self.shutdown.warm.is_set() and not self._quota_reached():
+            if not self._wait_until_allowed():
+                return
             leases, retry_after = self._lease()
             if leases:
                 self._work_through(leases)
@@ -133,6 +156,24 @@ class Agent:
                 return
             else:
                 self._idle(max(self.options.poll_seconds, retry_after))
+
+    def _wait_until_allowed(self) -> bool:
+        """Block while the policy says no (waking within half a second of a change or a shutdown);
+        False when a warm shutdown came first."""
+        if self.governor is None:
+            return True
+        logged = False
+        while not self.governor.wait_allowed(ALLOWED_POLL_SECONDS):
+            if not logged:
+                log.info("not leasing work: %s", ", ".join(self.governor.verdict().reasons))
+                logged = True
+            if self.shutdown.warm.is_set():
+                return False
+        return not self.shutdown.warm.is_set()
+
+    def _child_pids(self) -> list[int]:
+        pid = self.child.pid
+        return [pid] if pid is not None else []
 
     def _lease(self) -> tuple[list[Lease], float]:
         facts = self.facts.due(self.child, should_abort=lambda: "shutdown" if self.shutdown.warm.is_set() else None)
@@ -203,7 +244,15 @@ class Agent:
         workdir.mkdir(mode=0o700, parents=True)
         try:
             outcome = self._compute(lease, workdir)
-        except (LeaseLost, ChildAborted):
+        except ChildAborted as exc:
+            if str(exc) == PAUSED_AT_SHUTDOWN:
+                log.info("%s: %s; handing it back", lease.label, exc)
+                if self._give_back_one(lease.result_id, quick=False):
+                    self.summary.given_back += 1  # the rest of the queue goes back after the loop
+            else:
+                log.warning("%s: lease lost; abandoned without a report", lease.label)
+                self.summary.lost += 1
+        except LeaseLost:
             log.warning("%s: lease lost; abandoned without a report", lease.label)
             self.summary.lost += 1
         except (UnitSignatureInvalid, PayloadError, ArtifactError, AgentError) as exc:
@@ -231,6 +280,7 @@ class Agent:
             fault=self.options.fault,
             fault_seed=lease.result_id,  # a faulty agent's noise differs per result, like real faults
             limits=unit.limits,
+            threads=self.options.threads,
         )
         log.info("%s: computing (limits %gs, %d MB)", lease.label, unit.limits.seconds, unit.limits.memory_mb)
         return self.child.run(job, should_abort=lambda: self._abort_reason(lease))
@@ -244,7 +294,11 @@ class Agent:
         return paths
 
     def _abort_reason(self, lease: Lease) -> str | None:
-        return "lease lost" if self.book.is_lost(lease.result_id) else None
+        if self.book.is_lost(lease.result_id):
+            return "lease lost"
+        if self.shutdown.warm.is_set() and self.governor is not None and not self.governor.verdict().allowed:
+            return PAUSED_AT_SHUTDOWN
+        return None
 
     def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
         if self.book.is_lost(lease.result_id):

@@ -43,8 +43,12 @@ from typing import IO
 
 from worker_agent import kinds
 from worker_agent.architectures import ArchitectureError
+<<<<<<< HEAD
 from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus, Limits, PayloadError
 from worker_agent.kinds import _device
+=======
+from worker_agent.jobfile import AGENT_PID_ENV, MAX_THREADS, THREADS_ENV, ChildJob, ChildStatus, Limits, PayloadError
+>>>>>>> i13-policy
 
 EXIT_OK = 0
 EXIT_FAILED = 3
@@ -93,7 +97,7 @@ def main(argv: list[str]) -> int:
 def run_unit(job: ChildJob) -> ChildStatus:
     try:
         kind = kinds.load(job.payload.get("kind"))
-        with unit_limits(job.limits):
+        with unit_limits(job.limits), unit_threads(job.threads):
             metrics = kind.execute(job)
     except BaseException as exc:  # noqa: BLE001 - everything becomes a status line for the parent
         status = status_for(exc, job.limits)
@@ -162,12 +166,41 @@ def numerics_facts() -> dict[str, object]:
         "device_type": "cpu",
         "dtype": "float32",
         "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "num_threads": torch.get_num_threads(),
+        # The threads a unit runs with (the agent's `cores`): the child idles on one, each unit sets its own.
+        "num_threads": unit_thread_count(),
         "matmul_precision": torch.get_float32_matmul_precision(),
         "math_env": {name: os.environ[name] for name in NUMERICS_ENV if name in os.environ},
         "numerics_revision": NUMERICS_REVISION,
         **_device.cuda_facts(),  # on a CUDA device: device_type "cuda", the card and its switches
     }
+
+
+def unit_thread_count() -> int:
+    """The thread count the agent gave this child for its units (THREADS_ENV; 1 when unset)."""
+    raw = os.environ.get(THREADS_ENV, "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise SystemExit(f"{THREADS_ENV} must be a whole number from 1 to {MAX_THREADS}, got {raw!r}")
+    return value
+
+
+@contextmanager
+def unit_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads for one unit, back to one afterwards. A count other than 1 may change
+    a result's last bits (reductions split differently), so it is in the numerics facts."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if threads != saved:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
 
 
 @contextmanager

@@ -20,6 +20,8 @@ from worker_agent.agent import Agent, RunOptions, Summary
 from worker_agent.client import AgentClient, AgentError, RetryPolicy
 from worker_agent.enroll import AlreadyEnrolled, enroll
 from worker_agent.jobfile import FAULT_MODES
+from worker_agent.policy.config import KEYS, PARSERS, Policy, PolicyError, describe, env_name, flag_name, load_policy
+from worker_agent.policy.idle import IdleSourceUnavailable
 from worker_agent.shutdown import ColdShutdown, Shutdown
 from worker_agent.state import HOME_ENV, NotEnrolled, StateDir, StateDirBusy, default_state_dir
 
@@ -35,6 +37,12 @@ identical wrong bytes for a unit; `lazy`: random output without computing (fedav
 weights sent back untrained); `poison` (fedavg only): the training update sign-flipped and scaled
 by 10. Each is signed and reported like an honest result, so you can watch the marketplace's
 verification catch it.
+"""
+
+
+POLICY_EPILOG = """\
+Each key is read from its flag, else $IDLEGRID_AGENT_<KEY>, else config.toml in the state directory (flat
+TOML keys, e.g. `idle_minutes = 5`), else its default. See worker_agent/README.md, "Contributor policy".
 """
 
 
@@ -95,8 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--faulty", choices=FAULT_MODES, help="SABOTAGE MODE for demos/tests only: report deliberately wrong results (see below)")
     run_cmd.add_argument("--max-retries", type=_non_negative_int, default=7, help="retries of a failed request before giving up (default 7)")
     run_cmd.add_argument("--backoff-cap", type=_positive_float, default=30.0, help="longest wait between retries, seconds (default 30)")
-    run_cmd.add_argument("--cache-mb", type=_positive_int, default=2048, help="artifact cache size (default 2048)")
+    _add_policy_options(run_cmd)
     run_cmd.set_defaults(handler=cmd_run)
+
+    config_cmd = commands.add_parser(
+        "config", parents=[common], help="print the policy in force: each key, its value and where it came from",
+        epilog=POLICY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config_cmd.add_argument("--json", action="store_true", help="one JSON object: {key: {value, source}}")
+    _add_policy_options(config_cmd)
+    config_cmd.set_defaults(handler=cmd_config)
 
     claim_cmd = commands.add_parser(
         "claim", parents=[common], help="claim your payouts: fetch your latest proof and send the claim on chain",
@@ -129,6 +145,41 @@ def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
 
 
+def _add_policy_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per policy key (--idle-minutes ...); None = not given, so env, file and default apply.
+    Values are checked by the policy loader, which names the flag in its errors."""
+    group = parser.add_argument_group("policy (over $IDLEGRID_AGENT_<KEY>, over config.toml in the state dir)")
+    for key in KEYS:
+        if PARSERS[key] is _BOOLEAN:
+            group.add_argument(flag_name(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(${env_name(key)})")
+        else:
+            group.add_argument(flag_name(key), dest=key, default=None, metavar=key.split("_")[-1].upper(),
+                               help=f"default {_default_text(key)} (${env_name(key)})")
+
+
+def _default_text(key: str) -> str:
+    value = getattr(Policy(), key)
+    return json.dumps(value) if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _policy(args: argparse.Namespace, state: StateDir) -> Policy:
+    return load_policy(state.root, flags={key: getattr(args, key) for key in KEYS})
+
+
+def cmd_config(args: argparse.Namespace, state: StateDir) -> int:
+    try:
+        policy = _policy(args, state)
+    except PolicyError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({key: {"value": getattr(policy, key), "source": policy.sources[key]} for key in KEYS}))
+    else:
+        print("\n".join(describe(policy)))
+    return EXIT_OK
+
+
 def cmd_enroll(args: argparse.Namespace, state: StateDir) -> int:
     with AgentClient(args.server) as client:
         device = enroll(state=state, client=client, server=args.server, token=args.token, name=args.name, force=args.force)
@@ -139,13 +190,19 @@ def cmd_enroll(args: argparse.Namespace, state: StateDir) -> int:
 
 def cmd_run(args: argparse.Namespace, state: StateDir) -> int:
     device, key = state.load_device(), state.load_key()
+    try:
+        policy = _policy(args, state)
+    except PolicyError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     options = RunOptions(
         burst=args.burst,
         max_units=args.max_units,
         batch=args.batch,
         poll_seconds=args.poll,
         fault=args.faulty,
-        cache_max_bytes=args.cache_mb << 20,
+        cache_max_bytes=policy.cache_mb << 20,
+        threads=policy.cores,
     )
     retry = RetryPolicy(attempts=args.max_retries + 1, cap_seconds=args.backoff_cap)
     if options.fault:
@@ -155,7 +212,12 @@ def cmd_run(args: argparse.Namespace, state: StateDir) -> int:
         AgentClient(device.server, device=(device.device_id, device.device_secret), retry=retry) as client,
         Shutdown() as shutdown,
     ):
-        agent = Agent(client=client, device=device, key=key, state=state, options=options, shutdown=shutdown)
+        try:
+            agent = Agent(client=client, device=device, key=key, state=state, options=options, shutdown=shutdown,
+                          policy=policy)
+        except IdleSourceUnavailable as exc:
+            log.error("policy key idle_source (from %s): %s", policy.sources["idle_source"], exc)
+            return EXIT_USAGE
         log.info("device %d (%s) working for %s", device.device_id, device.name, device.server)
         code = _run_agent(agent)
     print(f"idlegrid-agent: {agent.summary.line()}", file=sys.stderr)
@@ -226,6 +288,9 @@ def configure_logging(level: str) -> None:
     # httpx logs every request at INFO; our own lines already say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+_BOOLEAN = PARSERS["run_on_battery"]
 
 
 def _positive_int(text: str) -> int:

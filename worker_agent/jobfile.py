@@ -19,9 +19,13 @@ from worker_agent.wire import Limits, PayloadError
 # only: the training update sign-flipped and scaled; other kinds compute honestly under it).
 FAULT_MODES = ("wrong", "collude", "lazy", "poison")
 AGENT_PID_ENV = "IDLEGRID_AGENT_PID"  # lets the child notice an agent that died before it started
+# torch threads the child's units run with (the policy's `cores`): a numerics fact, since a thread count
+# other than 1 may change the last bits of a result; each ChildJob says it again (`threads`).
+THREADS_ENV = "IDLEGRID_CHILD_THREADS"
+MAX_THREADS = 1024
 # A unit's limits and a refused payload are the wire's (worker_agent/wire.py); the child's interface
 # names them too, so they are exported from here as well.
-__all__ = ["AGENT_PID_ENV", "FAULT_MODES", "ChildJob", "ChildStatus", "Limits", "PayloadError"]
+__all__ = ["AGENT_PID_ENV", "FAULT_MODES", "MAX_THREADS", "THREADS_ENV", "ChildJob", "ChildStatus", "Limits", "PayloadError"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,12 @@ class ChildJob:
     fault_seed: int = 0
     limits: Limits = field(default_factory=Limits)
     device: str = "cpu"  # "cpu" or "cuda:N" (worker_agent/gpu.py child_device decides)
+    threads: int = 1  # torch threads for this unit (the policy's `cores` key); restored after it
 
     def __post_init__(self) -> None:
         device_checked(self.device)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 1 <= self.threads <= MAX_THREADS:
+            raise PayloadError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {self.threads!r}")
 
     def artifact_path(self, sha256: str) -> Path:
         try:

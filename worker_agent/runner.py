@@ -12,6 +12,7 @@ decides whether the unit may finish (warm shutdown) or must die (cold).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 import worker_agent
-from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus
+from worker_agent.jobfile import AGENT_PID_ENV, THREADS_ENV, ChildJob, ChildStatus
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,23 @@ class _ChildGone(Exception):
 class ComputeChild:
     """One warm compute child, replaced whenever a unit leaves it dead or unhealthy.
 
-    Only ever used from one thread (the agent's main thread: PR_SET_PDEATHSIG fires when the thread
-    that started the child ends). `start` returns at once; the child imports torch meanwhile.
+    Used from the agent's main thread (PR_SET_PDEATHSIG fires when the thread that started the child
+    ends), except `pause`, `resume`, `unit_pid` and `kill_for`, which the governor's thread calls: they
+    only signal the current child, under a lock that `kill` takes to forget it. `start` returns at
+    once; the child imports torch meanwhile.
+
+    Time the child spends stopped (pause) does not count against a unit's wall-clock limit or its
+    elapsed time, nor against the startup deadline.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, threads: int = 1) -> None:
         self.workdir = workdir
+        self.threads = threads  # torch threads per unit (the `cores` policy key); a numerics fact
+        self._signal_lock = threading.Lock()
+        self._paused_at: float | None = None
+        self._paused_total = 0.0
+        self._in_unit = False
+        self._kill_reason: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_fd: int | None = None
         self._buffer = b""
@@ -111,16 +124,26 @@ class ComputeChild:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=fd,
-            env=child_env(),
+            env={**child_env(), THREADS_ENV: str(self.threads)},
             start_new_session=True,
         )
         self._buffer, self._ready, self._fresh = b"", False, True
+        self._kill_reason = None
         self._started = time.monotonic()
         log.debug("compute child %d started", self._process.pid)
 
     def run(self, job: ChildJob, *, should_abort: Callable[[], str | None] = lambda: None) -> ChildOutcome:
         """Run one unit to completion, its time limit, or an abort (ChildAborted). A child that might
         be unhealthy afterwards is replaced; on any other exception (a cold shutdown) it is killed."""
+        self._in_unit = True
+        try:
+            return self._run(job, should_abort)
+        finally:
+            self._in_unit = False
+
+    def _run(self, job: ChildJob, should_abort: Callable[[], str | None]) -> ChildOutcome:
+        if job.threads == 1 and self.threads != 1:
+            job = dataclasses.replace(job, threads=self.threads)
         self.start()
         try:
             if not self._await_ready(should_abort):
@@ -133,20 +156,20 @@ class ComputeChild:
         process = self._process
         assert process is not None and process.stdin is not None
         log_mark = self._mark_log()
-        started = time.monotonic()
+        started, paused_mark = time.monotonic(), self.paused_seconds()
         try:
             process.stdin.write(job.to_line())
             process.stdin.flush()
             line = self._read_line(started + job.limits.seconds, should_abort)
         except (_ChildGone, BrokenPipeError):
-            return self._crashed(job, time.monotonic() - started, log_mark=log_mark)
+            return self._crashed(job, self._running_since(started, paused_mark), log_mark=log_mark)
         except ChildAborted:
             self.restart()
             raise
         except BaseException:
             self.kill()
             raise
-        elapsed = time.monotonic() - started
+        elapsed = self._running_since(started, paused_mark)
         if line is None:
             self.restart()
             return ChildOutcome(False, elapsed, f"time limit of {job.limits.seconds:g} s exceeded; the child was killed",
@@ -169,6 +192,56 @@ class ComputeChild:
             pass
         return self.facts
 
+    def _running_since(self, started: float, paused_mark: float) -> float:
+        return time.monotonic() - started - (self.paused_seconds() - paused_mark)
+
+    # --- called from the governor's thread as well ----------------------------------------------
+
+    def unit_pid(self) -> int | None:
+        """The child's pid while a unit runs (or waits for the child to start); None otherwise."""
+        process = self._process
+        return process.pid if process is not None and self._in_unit else None
+
+    def pause(self) -> None:
+        """SIGSTOP the child's process group; no-op without a child or when already stopped."""
+        with self._signal_lock:
+            if self._process is None or self._paused_at is not None:
+                return
+            if self._signal(signal.SIGSTOP):
+                self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        """SIGCONT the child's process group; no-op without a child or when it is not stopped."""
+        with self._signal_lock:
+            if self._paused_at is None:
+                return
+            self._paused_total += time.monotonic() - self._paused_at
+            self._paused_at = None
+            if self._process is not None:
+                self._signal(signal.SIGCONT)
+
+    def paused_seconds(self) -> float:
+        """Seconds children have spent stopped so far, a stop under way included."""
+        with self._signal_lock:
+            ongoing = time.monotonic() - self._paused_at if self._paused_at is not None else 0.0
+            return self._paused_total + ongoing
+
+    def kill_for(self, reason: str) -> None:
+        """Kill the child at once; the unit it runs fails with `reason` (not a crash message)."""
+        with self._signal_lock:
+            if self._process is None or self._kill_reason is not None:
+                return
+            self._kill_reason = reason
+            self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> bool:
+        assert self._process is not None  # the caller holds the lock, so it is not reaped meanwhile
+        try:
+            os.killpg(self._process.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
     def restart(self) -> None:
         """Kill the child and start the next one now, so its import overlaps with other work."""
         self.kill()
@@ -179,6 +252,7 @@ class ComputeChild:
         process = self._process
         if process is None:
             return
+        self.resume()  # a stopped child cannot read the end of its stdin
         try:
             if process.stdin is not None:
                 try:
@@ -194,7 +268,11 @@ class ComputeChild:
 
     def kill(self) -> None:
         """Kill the child's whole process group (helpers it spawned die too) and forget it."""
-        process, self._process = self._process, None
+        with self._signal_lock:
+            process, self._process = self._process, None
+            if self._paused_at is not None:  # the next child starts running
+                self._paused_total += time.monotonic() - self._paused_at
+                self._paused_at = None
         if process is not None:
             if process.poll() is None:
                 try:
@@ -240,11 +318,13 @@ class ComputeChild:
         fd = self._process.stdout.fileno()
         poller = select.poll()  # not select.select: that breaks on descriptors above 1023
         poller.register(fd, select.POLLIN)
+        paused_mark = self.paused_seconds()
         while (end := self._buffer.find(b"\n")) < 0:
             reason = should_abort()
             if reason is not None:
                 raise ChildAborted(reason)
-            remaining = deadline - time.monotonic()
+            # The deadline moves on by the time the child spent stopped: a paused unit is not a slow one.
+            remaining = deadline + (self.paused_seconds() - paused_mark) - time.monotonic()
             if remaining <= 0:
                 return None
             if poller.poll(max(1, round(min(POLL_SECONDS, remaining) * 1000))):
@@ -276,7 +356,7 @@ class ComputeChild:
         assert process is not None
         try:
             process.wait(1.0)  # it closed its pipes, so it is exiting, unless it hangs or babbles
-            what = _crash_message(process.returncode, job)
+            what = self._kill_reason or _crash_message(process.returncode, job)
         except subprocess.TimeoutExpired:
             what = "the compute child stopped answering and was killed"
         tail = self._log_tail(log_mark)

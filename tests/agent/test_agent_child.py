@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,3 +293,34 @@ def test_the_sabotage_mode_gives_a_plausible_but_wrong_output(tmp_path: Path) ->
     honest = reference_forward(arch, config, state, x, batch_size=8)
     assert wrong.shape == honest.shape and wrong.dtype == torch.float32
     assert not torch.allclose(wrong, honest, rtol=1e-3, atol=1e-3)
+
+
+def test_time_a_child_spends_stopped_counts_against_neither_the_limit_nor_elapsed(
+    child: ComputeChild, tmp_path: Path,
+) -> None:
+    job = make_job(tmp_path, *MLP, rows=10, batch_size=4, seconds=1)
+    child.wait_facts()
+    child.pause()  # SIGSTOP: the unit cannot start until resumed, 1.6 s later, past its 1 s limit
+    resumer = threading.Timer(1.6, child.resume)
+    resumer.start()
+    try:
+        outcome = child.run(job)
+    finally:
+        resumer.cancel()
+        child.resume()
+    assert outcome.ok, outcome.error
+    assert outcome.elapsed_seconds < 1.0
+    assert child.paused_seconds() >= 1.6
+
+
+def test_a_child_killed_for_a_reason_fails_its_unit_with_that_reason(child: ComputeChild, tmp_path: Path) -> None:
+    job = make_job(tmp_path, *MLP, rows=10, batch_size=4)
+    child.wait_facts()
+    child.pause()  # held, so the unit cannot finish before the kill
+    killer = threading.Timer(0.3, child.kill_for, args=("memory cap: the unit held too much",))
+    killer.start()
+    try:
+        outcome = child.run(job)
+    finally:
+        killer.cancel()
+    assert (outcome.ok, outcome.error) == (False, "memory cap: the unit held too much")

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from worker_agent import hardware
 from worker_agent.agent import Agent, RunOptions
 from worker_agent.client import AgentClient
+from worker_agent.jobfile import THREADS_ENV
 from worker_agent.runner import ComputeChild
 from worker_agent.state import DeviceState, StateDir
 
@@ -70,6 +71,21 @@ def test_an_instruction_set_override_makes_another_class_on_the_same_machine(
     assert native is not None and scalar is not None
     assert scalar["cpu_capability"] == "DEFAULT" != native["cpu_capability"]
     assert scalar["math_env"] == {"ATEN_CPU_CAPABILITY": "default"}
+
+
+def test_a_thread_count_other_than_one_makes_another_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(THREADS_ENV, "2")  # what ComputeChild(threads=2), the policy's `cores`, gives its child
+    threaded = hardware.numerics_facts()
+    assert threaded is not None and threaded["num_threads"] == 2
+
+
+def test_a_unit_runs_with_its_thread_count_and_the_child_goes_back_to_one() -> None:
+    from worker_agent.child import unit_threads
+
+    before = torch.get_num_threads()
+    with unit_threads(before + 2):
+        assert torch.get_num_threads() == before + 2
+    assert torch.get_num_threads() == before
 
 
 def test_the_facts_mode_gives_the_same_facts_as_a_serving_child(child: ComputeChild) -> None:
