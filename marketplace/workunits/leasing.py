@@ -30,7 +30,9 @@ from marketplace.workers.trust import lease_cap, trust_reset
 from marketplace.workunits.known_answers import known_answer_draw, known_answers_lease
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_replace, replication_decide
+from marketplace.workunits.requirements import UNREPORTED_KINDS
 from worker_agent.protocol import b64encode
+from worker_agent.wire import Capabilities
 
 log = logging.getLogger(__name__)
 _random = random.SystemRandom()
@@ -42,10 +44,17 @@ _random = random.SystemRandom()
 # one replica per unit, and the batch is drawn at random from that window of old work: two devices that
 # lease back to back (two colluders, say) do not receive replicas of the same units, and none can steer
 # which units it shares with whom. The window is bounded, so the oldest work still goes first.
+#
+# Capability matching rides on the same scan: each replica row carries its unit's requirements
+# (workunits/requirements.py, denormalised so no join is made per candidate), and a row is a candidate
+# only if the device has the memory, the GPU memory (0 for a cpu unit, at least 1 for a cuda one, so a
+# CPU device, reporting 0, never gets a cuda unit) and ships the kind. The partial index result_unsent
+# still drives the scan in id order; rows the device cannot run are skipped like rows of its own units.
 _LEASE_SQL = """
 WITH candidates AS (
     SELECT r.id, r.unit_id FROM workunits_result r
     WHERE r.state = 'unsent'
+      AND r.need_memory_mb <= %(memory_mb)s AND r.need_gpu_mb <= %(gpu_mb)s AND r.kind IN ({kinds})
       AND NOT EXISTS (
           SELECT 1 FROM workunits_result o WHERE o.unit_id = r.unit_id AND o.owner_id = %(owner)s)
     ORDER BY r.id
@@ -77,9 +86,30 @@ class Lease:
 _UnitWire = tuple[dict[str, Any], str | None, str]
 
 
-def _lease_sql(*, draw: bool) -> str:
+@dataclass(frozen=True)
+class Capacity:
+    """What a device can run, as the lease matches it: memory for a unit (MB), GPU memory (MB, 0: no
+    CUDA device) and the kinds it ships."""
+
+    memory_mb: int
+    gpu_mb: int
+    kinds: tuple[str, ...]
+
+
+def capacity_of(capabilities: Capabilities | None) -> Capacity:
+    """A lease request's capabilities as the lease matches them. None (an agent older than capability
+    matching) is matched conservatively: a CPU device with IDLEGRID_UNREPORTED_MEMORY_MB, running the kinds
+    agents shipped then."""
+    if capabilities is None:
+        return Capacity(settings.IDLEGRID_UNREPORTED_MEMORY_MB, 0, UNREPORTED_KINDS)
+    gpu = capabilities.gpu_memory_mb if capabilities.device_type == "cuda" else 0
+    return Capacity(capabilities.memory_mb, gpu, tuple(sorted(capabilities.kinds)))
+
+
+def _lease_sql(*, draw: bool, kinds: int) -> str:
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
-    return _LEASE_SQL.format(lock=lock, order="random()" if draw else "MIN(id)")
+    placeholders = ", ".join(f"%(kind_{index})s" for index in range(kinds))
+    return _LEASE_SQL.format(lock=lock, order="random()" if draw else "MIN(id)", kinds=placeholders)
 
 
 def lease_room(*, device: Device, asked: int, now: datetime | None = None) -> int:
@@ -100,27 +130,32 @@ def cooldown_remaining(*, device: Device, now: datetime | None = None) -> float:
     return (device.cooldown_until - now).total_seconds()
 
 
-def workunit_lease(*, device: Device, max_units: int) -> list[Lease]:
-    """Lease up to max_units replicas of distinct units to a device, within its quota, from the oldest work."""
+def workunit_lease(*, device: Device, max_units: int, capabilities: Capabilities | None = None) -> list[Lease]:
+    """Lease up to max_units replicas of distinct units to a device, within its quota, from the oldest work
+    it can run (`capabilities`, as reported with this request; None: an old agent, see capacity_of)."""
     now = timezone.now()
-    device_seen(device=device, now=now)  # at most one write in SEEN_RESOLUTION, whatever it gets
+    device_seen(device=device, now=now, capabilities=capabilities)  # at most one write in SEEN_RESOLUTION
     room = lease_room(device=device, asked=max_units, now=now)
-    if room == 0:
+    capacity = capacity_of(capabilities)
+    if room == 0 or not capacity.kinds:
         return []
     expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
     drawn = known_answer_draw(device=device, slots=room)
     with transaction.atomic(), connection.cursor() as cursor:
         # Known answers first, so that a place drawn for one that cannot be made (no budget, no source)
         # goes to ordinary work.
-        rows = known_answers_lease(device=device, count=drawn, now=now, expires=expires) if drawn else []
+        rows = known_answers_lease(device=device, count=drawn, now=now, expires=expires,
+                                   capacity=capacity) if drawn else []
         if room > len(rows):
             window = settings.IDLEGRID_LEASE_DRAW_WINDOW
             params: dict[str, int | str | datetime] = {
                 "owner": device.owner_id, "device": device.pk, "hardware_class": device.hardware_class,
                 "now": now, "expires": expires, "limit": room - len(rows),
                 "candidates": max(window, 4 * (room - len(rows))),
+                "memory_mb": capacity.memory_mb, "gpu_mb": capacity.gpu_mb,
+                **{f"kind_{index}": kind for index, kind in enumerate(capacity.kinds)},
             }
-            cursor.execute(_lease_sql(draw=window > 1), params)
+            cursor.execute(_lease_sql(draw=window > 1, kinds=len(capacity.kinds)), params)
             leased = cursor.fetchall()
             if leased:
                 replication_decide(device=device, unit_ids=[unit_id for _, unit_id, _ in leased])
