@@ -597,6 +597,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ErrorCode": "marketplace.api.schema.ALL_CODES",
         "WebhookDeliveryStateEnum": "marketplace.webhooks.models.Delivery.State",
+        "DeviceTypeEnum": "worker_agent.wire.DEVICE_TYPES",  # a job spec's device and a capabilities' device_type
     },
 }
 

@@ -82,7 +82,7 @@ def job_quote(*, owner: AbstractBaseUser, kind: Any, spec: Any) -> Quote:
     needs = job_requirements(kind=kind, spec=normal)
     able, able_owners = _pool(needs)
     reason = None if able_owners >= quorum else (
-        not_runnable_sentence(needs) if able == 0 else
+        not_runnable_sentence(needs) if able == 0 < devices else  # devices there are, none can run it
         f"units need results from devices of {quorum} different owners; {able_owners} owner(s) have a device "
         f"active in the last {int(ACTIVE_WINDOW.total_seconds() // 60)} minutes that can run them")
     p50, p90, eta_reason = _eta(kind, results=math.ceil(units * per_unit), devices=able)

@@ -5,8 +5,8 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
-from django.utils import timezone
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
 from marketplace.core.exceptions import NotFound

@@ -127,6 +127,9 @@ class Result(models.Model):
         indexes = [
             # The lease query reads only unsent rows; finished rows never enter this index.
             models.Index(fields=["id"], condition=Q(state="unsent"), name="result_unsent"),
+            # ... and a CPU device's lease reads only unsent cpu rows: a backlog of cuda units at the head of
+            # the queue does not make every CPU device's lease scan past it (leasing.py).
+            models.Index(fields=["id"], condition=Q(state="unsent", need_gpu_mb=0), name="result_unsent_cpu"),
             models.Index(fields=["lease_expires_at"], condition=Q(state="in_progress"), name="result_in_progress"),
             # The leases a device holds now: its quota is counted on every lease request.
             models.Index(fields=["device"], condition=Q(state="in_progress"), name="result_held"),

@@ -21,8 +21,8 @@ from marketplace.jobs.selectors import (
     job_get_for_owner,
     job_progress,
     job_progress_annotated,
-    job_runnable,
     job_rounds,
+    job_runnable,
     jobs_for_owner,
 )
 from marketplace.jobs.services import job_submit

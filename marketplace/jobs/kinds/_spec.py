@@ -15,7 +15,7 @@ from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, read_header_from
 from worker_agent.architectures import Architecture, ArchitectureError, resolve
 from worker_agent.protocol import is_sha256_hex
-from worker_agent.wire import Limits, ModelRef
+from worker_agent.wire import DEVICE_TYPES, Limits, ModelRef
 
 
 def spec_open(
@@ -85,7 +85,7 @@ def check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int, 
             return
 
 
-DEVICES = ("cpu", "cuda")
+DEVICES = DEVICE_TYPES  # the agent's device types (worker_agent/wire.py)
 MAX_GPU_MEMORY_MB = 1 << 20  # 1 TiB: above any GPU made
 
 

@@ -22,7 +22,13 @@ from marketplace.core.tensors import TensorFileError, array_file_bytes, read_arr
 from marketplace.jobs import comparators
 from marketplace.jobs.fedavg_math import AGGREGATIONS, dp_epsilon, shard_bounds
 from marketplace.jobs.kinds._spec import (
-    artifact_header, bounded_int, check_weights, device_options, model_ref, spec_open, unit_limits,
+    artifact_header,
+    bounded_int,
+    check_weights,
+    device_options,
+    model_ref,
+    spec_open,
+    unit_limits,
 )
 from marketplace.jobs.kinds.inference import UnitPlan
 from worker_agent.architectures import Architecture, resolve

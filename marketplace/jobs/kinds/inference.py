@@ -17,7 +17,13 @@ from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, array_file_bytes, read_array, read_header
 from marketplace.jobs import comparators
 from marketplace.jobs.kinds._spec import (
-    artifact_header, bounded_int, check_weights, device_options, model_ref, spec_open, unit_limits,
+    artifact_header,
+    bounded_int,
+    check_weights,
+    device_options,
+    model_ref,
+    spec_open,
+    unit_limits,
 )
 from worker_agent.architectures import resolve
 from worker_agent.protocol import sha256_hex

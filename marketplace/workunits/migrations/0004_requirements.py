@@ -73,5 +73,9 @@ class Migration(migrations.Migration):
             model_name='workunit',
             constraint=models.CheckConstraint(condition=models.Q(models.Q(('need_device', 'cpu'), ('need_gpu_mb', 0)), models.Q(('need_device', 'cuda'), ('need_gpu_mb__gte', 1)), _connector='OR'), name='unit_need_device'),
         ),
+        migrations.AddIndex(
+            model_name='result',
+            index=models.Index(condition=models.Q(('need_gpu_mb', 0), ('state', 'unsent')), fields=['id'], name='result_unsent_cpu'),
+        ),
         migrations.RunPython(kind_from_job, migrations.RunPython.noop),
     ]
