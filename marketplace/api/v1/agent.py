@@ -133,19 +133,23 @@ def _lease_wire(lease: Lease) -> dict[str, Any]:
 
 
 class CapabilitiesIn(serializers.Serializer):
-    """What the device can run now (worker_agent/wire.py Capabilities, which then checks it all again)."""
+    """What the device can run now: read by worker_agent/wire.py Capabilities itself (to_internal_value), so
+    the marketplace refuses exactly what the agent's own record refuses; these fields document it."""
 
     memory_mb = serializers.IntegerField(min_value=0, max_value=wire.MAX_MEMORY_MB,
                                          help_text="memory free for a unit now, MB, within the contributor's cap")
     cores = serializers.IntegerField(min_value=1, max_value=wire.MAX_CORES, help_text="cores the unit may use")
     device_type = serializers.ChoiceField(choices=list(wire.DEVICE_TYPES), default="cpu",
                                           help_text="cuda: the compute child uses a CUDA GPU")
-    gpu_name = serializers.CharField(max_length=wire.MAX_NAME, required=False, help_text="the GPU's model (cuda only)")
+    gpu_name = serializers.CharField(min_length=1, max_length=wire.MAX_NAME, required=False,
+                                     help_text="the GPU's model (cuda only)")
     gpu_memory_mb = serializers.IntegerField(min_value=0, max_value=wire.MAX_MEMORY_MB, default=0,
                                              help_text="the GPU's memory, MB: more than 0 exactly with cuda")
-    torch_version = serializers.CharField(max_length=64, required=False, help_text="the torch the child imported")
-    kinds = serializers.ListField(child=serializers.CharField(max_length=wire.MAX_KIND_NAME), max_length=wire.MAX_KINDS,
-                                  default=list, help_text="the task kinds the agent ships")
+    torch_version = serializers.CharField(min_length=1, max_length=64, required=False,
+                                          help_text="the torch the child imported")
+    kinds = serializers.ListField(child=serializers.CharField(min_length=1, max_length=wire.MAX_KIND_NAME),
+                                  max_length=wire.MAX_KINDS, default=list,
+                                  help_text="the task kinds the agent ships, each once")
 
     def to_internal_value(self, data: Any) -> wire.Capabilities:
         # The record reads the raw JSON, strictly (no "1024" for 1024, no unknown member): the fields above

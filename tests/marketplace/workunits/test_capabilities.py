@@ -213,3 +213,18 @@ def test_the_device_options_of_a_spec_are_validated(api, submitter, inference_sp
 
     assert response.status_code == 400
     assert field in response.json()["error"]["fields"]
+
+
+def test_the_job_page_says_when_no_online_device_can_run_what_waits(submitter, submit_job, make_device, contributor):
+    from django.test import Client
+
+    cuda_job, cpu_job = submit_job(rows=4, rows_per_unit=4, device="cuda"), submit_job(rows=4, rows_per_unit=4)
+    seen_with(make_device(contributor), caps(64_000))  # a CPU device, online
+    browser = Client()
+    browser.force_login(submitter)
+
+    waiting = browser.get(f"/jobs/{cuda_job.pk}/live/").content.decode()
+    running = browser.get(f"/jobs/{cpu_job.pk}/live/").content.decode()
+
+    assert 'id="not-runnable"' in waiting and "a CUDA GPU with 1 MB" in waiting
+    assert 'id="not-runnable"' not in running
