@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db.models import F, Max, Min
@@ -23,10 +22,7 @@ from marketplace.ledger.selectors import verification_budget_available
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.creation import units_sign
 from marketplace.workunits.models import Result, WorkUnit
-from marketplace.workunits.requirements import replica_needs
-
-if TYPE_CHECKING:
-    from marketplace.workunits.leasing import Capacity
+from marketplace.workunits.requirements import Capacity, replica_needs
 
 _random = random.SystemRandom()
 
@@ -78,7 +74,8 @@ def known_answers_lease(*, device: Device, count: int, now: datetime, expires: d
 
 def _pick_source(device: Device, capacity: Capacity) -> WorkUnit | None:
     """A random unit decided by a replicated quorum (never one accepted on one device's word), copied fewer
-    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, that no device of this owner computed. Claimed by a
+    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, that no device of this owner computed and that this device
+    can run (its requirements within `capacity`, as the lease statement matches them). Claimed by a
     conditional UPDATE of its copy count, so two concurrent leases cannot both make the last copy."""
     limit = settings.IDLEGRID_KNOWN_ANSWER_MAX_COPIES
     candidates = WorkUnit.objects.filter(

@@ -30,7 +30,7 @@ from marketplace.workers.trust import lease_cap, trust_reset
 from marketplace.workunits.known_answers import known_answer_draw, known_answers_lease
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_replace, replication_decide
-from marketplace.workunits.requirements import UNREPORTED_KINDS
+from marketplace.workunits.requirements import capacity_of
 from worker_agent.protocol import b64encode
 from worker_agent.wire import Capabilities
 
@@ -91,26 +91,6 @@ class Lease:
 
 # What a lease sends of its unit: payload, base64 signature (None when unsigned), signing key id.
 _UnitWire = tuple[dict[str, Any], str | None, str]
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What a device can run, as the lease matches it: memory for a unit (MB), GPU memory (MB, 0: no
-    CUDA device) and the kinds it ships."""
-
-    memory_mb: int
-    gpu_mb: int
-    kinds: tuple[str, ...]
-
-
-def capacity_of(capabilities: Capabilities | None) -> Capacity:
-    """A lease request's capabilities as the lease matches them. None (an agent older than capability
-    matching) is matched conservatively: a CPU device with IDLEGRID_UNREPORTED_MEMORY_MB, running the kinds
-    agents shipped then."""
-    if capabilities is None:
-        return Capacity(settings.IDLEGRID_UNREPORTED_MEMORY_MB, 0, UNREPORTED_KINDS)
-    gpu = capabilities.gpu_memory_mb if capabilities.device_type == "cuda" else 0
-    return Capacity(capabilities.memory_mb, gpu, tuple(sorted(capabilities.kinds)))
 
 
 def _lease_sql(*, draw: bool, kinds: int, gpu: bool = False) -> str:

@@ -1,4 +1,5 @@
-"""What a unit needs of the device that computes it: memory, a device type (and GPU memory), its kind.
+"""What a unit needs of the device that computes it (memory, a device type and GPU memory, its kind), and
+what a device can run (`Capacity`, from the capabilities it reports): the two sides the lease matches.
 
 Computed once, when the unit is made (units_create), from its payload and its job's spec, and stored
 on the unit and on every replica row (denormalised: the lease statement filters replicas by them with
@@ -23,7 +24,7 @@ from django.conf import settings
 from django.db.models import Q
 
 from worker_agent.architectures import resolve
-from worker_agent.wire import DEFAULT_MEMORY_MB
+from worker_agent.wire import DEFAULT_MEMORY_MB, Capabilities
 
 ACTIVATION_FACTOR = 16  # activations per batch row, in multiples of its input + output widths
 SLACK_MB = 64  # the allocator's and safetensors' buffers around the tensors themselves
@@ -42,6 +43,26 @@ class Requirements:
 
     def columns(self) -> dict[str, Any]:
         return dict(zip(NEEDS, (self.memory_mb, self.device, self.gpu_memory_mb, self.kind), strict=True))
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a device can run, as the lease matches it: memory for a unit (MB), GPU memory (MB, 0: no
+    CUDA device) and the kinds it ships."""
+
+    memory_mb: int
+    gpu_mb: int
+    kinds: tuple[str, ...]
+
+
+def capacity_of(capabilities: Capabilities | None) -> Capacity:
+    """A lease request's capabilities as the lease matches them. None (an agent older than capability
+    matching) is matched conservatively: a CPU device with IDLEGRID_UNREPORTED_MEMORY_MB, running the kinds
+    agents shipped then."""
+    if capabilities is None:
+        return Capacity(settings.IDLEGRID_UNREPORTED_MEMORY_MB, 0, UNREPORTED_KINDS)
+    gpu = capabilities.gpu_memory_mb if capabilities.device_type == "cuda" else 0
+    return Capacity(capabilities.memory_mb, gpu, tuple(sorted(capabilities.kinds)))
 
 
 def memory_estimate_mb(*, architecture: str, config: dict[str, Any], rows: int, batch_size: int,
