@@ -329,6 +329,10 @@ IDLEGRID_MAX_LEASES = envint("IDLEGRID_MAX_LEASES", 64, low=1, high=10_000)
 # asks for), so that who leases next cannot predict or steer which units it shares with whom; 1 leases
 # strictly oldest first.
 IDLEGRID_LEASE_DRAW_WINDOW = envint("IDLEGRID_LEASE_DRAW_WINDOW", 32, low=1, high=100_000)
+# An agent that reports no capabilities (one older than capability matching) is matched as a CPU device
+# with this much memory for a unit, running the kinds agents shipped then: it keeps every unit of a job
+# with the default limits (unit_memory_mb 2048) and never gets a cuda unit or a larger one.
+IDLEGRID_UNREPORTED_MEMORY_MB = envint("IDLEGRID_UNREPORTED_MEMORY_MB", 2048, low=0, high=1 << 24)
 # A lease lives at most the unit's time limit plus this, however often it is renewed: a device cannot
 # sit on a unit by heartbeating it.
 IDLEGRID_LEASE_GRACE_SECONDS = envint("IDLEGRID_LEASE_GRACE_SECONDS", 60, low=1, high=86_400)
@@ -593,6 +597,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ErrorCode": "marketplace.api.schema.ALL_CODES",
         "WebhookDeliveryStateEnum": "marketplace.webhooks.models.Delivery.State",
+        "DeviceTypeEnum": "worker_agent.wire.DEVICE_TYPES",  # a job spec's device and a capabilities' device_type
     },
 }
 

@@ -34,7 +34,7 @@ from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
-from worker_agent.wire import Lease, LeaseBatch, PayloadError, Report, WireError, unit_payload_from_wire
+from worker_agent.wire import Capabilities, Lease, LeaseBatch, PayloadError, Report, WireError, unit_payload_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ class RunOptions:
     poll_seconds: float = 5.0
     fault: str | None = None
     cache_max_bytes: int = 2 << 30
-    threads: int = 1  # torch threads per unit (the policy's `cores`)
+    threads: int = 1  # torch threads per unit (the policy's `cores`); also the cores reported to the marketplace
+    # The memory cap (percent of RAM) reported with each lease request when no governor is running; with
+    # one, the cap in force (busy or idle) is the governor's.
+    memory_cap_percent: float = hardware.DEFAULT_MEMORY_CAP_PERCENT
 
 
 @dataclass
@@ -178,7 +181,7 @@ class Agent:
     def _lease(self) -> tuple[list[Lease], float]:
         facts = self.facts.due(self.child, should_abort=lambda: "shutdown" if self.shutdown.warm.is_set() else None)
         try:
-            answer = self.client.lease(self._wanted(), hardware=facts)
+            answer = self.client.lease(self._wanted(), hardware=facts, capabilities=self._capabilities())
         except ServerUnavailable as exc:
             if self.options.burst:
                 raise
@@ -194,6 +197,13 @@ class Agent:
         if leases:
             log.info("leased %d unit%s", len(leases), "" if len(leases) == 1 else "s")
         return leases, float(batch.retry_after)
+
+    def _capabilities(self) -> Capabilities:
+        """What this device can run now (free memory changes between requests, so every request says)."""
+        cap = self.options.memory_cap_percent
+        if self.governor is not None:
+            cap = float(self.governor.verdict().memory_cap_percent)
+        return hardware.capabilities(self.child.facts, memory_cap_percent=cap, cores=self.options.threads)
 
     def _parse_leases(self, raw: tuple[dict[str, Any], ...]) -> list[Lease]:
         leases: list[Lease] = []

@@ -43,12 +43,8 @@ from typing import IO
 
 from worker_agent import kinds
 from worker_agent.architectures import ArchitectureError
-<<<<<<< HEAD
-from worker_agent.jobfile import AGENT_PID_ENV, ChildJob, ChildStatus, Limits, PayloadError
-from worker_agent.kinds import _device
-=======
 from worker_agent.jobfile import AGENT_PID_ENV, MAX_THREADS, THREADS_ENV, ChildJob, ChildStatus, Limits, PayloadError
->>>>>>> i13-policy
+from worker_agent.kinds import _device
 
 EXIT_OK = 0
 EXIT_FAILED = 3

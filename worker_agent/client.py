@@ -134,9 +134,11 @@ class AgentClient:
     def keys(self, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
         return self._with_retries("GET /api/v1/agent/keys", lambda: self._json_once("GET", "/api/v1/agent/keys"), retry)
 
-    def lease(self, max_units: int, *, hardware: dict[str, Any] | None = None) -> dict[str, Any]:
+    def lease(self, max_units: int, *, hardware: dict[str, Any] | None = None,
+              capabilities: wire.Capabilities | None = None) -> dict[str, Any]:
         # `hardware`: the device's facts, sent when they changed since last sent (None leaves them out).
-        body = wire.LeaseRequest(max_units=max_units, hardware=hardware).to_wire()
+        # `capabilities`: what the device can run now, sent with every request (hardware.capabilities).
+        body = wire.LeaseRequest(max_units=max_units, hardware=hardware, capabilities=capabilities).to_wire()
         return self.post_json("/api/v1/agent/lease", body)
 
     def heartbeat(self, result_ids: list[int], *, retry: RetryPolicy | None = None) -> dict[str, Any]:

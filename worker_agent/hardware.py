@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import worker_agent
+from worker_agent import wire
+from worker_agent.kinds import KIND_MODULES
 
 if TYPE_CHECKING:
     from worker_agent.runner import ComputeChild
@@ -180,3 +182,57 @@ class FactsReporter:
         """The server took the lease request that carried `facts` (None: nothing was sent)."""
         if facts is not None:
             self._sent = facts
+
+
+# --- capabilities: what this device can run now (sent with every lease request) -------------------
+
+DEFAULT_MEMORY_CAP_PERCENT = 90.0  # BOINC's "use at most 90% of memory when idle"; the policy passes its own
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Memory the kernel could give a new process now (MemAvailable: free plus reclaimable cache)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def free_memory_mb(*, cap_percent: float = DEFAULT_MEMORY_CAP_PERCENT, meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Memory a unit may take now, in MB: what is available, and never more than the cap (a percent of
+    RAM) leaves. 0 when the machine will not say: the marketplace then leases only units that need no
+    stated memory, never a large one on a guess."""
+    total, available = memory_bytes(meminfo), available_memory_bytes(meminfo)
+    if available is None:
+        return 0
+    budget = available if total is None else min(available, int(total * max(0.0, min(cap_percent, 100.0)) / 100))
+    return max(0, budget >> 20)
+
+
+def capabilities(
+    numerics: dict[str, Any] | None, *, memory_cap_percent: float = DEFAULT_MEMORY_CAP_PERCENT,
+    cores: int | None = None, meminfo: Path = Path("/proc/meminfo"),
+) -> wire.Capabilities:
+    """This device's capabilities now: free memory under the cap, the cores the child may use (`cores`:
+    the policy's; default every CPU), the CUDA device the child reported in its numerics facts (gpu part:
+    "device_type": "cuda", "gpu": {"name", "memory_mb", ...}), the torch it imported, the kinds shipped."""
+    numerics = numerics or {}
+    gpu = numerics.get("gpu") if numerics.get("device_type") == "cuda" else None
+    gpu_mb = gpu.get("memory_mb") if isinstance(gpu, dict) else None
+    gpu_name = gpu.get("name") if isinstance(gpu, dict) else None
+    cuda = isinstance(gpu_mb, int) and not isinstance(gpu_mb, bool) and 0 < gpu_mb <= wire.MAX_MEMORY_MB
+    torch_version = numerics.get("torch_version") or package_version("torch")
+    return wire.Capabilities(
+        memory_mb=min(free_memory_mb(cap_percent=memory_cap_percent, meminfo=meminfo), wire.MAX_MEMORY_MB),
+        cores=max(1, min(cores or os.cpu_count() or 1, wire.MAX_CORES)),
+        device_type="cuda" if cuda else "cpu",
+        gpu_name=gpu_name[: wire.MAX_NAME] if cuda and isinstance(gpu_name, str) and gpu_name else None,
+        gpu_memory_mb=gpu_mb if cuda and isinstance(gpu_mb, int) else 0,
+        torch_version=torch_version[:64] if isinstance(torch_version, str) and torch_version else None,
+        kinds=tuple(sorted(KIND_MODULES)),
+    )

@@ -454,10 +454,59 @@ class Lease(Record):
         })
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+MAX_MEMORY_MB = 1 << 24  # 16 TiB: more than any machine reports
+MAX_CORES = 4096
+MAX_KINDS = 16  # the marketplace stores them in one column (workers.Device.cap_kinds)
+MAX_KIND_NAME = 32  # the marketplace's kind column
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities(Record):
+    """What this device can run now, sent with every lease request (small: a few hundred bytes). The
+    lease leases only units whose requirements fit (docs/protocol.md, "Capabilities"). `memory_mb` is
+    the memory free now for a unit, already bounded by the contributor's memory cap; `gpu_memory_mb` is
+    0 without a CUDA device, and `gpu_name` then None."""
+
+    memory_mb: int
+    cores: int
+    device_type: Literal["cpu", "cuda"] = "cpu"
+    gpu_name: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    gpu_memory_mb: int = 0
+    torch_version: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    kinds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _int(self.memory_mb, "memory_mb", 0, MAX_MEMORY_MB)
+        _int(self.cores, "cores", 1, MAX_CORES)
+        if self.device_type not in DEVICE_TYPES:
+            raise WireError(f"must be one of {', '.join(DEVICE_TYPES)}, got {_show(self.device_type)}", "device_type")
+        if self.gpu_name is not None:
+            _text(self.gpu_name, "gpu_name")
+        _int(self.gpu_memory_mb, "gpu_memory_mb", 0, MAX_MEMORY_MB)
+        if (self.device_type == "cuda") != (self.gpu_memory_mb > 0):
+            raise WireError("must be more than 0 exactly when device_type is cuda", "gpu_memory_mb")
+        if self.torch_version is not None:
+            _text(self.torch_version, "torch_version", max_length=64)
+        if not isinstance(self.kinds, tuple) or len(self.kinds) > MAX_KINDS:
+            raise WireError(f"must be a list of at most {MAX_KINDS} task kinds, got {_show(self.kinds)}", "kinds")
+        for index, kind in enumerate(self.kinds):
+            _text(kind, f"kinds[{index}]", max_length=MAX_KIND_NAME)
+        if len(set(self.kinds)) != len(self.kinds):
+            raise WireError("must not repeat a kind", "kinds")
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Self:
+        members = cls.members(raw)
+        return cls(**{**members, **({"kinds": _listed(members["kinds"])} if "kinds" in members else {})})
+
+
 @dataclass(frozen=True, kw_only=True)
 class LeaseRequest(Record):
     max_units: int = 1
     hardware: dict[str, Any] | None = field(default=None, metadata=OMIT_IF_NONE)  # sent when the facts changed
+    # Sent with every request (free memory changes); absent from old agents, matched conservatively.
+    capabilities: Capabilities | None = field(default=None, metadata=OMIT_IF_NONE)
 
     def __post_init__(self) -> None:
         # The cap (protocol.MAX_LEASE_BATCH) is the server's to enforce, with its 400; the agent asks
@@ -465,6 +514,15 @@ class LeaseRequest(Record):
         _int(self.max_units, "max_units", 1, MAX_ID)
         if self.hardware is not None:
             _json_object(self.hardware, "hardware", max_keys=MAX_CONFIG_KEYS)
+        if self.capabilities is not None:
+            _is(self.capabilities, Capabilities, "capabilities")
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Self:
+        members = cls.members(raw)
+        if "capabilities" in members:  # null too is refused: an absent member is how an agent says nothing
+            members["capabilities"] = _nested(members, "capabilities", Capabilities.from_wire)
+        return cls(**members)
 
 
 @dataclass(frozen=True, kw_only=True)

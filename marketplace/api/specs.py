@@ -71,6 +71,10 @@ class PriceExtension(OpenApiSerializerFieldExtension):
                           {"type": "integer", "minimum": 0, "maximum": 10**36}]}
 
 
+DEVICE_HELP = ("cpu: units run on any device (on its CPU); cuda: only on devices that report a CUDA GPU "
+               "with min_gpu_memory_mb")
+
+
 def integer(low: int, high: int, help_text: str, **kwargs: Any) -> serializers.IntegerField:
     return serializers.IntegerField(min_value=low, max_value=high, help_text=help_text, **kwargs)
 
@@ -218,6 +222,9 @@ class InferenceSpec(serializers.Serializer):
     unit_timeout_seconds = integer(1, 86_400, "a unit's compute time limit on the device",
                                    default=INF["unit_timeout_seconds"])
     unit_memory_mb = integer(256, 65_536, "a unit's memory limit on the device", default=INF["unit_memory_mb"])
+    device = serializers.ChoiceField(choices=["cpu", "cuda"], default=INF["device"], help_text=DEVICE_HELP)
+    min_gpu_memory_mb = integer(0, 1 << 20, "with device cuda: the GPU memory a unit needs (0: any GPU); "
+                                "0 with cpu", default=INF["min_gpu_memory_mb"])
     adaptive = serializers.BooleanField(default=INF["adaptive"], help_text="true: a trusted device's results are "
                                         "accepted on its word and audited at random; false: every unit is "
                                         "replicated to the quorum")
@@ -282,6 +289,9 @@ class FedavgSpec(serializers.Serializer):
     unit_timeout_seconds = integer(1, 86_400, "a unit's compute time limit on the device",
                                    default=FED["unit_timeout_seconds"])
     unit_memory_mb = integer(256, 65_536, "a unit's memory limit on the device", default=FED["unit_memory_mb"])
+    device = serializers.ChoiceField(choices=["cpu", "cuda"], default=FED["device"], help_text=DEVICE_HELP)
+    min_gpu_memory_mb = integer(0, 1 << 20, "with device cuda: the GPU memory a unit needs (0: any GPU); "
+                                "0 with cpu", default=FED["min_gpu_memory_mb"])
     adaptive = serializers.BooleanField(default=FED["adaptive"], help_text="accept a trusted device's update on its "
                                         "word (off by default: an update is aggregated before an audit could "
                                         "catch it)")

@@ -12,7 +12,9 @@ from the same body as a submission, without creating or escrowing anything.
   alone was 20x short on small units, whose cost is mostly the round trips. No history, or no device:
   no ETA, and the reason.
 - Feasibility: a unit is decided by results from devices of `quorum` different owners, so the pool
-  must hold active devices of at least that many owners.
+  must hold active devices of at least that many owners, among the devices that can run the job's
+  units at all (`runnable_devices`: their last reported capabilities fit the largest unit's memory,
+  device type, GPU memory and kind, workunits/requirements.py). None: the reason says what the units need.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from marketplace.ledger.escrow import escrow_amount, job_price_take
 from marketplace.ledger.selectors import balances_for
 from marketplace.workers.models import Device
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.requirements import Requirements, devices_able, job_requirements, not_runnable_sentence
 
 QUOTE_WINDOW = timedelta(days=1)
 ACTIVE_WINDOW = timedelta(hours=1)
@@ -53,6 +56,7 @@ class Quote:
     affordable: bool
     devices_active: int
     owners_active: int
+    runnable_devices: int  # active devices whose capabilities fit the job's largest unit
     runnable: bool
     not_runnable_reason: str | None
     eta_seconds_p50: int | None
@@ -75,15 +79,18 @@ def job_quote(*, owner: AbstractBaseUser, kind: Any, spec: Any) -> Quote:
     expected = min(worst, math.ceil(int(price) * units * per_unit))
     available = int(balances_for(user=owner)["available"])
     devices, owners = _pool()
-    reason = None if owners >= quorum else (
-        f"units need results from devices of {quorum} different owners; {owners} owner(s) have a device active "
-        f"in the last {int(ACTIVE_WINDOW.total_seconds() // 60)} minutes")
-    p50, p90, eta_reason = _eta(kind, results=math.ceil(units * per_unit), devices=devices)
+    needs = job_requirements(kind=kind, spec=normal)
+    able, able_owners = _pool(needs)
+    reason = None if able_owners >= quorum else (
+        not_runnable_sentence(needs) if able == 0 < devices else  # devices there are, none can run it
+        f"units need results from devices of {quorum} different owners; {able_owners} owner(s) have a device "
+        f"active in the last {int(ACTIVE_WINDOW.total_seconds() // 60)} minutes that can run them")
+    p50, p90, eta_reason = _eta(kind, results=math.ceil(units * per_unit), devices=able)
     return Quote(
         kind=kind, units=units, quorum=quorum, price_per_result=price, results_per_unit_expected=round(per_unit, 4),
         results_per_unit_source=source, cost_expected=str(expected), cost_worst_case=str(worst),
         balance_available=str(available), affordable=available >= worst, devices_active=devices,
-        owners_active=owners, runnable=reason is None, not_runnable_reason=reason,
+        owners_active=owners, runnable_devices=able, runnable=reason is None, not_runnable_reason=reason,
         eta_seconds_p50=p50 if reason is None else None, eta_seconds_p90=p90 if reason is None else None,
         eta_reason=reason or eta_reason, spec=normal,
     )
@@ -101,8 +108,12 @@ def _results_per_unit(kind: str, *, quorum: int, cap: int) -> tuple[float, str]:
     return min(float(cap), max(1.0, per_unit)), f"{figures['units']} units of this kind decided in the last day"
 
 
-def _pool() -> tuple[int, int]:
+def _pool(needs: Requirements | None = None) -> tuple[int, int]:
+    """Devices active in the last ACTIVE_WINDOW and their distinct owners; with `needs`, only those able
+    to run such units."""
     active = Device.objects.filter(state=Device.State.ACTIVE, last_seen_at__gte=timezone.now() - ACTIVE_WINDOW)
+    if needs is not None:
+        active = active.filter(devices_able(needs))
     return active.count(), active.values("owner_id").distinct().count()
 
 

@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from marketplace.artifacts.models import Artifact
 from marketplace.core.exceptions import NotFound
 from marketplace.jobs.models import FedRound, Job
 from marketplace.jobs.rounds import round_current
+from marketplace.workers.models import Device
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.requirements import Requirements, devices_able, not_runnable_sentence
 
 COMPUTED = (Result.State.VALID, Result.State.INVALID, Result.State.REPORTED)
 
@@ -39,6 +45,23 @@ def job_progress(*, job: Job) -> dict:
         # verification cost: results computed per decided unit
         "results_per_unit": round(results["computed"] / decided, 4) if decided else None,
     }
+
+
+def job_runnable(*, job: Job) -> dict:
+    """Whether any online device can run what this running job has waiting: `runnable_devices`, the devices
+    online now whose last reported capabilities fit its largest unsent replica (None when nothing waits),
+    and the reason when none can. Two aggregate queries: the job's unsent replicas (index job, state) and
+    the online devices."""
+    waiting = Result.objects.filter(job=job, state=Result.State.UNSENT).aggregate(
+        memory=Max("need_memory_mb"), gpu=Max("need_gpu_mb"), kind=Max("kind"))
+    if job.state != Job.State.RUNNING or waiting["memory"] is None:
+        return {"runnable_devices": None, "not_runnable_reason": None}
+    gpu = waiting["gpu"] or 0
+    needs = Requirements(memory_mb=waiting["memory"], device="cuda" if gpu else "cpu", gpu_memory_mb=gpu,
+                         kind=waiting["kind"] or job.kind)
+    online = timezone.now() - timedelta(seconds=settings.IDLEGRID_DEVICE_ONLINE_SECONDS)
+    able = Device.objects.filter(devices_able(needs), state=Device.State.ACTIVE, last_seen_at__gte=online).count()
+    return {"runnable_devices": able, "not_runnable_reason": None if able else not_runnable_sentence(needs)}
 
 
 def job_rounds(*, job: Job) -> dict:

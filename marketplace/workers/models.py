@@ -35,6 +35,12 @@ class Device(models.Model):
     ban_reason = models.TextField(blank=True)
     # Set with a ban: the device's unsettled earnings are held (the payouts ledger forfeits them).
     earnings_held = models.BooleanField(default=False)
+    # The capabilities it last reported with a lease request (worker_agent/wire.py Capabilities), recorded
+    # at most once per SEEN_RESOLUTION (and when the GPU or the kinds change): what "can any device run
+    # this job" is computed from. Null memory: never reported (an old agent).
+    cap_memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    cap_gpu_mb = models.PositiveIntegerField(default=0)
+    cap_kinds = models.CharField(max_length=600, default="", blank=True)  # ",fedavg,inference,": a portable `contains`
     created_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
 

@@ -20,6 +20,7 @@ from marketplace.core.exceptions import Conflict, Forbidden, RateLimited, Valida
 from marketplace.core.numbers import decimal_parse
 from marketplace.workers.models import Device, HardwareChange
 from worker_agent.protocol import b64decode, enroll_message
+from worker_agent.wire import Capabilities
 
 # The facts that decide a device's floating-point results; devices equal on all of them form one
 # hardware class, inside which results are compared bitwise (docs/protocol.md, "Hardware facts").
@@ -215,15 +216,36 @@ def device_authenticate(*, device_id: str, secret: str) -> Device | None:
 SEEN_RESOLUTION = timedelta(seconds=30)
 
 
-def device_seen(*, device: Device, now: datetime | None = None) -> None:
+def device_seen(*, device: Device, now: datetime | None = None, capabilities: Capabilities | None = None) -> None:
     """Record the device's request now, at most once per SEEN_RESOLUTION: an idle agent polls for work every
     few seconds, and counts as online (landing page, devices page) only if its polls are seen, not only its
     heartbeats. The device row was read to authenticate the request: within SEEN_RESOLUTION of the time it
     holds no statement is sent at all (the lease is the hot path); past it, a conditional UPDATE, so that
-    concurrent requests write once."""
+    concurrent requests write once. The capabilities a lease request reported are recorded with it (its
+    free memory may be up to SEEN_RESOLUTION old; that is only for reports), and at once when the GPU or
+    the kinds change (rare: another child, another agent)."""
     now = now or timezone.now()
+    caps = _capability_columns(capabilities) if capabilities is not None else {}
+    changed = bool(caps) and (caps["cap_gpu_mb"], caps["cap_kinds"]) != (device.cap_gpu_mb, device.cap_kinds)
     if device.last_seen_at is not None and device.last_seen_at >= now - SEEN_RESOLUTION:
+        if changed:
+            Device.objects.filter(pk=device.pk).update(**caps)
+            _set(device, caps)
         return
     device.last_seen_at = now
-    Device.objects.filter(pk=device.pk).filter(
-        Q(last_seen_at__isnull=True) | Q(last_seen_at__lt=now - SEEN_RESOLUTION)).update(last_seen_at=now)
+    written = Device.objects.filter(pk=device.pk).filter(
+        Q(last_seen_at__isnull=True) | Q(last_seen_at__lt=now - SEEN_RESOLUTION)).update(last_seen_at=now, **caps)
+    if written or changed:
+        if not written:
+            Device.objects.filter(pk=device.pk).update(**caps)
+        _set(device, caps)
+
+
+def _capability_columns(capabilities: Capabilities) -> dict[str, Any]:
+    return {"cap_memory_mb": capabilities.memory_mb, "cap_gpu_mb": capabilities.gpu_memory_mb,
+            "cap_kinds": "," + "".join(f"{kind}," for kind in sorted(capabilities.kinds))}
+
+
+def _set(device: Device, columns: dict[str, Any]) -> None:
+    for name, value in columns.items():
+        setattr(device, name, value)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from marketplace.artifacts.services import artifact_store
 from marketplace.core.signing import keyring
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.requirements import replica_needs, unit_requirements
 from worker_agent.protocol import unit_message
 
 if TYPE_CHECKING:
@@ -38,9 +39,10 @@ def units_create(*, job: Job, plans: Sequence[UnitPlan]) -> list[WorkUnit]:
             # The payload names its inputs by content and is signed as it is: stored bytes that are not
             # those very files would make a unit no agent can run (a bug in the kind's plan, never data).
             raise RuntimeError(f"unit {plan.index} of job {job.pk}: its input files are not the ones its payload names")
+        needs = unit_requirements(payload=plan.payload, spec=job.spec).columns()
         units.append(
             WorkUnit(job=job, index=plan.index, payload=plan.payload, quorum=quorum, max_results=cap,
-                     results_created=first, replication_decided=not adaptive, hidden_rows=plan.hidden_rows)
+                     results_created=first, replication_decided=not adaptive, hidden_rows=plan.hidden_rows, **needs)
         )
         inputs.append([weights, *shas])
     WorkUnit.objects.bulk_create(units)
@@ -49,7 +51,9 @@ def units_create(*, job: Job, plans: Sequence[UnitPlan]) -> list[WorkUnit]:
     through.objects.bulk_create(
         [through(workunit_id=unit.pk, artifact_id=sha) for unit, shas in zip(units, inputs) for sha in shas]
     )
-    Result.objects.bulk_create([Result(unit_id=unit.pk, job_id=job.pk) for unit in units for _ in range(first)])
+    Result.objects.bulk_create(
+        [Result(unit_id=unit.pk, job_id=job.pk, **replica_needs(unit)) for unit in units for _ in range(first)]
+    )
     return units
 
 

@@ -22,6 +22,7 @@ from marketplace.ledger.selectors import verification_budget_available
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits.creation import units_sign
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.requirements import Capacity, replica_needs
 
 _random = random.SystemRandom()
 
@@ -48,36 +49,39 @@ def copies_affordable(*, wanted: int) -> int:
     return max(0, min(wanted, verification_budget_available() // price - out))
 
 
-def known_answers_lease(*, device: Device, count: int, now: datetime, expires: datetime) -> list[tuple[int, int, int]]:
-    """Make up to `count` known-answer copies leased to the device. Returns (result_id, unit_id, job_id)
-    rows like the lease query."""
+def known_answers_lease(*, device: Device, count: int, now: datetime, expires: datetime,
+                        capacity: Capacity) -> list[tuple[int, int, int]]:
+    """Make up to `count` known-answer copies leased to the device, of units it can run (`capacity`, as
+    the lease statement matches it). Returns (result_id, unit_id, job_id) rows like the lease query."""
     rows = []
     for _ in range(copies_affordable(wanted=count)):
-        source = _pick_source(device)
+        source = _pick_source(device, capacity)
         if source is None:
             break
         copy = WorkUnit.objects.create(
             job_id=source.job_id, index=source.index, payload=source.payload, known_answer_of=source,
-            quorum=1, max_results=1, results_created=1, replication_decided=True,
+            quorum=1, max_results=1, results_created=1, replication_decided=True, **replica_needs(source),
         )
         copy.inputs.set(source.inputs.all())
         units_sign([copy])  # signed like any unit, so nothing on the wire sets it apart
         result = Result.objects.create(
             unit=copy, job_id=source.job_id, state=Result.State.IN_PROGRESS, device=device, owner_id=device.owner_id,
-            hardware_class=device.hardware_class, leased_at=now, lease_expires_at=expires,
+            hardware_class=device.hardware_class, leased_at=now, lease_expires_at=expires, **replica_needs(source),
         )
         rows.append((result.pk, copy.pk, source.job_id))
     return rows
 
 
-def _pick_source(device: Device) -> WorkUnit | None:
+def _pick_source(device: Device, capacity: Capacity) -> WorkUnit | None:
     """A random unit decided by a replicated quorum (never one accepted on one device's word), copied fewer
-    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, that no device of this owner computed. Claimed by a
+    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, that no device of this owner computed and that this device
+    can run (its requirements within `capacity`, as the lease statement matches them). Claimed by a
     conditional UPDATE of its copy count, so two concurrent leases cannot both make the last copy."""
     limit = settings.IDLEGRID_KNOWN_ANSWER_MAX_COPIES
     candidates = WorkUnit.objects.filter(
         state=WorkUnit.State.DONE, known_answer_of__isnull=True, canonical_result__accepted_alone=False,
-        known_answer_copies__lt=limit,
+        known_answer_copies__lt=limit, need_memory_mb__lte=capacity.memory_mb, need_gpu_mb__lte=capacity.gpu_mb,
+        kind__in=capacity.kinds,
     ).exclude(results__owner_id=device.owner_id).exclude(job__state__in=(Job.State.CANCELLING, Job.State.CANCELLED))
     for _ in range(3):  # a lost race for the last copy of one unit tries another
         bounds = candidates.aggregate(low=Min("pk"), high=Max("pk"))

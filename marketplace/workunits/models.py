@@ -39,6 +39,12 @@ class WorkUnit(models.Model):
     audit = models.BooleanField(default=False)
     # Whether the replication level was chosen (at the first lease, from the leasing device's trust).
     replication_decided = models.BooleanField(default=False)
+    # What the unit needs of a device (workunits/requirements.py), set when it is made; copied onto every
+    # replica row, where the lease statement filters on them.
+    need_memory_mb = models.PositiveIntegerField(default=0)
+    need_device = models.CharField(max_length=8, default="cpu")
+    need_gpu_mb = models.PositiveIntegerField(default=0)
+    kind = models.CharField(max_length=32, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -46,7 +52,12 @@ class WorkUnit(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["job", "index"], condition=Q(known_answer_of__isnull=True), name="unit_index_unique_per_job"
-            )
+            ),
+            # A cuda unit needs some GPU memory, a cpu unit none: the lease matches device types by that alone.
+            models.CheckConstraint(
+                condition=Q(need_device="cpu", need_gpu_mb=0) | Q(need_device="cuda", need_gpu_mb__gte=1),
+                name="unit_need_device",
+            ),
         ]
         indexes = [
             models.Index(fields=["job", "state"]),
@@ -98,12 +109,27 @@ class Result(models.Model):
     )
     # The output disagreed with the submitter's own known answers hidden in the unit (WorkUnit.hidden_rows).
     failed_known_rows = models.BooleanField(default=False)
+    # Denormalised from the unit (WorkUnit.need_*, kind) so the lease statement can match a device's
+    # capabilities without a join per candidate (marketplace/workunits/leasing.py).
+    need_memory_mb = models.PositiveIntegerField(default=0)
+    need_device = models.CharField(max_length=8, default="cpu")
+    need_gpu_mb = models.PositiveIntegerField(default=0)
+    kind = models.CharField(max_length=32, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(need_device="cpu", need_gpu_mb=0) | Q(need_device="cuda", need_gpu_mb__gte=1),
+                name="result_need_device",
+            ),
+        ]
         indexes = [
             # The lease query reads only unsent rows; finished rows never enter this index.
             models.Index(fields=["id"], condition=Q(state="unsent"), name="result_unsent"),
+            # ... and a CPU device's lease reads only unsent cpu rows: a backlog of cuda units at the head of
+            # the queue does not make every CPU device's lease scan past it (leasing.py).
+            models.Index(fields=["id"], condition=Q(state="unsent", need_gpu_mb=0), name="result_unsent_cpu"),
             models.Index(fields=["lease_expires_at"], condition=Q(state="in_progress"), name="result_in_progress"),
             # The leases a device holds now: its quota is counted on every lease request.
             models.Index(fields=["device"], condition=Q(state="in_progress"), name="result_held"),

@@ -25,6 +25,7 @@ from marketplace.jobs.models import Job
 from marketplace.workers.models import Device
 from marketplace.workers.trust import replication_choose
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.requirements import NEEDS, replica_needs
 
 IN_FLIGHT = (Result.State.UNSENT, Result.State.IN_PROGRESS, Result.State.REPORTED)
 GAVE_UP = (Result.State.CLIENT_ERROR, Result.State.EXPIRED)
@@ -44,8 +45,8 @@ def replica_issue(*, unit_id: int, reason: str) -> bool:
         pk=unit_id, state=WorkUnit.State.PENDING, results_created__lt=F("max_results"), job__state=Job.State.RUNNING
     ).update(results_created=F("results_created") + 1)
     if counted:
-        job_id = WorkUnit.objects.values_list("job_id", flat=True).get(pk=unit_id)
-        Result.objects.create(unit_id=unit_id, job_id=job_id)
+        unit = WorkUnit.objects.values("job_id", *NEEDS).get(pk=unit_id)
+        Result.objects.create(unit_id=unit_id, job_id=unit["job_id"], **replica_needs(unit))
         return True
     _nothing_more(unit_id, f"{reason}, and the unit reached its cap of results without a quorum")
     return False
@@ -56,7 +57,7 @@ def replica_replace(*, unit_id: int, reason: str, gave_up_owner: int | None = No
     owner gave up or let the lease expire (`gave_up_owner`), the unit errors instead once devices of
     IDLEGRID_GIVE_UP_OWNERS distinct owners have. A known-answer copy is never replaced: it was made for
     one device. Runs inside the caller's transaction. Returns whether a replica was made."""
-    unit = WorkUnit.objects.only("state", "known_answer_of_id", "job_id").get(pk=unit_id)
+    unit = WorkUnit.objects.only("state", "known_answer_of_id", "job_id", *NEEDS).get(pk=unit_id)
     if unit.state != WorkUnit.State.PENDING:
         return False
     if unit.known_answer_of_id is not None:
@@ -66,7 +67,7 @@ def replica_replace(*, unit_id: int, reason: str, gave_up_owner: int | None = No
         return False
     if not Job.objects.filter(pk=unit.job_id, state=Job.State.RUNNING).exists():
         return False
-    Result.objects.create(unit_id=unit_id, job_id=unit.job_id)
+    Result.objects.create(unit_id=unit_id, job_id=unit.job_id, **replica_needs(unit))
     return True
 
 
@@ -102,11 +103,12 @@ def replication_decide(*, device: Device, unit_ids: list[int]) -> None:
     """At a unit's first lease, choose its replication from the leasing device's trust: a trusted device's
     unit is accepted on its word (quorum 1) unless audited; anyone else's is replicated to the quorum.
     Runs in the lease transaction; the conditional UPDATE makes the choice once per unit."""
-    undecided = WorkUnit.objects.filter(pk__in=unit_ids, replication_decided=False).values_list(
-        "pk", "job_id", "quorum", "payload__kind"
+    undecided = WorkUnit.objects.filter(pk__in=unit_ids, replication_decided=False).values(
+        "pk", "job_id", "quorum", "payload__kind", *NEEDS
     )
     extra: list[Result] = []
-    for unit_id, job_id, quorum, kind in undecided:
+    for unit in undecided:
+        unit_id, job_id, quorum, kind = unit["pk"], unit["job_id"], unit["quorum"], unit["payload__kind"]
         replicate, audit = replication_choose(device=device, kind=kind)
         more = quorum - 1 if replicate else 0
         decided = WorkUnit.objects.filter(pk=unit_id, replication_decided=False).update(
@@ -114,7 +116,7 @@ def replication_decide(*, device: Device, unit_ids: list[int]) -> None:
             results_created=F("results_created") + more,
         )
         if decided:
-            extra += [Result(unit_id=unit_id, job_id=job_id) for _ in range(more)]
+            extra += [Result(unit_id=unit_id, job_id=job_id, **replica_needs(unit)) for _ in range(more)]
     Result.objects.bulk_create(extra)
 
 

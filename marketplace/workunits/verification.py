@@ -32,6 +32,7 @@ from marketplace.workers.models import Device
 from marketplace.workers.trust import audit_passed, is_trusted, trust_credit, trust_reset, trusted_devices
 from marketplace.workunits.models import Result, WorkUnit
 from marketplace.workunits.replicas import replica_issue, unit_error
+from marketplace.workunits.requirements import replica_needs
 from marketplace.workunits.reverify import device_ban, owner_answers_recheck, unit_recheck
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def _dispute(copy: WorkUnit, original: WorkUnit, challenger: Result) -> None:
         owner_id=challenger.owner_id, hardware_class=challenger.hardware_class, leased_at=challenger.leased_at,
         lease_expires_at=challenger.lease_expires_at, reported_at=challenger.reported_at,
         output_id=challenger.output_id, signature=challenger.signature, disputes_known_answer=copy,
+        **replica_needs(original),
     )
     # Already being re-decided: the challenger's answer simply joins that decision.
     unit_recheck(unit_id=original.pk, reason="a known answer was disputed")

@@ -23,7 +23,7 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from worker_agent import protocol
+from worker_agent import protocol, wire
 
 RESULT_PATH = re.compile(r"^/api/v1/agent/results/(\d+)/(report|fail|release)$")
 ARTIFACT_PATH = re.compile(r"^/api/v1/artifacts/([0-9a-f]{64})/$")
@@ -127,6 +127,7 @@ class StubMarketplace:
         return error(404, "not_found", f"no route {path}")
 
     def _lease(self, body: dict[str, Any]) -> httpx.Response:
+        wire.LeaseRequest.from_wire(body)  # what the agent sends reads as the marketplace reads it, strictly
         leases: list[dict[str, Any]] = []
         while self.pending and len(leases) < body["max_units"]:
             lease = self.pending.popleft()

@@ -16,10 +16,11 @@ from agent_models import MLP, inputs, payload, safetensors_bytes, weights
 from agent_stub import StubMarketplace
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker_agent import hardware
+from worker_agent import hardware, wire
 from worker_agent.agent import Agent, RunOptions
 from worker_agent.client import AgentClient
 from worker_agent.jobfile import THREADS_ENV
+from worker_agent.kinds import KIND_MODULES
 from worker_agent.runner import ComputeChild
 from worker_agent.state import DeviceState, StateDir
 
@@ -159,3 +160,38 @@ def test_the_agent_sends_its_facts_with_the_first_lease_request_only(
     assert AGENT_CLASS_FACTS | CHILD_CLASS_FACTS <= set(sent)
     assert sent["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert ["hardware" in body for body in bodies] == [True, False, False]
+    # Capabilities go with every request (free memory changes), from the warm child's facts.
+    capabilities = [wire.Capabilities.from_wire(body["capabilities"]) for body in bodies]
+    assert [c.kinds for c in capabilities] == [tuple(sorted(KIND_MODULES))] * 3
+    assert {(c.device_type, c.gpu_memory_mb, c.torch_version) for c in capabilities} == {("cpu", 0, torch.__version__)}
+    assert all(0 < c.memory_mb <= (hardware.memory_bytes() or 0) >> 20 for c in capabilities)
+
+
+MEMINFO = "MemTotal:       16384000 kB\nMemFree:         1000000 kB\nMemAvailable:   12288000 kB\n"
+
+
+def test_capabilities_report_available_memory_bounded_by_the_cap(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)  # 16,000 MiB of RAM, 12,000 MiB available
+
+    assert hardware.capabilities(None, meminfo=meminfo).memory_mb == 12_000  # under 90% of RAM
+    assert hardware.capabilities(None, memory_cap_percent=50, meminfo=meminfo).memory_mb == 8_000
+    assert hardware.capabilities(None, memory_cap_percent=0, meminfo=meminfo).memory_mb == 0
+    assert hardware.capabilities(None, meminfo=tmp_path / "absent").memory_mb >= 0  # sysconf, or 0 when unknown
+
+
+def test_capabilities_take_the_gpu_from_the_childs_cuda_facts_only(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    gpu = {"name": "NVIDIA GeForce RTX 3060", "memory_mb": 12288, "capability": "8.6", "cuda": "12.6"}
+
+    on_cuda = hardware.capabilities({"device_type": "cuda", "gpu": gpu, "torch_version": "2.13.0+cu126"},
+                                    cores=3, meminfo=meminfo)
+    on_cpu = hardware.capabilities({"device_type": "cpu", "gpu": gpu}, meminfo=meminfo)
+    odd = hardware.capabilities({"device_type": "cuda", "gpu": {"name": 5, "memory_mb": "lots"}}, meminfo=meminfo)
+
+    assert (on_cuda.device_type, on_cuda.gpu_name, on_cuda.gpu_memory_mb) == ("cuda", gpu["name"], 12288)
+    assert (on_cuda.cores, on_cuda.torch_version) == (3, "2.13.0+cu126")
+    assert (on_cpu.device_type, on_cpu.gpu_memory_mb, on_cpu.gpu_name) == ("cpu", 0, None)
+    assert (odd.device_type, odd.gpu_memory_mb) == ("cpu", 0)  # a child's odd facts never make a bad request
+    assert len(json.dumps(on_cuda.to_wire())) < 400  # small: it goes with every lease request

@@ -246,3 +246,53 @@ def test_an_enrolment_answer_is_read_strictly() -> None:
         wire.Enrolled.from_wire({**answer, "device_id": "42"})
     with pytest.raises(wire.WireError, match="lacks lease_seconds"):
         wire.Enrolled.from_wire({key: value for key, value in answer.items() if key != "lease_seconds"})
+
+
+# --- capabilities, sent with every lease request ----------------------------------------------------
+
+CAPABILITIES = {"memory_mb": 8000, "cores": 4, "device_type": "cuda", "gpu_name": "RTX 3060",
+                "gpu_memory_mb": 12288, "torch_version": "2.13.0", "kinds": ["fedavg", "inference"]}
+
+
+def test_capabilities_round_trip_inside_a_lease_request() -> None:
+    request = wire.LeaseRequest.from_wire({"max_units": 2, "capabilities": CAPABILITIES})
+
+    assert request.capabilities is not None and request.capabilities.kinds == ("fedavg", "inference")
+    assert request.to_wire() == {"max_units": 2, "capabilities": CAPABILITIES}
+    assert "capabilities" not in wire.LeaseRequest(max_units=1).to_wire()  # an old agent's request, as it was
+
+
+def test_a_cpu_devices_capabilities_need_only_memory_and_cores() -> None:
+    read = wire.Capabilities.from_wire({"memory_mb": 0, "cores": 1})
+
+    assert (read.device_type, read.gpu_memory_mb, read.gpu_name, read.kinds) == ("cpu", 0, None, ())
+    assert read.to_wire() == {"memory_mb": 0, "cores": 1, "device_type": "cpu", "gpu_memory_mb": 0, "kinds": []}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"memory_mb": -1}, r"capabilities.memory_mb must be an integer in \[0, 16777216\]"),
+    ({"memory_mb": 1.5}, "capabilities.memory_mb must be an integer"),
+    ({"cores": 0}, r"capabilities.cores must be an integer in \[1, 4096\]"),
+    ({"cores": True}, "capabilities.cores must be an integer"),
+    ({"device_type": "tpu"}, "capabilities.device_type must be one of cpu, cuda"),
+    ({"gpu_memory_mb": 0}, "capabilities.gpu_memory_mb must be more than 0 exactly when device_type is cuda"),
+    ({"device_type": "cpu"}, "capabilities.gpu_memory_mb must be more than 0 exactly when device_type is cuda"),
+    ({"gpu_name": ""}, "capabilities.gpu_name must be a non-empty string"),
+    ({"torch_version": "x" * 65}, "capabilities.torch_version must be a non-empty string of at most 64"),
+    ({"kinds": "inference"}, "capabilities.kinds must be a list of at most 16"),
+    ({"kinds": ["k"] * 17}, "capabilities.kinds must be a list of at most 16"),
+    ({"kinds": ["inference", "inference"]}, "capabilities.kinds must not repeat a kind"),
+    ({"kinds": [7]}, r"capabilities.kinds\[0\] must be a non-empty string of at most 32"),
+    ({"swap_mb": 1}, "capabilities has unknown keys: 'swap_mb'"),
+])
+def test_capabilities_out_of_the_schema_are_refused_naming_the_field(changes, message) -> None:
+    with pytest.raises(wire.WireError, match=message):
+        wire.LeaseRequest.from_wire({"max_units": 1, "capabilities": {**CAPABILITIES, **changes}})
+
+
+def test_null_or_non_object_capabilities_are_refused() -> None:
+    for value in (None, [], "cpu"):
+        with pytest.raises(wire.WireError, match="capabilities must be an object"):
+            wire.LeaseRequest.from_wire({"capabilities": value})
+    with pytest.raises(wire.WireError, match="capabilities lacks cores"):
+        wire.LeaseRequest.from_wire({"capabilities": {"memory_mb": 1}})

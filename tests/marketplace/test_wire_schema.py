@@ -170,6 +170,7 @@ SENT_BY_THE_SERVER = [  # (serializer the schema shows, record that builds the a
 ]
 SENT_BY_THE_AGENT = [  # (serializer that validates the request, record the agent builds it with)
     (agent_api.LeaseApi.LeaseIn, wire.LeaseRequest),
+    (agent_api.CapabilitiesIn, wire.Capabilities),
     (agent_api.HeartbeatApi.HeartbeatIn, wire.HeartbeatRequest),
     (agent_api.ReportApi.ReportIn, wire.Report),
     (agent_api.FailApi.FailIn, wire.Failure),

@@ -132,6 +132,34 @@ def _lease_wire(lease: Lease) -> dict[str, Any]:
     ).to_wire()
 
 
+class CapabilitiesIn(serializers.Serializer):
+    """What the device can run now: read by worker_agent/wire.py Capabilities itself (to_internal_value), so
+    the marketplace refuses exactly what the agent's own record refuses; these fields document it."""
+
+    memory_mb = serializers.IntegerField(min_value=0, max_value=wire.MAX_MEMORY_MB,
+                                         help_text="memory free for a unit now, MB, within the contributor's cap")
+    cores = serializers.IntegerField(min_value=1, max_value=wire.MAX_CORES, help_text="cores the unit may use")
+    device_type = serializers.ChoiceField(choices=list(wire.DEVICE_TYPES), default="cpu",
+                                          help_text="cuda: the compute child uses a CUDA GPU")
+    gpu_name = serializers.CharField(min_length=1, max_length=wire.MAX_NAME, required=False,
+                                     help_text="the GPU's model (cuda only)")
+    gpu_memory_mb = serializers.IntegerField(min_value=0, max_value=wire.MAX_MEMORY_MB, default=0,
+                                             help_text="the GPU's memory, MB: more than 0 exactly with cuda")
+    torch_version = serializers.CharField(min_length=1, max_length=64, required=False,
+                                          help_text="the torch the child imported")
+    kinds = serializers.ListField(child=serializers.CharField(min_length=1, max_length=wire.MAX_KIND_NAME),
+                                  max_length=wire.MAX_KINDS, default=list,
+                                  help_text="the task kinds the agent ships, each once")
+
+    def to_internal_value(self, data: Any) -> wire.Capabilities:
+        # The record reads the raw JSON, strictly (no "1024" for 1024, no unknown member): the fields above
+        # document it in the schema, and a test keeps them the record's fields.
+        try:
+            return wire.Capabilities.from_wire(data)
+        except wire.WireError as exc:
+            raise serializers.ValidationError({exc.path or "non_field_errors": [exc.problem]}) from None
+
+
 class LeaseApi(AgentApi):
     throttle_scope = "lease"  # per device (marketplace/api/throttling.py)
 
@@ -141,15 +169,21 @@ class LeaseApi(AgentApi):
         # Sent when the agent's facts changed since it last sent them (and with a run's first lease);
         # stored, with the hardware class, before anything is leased.
         hardware = serializers.JSONField(required=False, help_text="the device's hardware facts, when they changed")
+        # Sent with every request by agents that match capabilities; an old agent's request lacks it and
+        # is matched conservatively (docs/protocol.md, "Capabilities").
+        capabilities = CapabilitiesIn(required=False, help_text="what the device can run now: only units "
+                                                                "that fit are leased")
 
     @extend_schema(operation_id="agent_lease", request=LeaseIn, responses=LEASES_OUT,
-                   description="Lease up to max_units signed units (none: come back after retry_after).")
+                   description="Lease up to max_units signed units the device can run (none: come back after "
+                               "retry_after).")
     def post(self, request):
         body = self.LeaseIn(data=request.data)
-        body.is_valid(raise_exception=True)
+        body.is_valid(raise_exception=True)  # a bad capabilities object is a 400 before anything is written
         if "hardware" in body.validated_data:
             device_hardware_update(device=request.auth, hardware=body.validated_data["hardware"])
-        leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"])
+        leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"],
+                                capabilities=body.validated_data.get("capabilities"))
         # Nothing leased: come back later; after a give-up, not before the cool-down ends.
         wait = max(settings.IDLEGRID_LEASE_RETRY_AFTER, math.ceil(cooldown_remaining(device=request.auth)))
         batch = wire.LeaseBatch(leases=tuple(_lease_wire(lease) for lease in leases), retry_after=0 if leases else wait)

@@ -22,6 +22,7 @@ from marketplace.jobs.selectors import (
     job_progress,
     job_progress_annotated,
     job_rounds,
+    job_runnable,
     jobs_for_owner,
 )
 from marketplace.jobs.services import job_submit
@@ -44,9 +45,15 @@ class JobOut(serializers.Serializer):
     created_at = serializers.DateTimeField(help_text="when it was submitted")
     started_at = serializers.DateTimeField(allow_null=True, help_text="when it was split into units")
     finished_at = serializers.DateTimeField(allow_null=True, help_text="when it completed or failed")
+    runnable_devices = serializers.IntegerField(
+        allow_null=True,
+        help_text="(one job's page only) online devices whose reported capabilities fit its largest waiting unit; "
+                  "null when nothing waits or in a list; 0: no online device can run it")
+    not_runnable_reason = serializers.CharField(allow_null=True,
+                                                help_text="what its waiting units need, when runnable_devices is 0")
 
 
-def job_out(job: Job, *, progress: dict | None = None) -> dict:
+def job_out(job: Job, *, progress: dict | None = None, runnable: dict | None = None) -> dict:
     return JobOut(
         {
             "id": job.pk,
@@ -60,6 +67,7 @@ def job_out(job: Job, *, progress: dict | None = None) -> dict:
             "started_at": job.started_at,
             "finished_at": job.finished_at,
             **(progress if progress is not None else job_progress(job=job)),
+            **(runnable or {"runnable_devices": None, "not_runnable_reason": None}),
         }
     ).data
 
@@ -78,7 +86,10 @@ class QuoteOut(serializers.Serializer):
     affordable = serializers.BooleanField(help_text="the balance covers the escrow")
     devices_active = serializers.IntegerField(help_text="devices seen in the last hour")
     owners_active = serializers.IntegerField(help_text="distinct owners of those devices")
-    runnable = serializers.BooleanField(help_text="devices of at least `quorum` owners are active")
+    runnable_devices = serializers.IntegerField(
+        help_text="active devices whose reported capabilities (memory, device type, GPU memory, kinds) fit the job's "
+                  "largest unit; 0: no device can run it (not_runnable_reason says what the units need)")
+    runnable = serializers.BooleanField(help_text="devices of at least `quorum` owners that can run its units are active")
     not_runnable_reason = serializers.CharField(allow_null=True, help_text="why not, when not runnable")
     eta_seconds_p50 = serializers.IntegerField(allow_null=True, help_text="from per-result compute times of the last day")
     eta_seconds_p90 = serializers.IntegerField(allow_null=True, help_text="the 90th percentile of the same estimate")
@@ -153,7 +164,8 @@ class JobDetailApi(APIView):
 
     @extend_schema(operation_id="job_retrieve", responses=JobOut, description="One of your jobs and its progress.")
     def get(self, request, job_id: int):
-        return Response(job_out(job_get_for_owner(job_id=job_id, owner=request.user)))
+        job = job_get_for_owner(job_id=job_id, owner=request.user)
+        return Response(job_out(job, runnable=job_runnable(job=job)))
 
 
 class JobOutputApi(APIView):

@@ -15,7 +15,7 @@ from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, read_header_from
 from worker_agent.architectures import Architecture, ArchitectureError, resolve
 from worker_agent.protocol import is_sha256_hex
-from worker_agent.wire import Limits, ModelRef
+from worker_agent.wire import DEVICE_TYPES, Limits, ModelRef
 
 
 def spec_open(
@@ -83,6 +83,28 @@ def check_weights(header: dict[str, TensorInfo], expected: dict[str, tuple[int, 
                 f"tensor {name!r} is {header[name].dtype}{list(header[name].shape)}, expected F32{list(shape)}"
             )
             return
+
+
+DEVICES = DEVICE_TYPES  # the agent's device types (worker_agent/wire.py)
+MAX_GPU_MEMORY_MB = 1 << 20  # 1 TiB: above any GPU made
+
+
+def device_options(spec: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
+    """The job's device requirement: `device` "cpu" (the default: runs on any device, on its CPU) or "cuda"
+    (only devices that report a CUDA GPU), and `min_gpu_memory_mb` (cuda only; normalised to at least 1:
+    a cuda unit needs some GPU, which is how the lease tells it from a CPU unit)."""
+    device = spec.get("device", "cpu")
+    gpu_mb = spec.get("min_gpu_memory_mb", 0)
+    if device not in DEVICES:
+        errors["device"] = f"must be one of {', '.join(DEVICES)}"
+        device = "cpu"
+    if isinstance(gpu_mb, bool) or not isinstance(gpu_mb, int) or not 0 <= gpu_mb <= MAX_GPU_MEMORY_MB:
+        errors["min_gpu_memory_mb"] = f"must be an integer between 0 and {MAX_GPU_MEMORY_MB}"
+        gpu_mb = 0
+    elif device == "cpu" and gpu_mb:
+        errors["min_gpu_memory_mb"] = "is only meaningful with device 'cuda'"
+        gpu_mb = 0
+    return {"device": device, "min_gpu_memory_mb": max(1, gpu_mb) if device == "cuda" else 0}
 
 
 # --- payload parts --------------------------------------------------------------------------------

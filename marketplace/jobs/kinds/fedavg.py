@@ -21,7 +21,15 @@ from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, array_file_bytes, read_array, read_header
 from marketplace.jobs import comparators
 from marketplace.jobs.fedavg_math import AGGREGATIONS, dp_epsilon, shard_bounds
-from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, model_ref, spec_open, unit_limits
+from marketplace.jobs.kinds._spec import (
+    artifact_header,
+    bounded_int,
+    check_weights,
+    device_options,
+    model_ref,
+    spec_open,
+    unit_limits,
+)
 from marketplace.jobs.kinds.inference import UnitPlan
 from worker_agent.architectures import Architecture, resolve
 from worker_agent.kinds.fedavg import LOSS_NAME, METRIC_NAMES, SAMPLES_NAME, unit_seed
@@ -48,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     "max_results_per_unit": 6,
     "unit_timeout_seconds": 600,
     "unit_memory_mb": 2048,
+    # The device a unit needs (_spec.device_options): "cpu" runs anywhere; "cuda" only on a CUDA GPU
+    # with at least min_gpu_memory_mb.
+    "device": "cpu",
+    "min_gpu_memory_mb": 0,
     # An update accepted on one trusted device's word would be aggregated before any audit could
     # catch it, so federated jobs replicate every unit unless the submitter opts in.
     "adaptive": False,
@@ -156,6 +168,7 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
     normal["compare"] = _compare(spec, errors)
     normal.update(_aggregation(spec, errors))
     normal["adaptive"] = _adaptive(spec, errors)
+    normal.update(device_options(spec, errors))
     _check_sizes(normal, errors)
     normal["dp"] = _privacy(spec, normal, errors)
     normal["target"] = _target(spec, errors)

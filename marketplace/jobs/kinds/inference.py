@@ -16,7 +16,15 @@ from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
 from marketplace.core.tensors import TensorFileError, TensorInfo, array_file_bytes, read_array, read_header
 from marketplace.jobs import comparators
-from marketplace.jobs.kinds._spec import artifact_header, bounded_int, check_weights, model_ref, spec_open, unit_limits
+from marketplace.jobs.kinds._spec import (
+    artifact_header,
+    bounded_int,
+    check_weights,
+    device_options,
+    model_ref,
+    spec_open,
+    unit_limits,
+)
 from worker_agent.architectures import resolve
 from worker_agent.protocol import sha256_hex
 from worker_agent.wire import InferenceInputs, InferenceOutput, InferencePayload
@@ -36,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
     "max_results_per_unit": 6,
     "unit_timeout_seconds": 300,
     "unit_memory_mb": 2048,
+    # The device a unit needs (_spec.device_options): "cpu" runs anywhere; "cuda" only on a CUDA GPU
+    # with at least min_gpu_memory_mb.
+    "device": "cpu",
+    "min_gpu_memory_mb": 0,
     # Adaptive replication: a trusted device's units are accepted on its word, audited at random.
     # False replicates every unit to the quorum, whoever computes it.
     "adaptive": True,
@@ -83,6 +95,7 @@ def validate_spec(spec: Any, *, owner: Any) -> dict[str, Any]:
         "unit_timeout_seconds": _bounded_int(spec, "unit_timeout_seconds", 1, 86_400, errors),
         "unit_memory_mb": _bounded_int(spec, "unit_memory_mb", 256, 65_536, errors),
     }
+    normal.update(device_options(spec, errors))
     for flag in ("adaptive", "allow_nonfinite"):
         normal[flag] = spec.get(flag, DEFAULTS[flag])
         if not isinstance(normal[flag], bool):

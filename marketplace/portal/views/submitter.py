@@ -27,7 +27,7 @@ from marketplace.core.exceptions import ApplicationError, Conflict, NotFound
 from marketplace.jobs.cancel import job_cancel
 from marketplace.jobs.live import job_live, job_output_for_owner
 from marketplace.jobs.quotes import job_quote
-from marketplace.jobs.selectors import job_get_for_owner, job_progress_annotated, jobs_for_owner
+from marketplace.jobs.selectors import job_get_for_owner, job_progress_annotated, job_runnable, jobs_for_owner
 from marketplace.jobs.services import job_submit
 from marketplace.ledger.selectors import balances_for, entries_for
 from marketplace.ledger.statements import deposits_credited, deposits_pending, statement_rows
@@ -208,7 +208,8 @@ def _job_context(found: Any) -> dict[str, Any]:
     live = job_live(job=found)
     charts = {"progress": json.dumps(live["series"]),
               "rounds": json.dumps(live["rounds"]["series"]) if live["rounds"] else None}
-    return {"live": live, "job": found, "charts": charts}
+    # Whether any online device can run what waits (two aggregate queries; None unless running).
+    return {"live": live, "job": found, "charts": charts, "runnable": job_runnable(job=found)}
 
 
 @login_required
