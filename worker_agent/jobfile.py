@@ -31,6 +31,9 @@ class ChildJob:
     fault: str | None = None
     fault_seed: int = 0
     limits: Limits = field(default_factory=Limits)
+    # Checkpoints and progress (worker_agent/kinds/_checkpoint.py): where, and how often; None: neither.
+    checkpoint_dir: str | None = None
+    checkpoint_seconds: float = 60.0
 
     def artifact_path(self, sha256: str) -> Path:
         try:
