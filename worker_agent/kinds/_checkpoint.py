@@ -73,6 +73,11 @@ class Ticker:
         self.digest = unit_digest(job)
         self._last = time.monotonic()
         self._last_progress = 0.0
+        self.resumed_from = 0.0  # the fraction of the unit a checkpoint covered when it was resumed
+
+    def metrics(self) -> dict[str, float]:
+        """What a unit's metrics say of this: `resumed_from` when it resumed from a checkpoint."""
+        return {"resumed_from": round(self.resumed_from, 4)} if self.resumed_from else {}
 
     @property
     def path(self) -> Path | None:

@@ -76,6 +76,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     from safetensors.torch import save_file
 
     spec = parse(job.payload)
+    ticker = Ticker(job)
     started = time.perf_counter()
     model = load_model(spec, job.artifact_path(spec.weights))
     start_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -86,7 +87,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     else:
         loss = train_local(model, x, y, epochs=spec.epochs, batch_size=spec.batch_size,
                            learning_rate=spec.learning_rate, seed=spec.seed, momentum=spec.momentum,
-                           ticker=Ticker(job))
+                           ticker=ticker)
         weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     weights = sabotage(weights, start_weights, fault=job.fault, seed=job.fault_seed, unit_seed=spec.seed)
     computed = time.perf_counter()
@@ -96,6 +97,7 @@ def execute(job: ChildJob) -> dict[str, float]:
         "train_loss": round(loss, 6),
         "load_seconds": round(loaded - started, 4),
         "compute_seconds": round(computed - loaded, 4),
+        **ticker.metrics(),
     }
 
 
@@ -117,6 +119,9 @@ def train_local(model: Any, x: Any, y: Any, *, epochs: int, batch_size: int, lea
     if ticker is not None:
         position = _resume_training(ticker, model, optimiser, generator) or position
     batches = -(-x.shape[0] // batch_size)
+    if ticker is not None and position.seen:
+        ticker.resumed_from = (position.epoch * batches + position.batch) / (epochs * batches)
+        ticker.progress(ticker.resumed_from, force=True)
     for epoch in range(position.epoch, epochs):
         if position.order is None:
             position.order = torch.randperm(x.shape[0], generator=generator)

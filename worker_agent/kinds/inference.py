@@ -52,6 +52,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     from safetensors.torch import save_file
 
     spec = parse(job.payload)
+    ticker = Ticker(job)
     started = time.perf_counter()
     model = load_model(spec, job.artifact_path(spec.weights))
     x = load_input(spec, job.artifact_path(spec.inputs))
@@ -59,7 +60,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     if job.fault == "lazy":  # skips the work altogether
         y = lazy_output(spec.output_shape, seed=job.fault_seed)
     else:
-        y = forward(model, x, spec.batch_size, ticker=Ticker(job))
+        y = forward(model, x, spec.batch_size, ticker=ticker)
     if job.fault == "wrong":
         y = sabotage(y, seed=job.fault_seed)
     elif job.fault == "collude":  # every colluder derives the same wrong answer from the same input
@@ -73,6 +74,7 @@ def execute(job: ChildJob) -> dict[str, float]:
         "batches": -(-spec.rows // spec.batch_size),
         "load_seconds": round(loaded - started, 4),
         "compute_seconds": round(computed - loaded, 4),
+        **ticker.metrics(),
     }
 
 
@@ -132,6 +134,8 @@ def _resume(ticker: Ticker | None, *, rows: int) -> tuple[list[Any], int]:
     done = state.get("rows_done")
     if not isinstance(done, int) or not 0 < done <= rows or "y" not in tensors or tensors["y"].shape[0] != done:
         return [], 0  # not what this code writes: start over
+    ticker.resumed_from = done / rows
+    ticker.progress(done / rows, force=True)
     return [tensors["y"]], done
 
 
