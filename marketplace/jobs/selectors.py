@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 
 from marketplace.artifacts.models import Artifact
@@ -33,12 +33,27 @@ def job_progress(*, job: Job) -> dict:
     return {
         "units_total": job.units_total,
         "units_done": decided,
+        "units_in_progress": units_in_progress(job=job),
         "units_error": units["error"],
         "results_valid": results["valid"],
         "results_invalid": results["invalid"],
         # verification cost: results computed per decided unit
         "results_per_unit": round(results["computed"] / decided, 4) if decided else None,
     }
+
+
+def units_in_progress(*, job: Job) -> float:
+    """How much of the job's undecided units is computed, in units: for each, the fraction done of its
+    furthest replica now computing, as its device last said in a heartbeat (Result.progress), summed.
+    A device's word, so it moves a progress bar and an ETA, never money or verification. One query."""
+    best = (
+        Result.objects.filter(job=job, state=Result.State.IN_PROGRESS, progress__isnull=False,
+                              unit__known_answer_of__isnull=True)
+        .exclude(unit__state__in=(WorkUnit.State.DONE, WorkUnit.State.ERROR))
+        .values("unit").annotate(best=Max("progress")).order_by()
+    )
+    total = best.aggregate(total=Sum("best"))["total"]
+    return round(float(total or 0.0), 4)
 
 
 def job_rounds(*, job: Job) -> dict:
