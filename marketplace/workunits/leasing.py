@@ -179,7 +179,8 @@ def lease_renew(
         pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
     )
     changes: dict[str, Any] = {"lease_expires_at": Least(Value(expires), Coalesce(F("lease_deadline"), Value(expires)))}
-    fractions = {pk: fraction for pk, fraction in (progress or {}).items() if pk in set(result_ids)}
+    asked = set(result_ids)
+    fractions = {pk: fraction for pk, fraction in (progress or {}).items() if pk in asked}
     if fractions:
         changes["progress"] = Case(*(When(pk=pk, then=Value(float(f))) for pk, f in sorted(fractions.items())),
                                    default=F("progress"), output_field=FloatField())
