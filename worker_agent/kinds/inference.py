@@ -128,7 +128,7 @@ def forward(model: Any, x: Any, batch_size: int, *, ticker: Ticker | None = None
 
 def _resume(ticker: Ticker | None, *, rows: int) -> tuple[list[Any], int]:
     saved = ticker.load() if ticker is not None else None
-    if saved is None:
+    if ticker is None or saved is None:
         return [], 0
     tensors, state = saved
     done = state.get("rows_done")
