@@ -115,6 +115,11 @@ def test_a_first_sigterm_keeps_the_unit_in_hand_for_the_next_run_and_hands_back_
     device = Device.objects.get(name="alice-1")
     assert (device.released, device.gave_up, device.cooldown_until) == (1, 0, None)
 
+    # Started again while that lease is alive, the agent asks the server, which renews it, and reports the unit.
+    again = cluster.start_agent("alice-1-again", state_dir, "--batch", "1", "--poll", "0.5")
+    again.wait_for_log(r"resuming 1 unit left by an earlier run", timeout=120)
+    _wait_until(lambda: Result.objects.get(pk=kept.pk).state == Result.State.REPORTED, timeout=120)
+
 
 def test_the_agent_process_loads_neither_django_nor_torch(cluster):
     submitter, alice = _owners(cluster, "submitter", "alice")
