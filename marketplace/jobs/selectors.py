@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import Count, Exists, FloatField, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
 from marketplace.artifacts.models import Artifact
@@ -46,14 +46,20 @@ def units_in_progress(*, job: Job) -> float:
     """How much of the job's undecided units is computed, in units: for each, the fraction done of its
     furthest replica now computing, as its device last said in a heartbeat (Result.progress), summed.
     A device's word, so it moves a progress bar and an ETA, never money or verification. One query."""
-    best = (
-        Result.objects.filter(job=job, state=Result.State.IN_PROGRESS, progress__isnull=False,
-                              unit__known_answer_of__isnull=True)
-        .exclude(unit__state__in=(WorkUnit.State.DONE, WorkUnit.State.ERROR))
-        .values("unit").annotate(best=Max("progress")).order_by()
-    )
-    total = best.aggregate(total=Sum("best"))["total"]
+    total = _furthest_replicas(job.pk).aggregate(total=Sum("progress"))["total"]
     return round(float(total or 0.0), 4)
+
+
+def _furthest_replicas(job: int | OuterRef) -> QuerySet:
+    """The job's replicas being computed that have said how far they are, the furthest one per undecided
+    unit (ties to the oldest row): written without a nested aggregate so that a list can annotate it."""
+    computing = Result.objects.filter(
+        state=Result.State.IN_PROGRESS, progress__isnull=False, unit__known_answer_of__isnull=True
+    ).exclude(unit__state__in=(WorkUnit.State.DONE, WorkUnit.State.ERROR))
+    further = computing.filter(unit=OuterRef("unit")).filter(
+        Q(progress__gt=OuterRef("progress")) | Q(progress=OuterRef("progress"), pk__lt=OuterRef("pk"))
+    )
+    return computing.filter(job=job).filter(~Exists(further))
 
 
 def job_rounds(*, job: Job) -> dict:
@@ -97,13 +103,19 @@ def jobs_for_owner(*, owner: AbstractBaseUser) -> QuerySet[Job]:
         results_valid=_count(results.filter(state=Result.State.VALID)),
         results_invalid=_count(results.filter(state=Result.State.INVALID)),
         results_computed=_count(results.filter(state__in=COMPUTED)),
+        units_in_progress=Coalesce(
+            Subquery(_furthest_replicas(OuterRef("pk")).order_by().values("job").annotate(s=Sum("progress"))
+                     .values("s")[:1]),
+            Value(0.0), output_field=FloatField(),
+        ),
     )
 
 
 def job_progress_annotated(*, job: Job) -> dict:
     """job_progress's figures, read from a row of jobs_for_owner."""
     done = job.units_done
-    return {"units_total": job.units_total, "units_done": done, "units_error": job.units_error,
+    return {"units_total": job.units_total, "units_done": done,
+            "units_in_progress": round(float(job.units_in_progress), 4), "units_error": job.units_error,
             "results_valid": job.results_valid, "results_invalid": job.results_invalid,
             "results_per_unit": round(job.results_computed / done, 4) if done else None}
 

@@ -8,7 +8,7 @@ import pytest
 from django.utils import timezone
 
 from marketplace.jobs.live import job_live
-from marketplace.jobs.selectors import job_progress, units_in_progress
+from marketplace.jobs.selectors import job_progress, job_progress_annotated, jobs_for_owner, units_in_progress
 from marketplace.workunits.models import Result, WorkUnit
 
 
@@ -25,15 +25,19 @@ def computing(unit: WorkUnit, *fractions: float | None) -> None:
         Result.objects.filter(pk=replica.pk).update(state=Result.State.IN_PROGRESS, progress=fraction)
 
 
-def test_units_in_progress_sums_the_furthest_replica_of_each_undecided_unit(job):
-    first, second, third = WorkUnit.objects.filter(job=job).order_by("index")
-    computing(first, 0.2, 0.6)  # two devices on one unit: the unit is 0.6 done, not 0.8
-    computing(second, 0.3, None)
-    computing(third, 0.9)
-    WorkUnit.objects.filter(pk=third.pk).update(state=WorkUnit.State.DONE)  # decided: counted as done already
+def test_units_in_progress_sums_the_furthest_replica_of_each_undecided_unit(submit_job):
+    job = submit_job(rows=16, rows_per_unit=4)
+    first, second, third, fourth = WorkUnit.objects.filter(job=job).order_by("index")
+    computing(first, 0.6, 0.6)  # two devices as far on one unit: 0.6 of a unit, not 1.2
+    computing(second, 0.1, 0.3)  # the furthest counts
+    computing(third, None)  # computing, has not said how far
+    computing(fourth, 0.9)
+    WorkUnit.objects.filter(pk=fourth.pk).update(state=WorkUnit.State.DONE)  # decided: counted as done already
 
     assert units_in_progress(job=job) == pytest.approx(0.9)
     assert job_progress(job=job)["units_in_progress"] == pytest.approx(0.9)
+    (listed,) = jobs_for_owner(owner=job.owner)  # a list's row says the same, in its one query
+    assert job_progress_annotated(job=listed) == job_progress(job=job)
 
 
 def test_the_live_fraction_and_eta_count_the_units_in_progress(job):
