@@ -77,13 +77,15 @@ def test_a_warm_stop_keeps_the_checkpointed_lease_and_the_next_run_resumes_it_to
     (state.work_dir / "300").mkdir()
     _write_lease(state.work_dir / "300", gone)
     (state.work_dir / "junk").mkdir()
+    (state.work_dir / "400").mkdir()
+    (state.work_dir / "400" / LEASE_FILE).write_bytes(b'{"result_id": 400, "lease": ')  # torn: not a lease
     stub.add_unit(unit, result_id=101, unit_id=11)  # the same payload, computed straight
     stub.heartbeats.clear()
 
     resumed = make_agent(stub, device, device_key, state).run()
 
     assert resumed.done == 2 and sorted(stub.reports) == [100, 101]
-    assert stub.heartbeats[0] == [100, 300]  # asked first which leftovers are still ours
+    assert stub.heartbeats[0] == [100, 300]  # asked first which leftovers are still ours (400 is no lease)
     assert 300 not in stub.reports and 300 not in stub.failures
     assert stub.reports[100]["metrics"]["resumed_from"] >= at_stop  # from the checkpoint, not from 0
     assert "resumed_from" not in stub.reports[101]["metrics"]
