@@ -11,7 +11,9 @@ itself; the heartbeat goes on meanwhile, so a paused unit keeps its lease.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -22,7 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker_agent import hardware, kinds, protocol
+from worker_agent import hardware, kinds, protocol, safejson
 from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
 from worker_agent.heartbeat import Heartbeat, LeaseBook
@@ -34,17 +36,30 @@ from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
-from worker_agent.wire import Capabilities, Lease, LeaseBatch, PayloadError, Report, WireError, unit_payload_from_wire
+from worker_agent.wire import (
+    Capabilities,
+    HeartbeatAnswer,
+    Lease,
+    LeaseBatch,
+    PayloadError,
+    Report,
+    WireError,
+    unit_payload_from_wire,
+)
 
 log = logging.getLogger(__name__)
 
 QUICK_GIVE_BACK_SECONDS = 5.0  # a cold shutdown must end promptly even if the server is gone
 QUICK_CALL_TIMEOUT = 2.0
 OUTPUT_FILE = "output.safetensors"
-# A warm shutdown finishes the running unit, unless the policy holds it stopped: it could then wait for
-# hours (the owner at the keyboard), so it is handed back at once for another device instead.
-PAUSED_AT_SHUTDOWN = "warm shutdown while the unit was paused"
 ALLOWED_POLL_SECONDS = 0.5  # how soon a waiting loop notices a warm shutdown (a verdict change wakes it at once)
+LEASE_FILE = "lease.json"  # in a unit's work dir: the lease as received, so a restarted agent can resume it
+CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the child (worker_agent/kinds/_checkpoint.py)
+PROGRESS_FILE = "progress.json"  # likewise: {"fraction": 0..1}
+MAX_LEASE_FILE_BYTES = 1 << 20
+MAX_PROGRESS_FILE_BYTES = 4096
+PARK_SECONDS = 5.0  # a warm stop waits this long for the running unit's checkpoint
+PARKED = "warm stop: checkpointed, lease kept"
 
 
 class LeaseLost(Exception):
@@ -63,6 +78,7 @@ class RunOptions:
     # The memory cap (percent of RAM) reported with each lease request when no governor is running; with
     # one, the cap in force (busy or idle) is the governor's.
     memory_cap_percent: float = hardware.DEFAULT_MEMORY_CAP_PERCENT
+    checkpoint_seconds: float = 60.0  # how often a running unit checkpoints (and on request, at a warm stop)
 
 
 @dataclass
@@ -72,6 +88,7 @@ class Summary:
     refused: int = 0  # computed, but the server refused the report (expired lease, bad signature...)
     lost: int = 0  # the lease was taken back while we worked; dropped silently
     given_back: int = 0  # never started; handed back at shutdown
+    kept: int = 0  # checkpointed at a warm stop, lease kept: the next run resumes it
 
     @property
     def finished(self) -> int:
@@ -80,7 +97,7 @@ class Summary:
     def line(self) -> str:
         return (
             f"{self.done} done, {self.failed} failed, {self.refused} refused, "
-            f"{self.lost} lost, {self.given_back} given back"
+            f"{self.lost} lost, {self.given_back} given back, {self.kept} kept"
         )
 
 
@@ -113,13 +130,17 @@ class Agent:
         self.verifier = UnitVerifier(state=state, client=client)  # NotEnrolled without pinned keys
         self.summary = Summary()
         # A third of the lease: two beats can fail before the server reissues the unit.
-        self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05))
+        self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05),
+                                   progress=self._progress)
         self.child = ComputeChild(state.work_dir, threads=options.threads)
         self.governor: Governor | None = None
         if policy is not None:
             samplers = samplers or Samplers.for_policy(policy, own_pids=self._child_pids)
             self.governor = Governor(policy, samplers, child=self.child)
         self.facts = hardware.FactsReporter()  # sent with a lease request when they change
+        self.leftovers: list[Lease] = []  # leases of an earlier run with work dirs (lease.json) left behind
+        self._current: tuple[int, Path] | None = None  # the unit in the child: result id, work dir
+        self._parking: _Parking | None = None
 
     def run(self) -> Summary:
         self._prepare_state()
@@ -129,6 +150,7 @@ class Agent:
             self.governor.start()
         try:
             self._refresh_keys()
+            self._resume_leftovers()
             self._loop()
             self.child.stop()  # idle now: it exits cleanly
             self._give_back(self._queued_ids(), quick=False)
@@ -249,20 +271,13 @@ class Agent:
     # --- one unit ---------------------------------------------------------------------------
 
     def _process(self, lease: Lease) -> None:
-        workdir = self.state.work_dir / str(lease.result_id)
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(mode=0o700, parents=True)
+        workdir = self._workdir(lease)
         try:
             outcome = self._compute(lease, workdir)
-        except ChildAborted as exc:
-            if str(exc) == PAUSED_AT_SHUTDOWN:
-                log.info("%s: %s; handing it back", lease.label, exc)
-                if self._give_back_one(lease.result_id, quick=False):
-                    self.summary.given_back += 1  # the rest of the queue goes back after the loop
-            else:
-                log.warning("%s: lease lost; abandoned without a report", lease.label)
-                self.summary.lost += 1
-        except LeaseLost:
+        except (LeaseLost, ChildAborted) as exc:
+            if self._parking is not None:
+                self._park_done(lease, exc)
+                return  # the lease and its work dir are kept: the next run resumes from the checkpoint
             log.warning("%s: lease lost; abandoned without a report", lease.label)
             self.summary.lost += 1
         except (UnitSignatureInvalid, PayloadError, ArtifactError, AgentError) as exc:
@@ -291,9 +306,18 @@ class Agent:
             fault_seed=lease.result_id,  # a faulty agent's noise differs per result, like real faults
             limits=unit.limits,
             threads=self.options.threads,
+            checkpoint_dir=str(workdir),
+            checkpoint_seconds=self.options.checkpoint_seconds,
         )
+        if self.shutdown.warm.is_set():  # stopping: the unit waits for the next run, with its lease
+            self._parking = _Parking(before=None, deadline=0.0)
+            raise ChildAborted(PARKED)
         log.info("%s: computing (limits %gs, %d MB)", lease.label, unit.limits.seconds, unit.limits.memory_mb)
-        return self.child.run(job, should_abort=lambda: self._abort_reason(lease))
+        self._current = (lease.result_id, workdir)
+        try:
+            return self.child.run(job, should_abort=lambda: self._abort_reason(lease, workdir))
+        finally:
+            self._current = None
 
     def _fetch(self, lease: Lease, shas: list[str]) -> dict[str, str]:
         paths: dict[str, str] = {}
@@ -303,12 +327,79 @@ class Agent:
             paths[sha] = str(self.cache.ensure(sha))
         return paths
 
-    def _abort_reason(self, lease: Lease) -> str | None:
+    def _abort_reason(self, lease: Lease, workdir: Path) -> str | None:
         if self.book.is_lost(lease.result_id):
             return "lease lost"
-        if self.shutdown.warm.is_set() and self.governor is not None and not self.governor.verdict().allowed:
-            return PAUSED_AT_SHUTDOWN
+        if self.shutdown.warm.is_set():
+            return self._park(workdir)
         return None
+
+    # --- checkpoints, warm stops and resuming -------------------------------------------------
+
+    def _workdir(self, lease: Lease) -> Path:
+        """The unit's work dir, with its lease.json. One left by an earlier run for this very lease is kept
+        (its checkpoint is the point); anything else there is cleared."""
+        workdir = self.state.work_dir / str(lease.result_id)
+        if _read_lease(workdir) != lease:
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(mode=0o700, parents=True)
+            _write_lease(workdir, lease)
+        return workdir
+
+    def _park(self, workdir: Path) -> str | None:
+        """A warm stop with a unit in the child: ask it to checkpoint (SIGUSR1), then abort the unit once
+        the checkpoint is on disk or PARK_SECONDS have passed; None while still waiting."""
+        checkpoint = workdir / CHECKPOINT_FILE
+        if self._parking is None and self.child.is_paused():
+            # The policy holds the child stopped (the owner is at the keyboard, say): it keeps its last
+            # periodic checkpoint rather than being woken to write one now.
+            self._parking = _Parking(before=_stamp(checkpoint), deadline=time.monotonic())
+            log.info("warm stop: the unit in hand is paused; it resumes from its last checkpoint")
+            return PARKED
+        if self._parking is None:
+            asked = self.child.request_checkpoint()
+            self._parking = _Parking(before=_stamp(checkpoint), deadline=time.monotonic() + (PARK_SECONDS if asked else 0))
+            log.info("warm stop: asked the unit in hand to checkpoint")
+        if _stamp(checkpoint) != self._parking.before:
+            return PARKED
+        if time.monotonic() >= self._parking.deadline:
+            log.warning("warm stop: no checkpoint within %gs; the unit will resume from its last one", PARK_SECONDS)
+            return PARKED
+        return None
+
+    def _park_done(self, lease: Lease, exc: Exception) -> None:
+        self.summary.kept += 1  # the rest of the queue is given back as at any warm stop (run() does it)
+        log.info("%s: checkpointed at a warm stop; lease kept, the next run resumes it (%s)", lease.label, exc)
+
+    def _progress(self) -> dict[int, float]:
+        """For the heartbeat: the fraction done of the unit in the child, as the child last wrote it."""
+        current = self._current
+        if current is None:
+            return {}
+        result_id, workdir = current
+        fraction = _read_progress(workdir / PROGRESS_FILE)
+        return {} if fraction is None else {result_id: fraction}
+
+    def _resume_leftovers(self) -> None:
+        """Units an earlier run left with their lease (a warm stop, a crash): those whose lease is still
+        this device's are computed first, from their checkpoints; the others are deleted."""
+        if not self.leftovers:
+            return
+        leases, self.leftovers = self.leftovers, []
+        ids = [lease.result_id for lease in leases]
+        try:
+            alive = set(HeartbeatAnswer.from_wire(self.client.heartbeat(ids)).renewed)
+        except (AgentError, WireError) as exc:
+            log.warning("could not ask which earlier leases are still ours (%s); starting them over is safe", exc)
+            alive = set()
+        resumable = [lease for lease in leases if lease.result_id in alive]
+        for lease in leases:
+            if lease.result_id not in alive:
+                log.info("%s: left by an earlier run, its lease is gone; deleted", lease.label)
+                shutil.rmtree(self.state.work_dir / str(lease.result_id), ignore_errors=True)
+        if resumable:
+            log.info("resuming %d unit%s left by an earlier run", len(resumable), "" if len(resumable) == 1 else "s")
+            self._work_through(resumable)
 
     def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
         if self.book.is_lost(lease.result_id):
@@ -413,6 +504,71 @@ class Agent:
 
     def _prepare_state(self) -> None:
         self.state.ensure()
-        # Leftovers of a killed run: their leases are gone or will expire; the files are junk.
-        for stale in self.state.work_dir.iterdir():
-            shutil.rmtree(stale, ignore_errors=True)
+        # Leftovers of an earlier run: a unit dir whose lease.json reads is kept for _resume_leftovers
+        # (it asks the server which are still ours); anything else is junk.
+        for stale in sorted(self.state.work_dir.iterdir()):
+            lease = _read_lease(stale) if stale.is_dir() and not stale.is_symlink() else None
+            if lease is not None and stale.name == str(lease.result_id):
+                self.leftovers.append(lease)
+            elif stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+@dataclass
+class _Parking:
+    """A warm stop in progress with a unit in hand: the checkpoint's stamp when it was asked for, and until when
+    to wait for a newer one."""
+
+    before: tuple[int, int] | None
+    deadline: float
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which version of a file this is (a rename makes a new inode), or None when absent."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _write_lease(workdir: Path, lease: Lease) -> None:
+    """lease.json, atomically: the lease as received (payload, signature, key id), re-verified when resumed."""
+    data = json.dumps({"result_id": lease.result_id, "unit_id": lease.unit_id, "lease": lease.to_wire()}).encode()
+    temporary = workdir / f".{LEASE_FILE}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, workdir / LEASE_FILE)
+
+
+def _read_lease(workdir: Path) -> Lease | None:
+    """The lease in a work dir's lease.json; None when absent or unreadable (the dir is then junk)."""
+    try:
+        with open(workdir / LEASE_FILE, "rb") as handle:
+            raw = safejson.loads(handle.read(MAX_LEASE_FILE_BYTES + 1), max_bytes=MAX_LEASE_FILE_BYTES)
+        lease = Lease.from_wire(raw["lease"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if raw.get("result_id") != lease.result_id or raw.get("unit_id") != lease.unit_id:
+        return None
+    return lease
+
+
+def _read_progress(path: Path) -> float | None:
+    try:
+        with open(path, "rb") as handle:
+            raw = safejson.loads(handle.read(MAX_PROGRESS_FILE_BYTES + 1), max_bytes=MAX_PROGRESS_FILE_BYTES)
+        fraction = raw["fraction"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        return None
+    return float(fraction)

@@ -45,6 +45,7 @@ from worker_agent import kinds
 from worker_agent.architectures import ArchitectureError
 from worker_agent.jobfile import AGENT_PID_ENV, MAX_THREADS, THREADS_ENV, ChildJob, ChildStatus, Limits, PayloadError
 from worker_agent.kinds import _device
+from worker_agent.kinds._checkpoint import clear_checkpoint_request, install_request_handler
 
 EXIT_OK = 0
 EXIT_FAILED = 3
@@ -71,6 +72,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] != "serve":
         print("usage: python -m worker_agent.child serve WORKDIR | facts", file=sys.stderr)
         return EXIT_USAGE
+    install_request_handler()  # first: SIGUSR1's default action would end the child
     _die_with_parent()
     os.chdir(argv[2])  # stray relative paths land in the agent's scratch space
     _lower_hard_limit(resource.RLIMIT_CORE, 0)  # a crash must not dump weights and inputs to disk
@@ -99,6 +101,8 @@ def run_unit(job: ChildJob) -> ChildStatus:
         status = status_for(exc, job.limits)
         print(f"unit failed: {status.error}", file=sys.stderr, flush=True)
         return status
+    finally:
+        clear_checkpoint_request()  # a request that came too late for this unit is not for the next
     return ChildStatus(ok=True, metrics=metrics)
 
 

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--max-retries", type=_non_negative_int, default=7, help="retries of a failed request before giving up (default 7)")
     run_cmd.add_argument("--backoff-cap", type=_positive_float, default=30.0, help="longest wait between retries, seconds (default 30)")
     _add_policy_options(run_cmd)
+    run_cmd.add_argument("--checkpoint-seconds", type=_positive_float, default=60.0,
+                         help="how often a running unit checkpoints, seconds (default 60; and always at a warm stop)")
     run_cmd.set_defaults(handler=cmd_run)
 
     config_cmd = commands.add_parser(
@@ -203,6 +205,7 @@ def cmd_run(args: argparse.Namespace, state: StateDir) -> int:
         fault=args.faulty,
         cache_max_bytes=policy.cache_mb << 20,
         threads=policy.cores,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
     retry = RetryPolicy(attempts=args.max_retries + 1, cap_seconds=args.backoff_cap)
     if options.fault:

@@ -141,8 +141,11 @@ class AgentClient:
         body = wire.LeaseRequest(max_units=max_units, hardware=hardware, capabilities=capabilities).to_wire()
         return self.post_json("/api/v1/agent/lease", body)
 
-    def heartbeat(self, result_ids: list[int], *, retry: RetryPolicy | None = None) -> dict[str, Any]:
-        body = wire.HeartbeatRequest(result_ids=tuple(result_ids)).to_wire()
+    def heartbeat(self, result_ids: list[int], *, progress: dict[int, float] | None = None,
+                  retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """Renew leases; `progress` (result id -> fraction done, for ids in result_ids) goes along when given."""
+        fractions = {str(rid): fraction for rid, fraction in (progress or {}).items()} or None
+        body = wire.HeartbeatRequest(result_ids=tuple(result_ids), progress=fractions).to_wire()
         return self.post_json("/api/v1/agent/heartbeat", body, retry=retry)
 
     def report(self, result_id: int, body: dict[str, Any]) -> dict[str, Any]:

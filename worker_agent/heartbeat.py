@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, RetryPolicy
 from worker_agent.wire import HeartbeatAnswer, WireError
@@ -62,9 +62,11 @@ class Heartbeat(threading.Thread):
         interval: float,
         backoff: RetryPolicy = HEARTBEAT_BACKOFF,
         rng: random.Random | None = None,
+        progress: Callable[[], dict[int, float]] = dict,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)  # daemon: a cold shutdown never waits on it
         self.client = client
+        self.progress = progress  # result id -> fraction done of the units being computed (read each beat)
         self.book = book
         self.interval = interval
         self.backoff = backoff
@@ -86,7 +88,8 @@ class Heartbeat(threading.Thread):
     def beat(self, held: list[int]) -> bool:
         try:
             # One attempt per beat: this loop is its own retry, and the next beat supersedes this one.
-            answer = self.client.heartbeat(held, retry=ONE_SHOT)
+            progress = {rid: fraction for rid, fraction in self.progress().items() if rid in held}
+            answer = self.client.heartbeat(held, progress=progress, retry=ONE_SHOT)
             renewal = HeartbeatAnswer.from_wire(answer)
         except AgentError as exc:
             log.warning("heartbeat failed: %s", exc)

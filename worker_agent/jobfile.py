@@ -38,6 +38,9 @@ class ChildJob:
     limits: Limits = field(default_factory=Limits)
     device: str = "cpu"  # "cpu" or "cuda:N" (worker_agent/gpu.py child_device decides)
     threads: int = 1  # torch threads for this unit (the policy's `cores` key); restored after it
+    # Checkpoints and progress (worker_agent/kinds/_checkpoint.py): where, and how often; None: neither.
+    checkpoint_dir: str | None = None
+    checkpoint_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         device_checked(self.device)

@@ -242,6 +242,22 @@ class ComputeChild:
             return False
         return True
 
+    def is_paused(self) -> bool:
+        """Whether the child is stopped now (by the governor's pause or its duty cycle)."""
+        with self._signal_lock:
+            return self._paused_at is not None
+
+    def request_checkpoint(self) -> bool:
+        """Ask a ready child to checkpoint its unit at the next safe point (SIGUSR1; see
+        kinds/_checkpoint.py). False when there is no ready child to ask."""
+        if self._process is None or not self._ready or self._process.poll() is not None:
+            return False
+        try:
+            os.kill(self._process.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return False
+        return True
+
     def restart(self) -> None:
         """Kill the child and start the next one now, so its import overlaps with other work."""
         self.kill()

@@ -549,9 +549,31 @@ class LeaseBatch(Record):
 @dataclass(frozen=True, kw_only=True)
 class HeartbeatRequest(Record):
     result_ids: tuple[int, ...]
+    # How far the device is with the units it computes: result id (a JSON key, so a string of digits) ->
+    # fraction done in [0, 1]; only ids in result_ids. Information for job progress and ETA, never trusted
+    # for money or verification.
+    progress: dict[str, float] | None = field(default=None, metadata=OMIT_IF_NONE)
 
     def __post_init__(self) -> None:
         _ids(self.result_ids, "result_ids", max_count=MAX_RESULT_IDS)
+        if self.progress is not None:
+            _progress(self.progress, set(self.result_ids))
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Self:
+        return cls(**{**(members := cls.members(raw)), "result_ids": _listed(members["result_ids"])})
+
+    def fractions(self) -> dict[int, float]:
+        """progress by result id, as numbers."""
+        return {int(key): float(value) for key, value in (self.progress or {}).items()}
+
+
+def _progress(value: Any, allowed: set[int]) -> None:
+    _json_object(value, "progress", max_keys=MAX_RESULT_IDS)
+    for key, fraction in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 19 and str(int(key)) == key and int(key) in allowed):
+            raise WireError(f"keys must be result ids listed in result_ids, got {_show(key)}", "progress")
+        _number(fraction, f"progress.{key}", 0, 1)
 
 
 @dataclass(frozen=True, kw_only=True)

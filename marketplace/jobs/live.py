@@ -50,11 +50,13 @@ def job_live(*, job: Job, now: datetime | None = None) -> dict[str, Any]:
     speed = _units_per_minute(job, now)
     remaining = max(0, total - done - progress["units_error"])
     final = job.state in FINAL
-    eta = None if final or not remaining or not speed else math.ceil(60 * remaining / speed)
+    # Units being computed count for the fraction their devices reported (never past the undecided ones).
+    partial = 0.0 if final else min(progress["units_in_progress"], remaining)
+    eta = None if final or not remaining or not speed else math.ceil(60 * (remaining - partial) / speed)
     live = {
         "job": job,
         "progress": progress,
-        "fraction": done / total if total else (1.0 if job.state == Job.State.COMPLETED else 0.0),
+        "fraction": min(1.0, (done + partial) / total) if total else (1.0 if job.state == Job.State.COMPLETED else 0.0),
         "final": final,
         "units_per_minute": speed,
         "eta_seconds": eta,

@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Value
+from django.db.models import Case, F, FloatField, Value, When
 from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
@@ -190,15 +190,24 @@ def _deadlines_set(rows: list[tuple[int, int, int]], units: dict[int, _UnitWire]
     return deadlines
 
 
-def lease_renew(*, device: Device, result_ids: list[int]) -> tuple[list[int], datetime]:
-    """Extend the device's live leases, never past each one's deadline; returns the ids still held (the
+def lease_renew(
+    *, device: Device, result_ids: list[int], progress: dict[int, float] | None = None
+) -> tuple[list[int], datetime]:
+    """Extend the device's live leases, never past each one's deadline, and store the fractions done it
+    reported (`progress`, for ids among result_ids), in the same statement; returns the ids still held (the
     others were lost) and the new expiry of a lease not yet at its deadline."""
     now = timezone.now()
     expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
     live = Result.objects.filter(
         pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
     )
-    live.update(lease_expires_at=Least(Value(expires), Coalesce(F("lease_deadline"), Value(expires))))
+    changes: dict[str, Any] = {"lease_expires_at": Least(Value(expires), Coalesce(F("lease_deadline"), Value(expires)))}
+    asked = set(result_ids)
+    fractions = {pk: fraction for pk, fraction in (progress or {}).items() if pk in asked}
+    if fractions:
+        changes["progress"] = Case(*(When(pk=pk, then=Value(float(f))) for pk, f in sorted(fractions.items())),
+                                   default=F("progress"), output_field=FloatField())
+    live.update(**changes)
     renewed = list(
         Result.objects.filter(pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now)
         .order_by("pk")

@@ -96,6 +96,9 @@ class Result(models.Model):
     output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     signature = models.BinaryField(max_length=64, null=True, blank=True)
     elapsed_seconds = models.FloatField(null=True, blank=True)
+    # Fraction done (0..1) the device last reported in a heartbeat while computing; null: never said.
+    # Information for job progress and ETA only, never read by verification or the ledger.
+    progress = models.FloatField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     # The device's hardware class when it leased: inside one class results may be compared exactly.

@@ -65,6 +65,7 @@ class StubMarketplace:
     failures: dict[int, str] = field(default_factory=dict)
     releases: list[int] = field(default_factory=list)  # handed back unstarted (`release`, at shutdown)
     heartbeats: list[list[int]] = field(default_factory=list)
+    progress: list[dict[str, float]] = field(default_factory=list)  # each heartbeat's `progress`, when it had one
     lose_on_heartbeat: set[int] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -138,6 +139,8 @@ class StubMarketplace:
     def _heartbeat(self, body: dict[str, Any]) -> httpx.Response:
         ids = body["result_ids"]
         self.heartbeats.append(ids)
+        if "progress" in body:
+            self.progress.append(body["progress"])
         lost = [rid for rid in ids if rid in self.lose_on_heartbeat or rid not in self.leased]
         for rid in lost:
             self.leased.pop(rid, None)

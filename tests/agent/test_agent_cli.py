@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from agent_models import MLP, inputs, payload, safetensors_bytes, weights
+from agent_models import inputs, payload, safetensors_bytes, weights
 from agent_stub import StubMarketplace, serve_http
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker_agent import protocol
 from worker_agent.state import DeviceState, StateDir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,10 +74,10 @@ def live_children(state: StateDir) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_warm_shutdown_finishes_the_unit_gives_back_the_rest_and_never_imports_torch(
+def test_a_warm_shutdown_checkpoints_the_unit_keeps_its_lease_gives_back_the_rest_and_never_imports_torch(
     stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
 ) -> None:
-    add_units(stub, 2, config=MLP[1], rows=16)
+    add_units(stub, 2, config=SLOW_MLP, rows=200_000)  # tens of seconds: the stop lands mid-unit
     with serve_http(stub) as url, agent_process(state, enrolled, url, "--poll", "0.1") as agent:
         assert agent.stderr is not None
         lines = read_until(agent.stderr, "unit 10 (result 100): computing")
@@ -86,13 +86,13 @@ def test_a_warm_shutdown_finishes_the_unit_gives_back_the_rest_and_never_imports
         code = agent.wait()
 
     assert code == 0, "".join(lines)
-    report = stub.reports[100]
-    message = protocol.result_message(result_id=100, unit_id=10, device_id=enrolled.device_id,
-                                      output_sha256=report["output_sha256"])
-    device_key.public_key().verify(protocol.b64decode(report["signature"]), message)
-    assert stub.releases == [101] and stub.failures == {}  # handed back, not given up: free for the device
-    assert any("1 done, 0 failed" in line for line in lines)
-    assert live_children(state) == []  # the idle child was stopped with the agent
+    # The unit in hand was checkpointed and its lease kept (the next run resumes it: test_agent_resume);
+    # the one not started was handed back, not given up: free for the device.
+    assert 100 in stub.leased and 100 not in stub.reports and 100 not in stub.releases
+    assert (state.work_dir / "100" / "checkpoint.safetensors").is_file()
+    assert stub.releases == [101] and stub.failures == {}
+    assert any("0 done, 0 failed" in line and "1 kept" in line for line in lines), "".join(lines)
+    assert live_children(state) == []  # the child was stopped with the agent
     imports = [line for line in lines if line.startswith("import time:")]
     assert imports  # -X importtime really reported the agent's imports
     assert not [line for line in imports if any(name in line for name in ("torch", "django", "numpy"))]
@@ -106,6 +106,10 @@ def test_a_second_signal_kills_the_running_unit_and_gives_everything_back(
     with serve_http(stub) as url, agent_process(state, enrolled, url) as agent:
         assert agent.stderr is not None
         lines = read_until(agent.stderr, "computing")
+        # Held still, the child cannot checkpoint: the warm stop waits for it (a few seconds at most),
+        # and the second signal lands while it does, every time.
+        child = int(re.search(r"compute child (\d+) ready", "".join(lines)).group(1))  # type: ignore[union-attr]
+        os.kill(child, signal.SIGSTOP)
         agent.send_signal(signal.SIGINT)
         lines += read_until(agent.stderr, "warm shutdown")
         agent.send_signal(signal.SIGINT)

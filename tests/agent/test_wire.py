@@ -220,6 +220,18 @@ def test_a_lease_request_leaves_out_hardware_it_does_not_send() -> None:
     assert wire.LeaseRequest(max_units=4, hardware={"os": "linux"}).to_wire() == {"max_units": 4, "hardware": {"os": "linux"}}
 
 
+def test_a_heartbeat_carries_progress_only_when_given_and_only_for_its_own_result_ids() -> None:
+    assert wire.HeartbeatRequest(result_ids=(5,)).to_wire() == {"result_ids": [5]}
+    request = wire.HeartbeatRequest.from_wire({"result_ids": [5, 6], "progress": {"5": 0.5, "6": 1}})
+    assert request.fractions() == {5: 0.5, 6: 1.0}
+    for progress, problem in [({"7": 0.5}, "keys must be result ids"), ({"05": 0.5}, "keys must be result ids"),
+                              ({"5": 1.01}, r"progress.5 must be a number in \[0, 1\]"),
+                              ({"5": True}, "must be a number"), ({"5": float("nan")}, "must be a number"),
+                              ([0.5], "must be an object")]:
+        with pytest.raises(wire.WireError, match=problem):
+            wire.HeartbeatRequest.from_wire({"result_ids": [5], "progress": progress})
+
+
 def test_a_heartbeat_answer_is_read_strictly() -> None:
     answer = {"renewed": [1, 2], "lost": [3], "expires_at": "2026-11-22T10:00:00.123456Z"}
 

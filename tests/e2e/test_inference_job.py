@@ -87,26 +87,38 @@ def test_an_agent_killed_mid_unit_has_its_unit_reissued_and_the_job_completes(cl
 
 
 @pytest.mark.cluster_env(IDLEGRID_PROBATION_LEASES="2")  # a new device holds one lease at a time by default
-def test_a_first_sigterm_lets_the_agent_finish_and_report_its_unit(cluster):
+def test_a_first_sigterm_keeps_the_unit_in_hand_for_the_next_run_and_hands_back_the_rest(cluster):
     submitter, alice = _owners(cluster, "submitter", "alice")
-    agent = cluster.start_agent("alice-1", enrolled(cluster, alice, "alice-1"), "--batch", "2", "--poll", "0.5")
-    # A unit computes in milliseconds: hold the compute child still so the signal lands mid-unit, every time.
+    state_dir = enrolled(cluster, alice, "alice-1")
+    agent = cluster.start_agent("alice-1", state_dir, "--batch", "2", "--poll", "0.5")
+    # A unit computes in milliseconds: hold the compute child still so the signal lands mid-unit, every time
+    # (held still, it cannot checkpoint either: the warm stop waits a few seconds for it, then keeps the lease).
     child = int(agent.wait_for_log(r"compute child (\d+) ready", timeout=120).group(1))
     os.kill(child, signal.SIGSTOP)
     try:
         mlp_job(submitter, rows=20, rows_per_unit=10)
         agent.wait_for_log(r"unit \d+ \(result \d+\): computing", timeout=120)
         agent.signal(signal.SIGTERM)
-        time.sleep(0.5)  # the agent has taken the signal before its unit can finish
+        assert agent.popen.wait(60) == 0, agent.log_tail()
     finally:
-        os.kill(child, signal.SIGCONT)
+        try:
+            os.kill(child, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # killed with its unit, as it should be
 
-    assert agent.popen.wait(60) == 0, agent.log_tail()
     states = sorted(Result.objects.filter(device__name="alice-1").values_list("state", flat=True))
-    # the unit it was computing was reported; the one it had not started was handed back at once, for free
-    assert states == [Result.State.RELEASED, Result.State.REPORTED], (states, agent.log_tail())
+    # the unit it was computing is still its own (the next run resumes it); the one it had not started was
+    # handed back at once, for free
+    assert states == [Result.State.IN_PROGRESS, Result.State.RELEASED], (states, agent.log_tail())
+    kept = Result.objects.get(device__name="alice-1", state=Result.State.IN_PROGRESS)
+    assert (state_dir / "work" / str(kept.pk) / "lease.json").is_file()
     device = Device.objects.get(name="alice-1")
     assert (device.released, device.gave_up, device.cooldown_until) == (1, 0, None)
+
+    # Started again while that lease is alive, the agent asks the server, which renews it, and reports the unit.
+    again = cluster.start_agent("alice-1-again", state_dir, "--batch", "1", "--poll", "0.5")
+    again.wait_for_log(r"resuming 1 unit left by an earlier run", timeout=120)
+    _wait_until(lambda: Result.objects.get(pk=kept.pk).state == Result.State.REPORTED, timeout=120)
 
 
 def test_the_agent_process_loads_neither_django_nor_torch(cluster):

@@ -23,6 +23,7 @@ from typing import Any
 from worker_agent.architectures import Architecture
 from worker_agent.jobfile import ChildJob
 from worker_agent.kinds import JobError
+from worker_agent.kinds._checkpoint import Ticker
 from worker_agent.kinds._device import to_cpu, to_device
 from worker_agent.kinds._payload import model_resolve, payload_of_kind
 from worker_agent.wire import FedAvgPayload
@@ -76,6 +77,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     from safetensors.torch import save_file
 
     spec = parse(job.payload)
+    ticker = Ticker(job)
     started = time.perf_counter()
     model = to_device(load_model(spec, job.artifact_path(spec.weights)), job)
     start_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -85,7 +87,8 @@ def execute(job: ChildJob) -> dict[str, float]:
         weights, loss = start_weights, 0.0
     else:
         loss = train_local(model, x, y, epochs=spec.epochs, batch_size=spec.batch_size,
-                           learning_rate=spec.learning_rate, seed=spec.seed, momentum=spec.momentum)
+                           learning_rate=spec.learning_rate, seed=spec.seed, momentum=spec.momentum,
+                           ticker=ticker)
         weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     weights, start_weights = to_cpu(weights), to_cpu(start_weights)
     weights = sabotage(weights, start_weights, fault=job.fault, seed=job.fault_seed, unit_seed=spec.seed)
@@ -96,29 +99,97 @@ def execute(job: ChildJob) -> dict[str, float]:
         "train_loss": round(loss, 6),
         "load_seconds": round(loaded - started, 4),
         "compute_seconds": round(computed - loaded, 4),
+        **ticker.metrics(),
     }
 
 
 def train_local(model: Any, x: Any, y: Any, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
-                momentum: float = 0.0) -> float:
+                momentum: float = 0.0, ticker: Ticker | None = None) -> float:
     """Minibatch SGD (with optional momentum, its state fresh every unit) on cross-entropy, in an order fixed by `seed`; returns the mean loss per sample.
-    Shared with the reference loop (demo/fedavg_reference.py), so both train exactly alike."""
+    Shared with the reference loop (demo/fedavg_reference.py), so both train exactly alike.
+
+    With a ticker: resumes from its checkpoint and checkpoints between batches when it says so. A
+    checkpoint holds all that the rest of the run depends on: the weights, the optimiser's state
+    (momentum buffers), the data position (epoch, next batch, that epoch's order), the order
+    generator's state and the loss sums; so a resumed run gives the same bytes as a straight one."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     model.train()
-    total, seen = 0.0, 0
-    for _ in range(epochs):
-        for batch in torch.randperm(x.shape[0], generator=generator).split(batch_size):
+    position = _TrainPosition()
+    if ticker is not None:
+        position = _resume_training(ticker, model, optimiser, generator) or position
+    batches = -(-x.shape[0] // batch_size)
+    if ticker is not None and position.seen:
+        ticker.resumed_from = (position.epoch * batches + position.batch) / (epochs * batches)
+        ticker.progress(ticker.resumed_from, force=True)
+    for epoch in range(position.epoch, epochs):
+        if position.order is None:
+            position.order = torch.randperm(x.shape[0], generator=generator)
+        for index, batch in enumerate(position.order.split(batch_size)):
+            if index < position.batch:
+                continue
             optimiser.zero_grad(set_to_none=True)
             loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
             loss.backward()
             optimiser.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
+            position.total += float(loss.detach()) * len(batch)
+            position.seen += len(batch)
+            if ticker is not None:
+                position.epoch, position.batch = epoch, index + 1
+                _tick_training(ticker, model, optimiser, generator, position)
+                ticker.progress((epoch * batches + index + 1) / (epochs * batches))
+        position.order, position.batch = None, 0
     model.eval()
-    return total / seen
+    return position.total / position.seen
+
+
+@dataclass
+class _TrainPosition:
+    epoch: int = 0
+    batch: int = 0  # the next batch of `order` to train on
+    order: Any = None  # this epoch's permutation (drawn at its start), None before it is drawn
+    total: float = 0.0
+    seen: int = 0
+
+
+def _tick_training(ticker: Ticker, model: Any, optimiser: Any, generator: Any, position: _TrainPosition) -> None:
+    if not ticker.due():
+        return
+    tensors = {f"model.{name}": tensor.detach() for name, tensor in model.state_dict().items()}
+    buffers: list[int] = []
+    for index, state in optimiser.state_dict()["state"].items():
+        if state.get("momentum_buffer") is not None:
+            tensors[f"momentum.{index}"] = state["momentum_buffer"]
+            buffers.append(index)
+    tensors["generator"] = generator.get_state()
+    tensors["order"] = position.order
+    ticker.save(tensors, {"epoch": position.epoch, "batch": position.batch, "total": position.total,
+                          "seen": position.seen, "momentum": buffers})
+
+
+def _resume_training(ticker: Ticker, model: Any, optimiser: Any, generator: Any) -> _TrainPosition | None:
+    saved = ticker.load()
+    if saved is None:
+        return None
+    tensors, state = saved
+    try:
+        weights = {name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")}
+        model.load_state_dict(weights, strict=True)
+        groups = optimiser.state_dict()["param_groups"]
+        momentum = {index: {"momentum_buffer": tensors[f"momentum.{index}"]} for index in state["momentum"]}
+        optimiser.load_state_dict({"state": momentum, "param_groups": groups})
+        generator.set_state(tensors["generator"])
+        position = _TrainPosition(epoch=state["epoch"], batch=state["batch"], order=tensors["order"],
+                                  total=float(state["total"]), seen=int(state["seen"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        # Not what this code writes (the digest includes the agent's version, so hardly ever). The model
+        # may be half loaded, so this run cannot start over in place: the checkpoint goes, the next one does.
+        if ticker.path is not None:
+            ticker.path.unlink(missing_ok=True)
+        raise RuntimeError(f"checkpoint unusable and deleted ({exc}); the unit starts over when run again") from None
+    return position
 
 
 def output_tensors(weights: dict[str, Any], *, loss: float, samples: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from worker_agent.architectures import Architecture
 from worker_agent.jobfile import ChildJob
 from worker_agent.kinds import JobError
+from worker_agent.kinds._checkpoint import Ticker
 from worker_agent.kinds._device import to_cpu, to_device
 from worker_agent.kinds._payload import model_resolve, payload_of_kind
 from worker_agent.wire import InferencePayload, PayloadError
@@ -52,6 +53,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     from safetensors.torch import save_file
 
     spec = parse(job.payload)
+    ticker = Ticker(job)
     started = time.perf_counter()
     model = to_device(load_model(spec, job.artifact_path(spec.weights)), job)
     x = to_device(load_input(spec, job.artifact_path(spec.inputs)), job)
@@ -59,7 +61,7 @@ def execute(job: ChildJob) -> dict[str, float]:
     if job.fault == "lazy":  # skips the work altogether
         y = lazy_output(spec.output_shape, seed=job.fault_seed)
     else:
-        y = to_cpu(forward(model, x, spec.batch_size))
+        y = to_cpu(forward(model, x, spec.batch_size, ticker=ticker))
     if job.fault == "wrong":
         y = sabotage(y, seed=job.fault_seed)
     elif job.fault == "collude":  # every colluder derives the same wrong answer from the same input
@@ -73,6 +75,7 @@ def execute(job: ChildJob) -> dict[str, float]:
         "batches": -(-spec.rows // spec.batch_size),
         "load_seconds": round(loaded - started, 4),
         "compute_seconds": round(computed - loaded, 4),
+        **ticker.metrics(),
     }
 
 
@@ -107,13 +110,44 @@ def load_input(spec: InferenceSpec, path: Path) -> Any:
     return x
 
 
-def forward(model: Any, x: Any, batch_size: int) -> Any:
+def forward(model: Any, x: Any, batch_size: int, *, ticker: Ticker | None = None) -> Any:
+    """The model over every row, `batch_size` rows at a time in order. With a ticker: resumes from its
+    checkpoint (the rows done and their outputs) and checkpoints between batches when it says so; the
+    batches cut are the same either way, and concatenating copies exactly, so the bytes are too."""
     import torch
 
+    parts, start = _resume(ticker, rows=x.shape[0])
+    parts = [part.to(x.device) for part in parts]  # a checkpoint holds CPU tensors; a no-op on the CPU
     # Batch boundaries change results by ~1e-7, so every agent must cut the rows identically.
     with torch.inference_mode():
-        parts = [model(x[start : start + batch_size]) for start in range(0, x.shape[0], batch_size)]
+        while start < x.shape[0]:
+            parts.append(model(x[start : start + batch_size]))
+            start += batch_size
+            if ticker is not None:
+                _tick(ticker, parts, rows_done=min(start, x.shape[0]), rows=x.shape[0])
         return torch.cat(parts).to(torch.float32)
+
+
+def _resume(ticker: Ticker | None, *, rows: int) -> tuple[list[Any], int]:
+    saved = ticker.load() if ticker is not None else None
+    if ticker is None or saved is None:
+        return [], 0
+    tensors, state = saved
+    done = state.get("rows_done")
+    if not isinstance(done, int) or not 0 < done <= rows or "y" not in tensors or tensors["y"].shape[0] != done:
+        return [], 0  # not what this code writes: start over
+    ticker.resumed_from = done / rows
+    ticker.progress(done / rows, force=True)
+    return [tensors["y"]], done
+
+
+def _tick(ticker: Ticker, parts: list[Any], *, rows_done: int, rows: int) -> None:
+    import torch
+
+    if ticker.due():
+        parts[:] = [torch.cat(parts)]  # the same bytes, one tensor: the next checkpoint copies less
+        ticker.save({"y": parts[0]}, {"rows_done": rows_done})
+    ticker.progress(rows_done / rows if rows else 1.0)
 
 
 def sabotage(y: Any, *, seed: int) -> Any:

@@ -196,6 +196,22 @@ class HeartbeatApi(AgentApi):
     class HeartbeatIn(serializers.Serializer):
         result_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1), max_length=1000,
                                            help_text="the leases being computed")
+        progress = serializers.DictField(
+            child=serializers.FloatField(min_value=0, max_value=1), required=False, allow_empty=True,
+            help_text="result id (as a string) -> fraction done in [0, 1], for ids in result_ids; information "
+                      "for job progress and ETA only")
+
+        def validate(self, data):
+            if data.get("progress") is None:
+                return data
+            # The wire record's checks, on what was sent (the DictField would take "0.5" or true for a
+            # number): keys are canonical ids listed in result_ids, fractions JSON numbers in [0, 1].
+            try:
+                request = wire.HeartbeatRequest(result_ids=tuple(data["result_ids"]),
+                                                progress=self.initial_data.get("progress"))
+            except wire.WireError as exc:
+                raise serializers.ValidationError({"progress": exc.problem}) from None
+            return {**data, "progress": request.fractions()}
 
     @extend_schema(operation_id="agent_heartbeat", request=HeartbeatIn, responses=RENEWED_OUT,
                    description="Renew the leases this device is computing; says which were lost.")
@@ -203,7 +219,8 @@ class HeartbeatApi(AgentApi):
         body = self.HeartbeatIn(data=request.data)
         body.is_valid(raise_exception=True)
         asked = body.validated_data["result_ids"]
-        renewed, expires = lease_renew(device=request.auth, result_ids=asked)
+        renewed, expires = lease_renew(device=request.auth, result_ids=asked,
+                                       progress=body.validated_data.get("progress"))
         answer = wire.HeartbeatAnswer(
             renewed=tuple(renewed), lost=tuple(sorted(set(asked) - set(renewed))), expires_at=_timestamp(expires)
         )

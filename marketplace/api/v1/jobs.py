@@ -38,6 +38,9 @@ class JobOut(serializers.Serializer):
     units_error = serializers.IntegerField(help_text="units that reached max_results_per_unit without a quorum")
     results_valid = serializers.IntegerField(help_text="results that agreed with their unit's decision")
     results_invalid = serializers.IntegerField(help_text="results that disagreed (paid nothing)")
+    units_in_progress = serializers.FloatField(
+        help_text="undecided units being computed, counted by the fraction done their devices last reported "
+                  "(the furthest replica of each)")
     results_per_unit = serializers.FloatField(allow_null=True, help_text="verification cost: results computed per decided unit")
     corrections = serializers.IntegerField(help_text="times a ban reopened the job to re-verify what a cheater vouched for")
     output_sha256 = serializers.CharField(allow_null=True, help_text="the merged output artifact, once completed")

@@ -115,6 +115,43 @@ def test_a_heartbeat_renews_live_leases_and_names_the_lost_ones(job, device, mak
     assert Result.objects.get(pk=live).lease_expires_at.isoformat().replace("+00:00", "Z") == body["expires_at"]
 
 
+def test_a_heartbeat_stores_the_progress_of_the_devices_live_leases_only(
+    job, device, make_device, other_contributor
+):
+    live, expired = (lease.result_id for lease in workunit_lease(device=device.device, max_units=2))
+    Result.objects.filter(pk=expired).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    (theirs,) = workunit_lease(device=make_device(other_contributor).device, max_units=1)
+    progress = {str(live): 0.25, str(expired): 0.5}
+    client = device.client()
+
+    response = client.post(HEARTBEAT, {"result_ids": [live, expired], "progress": progress}, format="json")
+    refused = client.post(HEARTBEAT, {"result_ids": [live, theirs.result_id],
+                                      "progress": {str(theirs.result_id): 0.9}}, format="json")
+
+    assert response.status_code == 200 and response.json()["renewed"] == [live]
+    assert Result.objects.get(pk=live).progress == 0.25
+    assert Result.objects.get(pk=expired).progress is None  # no longer its lease: nothing stored
+    assert refused.status_code == 200  # another device's lease is named lost, its progress left alone
+    assert Result.objects.get(pk=theirs.result_id).progress is None
+
+
+@pytest.mark.parametrize("progress", [
+    {"1": 1.5}, {"1": -0.1}, {"1": True}, {"1": "0.5"}, {"999999": 0.5}, {"01": 0.5}, {"x": 0.5}, [0.5],
+])
+def test_a_heartbeat_with_malformed_progress_is_refused_and_renews_nothing(job, device, progress):
+    (lease,) = workunit_lease(device=device.device, max_units=1)
+    before = Result.objects.get(pk=lease.result_id).lease_expires_at
+    body = {"result_ids": [lease.result_id],
+            "progress": {key.replace("1", str(lease.result_id)) if key == "1" else key: value
+                         for key, value in progress.items()} if isinstance(progress, dict) else progress}
+
+    response = device.client().post(HEARTBEAT, body, format="json")
+
+    assert response.status_code == 400, response.json()
+    assert response.json()["error"]["fields"].keys() == {"progress"}
+    assert Result.objects.get(pk=lease.result_id).lease_expires_at == before
+
+
 # --- report ---------------------------------------------------------------------------------------
 
 def test_it_accepts_a_signed_report_and_queues_the_unit_for_validation(
