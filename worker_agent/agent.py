@@ -10,8 +10,12 @@ reissues it at once.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker_agent import hardware, kinds, protocol
+from worker_agent import control, hardware, kinds, protocol
 from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
 from worker_agent.heartbeat import Heartbeat, LeaseBook
@@ -72,6 +76,67 @@ class Summary:
         )
 
 
+class ManualPause:
+    """The owner's pause (`idlegrid-agent pause`), set from the control thread, read by the loop."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._until: float | None = None  # wall-clock end; math.inf: until resumed
+        self._reason = ""
+
+    def pause(self, seconds: float | None, reason: str) -> None:
+        with self._lock:
+            self._until = math.inf if seconds is None else self._clock() + seconds
+            self._reason = reason
+
+    def resume(self) -> None:
+        with self._lock:
+            self._until, self._reason = None, ""
+
+    def state(self) -> tuple[bool, float | None, str]:
+        """(paused, until as a Unix time or None for 'until resumed', reason)."""
+        with self._lock:
+            if self._until is not None and self._clock() >= self._until:
+                self._until, self._reason = None, ""  # the pause ran out
+            if self._until is None:
+                return False, None, ""
+            return True, (None if self._until == math.inf else self._until), self._reason
+
+
+@dataclass(frozen=True)
+class CurrentUnit:
+    label: str
+    result_id: int
+    started_at: float
+    progress: float | None = None  # fraction done, once the child reports it (the resume part)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "result_id": self.result_id, "started_at": self.started_at,
+                "progress": self.progress}
+
+
+class DayCount:
+    """Units done today (local date) by this run of the agent."""
+
+    def __init__(self) -> None:
+        self._day = time.strftime("%Y-%m-%d")
+        self._count = 0
+
+    def add(self) -> None:
+        self._roll()
+        self._count += 1
+
+    def count(self) -> int:
+        self._roll()
+        return self._count
+
+    def _roll(self) -> None:
+        today = time.strftime("%Y-%m-%d")
+        if today != self._day:
+            self._day, self._count = today, 0
+
+
 class Agent:
     def __init__(
         self,
@@ -100,9 +165,15 @@ class Agent:
         self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05))
         self.child = ComputeChild(state.work_dir)
         self.facts = hardware.FactsReporter()  # sent with a lease request when they change
+        self.manual = ManualPause()
+        self.current: CurrentUnit | None = None
+        self.today = DayCount()
+        self._child_stopped = False
+        self.control: control.ControlServer | None = None
 
     def run(self) -> Summary:
         self._prepare_state()
+        self._start_control()
         self.heartbeat.start()
         self.child.start()
         try:
@@ -119,12 +190,84 @@ class Agent:
         finally:
             self.heartbeat.stop()
             self.child.kill()  # never left behind, whatever happened above
+            if self.control is not None:
+                self.control.stop()
         return self.summary
+
+    # --- the control socket (worker_agent/control.py) ------------------------------------------
+    # A stand-in until the policy part's Governor is wired in: a manual pause leases nothing new and
+    # stops the child mid-unit (SIGSTOP to its process group, sent from the main thread while it
+    # waits on the child), resume continues it. The unit's wall-clock limit keeps counting meanwhile.
+
+    def status(self) -> dict[str, Any]:
+        paused, until, reason = self.manual.state()
+        current = self.current
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "device_id": self.device.device_id,
+            "server": self.device.server,
+            "state": "paused" if paused else ("working" if current is not None else "waiting for work"),
+            "paused": paused,
+            "pause_reasons": [reason or "paused by the owner"] if paused else [],
+            "paused_until": until,
+            "unit": current.to_dict() if current is not None else None,
+            "units_done_this_run": self.summary.done,
+            "units_done_today": self.today.count(),
+            "summary": {"done": self.summary.done, "failed": self.summary.failed, "refused": self.summary.refused,
+                        "lost": self.summary.lost, "given_back": self.summary.given_back},
+            "policy": self.policy_in_force(),
+        }
+
+    def policy_in_force(self) -> dict[str, Any] | None:
+        """The contributor policy this agent applies; None until the Governor is wired in (its snapshot())."""
+        return None
+
+    def pause(self, seconds: float | None, reason: str) -> dict[str, Any]:
+        self.manual.pause(seconds, reason)
+        log.info("paused by the owner%s%s", f" for {seconds:g}s" if seconds else "", f": {reason}" if reason else "")
+        return self.status()
+
+    def resume(self) -> dict[str, Any]:
+        self.manual.resume()
+        log.info("resumed by the owner")
+        return self.status()
+
+    def _start_control(self) -> None:
+        try:
+            server = control.ControlServer(control.socket_path(self.state.root), self)
+            server.start()
+        except control.ControlError as exc:
+            log.warning("no control socket (status, pause and resume will not reach this agent): %s", exc)
+            return
+        self.control = server
+
+    def _hold_while_paused(self) -> None:
+        """Between units: lease nothing while paused (a warm shutdown still ends the wait)."""
+        while self.manual.state()[0] and not self.shutdown.warm.is_set():
+            self.shutdown.sleep(0.2)
+
+    def _apply_pause_to_child(self) -> None:
+        """Called every few tens of ms while the child computes: stop or continue it as the pause says.
+        A warm shutdown continues it (the unit may finish); a cold one kills it, stopped or not."""
+        want_stopped = self.manual.state()[0] and not self.shutdown.warm.is_set()
+        pid = self.child.pid
+        if pid is None or want_stopped == self._child_stopped:
+            return
+        try:
+            os.killpg(pid, signal.SIGSTOP if want_stopped else signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        self._child_stopped = want_stopped
+        log.info("compute child %d %s", pid, "stopped (paused)" if want_stopped else "continued")
 
     # --- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self.shutdown.warm.is_set() and not self._quota_reached():
+            self._hold_while_paused()
+            if self.shutdown.warm.is_set():
+                return
             leases, retry_after = self._lease()
             if leases:
                 self._work_through(leases)
@@ -201,6 +344,7 @@ class Agent:
         workdir = self.state.work_dir / str(lease.result_id)
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(mode=0o700, parents=True)
+        self.current = CurrentUnit(label=lease.label, result_id=lease.result_id, started_at=time.time())
         try:
             outcome = self._compute(lease, workdir)
         except (LeaseLost, ChildAborted):
@@ -213,6 +357,9 @@ class Agent:
                 self._deliver(lease, workdir / OUTPUT_FILE, outcome)
             else:
                 self._fail(lease, outcome.error)
+        finally:
+            self.current = None
+            self._child_stopped = False  # a stopped child that was replaced or killed is gone
         shutil.rmtree(workdir, ignore_errors=True)
         self.cache.prune()
 
@@ -244,6 +391,7 @@ class Agent:
         return paths
 
     def _abort_reason(self, lease: Lease) -> str | None:
+        self._apply_pause_to_child()
         return "lease lost" if self.book.is_lost(lease.result_id) else None
 
     def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
@@ -259,6 +407,7 @@ class Agent:
             return
         if self._report(lease, sha, outcome):
             self.summary.done += 1
+            self.today.add()
             log.info("%s done in %.2fs, reported", lease.label, outcome.elapsed_seconds)
         else:
             self.summary.refused += 1
