@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -147,29 +149,49 @@ def build_model() -> Any:
     return arch.build(config).eval()
 
 
-def bare_seconds(model: Any, x: np.ndarray, repeats: int) -> float:
-    """The unit's forward pass as the child does it (inference.forward), one thread, best of `repeats`."""
-    import torch
+BARE_SCRIPT = """
+import json, sys, time
+import torch
+from safetensors.torch import load_file
+from worker_agent.architectures import resolve
+from worker_agent.kinds.inference import forward
+torch.set_num_threads(1)
+weights, inputs, batch, repeats, model_spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+arch, config = resolve(model_spec["architecture"], model_spec["config"])
+model = arch.build(config)
+model.load_state_dict(load_file(weights))
+model.eval()
+x = load_file(inputs)["x"]
+forward(model, x, batch)
+times = []
+for _ in range(repeats):
+    started = time.perf_counter()
+    forward(model, x, batch)
+    times.append(time.perf_counter() - started)
+print(json.dumps(times))
+"""
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tensor = torch.from_numpy(x)
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            with torch.inference_mode():
-                _ = [model(tensor[i : i + BATCH_SIZE]) for i in range(0, tensor.shape[0], BATCH_SIZE)]
-            best = min(best, time.perf_counter() - started)
-        return best
-    finally:
-        torch.set_num_threads(threads)
+
+def bare_in_child_env(work: Path, model: Any, x: np.ndarray, repeats: int) -> float:
+    """The same forward pass (kinds.inference.forward) in a fresh interpreter with the compute child's
+    environment (one thread, the same allocator settings): what the unit costs without the agent. Median."""
+    from safetensors.numpy import save_file
+
+    from worker_agent.runner import child_env
+
+    weights, inputs = work / "bare-weights.safetensors", work / "bare-x.safetensors"
+    weights.write_bytes(weights_bytes(model))
+    save_file({"x": x}, str(inputs))
+    done = subprocess.run([sys.executable, "-c", BARE_SCRIPT, str(weights), str(inputs), str(BATCH_SIZE), str(repeats),
+                           json.dumps(MLP)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600, check=True)
+    return float(statistics.median(json.loads(done.stdout.strip().splitlines()[-1])))
 
 
-def rows_for(model: Any, seconds: float) -> int:
-    probe = np.random.default_rng(1).standard_normal((BATCH_SIZE * 16, 16)).astype(np.float32)
-    bare_seconds(model, probe, 1)  # warm up
-    per_row = bare_seconds(model, probe, 3) / probe.shape[0]
+def rows_for(work: Path, model: Any, seconds: float) -> int:
+    """Rows that take `seconds` in the bare loop, in the child's conditions."""
+    probe = dataset(BATCH_SIZE * 16, seed=1)
+    per_row = bare_in_child_env(work, model, probe, 3) / probe.shape[0]
     return max(BATCH_SIZE, int(seconds / per_row) // BATCH_SIZE * BATCH_SIZE)
 
 
@@ -358,10 +380,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     global _HELP
     _HELP = run_help()
     model = build_model()
-    rows = rows_for(model, args.unit_seconds)
-    figures: dict[str, Any] = {"quick": args.quick, "rows_per_unit": rows}
     with tempfile.TemporaryDirectory(prefix="igfp-", dir="/tmp") as name:  # short: the control socket's path
         work = Path(name)
+        rows = rows_for(work, model, args.unit_seconds)
+        figures: dict[str, Any] = {"quick": args.quick, "rows_per_unit": rows}
         market = Market(work)
         try:
             state_dir = market.start()
@@ -375,8 +397,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 figures.update(busy_figures(pid, client, args.units, timeout=120 + 20 * args.units * args.unit_seconds))
             finally:
                 stop_agent(process)
+            assert process.log_path is not None
+            in_child = [float(m) for m in re.findall(r"done in ([0-9.]+)s, reported", process.log_path.read_text())]
+            figures["child_unit_seconds"] = round(statistics.median(in_child), 4) if in_child else None
             # Right after the agent's units, on the machine as loaded as it was for them; the median, as the cycle.
-            bare = statistics.median(bare_seconds(model, dataset(rows, seed=5), 1) for _ in range(5))
+            bare = bare_in_child_env(work, model, dataset(rows, seed=5), 5)
             figures["bare_unit_seconds"] = round(bare, 4)
             log(f"{rows} rows a unit: {bare:.3f} s in the bare loop, {figures['unit_cycle_seconds']} s a unit in the agent")
             cycle = figures["unit_cycle_seconds"]
@@ -409,6 +434,7 @@ def render(f: dict[str, Any]) -> str:
          "ok" if not (f["torch_in_agent_idle"] or f["torch_in_agent_busy"]) else "MISSED"],
         ["agent CPU, idle", f"{f['idle_cpu_percent']}% of a core", "<= 0.2%", verdict(f["idle_cpu_percent"], GOALS["idle_cpu_percent"])],
         ["unit: bare torch loop / agent cycle", f"{f['bare_unit_seconds']} s / {f['unit_cycle_seconds']} s", "", f"{f['rows_per_unit']} rows"],
+        ["  of which in the child (load, compute, save)", f"{f['child_unit_seconds']} s", "", "median, from the agent's log"],
         ["overhead per unit", f"{f['overhead_percent']}%", "<= 5%", verdict(f["overhead_percent"], GOALS["overhead_percent"])],
         ["input -> child stopped", f"{f['pause_latency_s']} s", "<= 1 s", verdict(f["pause_latency_s"], GOALS["pause_latency_s"]) + no_policy],
         [f"CPU share under a {f['cap_percent']}% cap", f"{f['capped_cpu_percent']}%", "45-55%",
