@@ -254,7 +254,7 @@ class EarningsApi(AgentApi):
                                                                    "(the marketplace's time zone)")
         day_started = serializers.DateTimeField(help_text="that midnight")
 
-    @extend_schema(operation_id="agent_earnings", responses=EarningsOut,
+    @extend_schema(operation_id="agent_earnings_retrieve", responses=EarningsOut,
                    description="The device owner's held and settled earnings and this device's units validated today.")
     def get(self, request):
         earnings = device_earnings(device=request.auth)

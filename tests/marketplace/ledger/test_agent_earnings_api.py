@@ -75,6 +75,6 @@ def test_a_person_s_token_is_not_a_device(api, contributor):
 def test_the_endpoint_is_in_the_schema(client):
     schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
     operation = schema["paths"]["/api/v1/agent/earnings"]["get"]
-    assert operation["operationId"] == "agent_earnings"
+    assert operation["operationId"] == "agent_earnings_retrieve"
     fields = schema["components"]["schemas"]["EarningsOut"]["properties"]
     assert {"held", "settled", "token_symbol", "token_decimals", "units_validated_today"} <= set(fields)
