@@ -77,11 +77,12 @@ def socket_path(state_root: Path) -> Path:
 
 def peer_uid(conn: socket.socket) -> int:
     """The uid of the process at the other end of a connected Unix socket."""
-    if sys.platform.startswith("linux"):
+    platform: str = sys.platform  # a plain str: mypy would otherwise judge the other platforms' branch unreachable
+    if platform.startswith("linux"):
         fmt = "3i"  # struct ucred: pid, uid, gid
         pid, uid, gid = struct.unpack(fmt, conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt)))
         return int(uid)
-    if sys.platform == "darwin":
+    if platform == "darwin":
         sol_local, local_peercred = 0, 0x001  # <sys/un.h>
         raw = conn.getsockopt(sol_local, local_peercred, 128)  # struct xucred: cr_version, cr_uid, ...
         if len(raw) < 8:
@@ -90,7 +91,7 @@ def peer_uid(conn: socket.socket) -> int:
         if version != 0:  # XUCRED_VERSION
             raise ControlError("cannot read the peer's credentials")
         return int(uid)
-    raise ControlUnsupported(f"peer credentials are not supported on {sys.platform}")
+    raise ControlUnsupported(f"peer credentials are not supported on {platform}")
 
 
 class ControlServer:
@@ -179,14 +180,16 @@ class ControlServer:
         conn.settimeout(CONNECTION_SECONDS)
         try:
             uid = peer_uid(conn)
-            if uid != os.getuid():
-                log.warning("control socket: refused a connection from uid %d", uid)
-                _send(conn, {"ok": False, "error": "only the user running the agent may control it"})
-                return
+            # The request is read (bounded) before any answer, a refusal too: a Unix socket closed with bytes
+            # unread resets the connection, and the client would lose the answer it was sent.
             try:
                 line = _read_line(conn, MAX_REQUEST_BYTES, seconds=CONNECTION_SECONDS)
             except ControlError as exc:
                 _send(conn, {"ok": False, "error": str(exc)})
+                return
+            if uid != os.getuid():
+                log.warning("control socket: refused a connection from uid %d", uid)
+                _send(conn, {"ok": False, "error": "only the user running the agent may control it"})
                 return
             _send(conn, self._answer(line))
         except (OSError, ControlError) as exc:  # a timeout, a client gone away, a refused request
@@ -294,10 +297,15 @@ class ControlClient:
             except OSError as exc:
                 raise ControlError(f"cannot reach the agent at {self.path}: {exc.strerror or exc}") from None
             try:
-                _send(conn, request)
+                try:
+                    _send(conn, request)
+                except BrokenPipeError:
+                    pass  # the agent answered (a refusal) and closed before our request was sent: read that answer
                 line = _read_line(conn, MAX_ANSWER_BYTES)
             except OSError as exc:
                 raise ControlError(f"the agent did not answer: {exc}") from None
+        if not line:
+            raise ControlError("the agent closed the connection without an answer")
         try:
             answer = safejson.loads(line, max_bytes=MAX_ANSWER_BYTES, max_depth=16, max_items=100_000)
         except ValueError as exc:
