@@ -24,13 +24,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker_agent import hardware, kinds, protocol, safejson
+from worker_agent import control, gpu, hardware, kinds, protocol, safejson
 from worker_agent.artifacts import ArtifactCache, ArtifactError, file_sha256
 from worker_agent.client import ONE_SHOT, AgentClient, AgentError, ApiError, ServerUnavailable
 from worker_agent.heartbeat import Heartbeat, LeaseBook
 from worker_agent.jobfile import ChildJob
 from worker_agent.pinning import UnitSignatureInvalid, UnitVerifier
 from worker_agent.policy.config import Policy
+from worker_agent.policy.governor import MANUAL as MANUAL_REASON
 from worker_agent.policy.governor import Governor, Samplers
 from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
 from worker_agent.shutdown import Shutdown
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 QUICK_GIVE_BACK_SECONDS = 5.0  # a cold shutdown must end promptly even if the server is gone
 QUICK_CALL_TIMEOUT = 2.0
 OUTPUT_FILE = "output.safetensors"
+# The policy of an Agent given none: compute whenever there is work (the owner's pause still works).
+UNCONDITIONAL = Policy(idle_minutes=0, idle_source="none", other_cpu_percent=100, run_on_battery=True,
+                       battery_min_percent=0, memory_busy_percent=100, memory_idle_percent=100)
 ALLOWED_POLL_SECONDS = 0.5  # how soon a waiting loop notices a warm shutdown (a verdict change wakes it at once)
 LEASE_FILE = "lease.json"  # in a unit's work dir: the lease as received, so a restarted agent can resume it
 CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the child (worker_agent/kinds/_checkpoint.py)
@@ -101,6 +105,39 @@ class Summary:
         )
 
 
+@dataclass(frozen=True)
+class CurrentUnit:
+    label: str
+    result_id: int
+    started_at: float
+    workdir: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "result_id": self.result_id, "started_at": self.started_at,
+                "progress": _read_progress(self.workdir / PROGRESS_FILE)}
+
+
+class DayCount:
+    """Units done today (local date) by this run of the agent."""
+
+    def __init__(self) -> None:
+        self._day = time.strftime("%Y-%m-%d")
+        self._count = 0
+
+    def add(self) -> None:
+        self._roll()
+        self._count += 1
+
+    def count(self) -> int:
+        self._roll()
+        return self._count
+
+    def _roll(self) -> None:
+        today = time.strftime("%Y-%m-%d")
+        if today != self._day:
+            self._day, self._count = today, 0
+
+
 class Agent:
     def __init__(
         self,
@@ -132,18 +169,26 @@ class Agent:
         # A third of the lease: two beats can fail before the server reissues the unit.
         self.heartbeat = Heartbeat(client, self.book, interval=max(device.lease_seconds / 3, 0.05),
                                    progress=self._progress)
-        self.child = ComputeChild(state.work_dir, threads=options.threads)
-        self.governor: Governor | None = None
-        if policy is not None:
-            samplers = samplers or Samplers.for_policy(policy, own_pids=self._child_pids)
-            self.governor = Governor(policy, samplers, child=self.child)
+        # Without a policy (tests, embedding) the governor still runs, with nothing to hold the agent back:
+        # the owner's pause through the control socket works the same either way.
+        policy = policy or UNCONDITIONAL
+        self.policy = policy
+        self.child = ComputeChild(state.work_dir, threads=options.threads, gpu_policy=policy.gpu)
+        self._gpu_facts: dict[str, object] | None = None  # the child facts the GPU guard was set up for
+        samplers = samplers or Samplers.for_policy(policy, own_pids=self._child_pids)
+        self.governor: Governor | None = Governor(policy, samplers, child=self.child)
+        self._pause_reason = ""
         self.facts = hardware.FactsReporter()  # sent with a lease request when they change
         self.leftovers: list[Lease] = []  # leases of an earlier run with work dirs (lease.json) left behind
-        self._current: tuple[int, Path] | None = None  # the unit in the child: result id, work dir
         self._parking: _Parking | None = None
+        self._computing: int | None = None  # the result id whose unit is in the child now
+        self.today = DayCount()
+        self.started_at = time.time()
+        self.control: control.ControlServer | None = None
 
     def run(self) -> Summary:
         self._prepare_state()
+        self._start_control()
         self.heartbeat.start()
         self.child.start()
         if self.governor is not None:
@@ -165,7 +210,73 @@ class Agent:
                 self.governor.stop()  # leaves the child running: it is killed next, or already gone
             self.heartbeat.stop()
             self.child.kill()  # never left behind, whatever happened above
+            if self.control is not None:
+                self.control.stop()
         return self.summary
+
+    # --- the control socket (worker_agent/control.py): status, pause, resume ------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `idlegrid-agent status` shows: called from the control thread, reads only."""
+        assert self.governor is not None
+        snapshot = self.governor.snapshot()
+        manual = snapshot["manual_pause"]
+        current = self.current
+        paused = snapshot["state"] != "running"
+        reasons = list(snapshot["reasons"])
+        if manual["paused"] and self._pause_reason:
+            reasons = [f"{r} ({self._pause_reason})" if r == MANUAL_REASON else r for r in reasons]
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "device_id": self.device.device_id,
+            "server": self.device.server,
+            "started_at": self.started_at,
+            "state": "paused" if paused else ("working" if current is not None else "waiting for work"),
+            "paused": paused,
+            "pause_reasons": reasons,
+            "paused_until": manual["until"],
+            "unit": current.to_dict() if current is not None else None,
+            "units_done_this_run": self.summary.done,
+            "units_done_today": self.today.count(),
+            "summary": {"done": self.summary.done, "failed": self.summary.failed, "refused": self.summary.refused,
+                        "lost": self.summary.lost, "given_back": self.summary.given_back, "kept": self.summary.kept},
+            "policy": self.policy_in_force(),
+        }
+
+    def policy_in_force(self) -> dict[str, Any]:
+        """The contributor policy this agent applies, with what the governor reads now."""
+        assert self.governor is not None
+        snapshot = self.governor.snapshot()
+        return {**snapshot["policy"], "idle_source_in_use": snapshot["idle_source"],
+                "idle_seconds": snapshot["idle_seconds"], "other_cpu_percent_now": snapshot["other_cpu_percent"],
+                "on_battery": snapshot["on_battery"], "battery_percent": snapshot["battery_percent"],
+                "cpu_share": snapshot["cpu_share"], "memory_cap_percent_now": snapshot["memory_cap_percent"]}
+
+    def pause(self, seconds: float | None, reason: str) -> dict[str, Any]:
+        """The owner's pause (`idlegrid-agent pause [--for D]`): nothing is leased and the unit in hand is
+        stopped (SIGSTOP, by the governor) until `resume` or the time runs out; leases stay alive."""
+        assert self.governor is not None
+        self._pause_reason = reason
+        self.governor.manual_pause(None if seconds is None else time.time() + seconds)
+        log.info("paused by the owner%s%s", f" for {seconds:g}s" if seconds else "", f": {reason}" if reason else "")
+        return self.status()
+
+    def resume(self) -> dict[str, Any]:
+        assert self.governor is not None
+        self._pause_reason = ""
+        self.governor.manual_resume()
+        log.info("resumed by the owner")
+        return self.status()
+
+    def _start_control(self) -> None:
+        try:
+            server = control.ControlServer(control.socket_path(self.state.root), self)
+            server.start()
+        except control.ControlError as exc:
+            log.warning("no control socket (status, pause and resume will not reach this agent): %s", exc)
+            return
+        self.control = server
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -272,6 +383,7 @@ class Agent:
 
     def _process(self, lease: Lease) -> None:
         workdir = self._workdir(lease)
+        self.current = CurrentUnit(label=lease.label, result_id=lease.result_id, started_at=time.time(), workdir=workdir)
         try:
             outcome = self._compute(lease, workdir)
         except (LeaseLost, ChildAborted) as exc:
@@ -287,6 +399,8 @@ class Agent:
                 self._deliver(lease, workdir / OUTPUT_FILE, outcome)
             else:
                 self._fail(lease, outcome.error)
+        finally:
+            self.current = None
         shutil.rmtree(workdir, ignore_errors=True)
         self.cache.prune()
 
@@ -306,6 +420,7 @@ class Agent:
             fault_seed=lease.result_id,  # a faulty agent's noise differs per result, like real faults
             limits=unit.limits,
             threads=self.options.threads,
+            device=self._device(),
             checkpoint_dir=str(workdir),
             checkpoint_seconds=self.options.checkpoint_seconds,
         )
@@ -313,11 +428,23 @@ class Agent:
             self._parking = _Parking(before=None, deadline=0.0)
             raise ChildAborted(PARKED)
         log.info("%s: computing (limits %gs, %d MB)", lease.label, unit.limits.seconds, unit.limits.memory_mb)
-        self._current = (lease.result_id, workdir)
+        self._computing = lease.result_id
         try:
             return self.child.run(job, should_abort=lambda: self._abort_reason(lease, workdir))
         finally:
-            self._current = None
+            self._computing = None
+
+    def _device(self) -> str:
+        """Where the next unit computes ("cuda:0" when the child reported CUDA and the policy allows the GPU,
+        else "cpu"), and the governor told of it once per child facts: a GPU's caps load only here."""
+        facts = self.child.facts
+        device = gpu.child_device(self.policy.gpu, facts)
+        if self.governor is not None and facts is not self._gpu_facts:
+            self._gpu_facts = facts
+            guard = gpu.gpu_guard(self.policy.gpu, facts, temp_max_c=self.policy.gpu_temp_max_c,
+                                  temp_resume_c=self.policy.gpu_temp_resume_c, power_max_w=self.policy.gpu_power_max_w)
+            self.governor.set_gpu(device=device != "cpu", guard=guard)
+        return device
 
     def _fetch(self, lease: Lease, shas: list[str]) -> dict[str, str]:
         paths: dict[str, str] = {}
@@ -373,12 +500,11 @@ class Agent:
 
     def _progress(self) -> dict[int, float]:
         """For the heartbeat: the fraction done of the unit in the child, as the child last wrote it."""
-        current = self._current
-        if current is None:
+        current, computing = self.current, self._computing
+        if current is None or computing != current.result_id:
             return {}
-        result_id, workdir = current
-        fraction = _read_progress(workdir / PROGRESS_FILE)
-        return {} if fraction is None else {result_id: fraction}
+        fraction = _read_progress(current.workdir / PROGRESS_FILE)
+        return {} if fraction is None else {current.result_id: fraction}
 
     def _resume_leftovers(self) -> None:
         """Units an earlier run left with their lease (a warm stop, a crash): those whose lease is still
@@ -414,6 +540,7 @@ class Agent:
             return
         if self._report(lease, sha, outcome):
             self.summary.done += 1
+            self.today.add()
             log.info("%s done in %.2fs, reported", lease.label, outcome.elapsed_seconds)
         else:
             self.summary.refused += 1

@@ -10,12 +10,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 
 import worker_agent
-from worker_agent import protocol, wallet
+from worker_agent import control, protocol, service, wallet
 from worker_agent.agent import Agent, RunOptions, Summary
 from worker_agent.client import AgentClient, AgentError, RetryPolicy
 from worker_agent.enroll import AlreadyEnrolled, enroll
@@ -133,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     sign_cmd.add_argument("--key-file", type=Path, help=f"file holding the private key (default: ${wallet.WALLET_KEY_ENV})")
     sign_cmd.add_argument("--message-file", type=Path, help="file holding the message (default: standard input)")
     sign_cmd.set_defaults(handler=cmd_sign_message)
+
+    status_cmd = commands.add_parser("status", parents=[common], help="what the agent is doing, and what it earned")
+    status_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of the screen")
+    status_cmd.set_defaults(handler=cmd_status)
+
+    pause_cmd = commands.add_parser("pause", parents=[common], help="pause the running agent (its unit stops where it is)")
+    pause_cmd.add_argument("--for", dest="duration", type=_duration, help="e.g. 30m, 2h, 1h30m (default: until `resume`)")
+    pause_cmd.add_argument("--reason", default="paused from the command line", help="shown by `status`")
+    pause_cmd.set_defaults(handler=cmd_pause)
+
+    resume_cmd = commands.add_parser("resume", parents=[common], help="resume a paused agent")
+    resume_cmd.set_defaults(handler=cmd_resume)
+
+    service_cmd = commands.add_parser("service", parents=[common], help="start the agent at login (systemd, launchd)")
+    service_actions = service_cmd.add_subparsers(dest="action", required=True)
+    install_cmd = service_actions.add_parser(
+        "install", parents=[common], help="write a systemd user unit (Linux) or a launchd agent (macOS); Windows: print a schtasks command",
+    )
+    install_cmd.add_argument("--print", dest="print_only", action="store_true", help="print the file, write nothing")
+    install_cmd.add_argument("--uninstall", action="store_true", help="remove the file written before")
+    install_cmd.set_defaults(handler=cmd_service_install)
     return parser
 
 
@@ -269,6 +291,65 @@ def cmd_sign_message(args: argparse.Namespace, state: StateDir) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace, state: StateDir) -> int:
+    from worker_agent.status_screen import render, status_gather
+
+    status = status_gather(state)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        render(status)
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace, state: StateDir) -> int:
+    try:
+        answer = control.ControlClient(control.socket_path(state.root)).pause(args.duration, args.reason)
+    except control.ControlError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    until = answer.get("paused_until")
+    print(f"paused until {_local_time(until)}" if until else "paused until `idlegrid-agent resume`")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace, state: StateDir) -> int:
+    try:
+        answer = control.ControlClient(control.socket_path(state.root)).resume()
+    except control.ControlError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    print("still paused: " + ", ".join(answer.get("pause_reasons") or []) if answer.get("paused") else "resumed")
+    return EXIT_OK
+
+
+def cmd_service_install(args: argparse.Namespace, state: StateDir) -> int:
+    try:
+        unit = service.service_file(state_dir=state.root, home=Path.home())
+        if args.print_only or unit.path is None:
+            commands = unit.uninstall_commands if args.uninstall else unit.next_commands
+            where = f"# {unit.path}" if unit.path is not None else "# run in a command prompt:"
+            print(f"{where}\n{unit.content}\n# then:\n" + "\n".join(commands))
+            return EXIT_OK
+        if args.uninstall:
+            print("\n".join(unit.uninstall_commands) + "   # first, to stop it")
+            removed = service.uninstall(unit)
+            print(f"removed {unit.path}" if removed else f"nothing to remove: {unit.path} does not exist")
+            return EXIT_OK
+        service.install(unit)
+    except service.ServiceError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    print(f"wrote {unit.path}\nnext:\n  " + "\n  ".join(unit.next_commands))
+    return EXIT_OK
+
+
+def _local_time(moment: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
+
+
 def _run_agent(agent: Agent) -> int:
     try:
         summary: Summary = agent.run()
@@ -315,6 +396,21 @@ def _batch(text: str) -> int:
     if value > protocol.MAX_LEASE_BATCH:
         raise argparse.ArgumentTypeError(f"must be at most {protocol.MAX_LEASE_BATCH}, got {value}")
     return value
+
+
+DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def _duration(text: str) -> float:
+    """'30m', '2h', '1h30m', '45s', '1d' -> seconds."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 2h, 1h30m, 45s, 1d)")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    total = float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    if not 0 < total <= control.MAX_PAUSE_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {control.MAX_PAUSE_SECONDS / 86400:g} days, got {text!r}")
+    return total
 
 
 def _positive_float(text: str) -> float:

@@ -134,6 +134,12 @@ class AgentClient:
     def keys(self, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
         return self._with_retries("GET /api/v1/agent/keys", lambda: self._json_once("GET", "/api/v1/agent/keys"), retry)
 
+    def earnings(self, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """The owner's held and settled amounts (decimal strings of base units), the token's symbol and
+        decimals, and this device's units validated today (GET /api/v1/agent/earnings)."""
+        return self._with_retries("GET /api/v1/agent/earnings", lambda: self._json_once("GET", "/api/v1/agent/earnings"),
+                                  retry)
+
     def lease(self, max_units: int, *, hardware: dict[str, Any] | None = None,
               capabilities: wire.Capabilities | None = None) -> dict[str, Any]:
         # `hardware`: the device's facts, sent when they changed since last sent (None leaves them out).

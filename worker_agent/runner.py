@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 import worker_agent
+from worker_agent import gpu
 from worker_agent.jobfile import AGENT_PID_ENV, THREADS_ENV, ChildJob, ChildStatus
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,10 @@ class ComputeChild:
     elapsed time, nor against the startup deadline.
     """
 
-    def __init__(self, workdir: Path, *, threads: int = 1) -> None:
+    def __init__(self, workdir: Path, *, threads: int = 1, gpu_policy: str = "auto") -> None:
         self.workdir = workdir
         self.threads = threads  # torch threads per unit (the `cores` policy key); a numerics fact
+        self.gpu_policy = gpu_policy  # the `gpu` policy key: "auto" lets the child compute on CUDA
         self._signal_lock = threading.Lock()
         self._paused_at: float | None = None
         self._paused_total = 0.0
@@ -124,7 +126,7 @@ class ComputeChild:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=fd,
-            env={**child_env(), THREADS_ENV: str(self.threads)},
+            env={**child_env(self.gpu_policy), THREADS_ENV: str(self.threads)},
             start_new_session=True,
         )
         self._buffer, self._ready, self._fresh = b"", False, True
@@ -405,8 +407,10 @@ class ComputeChild:
         return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())[-600:]
 
 
-def child_env() -> dict[str, str]:
-    env = {**os.environ, **CHILD_ENV, AGENT_PID_ENV: str(os.getpid())}
+def child_env(gpu_policy: str = "auto") -> dict[str, str]:
+    """The compute child's environment; `gpu_policy` is the policy's `gpu` key (the child looks for CUDA
+    only with "auto")."""
+    env = {**os.environ, **CHILD_ENV, **gpu.child_gpu_env(gpu_policy), AGENT_PID_ENV: str(os.getpid())}
     # The child must import this very copy of worker_agent, installed or run from a checkout.
     package_root = str(Path(worker_agent.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))

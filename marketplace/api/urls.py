@@ -40,6 +40,7 @@ urlpatterns = [
     path("agent/keys", agent.KeysApi.as_view(), name="agent-keys"),
     path("agent/lease", agent.LeaseApi.as_view(), name="agent-lease"),
     path("agent/heartbeat", agent.HeartbeatApi.as_view(), name="agent-heartbeat"),
+    path("agent/earnings", agent.EarningsApi.as_view(), name="agent-earnings"),
     path("agent/results/<int:result_id>/report", agent.ReportApi.as_view(), name="agent-report"),
     path("agent/results/<int:result_id>/fail", agent.FailApi.as_view(), name="agent-fail"),
     path("agent/results/<int:result_id>/release", agent.ReleaseApi.as_view(), name="agent-release"),

@@ -25,6 +25,7 @@ from marketplace.chain.client import chain_errors, contract_artifact, web3_conne
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Earning, EpochLeaf, WalletLink
 from marketplace.ledger.selectors import balances_for
+from marketplace.workers.models import Device
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +197,26 @@ def earnings_series(*, user: User, now: datetime | None = None) -> dict[str, Any
 def _buckets(rows: Any) -> dict[int, int]:
     return {int(r["at"].timestamp()): int(r["total"] or 0)
             for r in rows.values("at").annotate(total=AmountSum("net")).order_by("at")}
+
+
+@dataclass(frozen=True)
+class DeviceEarnings:
+    """What `idlegrid-agent status` shows of the money: its owner's held and settled totals (all their
+    devices: the earnings are the person's) and this device's units validated since local midnight."""
+
+    held: int
+    settled: int
+    units_validated_today: int
+    day_started: datetime
+
+
+def device_earnings(*, device: Device, now: datetime | None = None) -> DeviceEarnings:
+    """Two queries: the owner's totals per state, and a count of this device's earnings made today (one per
+    valid result, credited or not; reversed and forfeited ones no longer count)."""
+    day_started = timezone.localtime(now or timezone.now()).replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = dict(Earning.objects.filter(user_id=device.owner_id, state__in=(Earning.State.HELD, Earning.State.SETTLED))
+                  .values("state").annotate(total=AmountSum("net")).values_list("state", "total"))
+    today = (Earning.objects.filter(device=device, created_at__gte=day_started)
+             .exclude(state__in=(Earning.State.REVERSED, Earning.State.FORFEITED)).count())
+    return DeviceEarnings(held=int(totals.get(Earning.State.HELD) or 0), settled=int(totals.get(Earning.State.SETTLED) or 0),
+                          units_validated_today=today, day_started=day_started)

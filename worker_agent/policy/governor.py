@@ -40,6 +40,17 @@ ON_BATTERY = "on battery"
 BATTERY_LOW = "battery low"
 OUTSIDE_WINDOWS = "outside the allowed hours"
 MANUAL = "paused by the owner"
+GPU_HOT = "GPU too hot"
+GPU_UNREADABLE = "GPU sensors unreadable"
+GPU_CHECK_SECONDS = 1.0  # the GPU guard's check: once per duty-cycle period (worker_agent/gpu.py)
+
+
+class GpuCheck(Protocol):
+    """What the governor needs of worker_agent.gpu.GpuGuard (kept structural: no GPU code is imported here)."""
+
+    hot: bool
+
+    def check(self) -> Any: ...  # a GpuVerdict: allowed, reason, share
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,10 @@ class Governor(threading.Thread):
         self._idle_unknown_logged = False
         self._power = conditions.Power(on_battery=False, percent=None)
         self._power_due = -float("inf")
+        self._gpu_device = False  # the child computes on CUDA (its facts say so)
+        self._gpu_guard: GpuCheck | None = None
+        self._gpu_verdict: Any = None  # the guard's last GpuVerdict
+        self._gpu_due = -float("inf")
 
     # --- what others call -------------------------------------------------------------------------
 
@@ -133,6 +148,13 @@ class Governor(threading.Thread):
         with self._changed:
             self._changed.wait_for(lambda: self._verdict.allowed or self._stopping, timeout)
             return self._verdict.allowed
+
+    def set_gpu(self, *, device: bool, guard: GpuCheck | None) -> None:
+        """The child computes on a GPU (`device`), capped by `guard` (None: no NVML, no caps). On a GPU device
+        `gpu_when_busy` lets units run while the user is active; the guard pauses and throttles the child."""
+        with self._lock:
+            self._gpu_device, self._gpu_guard, self._gpu_verdict = device, guard, None
+        self._wake.set()
 
     def manual_pause(self, until: float | None) -> None:
         """Pause until `until` (time.time() seconds), or until manual_resume when None."""
@@ -159,6 +181,10 @@ class Governor(threading.Thread):
             "on_battery": readings.power.on_battery,
             "battery_percent": readings.power.percent,
             "manual_pause": {"paused": paused, "until": until},
+            "gpu": None if not self._gpu_device else {
+                "capped": self._gpu_guard is not None,
+                "note": getattr(self._gpu_verdict, "reason", None),
+            },
             "policy": self.policy.values(),
             "sources": dict(self.policy.sources),
         }
@@ -194,6 +220,7 @@ class Governor(threading.Thread):
             self._power, self._power_due = self.samplers.power(), now + POWER_SECONDS
         readings = _Readings(self._idle_seconds(), self.samplers.other_cpu(), self._power)
         self._cpu.append(readings.other_cpu_percent)
+        self._check_gpu(now)
         verdict = self._decide(now, readings)
         with self._changed:
             if verdict.reasons != self._verdict.reasons:
@@ -208,8 +235,10 @@ class Governor(threading.Thread):
     def _decide(self, now: float, readings: _Readings) -> Verdict:
         policy = self.policy
         idle = readings.idle_seconds
+        gpu = self._gpu_verdict
         conditions_now = {
-            USER_ACTIVE: idle is not None and idle < policy.idle_minutes * 60,
+            USER_ACTIVE: idle is not None and idle < policy.idle_minutes * 60
+            and not (self._gpu_device and policy.gpu_when_busy),
             OTHER_BUSY: policy.other_cpu_percent < 100
             and sum(self._cpu) / len(self._cpu) > policy.other_cpu_percent,
             ON_BATTERY: readings.power.on_battery and not policy.run_on_battery,
@@ -217,6 +246,8 @@ class Governor(threading.Thread):
             and readings.power.percent < policy.battery_min_percent,
             OUTSIDE_WINDOWS: not conditions.in_windows(self._windows, self.samplers.now()),
             MANUAL: self._manual_paused(),
+            GPU_HOT: gpu is not None and not gpu.allowed and self._gpu_guard is not None and self._gpu_guard.hot,
+            GPU_UNREADABLE: gpu is not None and not gpu.allowed and not (self._gpu_guard is not None and self._gpu_guard.hot),
         }
         held = (OTHER_BUSY, ON_BATTERY, BATTERY_LOW)  # these do not flap: they must stay off a while
         reasons = []
@@ -229,7 +260,21 @@ class Governor(threading.Thread):
         in_use = idle is not None and idle < max(policy.idle_minutes * 60, IN_USE_SECONDS)
         memory = policy.memory_busy_percent if in_use else policy.memory_idle_percent
         allowed = not reasons
-        return Verdict(allowed, tuple(reasons), policy.cpu_percent / 100 if allowed else 0.0, int(memory))
+        share = policy.cpu_percent / 100 * (gpu.share if gpu is not None and gpu.allowed else 1.0)
+        return Verdict(allowed, tuple(reasons), share if allowed else 0.0, int(memory))
+
+    def _check_gpu(self, now: float) -> None:
+        """Ask the GPU guard once a period while a unit is on the card: while it runs (temperature, power
+        share) or while the guard itself holds it (to see it cool), never while it is paused for another
+        reason (the card's idle draw would raise the share)."""
+        guard = self._gpu_guard
+        if guard is None or now < self._gpu_due:
+            return
+        unit = self.child.unit_pid() if self.child is not None else None
+        held_by_guard = self._gpu_verdict is not None and not self._gpu_verdict.allowed
+        if unit is None or not (self._verdict.allowed or held_by_guard):
+            return
+        self._gpu_verdict, self._gpu_due = guard.check(), now + GPU_CHECK_SECONDS
 
     def _idle_seconds(self) -> float | None:
         seconds = self.samplers.idle.seconds_idle()

@@ -1,4 +1,4 @@
-"""The agent's endpoints: enrol, marketplace keys, lease, heartbeat, report, fail. Thin: each calls one service.
+"""The agent's endpoints: enrol, marketplace keys, lease, heartbeat, report, fail, earnings. Thin: each calls one service.
 
 The wire schema is worker_agent/wire.py's, shared with the agent: answers are built with its records.
 The serializers here document the endpoints (drf-spectacular) and validate what agents send; that their
@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
 from marketplace.api.idempotency import idempotent
 from marketplace.core.signing import keyring
+from marketplace.ledger.earnings_report import device_earnings
 from marketplace.workers.services import device_enroll, device_hardware_update
 from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew, workunit_lease
 from marketplace.workunits.results import result_fail, result_release, result_report
@@ -288,3 +289,28 @@ class ReleaseApi(AgentApi):
     def post(self, request, result_id: int):
         result = result_release(device=request.auth, result_id=result_id)
         return Response({"state": result.state})
+
+
+AGENT_AMOUNT_HELP = "integer base units of the payout token, as a decimal string (amounts exceed 2**53)"
+
+
+class EarningsApi(AgentApi):
+    # What `idlegrid-agent status` shows; the contributor's earnings page (portal) has the whole story.
+    class EarningsOut(serializers.Serializer):
+        held = serializers.CharField(help_text=f"the owner's earnings still in their audit window: {AGENT_AMOUNT_HELP}")
+        settled = serializers.CharField(help_text=f"the owner's earnings past their audit window, all time: {AGENT_AMOUNT_HELP}")
+        token_symbol = serializers.CharField(help_text="the payout token's symbol")
+        token_decimals = serializers.IntegerField(help_text="the payout token's decimals (amount / 10**decimals)")
+        units_validated_today = serializers.IntegerField(help_text="this device's results validated since midnight "
+                                                                   "(the marketplace's time zone)")
+        day_started = serializers.DateTimeField(help_text="that midnight")
+
+    @extend_schema(operation_id="agent_earnings_retrieve", responses=EarningsOut,
+                   description="The device owner's held and settled earnings and this device's units validated today.")
+    def get(self, request):
+        earnings = device_earnings(device=request.auth)
+        return Response(self.EarningsOut({
+            "held": str(earnings.held), "settled": str(earnings.settled),
+            "token_symbol": settings.IDLEGRID_TOKEN_SYMBOL, "token_decimals": settings.IDLEGRID_TOKEN_DECIMALS,
+            "units_validated_today": earnings.units_validated_today, "day_started": earnings.day_started,
+        }).data)
