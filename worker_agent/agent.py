@@ -182,6 +182,7 @@ class Agent:
         self.leftovers: list[Lease] = []  # leases of an earlier run with work dirs (lease.json) left behind
         self._parking: _Parking | None = None
         self._computing: int | None = None  # the result id whose unit is in the child now
+        self.current: CurrentUnit | None = None  # the unit being worked on (fetched, computed, reported)
         self.today = DayCount()
         self.started_at = time.time()
         self.control: control.ControlServer | None = None
@@ -225,7 +226,7 @@ class Agent:
         paused = snapshot["state"] != "running"
         reasons = list(snapshot["reasons"])
         if manual["paused"] and self._pause_reason:
-            reasons = [f"{r} ({self._pause_reason})" if r == MANUAL_REASON else r for r in reasons]
+            reasons = [f"{r}: {self._pause_reason}" if r == MANUAL_REASON else r for r in reasons]
         return {
             "running": True,
             "pid": os.getpid(),
@@ -259,6 +260,7 @@ class Agent:
         assert self.governor is not None
         self._pause_reason = reason
         self.governor.manual_pause(None if seconds is None else time.time() + seconds)
+        self._await_manual(True)
         log.info("paused by the owner%s%s", f" for {seconds:g}s" if seconds else "", f": {reason}" if reason else "")
         return self.status()
 
@@ -266,8 +268,17 @@ class Agent:
         assert self.governor is not None
         self._pause_reason = ""
         self.governor.manual_resume()
+        self._await_manual(False)
         log.info("resumed by the owner")
         return self.status()
+
+    def _await_manual(self, paused: bool, timeout: float = 1.0) -> None:
+        """Wait (briefly: the governor decides within a tick) until its verdict shows the owner's pause or
+        its end, so that the answer to `pause`/`resume` already says what happened."""
+        assert self.governor is not None
+        deadline = time.monotonic() + timeout
+        while (MANUAL_REASON in self.governor.verdict().reasons) != paused and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _start_control(self) -> None:
         try:

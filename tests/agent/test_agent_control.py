@@ -224,12 +224,13 @@ def test_a_running_agent_is_paused_and_resumed_from_another_terminal(
     client = ControlClient(control.socket_path(state.root))
     try:
         working = wait_for(lambda: (s := _status(client)) and s["unit"] and s)
-        assert working["running"] is True and working["state"] == "working" and working["policy"] is None
+        assert working["running"] is True and working["state"] == "working"
+        assert working["policy"]["idle_source"] == "none" and working["policy"]["cpu_percent"] == 100
         assert working["unit"]["result_id"] == 50
         child = wait_for(lambda: agent.child.pid)
 
         paused = client.pause(None, "a video call")
-        assert paused["paused"] is True and paused["pause_reasons"] == ["a video call"]
+        assert paused["paused"] is True and paused["pause_reasons"] == ["paused by the owner: a video call"]
         wait_for(lambda: process_state(child) == "T", timeout=5)
         assert client.status()["state"] == "paused"
 

@@ -32,7 +32,7 @@ class Presence:
         return self.idle
 
 
-def test_a_warm_shutdown_hands_back_a_unit_the_policy_holds_stopped_instead_of_waiting_for_the_user(
+def test_a_warm_shutdown_keeps_the_lease_of_a_unit_the_policy_holds_stopped_instead_of_waiting_for_the_user(
     stub: StubMarketplace, enrolled: DeviceState, device_key: Ed25519PrivateKey, state: StateDir,
 ) -> None:
     arch, config = MLP[0], SLOW_MLP
@@ -59,10 +59,14 @@ def test_a_warm_shutdown_hands_back_a_unit_the_policy_holds_stopped_instead_of_w
             time.sleep(0.02)
         shutdown.request_warm("test")
         runner.join(timeout=10)
-        assert not runner.is_alive(), "the agent waited for the user instead of handing the unit back"
+        assert not runner.is_alive(), "the agent waited for the user instead of parking the unit"
     finally:
         shutdown.warm.set()
         presence.idle = NO_SESSION_IDLE_SECONDS
         runner.join(timeout=30)
-    assert sorted(stub.releases) == [100, 101] and not stub.reports and not stub.failures
-    assert (agent.summary.given_back, agent.summary.lost) == (2, 0)
+    # The stopped unit is not woken to checkpoint: its lease and work dir are kept for the next run (which
+    # resumes from its last periodic checkpoint, or from the start); the unit never started goes back.
+    assert len(stub.releases) == 1 and not stub.reports and not stub.failures
+    (kept,) = {100, 101} - set(stub.releases)
+    assert (state.work_dir / str(kept) / "lease.json").is_file()
+    assert (agent.summary.kept, agent.summary.given_back, agent.summary.lost) == (1, 1, 0)
