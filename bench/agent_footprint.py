@@ -88,20 +88,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """utime+stime of every live process in a process group (the compute child and anything it forked)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = proc_stat(int(entry.name))
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid:
-                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
-
-
 def rss_mb(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_MB
 
@@ -336,7 +322,10 @@ def wait_running_child(pid: int, timeout: float) -> int | None:
 def pause_latency(market: Market, state_dir: Path, work: Path, weights: str, rows: int) -> float | None:
     idle_file = work / "idle-state"
     idle_file.write_text("idle")
-    process, pid = start_agent(market, state_dir, "latency", f"--idle-source=file:{idle_file}", *_idle_now_flags())
+    # The default idle_minutes (3): the file's "idle" is hours away from any input, "active" is input now.
+    # (demo/cluster.py starts agents with IDLEGRID_AGENT_IDLE_SOURCE=none and other programs ignored; the
+    # flag wins over that environment.)
+    process, pid = start_agent(market, state_dir, "latency", f"--idle-source=file:{idle_file}")
     try:
         market.submit(weights, dataset(rows * 4, seed=3), rows * 4)  # one long unit
         child = wait_running_child(pid, timeout=120)
@@ -361,19 +350,27 @@ def capped_share(market: Market, state_dir: Path, weights: str, rows: int, secon
         child = wait_running_child(pid, timeout=120)
         if child is None:
             return None
-        pgid = int(proc_stat(child)[3])
-        cpu0, t0 = group_cpu_seconds(pgid), time.monotonic()
-        time.sleep(seconds)
-        return round(100 * (group_cpu_seconds(pgid) - cpu0) / (time.monotonic() - t0), 1)
+        # The child's CPU over the time it holds a unit (state R, or T while the duty cycle stops it), in
+        # 0.1 s steps: the gaps between units (lease, fetch, report; or the agent resuming a unit an earlier
+        # phase left) are no part of the cap. The child never forks: its own /proc entry is its group.
+        used = held = 0.0
+        last = (time.monotonic(), cpu_seconds(child), proc_stat(child)[0])
+        deadline = last[0] + seconds * 3
+        while held < seconds and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                now = (time.monotonic(), cpu_seconds(child), proc_stat(child)[0])
+            except OSError:
+                return None  # the child was replaced meanwhile
+            if last[2] in "RT" and now[2] in "RT":
+                used, held = used + now[1] - last[1], held + now[0] - last[0]
+            last = now
+        return round(100 * used / held, 1) if held >= seconds / 2 else None
     finally:
         stop_agent(process)
 
 
 _HELP = ""
-
-
-def _idle_now_flags() -> list[str]:
-    return ["--idle-minutes=0"] if "--idle-minutes" in _HELP else []
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:

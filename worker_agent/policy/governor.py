@@ -28,6 +28,9 @@ from worker_agent.policy.idle import IdleSource, open_idle_source
 log = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 0.25  # input must stop the child within a second: four looks a second, with room
+# With no unit in the child there is nothing to stop: once a second is enough to decide when to lease
+# again, and keeps an agent waiting for work (most of its life) near zero CPU.
+IDLE_SAMPLE_SECONDS = 1.0
 DUTY_PERIOD_SECONDS = 1.0
 CPU_WINDOW_SAMPLES = 8  # other programs' CPU is judged on its mean over the last ~2 s, not one blip
 RELEASE_SECONDS = 5.0  # busy programs / battery must have been quiet this long before computing again
@@ -128,6 +131,7 @@ class Governor(threading.Thread):
         self._readings = _Readings()
         self._verdict = Verdict(False, ("starting",), 0.0, int(policy.memory_busy_percent))
         self._duty_start = clock()
+        self._duty_pid: int | None = None
         self._stopped_pid: int | None = None
         self._idle_unknown_logged = False
         self._power = conditions.Power(on_battery=False, percent=None)
@@ -204,12 +208,16 @@ class Governor(threading.Thread):
         try:
             while not self._stopping:
                 now = self.clock()
+                busy = self.child is not None and self.child.unit_pid() is not None
+                if busy and next_sample > now + self.interval:
+                    next_sample = now  # a unit just started: back to four looks a second at once
                 if now >= next_sample or self._wake.is_set():
                     self._wake.clear()
                     self.tick(now)
-                    next_sample = now + self.interval
+                    next_sample = now + (self.interval if busy else max(self.interval, IDLE_SAMPLE_SECONDS))
                 switch = self._apply(now)
-                delay = min(next_sample, switch) - self.clock()
+                # Never asleep longer than one interval, so a unit that starts is noticed within it.
+                delay = min(next_sample, switch, self.clock() + self.interval) - self.clock()
                 self._wake.wait(max(delay, 0.005))
         finally:
             self._release_child()
@@ -299,11 +307,15 @@ class Governor(threading.Thread):
         pid = self.child.unit_pid() if self.child is not None else None
         verdict = self.verdict()
         switch = float("inf")
+        if pid is None:
+            self._duty_pid = None  # between units: the next one starts a fresh duty period
         if pid is None or (verdict.allowed and verdict.cpu_share >= 1):
             want_running = True
         elif not verdict.allowed:
             want_running = False
         else:
+            if pid != self._duty_pid:  # a new unit (or child): its first period starts with a run slice
+                self._duty_pid, self._duty_start = pid, now
             phase = (now - self._duty_start) % DUTY_PERIOD_SECONDS
             run_slice = verdict.cpu_share * DUTY_PERIOD_SECONDS
             want_running = phase < run_slice - 1e-6  # at the switch itself (float dust), stop

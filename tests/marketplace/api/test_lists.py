@@ -49,8 +49,13 @@ def test_a_listed_job_says_what_its_detail_says(api, submitter, submit_job):
     job = submit_job(rows=10, rows_per_unit=4)
 
     (listed,) = api(submitter).get(JOBS).json()["results"]
+    detail = api(submitter).get(f"{JOBS}{job.pk}/").json()
 
-    assert listed == api(submitter).get(f"{JOBS}{job.pk}/").json()
+    # Whether any device can run the job costs two queries: the detail says, a list leaves it null.
+    runnable = ("runnable_devices", "not_runnable_reason")
+    assert {key: listed.pop(key) for key in runnable} == dict.fromkeys(runnable)
+    assert detail["runnable_devices"] == 0 and "inference" in detail["not_runnable_reason"]  # no device enrolled
+    assert listed == {key: value for key, value in detail.items() if key not in runnable}
     assert listed["units_total"] == 3 and listed["units_done"] == 0
 
 
