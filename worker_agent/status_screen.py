@@ -70,6 +70,8 @@ def render(status: dict[str, Any], stream: TextIO | None = None) -> None:
         rows.add_row("Device", f"#{device['device_id']} {device['name']} on {device['server']}")
     rows.add_row("State dir", status["state_dir"])
     rows.add_row("Agent", _agent_line(agent))
+    if running and agent.get("paused"):
+        rows.add_row("Why", "\n".join(_pause_reasons(agent)))
     unit = agent.get("unit") if running else None
     if unit:
         since = max(0.0, time.time() - float(unit.get("started_at") or time.time()))
@@ -89,21 +91,64 @@ def render(status: dict[str, Any], stream: TextIO | None = None) -> None:
         rows.add_row(label, text)
     policy = agent.get("policy") if running else None
     if isinstance(policy, dict) and policy:
-        rows.add_row("Policy", ", ".join(f"{key}={value}" for key, value in policy.items()))
+        rows.add_row("Policy", "\n".join(policy_lines(policy)))
     elif running:
         rows.add_row("Policy", "[dim]none: computes whenever it has work[/]")
     console.print(Panel(rows, title="idlegrid-agent", expand=False))
+
+
+def policy_lines(policy: dict[str, Any]) -> list[str]:
+    """The policy in force in a few readable lines (the raw keys: `idlegrid-agent config`)."""
+    def get(key: str, default: Any = None) -> Any:
+        return policy.get(key, default)
+
+    def num(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+    idle_now = get("idle_seconds")
+    away = ""
+    if isinstance(idle_now, int | float) and not isinstance(idle_now, bool):
+        away = f"; no input for {_duration(idle_now)}" if idle_now < 7 * 86400 else "; no user session"
+    idle_minutes = get("idle_minutes", 0)
+    lines = [
+        (f"computes after {num(idle_minutes)} min without input" if idle_minutes else "computes even while the machine is in use")
+        + f" [dim](idle source {get('idle_source_in_use', get('idle_source'))}{away})[/]",
+    ]
+    other = get("other_cpu_percent", 100)
+    now = get("other_cpu_percent_now")
+    lines.append(("not while other programs use over " + f"{num(other)}% CPU" if other < 100 else "whatever other programs use")
+                 + (f" [dim](now {num(now)}%)[/]" if isinstance(now, int | float) else ""))
+    lines.append(f"{get('cores', 1)} core(s), at most {num(get('cpu_percent', 100))}% CPU time; memory at most "
+                 f"{num(get('memory_busy_percent'))}% of RAM while in use, {num(get('memory_idle_percent'))}% while idle")
+    battery = ("runs on battery" + (f" down to {num(get('battery_min_percent'))}%" if get("battery_min_percent") else "")
+               if get("run_on_battery") else "pauses on battery")
+    lines.append(f"{battery}; hours: {get('windows') or 'any'}")
+    if get("gpu") == "off":
+        lines.append("GPU: off")
+    else:
+        power = get("gpu_power_max_w") or 0
+        lines.append(f"GPU when there is one: {'also' if get('gpu_when_busy') else 'only'} while idle, paused over "
+                     f"{num(get('gpu_temp_max_c'))} °C until {num(get('gpu_temp_resume_c'))} °C"
+                     + (f", at most {num(power)} W" if power else ""))
+    return lines
 
 
 def _agent_line(agent: dict[str, Any]) -> str:
     if not agent.get("running"):
         return f"[red]not running[/] ({agent.get('why', '')})"
     if agent.get("paused"):
-        reasons = ", ".join(agent.get("pause_reasons") or []) or "paused"
-        until = agent.get("paused_until")
-        when = f" until {time.strftime('%H:%M', time.localtime(until))}" if until else " until resumed"
-        return f"[yellow]paused[/]: {reasons}{when} (pid {agent.get('pid')})"
+        return f"[yellow]paused[/] (pid {agent.get('pid')})"
     return f"[green]{agent.get('state', 'running')}[/] (pid {agent.get('pid')})"
+
+
+def _pause_reasons(agent: dict[str, Any]) -> list[str]:
+    until = agent.get("paused_until")
+    lines = []
+    for reason in agent.get("pause_reasons") or ["paused"]:
+        if str(reason).startswith("paused by the owner"):
+            reason += f" until {time.strftime('%H:%M', time.localtime(until))}" if until else " until `idlegrid-agent resume`"
+        lines.append(str(reason))
+    return lines
 
 
 def _money_rows(earnings: dict[str, Any]) -> list[tuple[str, str]]:

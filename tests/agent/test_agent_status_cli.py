@@ -17,6 +17,7 @@ import pytest
 from agent_stub import StubMarketplace, serve_http
 
 from worker_agent import cli, control, service
+from worker_agent.policy.config import Policy
 from worker_agent.state import DeviceState, StateDir
 from worker_agent.status_screen import token_amount
 
@@ -45,7 +46,7 @@ class RunningAgent:
         return {"running": True, "pid": 4242, "state": "paused" if self.paused else "working", "paused": bool(self.paused),
                 "pause_reasons": [self.paused[1]] if self.paused else [], "paused_until": None,
                 "unit": {"label": "unit 5 (result 50)", "result_id": 50, "started_at": 0.0, "progress": 0.4},
-                "units_done_this_run": 2, "units_done_today": 7, "policy": {"idle_minutes": 3, "cpu_percent": 50}}
+                "units_done_this_run": 2, "units_done_today": 7, "policy": {**Policy().values(), "cpu_percent": 50.0, "idle_source_in_use": "x11", "idle_seconds": 400.0}}
 
     def pause(self, seconds: float | None, reason: str) -> dict[str, Any]:
         self.paused = (seconds, reason)
@@ -101,7 +102,8 @@ def test_status_of_a_running_agent_shows_its_unit_progress_and_policy(
 
     assert status["agent"]["running"] is True and status["agent"]["unit"]["progress"] == 0.4
     assert "working" in screen and "unit 5 (result 50)" in screen and "40%" in screen
-    assert "7 unit(s) today" in screen and "idle_minutes=3" in screen
+    assert "7 unit(s) today" in screen and "computes after 3 min without input" in screen
+    assert "idle source x11" in screen and "at most 50% CPU time" in screen
 
 
 def test_status_says_why_earnings_are_missing_when_the_marketplace_is_down(
