@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from marketplace.workers.availability import Reason, device_online, device_refusals, offline_reason
 from marketplace.workers.models import Device
 from marketplace.workers.trust import lease_cap
 from marketplace.workunits.models import Result
+from marketplace.workunits.requirements import Capacity, capacity_of
 
 
 @dataclass(frozen=True)
@@ -71,4 +72,29 @@ def _work_reasons(*, device: Device, held: int, cap: int, waiting: tuple[bool, b
         return [Reason("other_owners", "No jobs it can run: every unit waiting was already computed by one of your "
                                        "devices, and each unit needs results from different owners. It waits for new "
                                        "work or for other owners' devices.")]
+    if not _fits_some(device=device):
+        return [Reason("too_small", "No jobs it can run: the units waiting need more than it reported it has "
+                                    f"({_capacity_words(device)}). It gets them once it reports enough.")]
     return []
+
+
+def _fits_some(*, device: Device) -> bool:
+    """Whether a replica this owner may take waits that the device's last reported capabilities fit, as the
+    lease matches them (requirements.capacity_of: a device that never reported is matched as an old agent)."""
+    if device.cap_memory_mb is None:
+        capacity = capacity_of(None)
+    else:
+        capacity = Capacity(device.cap_memory_mb, device.cap_gpu_mb, tuple(k for k in device.cap_kinds.split(",") if k))
+    touched = Result.objects.filter(unit_id=OuterRef("unit_id"), owner_id=device.owner_id)
+    gpu = Q(need_gpu_mb=0) if capacity.gpu_mb == 0 else Q(need_gpu_mb__lte=capacity.gpu_mb)
+    return Result.objects.filter(
+        gpu, state=Result.State.UNSENT, need_memory_mb__lte=capacity.memory_mb, kind__in=capacity.kinds
+    ).filter(~Exists(touched)).exists()
+
+
+def _capacity_words(device: Device) -> str:
+    if device.cap_memory_mb is None:
+        return "nothing: an agent older than capability reports"
+    gpu = f", a GPU with {device.cap_gpu_mb} MB" if device.cap_gpu_mb else ", no GPU"
+    kinds = ", ".join(k for k in device.cap_kinds.split(",") if k) or "no kind"
+    return f"{device.cap_memory_mb} MB free{gpu}, runs {kinds}"

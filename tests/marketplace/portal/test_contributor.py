@@ -22,6 +22,7 @@ from marketplace.workers.models import Device
 from marketplace.workers.services import _hash_secret, device_seen
 from marketplace.workunits.availability import device_outlook
 from marketplace.workunits.leasing import workunit_lease
+from worker_agent.wire import Capabilities
 
 PASSWORD = "contributor-password"
 
@@ -107,6 +108,20 @@ def test_when_only_units_its_owner_already_had_are_left_it_says_so(signed_in, ma
     assert workunit_lease(device=second.device, max_units=4) == []  # the lease agrees
     assert [r.code for r in device_outlook(device=second.refresh()).reasons] == ["other_owners"]
     assert "needs results from different owners" in text(signed_in(contributor).get("/devices/"))
+
+
+def test_a_device_too_small_for_the_units_waiting_says_what_it_reported(signed_in, make_device, submit_job, contributor):
+    device = make_device(contributor)
+    submit_job(rows=4, rows_per_unit=4)
+    small = Capabilities(memory_mb=8, cores=2, kinds=("fedavg", "inference"))
+    assert workunit_lease(device=device.device, max_units=4, capabilities=small) == []  # the lease agrees
+
+    (reason,) = device_outlook(device=device.refresh()).reasons
+
+    assert reason.code == "too_small" and "8 MB free, no GPU, runs fedavg, inference" in reason.text
+    assert "need more than it reported" in text(signed_in(contributor).get("/devices/"))
+    roomy = Capabilities(memory_mb=4096, cores=2, kinds=("inference",))
+    assert len(workunit_lease(device=device.device, max_units=4, capabilities=roomy)) == 1
 
 
 def test_a_device_at_its_lease_quota_is_throttled(settings, make_device, submit_job, contributor):
