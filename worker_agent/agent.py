@@ -397,6 +397,10 @@ class Agent:
         self.current = CurrentUnit(label=lease.label, result_id=lease.result_id, started_at=time.time(), workdir=workdir)
         try:
             outcome = self._compute(lease, workdir)
+            while outcome.retry_later:  # stopped by the policy, not failed: again, from its checkpoint
+                log.info("%s: %s; it runs again from its checkpoint when the policy allows", lease.label, outcome.error)
+                self._wait_for_room(lease)
+                outcome = self._compute(lease, workdir)
         except (LeaseLost, ChildAborted) as exc:
             if self._parking is not None:
                 self._park_done(lease, exc)
@@ -444,6 +448,25 @@ class Agent:
             return self.child.run(job, should_abort=lambda: self._abort_reason(lease, workdir))
         finally:
             self._computing = None
+
+    def _wait_for_room(self, lease: Lease) -> None:
+        """After the policy stopped a unit for the memory cap of a machine in use: wait, with the lease kept
+        alive, until work is allowed under the idle cap. A warm stop parks the unit (lease and checkpoint
+        kept); a lost lease drops it."""
+        assert self.governor is not None
+        idle_cap = int(self.policy.memory_idle_percent)
+        while True:
+            verdict = self.governor.verdict()
+            if verdict.allowed and verdict.memory_cap_percent >= idle_cap:
+                return
+            if self.book.is_lost(lease.result_id):
+                raise LeaseLost()
+            if self.shutdown.warm.is_set():
+                self._parking = _Parking(before=None, deadline=0.0)
+                raise ChildAborted(PARKED)
+            self.governor.wait_allowed(ALLOWED_POLL_SECONDS)
+            if self.governor.verdict().allowed:
+                self.shutdown.sleep(ALLOWED_POLL_SECONDS)  # allowed, but under the busy cap still
 
     def _device(self) -> str:
         """Where the next unit computes ("cuda:0" when the child reported CUDA and the policy allows the GPU,

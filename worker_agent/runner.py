@@ -62,6 +62,9 @@ class ChildOutcome:
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     child_pid: int = 0
+    # Stopped by the policy (kill_for with retry): the unit is no failure and runs again, from its
+    # checkpoint, once the policy allows it (the memory cap of a machine in use, say).
+    retry_later: bool = False
 
 
 class _ChildGone(Exception):
@@ -89,6 +92,7 @@ class ComputeChild:
         self._paused_total = 0.0
         self._in_unit = False
         self._kill_reason: str | None = None
+        self._kill_retry = False
         self._process: subprocess.Popen[bytes] | None = None
         self._log_fd: int | None = None
         self._buffer = b""
@@ -130,7 +134,7 @@ class ComputeChild:
             start_new_session=True,
         )
         self._buffer, self._ready, self._fresh = b"", False, True
-        self._kill_reason = None
+        self._kill_reason, self._kill_retry = None, False
         self._started = time.monotonic()
         log.debug("compute child %d started", self._process.pid)
 
@@ -228,12 +232,13 @@ class ComputeChild:
             ongoing = time.monotonic() - self._paused_at if self._paused_at is not None else 0.0
             return self._paused_total + ongoing
 
-    def kill_for(self, reason: str) -> None:
-        """Kill the child at once; the unit it runs fails with `reason` (not a crash message)."""
+    def kill_for(self, reason: str, *, retry: bool = False) -> None:
+        """Kill the child at once; the unit it runs fails with `reason` (not a crash message), or with
+        `retry` is to run again later (ChildOutcome.retry_later)."""
         with self._signal_lock:
             if self._process is None or self._kill_reason is not None:
                 return
-            self._kill_reason = reason
+            self._kill_reason, self._kill_retry = reason, retry
             self._signal(signal.SIGKILL)
 
     def _signal(self, signum: int) -> bool:
@@ -375,12 +380,15 @@ class ComputeChild:
         try:
             process.wait(1.0)  # it closed its pipes, so it is exiting, unless it hangs or babbles
             what = self._kill_reason or _crash_message(process.returncode, job)
+            retry = self._kill_reason is not None and self._kill_retry
         except subprocess.TimeoutExpired:
-            what = "the compute child stopped answering and was killed"
+            what, retry = "the compute child stopped answering and was killed", False
         tail = self._log_tail(log_mark)
         self.restart()
         if during:
             what = f"{what} {during}"
+        if retry:
+            return ChildOutcome(False, elapsed, what, child_pid=process.pid, retry_later=True)
         return ChildOutcome(False, elapsed, f"{what}: {tail}" if tail else what, child_pid=process.pid)
 
     # --- the child's log (its stderr: an unlinked temporary file) -----------------------------

@@ -49,6 +49,7 @@ class Child:
         self.pid = pid
         self.calls: list[str] = []
         self.killed: str | None = None
+        self.retry: bool | None = None
 
     def unit_pid(self) -> int | None:
         return self.pid
@@ -59,8 +60,8 @@ class Child:
     def resume(self) -> None:
         self.calls.append("cont")
 
-    def kill_for(self, reason: str) -> None:
-        self.killed = reason
+    def kill_for(self, reason: str, *, retry: bool = False) -> None:
+        self.killed, self.retry = reason, retry
 
 
 def governor(machine: Machine, child: Child | None = None, wall: float = 1000.0, **policy: object) -> Governor:
@@ -212,3 +213,11 @@ def test_a_child_over_the_memory_cap_is_killed_with_the_reason() -> None:
     machine.idle = 0.0
     gov.tick(0.25)
     assert child.killed is not None and "memory cap" in child.killed and "50% of RAM (8192 MB)" in child.killed
+    assert child.retry is True  # over the busy cap only: it runs again once the user is away
+
+
+def test_a_child_over_the_idle_memory_cap_is_killed_for_good() -> None:
+    machine, child = Machine(), Child()
+    machine.resident = 15 * GB
+    governor(machine, child, memory_busy_percent=50.0, memory_idle_percent=90.0).tick(0.0)
+    assert child.killed is not None and "90% of RAM" in child.killed and child.retry is False

@@ -75,7 +75,7 @@ class ChildControl(Protocol):
 
     def resume(self) -> None: ...
 
-    def kill_for(self, reason: str) -> None:
+    def kill_for(self, reason: str, *, retry: bool = False) -> None:
         """Kill the child; the running unit fails with `reason`."""
         ...
 
@@ -346,8 +346,11 @@ class Governor(threading.Thread):
         resident, total = self.samplers.resident(pid), self.samplers.total_memory()
         cap = total * verdict.memory_cap_percent // 100
         if resident is not None and resident > cap:
+            # Over the cap of a machine in use, the unit may still fit the idle cap: it runs again from
+            # its checkpoint once the owner is away (as BOINC does). Over the idle cap it never fits.
+            busy_cap = verdict.memory_cap_percent < self.policy.memory_idle_percent
             self.child.kill_for(
                 f"memory cap: the unit held {resident >> 20} MB, over the {verdict.memory_cap_percent}% of "
-                f"RAM ({cap >> 20} MB) the policy allows now; the child was stopped"
+                f"RAM ({cap >> 20} MB) the policy allows now; the child was stopped", retry=busy_cap,
             )
 
