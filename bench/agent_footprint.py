@@ -11,11 +11,13 @@ the real `idlegrid-agent enroll`, then runs `idlegrid-agent run` and reads /proc
   whether torch is mapped into it (goal: torch only in the compute child);
 - its CPU while it waits for work, utime+stime of the agent process alone (goal <= 0.2% of a core);
 - the overhead per unit: the time between two units' reports (lease, fetch, verify, compute in the child,
-  upload, sign, report), read from the agent's control socket, against the same forward pass in a bare
-  torch loop in this process, one thread like the child (goal <= 5% for a 1-second unit);
+  upload, sign, report), read from the agent's control socket, against the same unit computed by hand in a bare
+  torch loop (load the weights and rows from safetensors, build the model, the forward pass, save the output) in
+  a fresh interpreter with the child's environment and switches (goal <= 5% for a 1-second unit); the forward
+  pass alone is printed beside it;
 - with the policy's flags, where this agent has them (`run --idle-source file:PATH`, `--cpu-percent`):
   the time from simulated user input (the file says "active") to the child being stopped (state T in
-  /proc/CHILD/stat; goal <= 1 s), and the CPU share of the child's process group under a 50% cap (goal
+  /proc/CHILD/stat; goal <= 1 s), and the child's CPU share under a 50% cap while it holds a unit (goal
   45-55%). Without those flags the figures are null and the table says "not measured".
 
 Prints a table, then, as the last line, one JSON object of the figures. Exit status 1 when the agent did
@@ -136,31 +138,46 @@ def build_model() -> Any:
 
 
 BARE_SCRIPT = """
-import json, sys, time
+import json, sys, tempfile, time
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from worker_agent.architectures import resolve
 from worker_agent.kinds.inference import forward
 torch.set_num_threads(1)
+torch._C._set_deterministic_algorithms(True)  # as the compute child computes (worker_agent/child.py)
 weights, inputs, batch, repeats, model_spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
 arch, config = resolve(model_spec["architecture"], model_spec["config"])
-model = arch.build(config)
-model.load_state_dict(load_file(weights))
-model.eval()
-x = load_file(inputs)["x"]
-forward(model, x, batch)
-times = []
+out = tempfile.mkdtemp() + "/y.safetensors"
+
+def unit():
+    # What the unit asks, done by hand: load the weights, build the model, load the rows, run them, save.
+    model = arch.build(config)
+    model.load_state_dict(load_file(weights))
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    x = load_file(inputs)["x"]
+    started = time.perf_counter()
+    y = forward(model, x, batch)
+    compute = time.perf_counter() - started
+    save_file({"y": y.contiguous()}, out)
+    return compute
+
+unit()  # warm, as the agent's child is after its first unit
+whole, forward_only = [], []
 for _ in range(repeats):
     started = time.perf_counter()
-    forward(model, x, batch)
-    times.append(time.perf_counter() - started)
-print(json.dumps(times))
+    forward_only.append(unit())
+    whole.append(time.perf_counter() - started)
+print(json.dumps({"whole": whole, "forward": forward_only}))
 """
 
 
-def bare_in_child_env(work: Path, model: Any, x: np.ndarray, repeats: int) -> float:
-    """The same forward pass (kinds.inference.forward) in a fresh interpreter with the compute child's
-    environment (one thread, the same allocator settings): what the unit costs without the agent. Median."""
+def bare_in_child_env(work: Path, model: Any, x: np.ndarray, repeats: int) -> dict[str, float]:
+    """The same unit computed by hand in a fresh interpreter with the compute child's environment and
+    switches (one thread, deterministic algorithms, the same allocator settings): load the weights and
+    rows from safetensors, build the model, the forward pass (kinds.inference.forward), save the output.
+    Medians: {"whole": that, "forward": the forward pass alone}."""
     from safetensors.numpy import save_file
 
     from worker_agent.runner import child_env
@@ -171,13 +188,14 @@ def bare_in_child_env(work: Path, model: Any, x: np.ndarray, repeats: int) -> fl
     done = subprocess.run([sys.executable, "-c", BARE_SCRIPT, str(weights), str(inputs), str(BATCH_SIZE), str(repeats),
                            json.dumps(MLP)],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600, check=True)
-    return float(statistics.median(json.loads(done.stdout.strip().splitlines()[-1])))
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    return {name: float(statistics.median(values)) for name, values in times.items()}
 
 
 def rows_for(work: Path, model: Any, seconds: float) -> int:
     """Rows that take `seconds` in the bare loop, in the child's conditions."""
     probe = dataset(BATCH_SIZE * 16, seed=1)
-    per_row = bare_in_child_env(work, model, probe, 3) / probe.shape[0]
+    per_row = bare_in_child_env(work, model, probe, 3)["forward"] / probe.shape[0]
     return max(BATCH_SIZE, int(seconds / per_row) // BATCH_SIZE * BATCH_SIZE)
 
 
@@ -398,11 +416,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             in_child = [float(m) for m in re.findall(r"done in ([0-9.]+)s, reported", process.log_path.read_text())]
             figures["child_unit_seconds"] = round(statistics.median(in_child), 4) if in_child else None
             # Right after the agent's units, on the machine as loaded as it was for them; the median, as the cycle.
-            bare = bare_in_child_env(work, model, dataset(rows, seed=5), 5)
+            bare_times = bare_in_child_env(work, model, dataset(rows, seed=5), 5)
+            bare, forward_only = bare_times["whole"], bare_times["forward"]
             figures["bare_unit_seconds"] = round(bare, 4)
-            log(f"{rows} rows a unit: {bare:.3f} s in the bare loop, {figures['unit_cycle_seconds']} s a unit in the agent")
+            figures["bare_forward_seconds"] = round(forward_only, 4)
+            log(f"{rows} rows a unit: {bare:.3f} s in the bare loop ({forward_only:.3f} s of it the forward pass), "
+                f"{figures['unit_cycle_seconds']} s a unit in the agent")
             cycle = figures["unit_cycle_seconds"]
             figures["overhead_percent"] = round(100 * (cycle / bare - 1), 1) if cycle else None
+            figures["overhead_vs_forward_percent"] = round(100 * (cycle / forward_only - 1), 1) if cycle else None
             policy = "--idle-source" in _HELP and "--cpu-percent" in _HELP
             figures["policy_flags"] = policy
             figures["pause_latency_s"] = pause_latency(market, state_dir, work, weights, rows) if policy else None
@@ -430,7 +452,10 @@ def render(f: dict[str, Any]) -> str:
         ["torch in the agent process", f"idle {f['torch_in_agent_idle']}, busy {f['torch_in_agent_busy']}", "no",
          "ok" if not (f["torch_in_agent_idle"] or f["torch_in_agent_busy"]) else "MISSED"],
         ["agent CPU, idle", f"{f['idle_cpu_percent']}% of a core", "<= 0.2%", verdict(f["idle_cpu_percent"], GOALS["idle_cpu_percent"])],
-        ["unit: bare torch loop / agent cycle", f"{f['bare_unit_seconds']} s / {f['unit_cycle_seconds']} s", "", f"{f['rows_per_unit']} rows"],
+        ["unit: bare torch loop / agent cycle", f"{f['bare_unit_seconds']} s / {f['unit_cycle_seconds']} s", "",
+         f"{f['rows_per_unit']} rows; load, build, forward, save"],
+        ["  of which the forward pass (bare)", f"{f['bare_forward_seconds']} s", "",
+         f"agent cycle against it: +{f['overhead_vs_forward_percent']}%"],
         ["  of which in the child (load, compute, save)", f"{f['child_unit_seconds']} s", "", "median, from the agent's log"],
         ["overhead per unit", f"{f['overhead_percent']}%", "<= 5%", verdict(f["overhead_percent"], GOALS["overhead_percent"])],
         ["input -> child stopped", f"{f['pause_latency_s']} s", "<= 1 s", verdict(f["pause_latency_s"], GOALS["pause_latency_s"]) + no_policy],
