@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unit-seconds", type=float, default=1.0, help="compute time of one unit in the bare loop (default 1)")
     parser.add_argument("--units", type=int, default=8, help="units computed for the overhead figure (default 8)")
-    parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle window for RSS and CPU (default 10)")
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle window for RSS and CPU (default 30: /proc counts CPU in 10 ms ticks)")
     parser.add_argument("--quick", action="store_true", help="a check that it runs: 0.3 s units, 4 of them, a 3 s idle window")
     args = parser.parse_args(argv)
     if args.quick:
@@ -370,18 +370,20 @@ def capped_share(market: Market, state_dir: Path, weights: str, rows: int, secon
             return None
         # The child's CPU over the time it holds a unit (state R, or T while the duty cycle stops it), in
         # 0.1 s steps: the gaps between units (lease, fetch, report; or the agent resuming a unit an earlier
-        # phase left) are no part of the cap. The child never forks: its own /proc entry is its group.
+        # phase left) are no part of the cap. A child replaced meanwhile (it recycles itself when its address
+        # space drifts) is followed; the child never forks, so its own /proc entry is its group.
         used = held = 0.0
-        last = (time.monotonic(), cpu_seconds(child), proc_stat(child)[0])
-        deadline = last[0] + seconds * 3
+        last: tuple[int, float, float, str] | None = None  # pid, when, its CPU seconds, its state
+        deadline = time.monotonic() + seconds * 4
         while held < seconds and time.monotonic() < deadline:
             time.sleep(0.1)
+            child = compute_child(pid)
             try:
-                now = (time.monotonic(), cpu_seconds(child), proc_stat(child)[0])
+                now = (child, time.monotonic(), cpu_seconds(child), proc_stat(child)[0]) if child else None
             except OSError:
-                return None  # the child was replaced meanwhile
-            if last[2] in "RT" and now[2] in "RT":
-                used, held = used + now[1] - last[1], held + now[0] - last[0]
+                now = None  # gone between the two reads
+            if now is not None and last is not None and now[0] == last[0] and last[3] in "RT" and now[3] in "RT":
+                used, held = used + now[2] - last[2], held + now[1] - last[1]
             last = now
         return round(100 * used / held, 1) if held >= seconds / 2 else None
     finally:

@@ -16,8 +16,10 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,11 @@ class Summary:
     def finished(self) -> int:
         return self.done + self.failed + self.refused
 
+    def add(self, what: str) -> None:
+        """One more of `what`; the courier thread counts too (a unit it delivers is done or refused)."""
+        with _SUMMARY_LOCK:
+            setattr(self, what, getattr(self, what) + 1)
+
     def line(self) -> str:
         return (
             f"{self.done} done, {self.failed} failed, {self.refused} refused, "
@@ -136,6 +143,36 @@ class DayCount:
         today = time.strftime("%Y-%m-%d")
         if today != self._day:
             self._day, self._count = today, 0
+
+
+_SUMMARY_LOCK = threading.Lock()
+
+
+class _Courier:
+    """Delivers a finished unit (hash, upload, sign, report, clean up) on its own thread while the child
+    computes the next one of the batch, so the marketplace's answer times overlap computing. At most one
+    delivery is in flight; the loop waits for it before it asks for more work (the lease quota counts the
+    unit until it is reported) and before it stops. A daemon thread: a cold shutdown never waits for it."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def send(self, deliver: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(deliver,), name="courier", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    @staticmethod
+    def _run(deliver: Callable[[], None]) -> None:
+        try:
+            deliver()
+        except Exception:  # noqa: BLE001 - a bug here must not end the agent; the lease expires on the server
+            log.exception("delivering a unit failed")
 
 
 class Agent:
@@ -177,6 +214,7 @@ class Agent:
         self._gpu_facts: dict[str, object] | None = None  # the child facts the GPU guard was set up for
         samplers = samplers or Samplers.for_policy(policy, own_pids=self._child_pids)
         self.governor: Governor | None = Governor(policy, samplers, child=self.child)
+        self.child.on_unit_start = self.governor.wake
         self._pause_reason = ""
         self.facts = hardware.FactsReporter()  # sent with a lease request when they change
         self.leftovers: list[Lease] = []  # leases of an earlier run with work dirs (lease.json) left behind
@@ -185,6 +223,7 @@ class Agent:
         self.current: CurrentUnit | None = None  # the unit being worked on (fetched, computed, reported)
         self.today = DayCount()
         self.started_at = time.time()
+        self.courier = _Courier()
         self.control: control.ControlServer | None = None
 
     def run(self) -> Summary:
@@ -198,6 +237,7 @@ class Agent:
             self._refresh_keys()
             self._resume_leftovers()
             self._loop()
+            self.courier.wait()
             self.child.stop()  # idle now: it exits cleanly
             self._give_back(self._queued_ids(), quick=False)
         except BaseException:
@@ -292,7 +332,10 @@ class Agent:
     # --- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self.shutdown.warm.is_set() and not self._quota_reached():
+        while not self.shutdown.warm.is_set():
+            self.courier.wait()  # the last unit reported first: the quota (ours, and the server's) counts it
+            if self._quota_reached():
+                return
             if not self._wait_until_allowed():
                 return
             leases, retry_after = self._lease()
@@ -368,10 +411,10 @@ class Agent:
             lease = self.queue.popleft()
             if self.book.is_lost(lease.result_id):
                 log.warning("%s: lease lost before it started; skipped", lease.label)
-                self.summary.lost += 1
-            else:
-                self._process(lease)
-            self.book.release(lease.result_id)
+                self.summary.add("lost")
+                self.book.release(lease.result_id)
+            elif not self._process(lease):  # True: handed to the courier, which releases it once reported
+                self.book.release(lease.result_id)
             if self.shutdown.warm.is_set():
                 return
 
@@ -392,7 +435,9 @@ class Agent:
 
     # --- one unit ---------------------------------------------------------------------------
 
-    def _process(self, lease: Lease) -> None:
+    def _process(self, lease: Lease) -> bool:
+        """Compute one unit and report it; True when its delivery went to the courier (which then cleans up
+        and releases it), False when it is settled here."""
         workdir = self._workdir(lease)
         self.current = CurrentUnit(label=lease.label, result_id=lease.result_id, started_at=time.time(), workdir=workdir)
         try:
@@ -404,20 +449,32 @@ class Agent:
         except (LeaseLost, ChildAborted) as exc:
             if self._parking is not None:
                 self._park_done(lease, exc)
-                return  # the lease and its work dir are kept: the next run resumes from the checkpoint
+                return False  # the lease and its work dir are kept: the next run resumes from the checkpoint
             log.warning("%s: lease lost; abandoned without a report", lease.label)
-            self.summary.lost += 1
+            self.summary.add("lost")
         except (UnitSignatureInvalid, PayloadError, ArtifactError, AgentError) as exc:
             self._fail(lease, str(exc))
         else:
             if outcome.ok:
-                self._deliver(lease, workdir / OUTPUT_FILE, outcome)
-            else:
-                self._fail(lease, outcome.error)
+                self.courier.send(lambda: self._deliver_and_clean(lease, workdir, outcome))
+                self.current = None
+                self.cache.prune()
+                # A warm stop after this unit: the loop returns and run() waits for the courier.
+                return True
+            self._fail(lease, outcome.error)
         finally:
             self.current = None
         shutil.rmtree(workdir, ignore_errors=True)
         self.cache.prune()
+        return False
+
+    def _deliver_and_clean(self, lease: Lease, workdir: Path, outcome: ChildOutcome) -> None:
+        """The courier's part (its own thread): report the unit, then forget it."""
+        try:
+            self._deliver(lease, workdir / OUTPUT_FILE, outcome)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            self.book.release(lease.result_id)
 
     def _compute(self, lease: Lease, workdir: Path) -> ChildOutcome:
         # First of all: nothing of a unit the marketplace did not sign is fetched, let alone run.
@@ -529,7 +586,7 @@ class Agent:
         return None
 
     def _park_done(self, lease: Lease, exc: Exception) -> None:
-        self.summary.kept += 1  # the rest of the queue is given back as at any warm stop (run() does it)
+        self.summary.add("kept")  # the rest of the queue is given back as at any warm stop (run() does it)
         log.info("%s: checkpointed at a warm stop; lease kept, the next run resumes it (%s)", lease.label, exc)
 
     def _progress(self) -> dict[int, float]:
@@ -564,7 +621,7 @@ class Agent:
     def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
         if self.book.is_lost(lease.result_id):
             log.warning("%s: lease lost before the report; result dropped", lease.label)
-            self.summary.lost += 1
+            self.summary.add("lost")
             return
         sha = file_sha256(output)
         try:
@@ -573,11 +630,11 @@ class Agent:
             self._fail(lease, f"output upload failed: {exc}")
             return
         if self._report(lease, sha, outcome):
-            self.summary.done += 1
+            self.summary.add("done")
             self.today.add()
             log.info("%s done in %.2fs, reported", lease.label, outcome.elapsed_seconds)
         else:
-            self.summary.refused += 1
+            self.summary.add("refused")
 
     def _report(self, lease: Lease, sha: str, outcome: ChildOutcome) -> bool:
         signature = sign_result(
@@ -616,7 +673,7 @@ class Agent:
 
     def _fail(self, lease: Lease, error: str) -> None:
         log.warning("%s failed: %s", lease.label, error)
-        self.summary.failed += 1
+        self.summary.add("failed")
         self._give_up(lease, error)
 
     def _give_up(self, lease: Lease, error: str) -> None:

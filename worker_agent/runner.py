@@ -91,6 +91,8 @@ class ComputeChild:
         self._paused_at: float | None = None
         self._paused_total = 0.0
         self._in_unit = False
+        # Called (from the agent's thread) when a unit starts: the governor wakes at once to watch it.
+        self.on_unit_start: Callable[[], None] = lambda: None
         self._kill_reason: str | None = None
         self._kill_retry = False
         self._process: subprocess.Popen[bytes] | None = None
@@ -142,6 +144,7 @@ class ComputeChild:
         """Run one unit to completion, its time limit, or an abort (ChildAborted). A child that might
         be unhealthy afterwards is replaced; on any other exception (a cold shutdown) it is killed."""
         self._in_unit = True
+        self.on_unit_start()
         try:
             return self._run(job, should_abort)
         finally:

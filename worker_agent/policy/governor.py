@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 0.25  # input must stop the child within a second: four looks a second, with room
 # With no unit in the child there is nothing to stop: once a second is enough to decide when to lease
 # again, and keeps an agent waiting for work (most of its life) near zero CPU.
-IDLE_SAMPLE_SECONDS = 1.0
+IDLE_SAMPLE_SECONDS = 2.0
 DUTY_PERIOD_SECONDS = 1.0
 CPU_WINDOW_SAMPLES = 8  # other programs' CPU is judged on its mean over the last ~2 s, not one blip
 RELEASE_SECONDS = 5.0  # busy programs / battery must have been quiet this long before computing again
@@ -153,6 +153,10 @@ class Governor(threading.Thread):
             self._changed.wait_for(lambda: self._verdict.allowed or self._stopping, timeout)
             return self._verdict.allowed
 
+    def wake(self) -> None:
+        """A unit just started (ComputeChild.on_unit_start): look now, and four times a second from now on."""
+        self._wake.set()
+
     def set_gpu(self, *, device: bool, guard: GpuCheck | None) -> None:
         """The child computes on a GPU (`device`), capped by `guard` (None: no NVML, no caps). On a GPU device
         `gpu_when_busy` lets units run while the user is active; the guard pauses and throttles the child."""
@@ -208,16 +212,15 @@ class Governor(threading.Thread):
         try:
             while not self._stopping:
                 now = self.clock()
-                busy = self.child is not None and self.child.unit_pid() is not None
-                if busy and next_sample > now + self.interval:
-                    next_sample = now  # a unit just started: back to four looks a second at once
                 if now >= next_sample or self._wake.is_set():
                     self._wake.clear()
                     self.tick(now)
+                    busy = self.child is not None and self.child.unit_pid() is not None
+                    # Between units nothing is to be stopped: a look every IDLE_SAMPLE_SECONDS decides when to
+                    # lease again, and a unit that starts wakes the thread at once (wake()).
                     next_sample = now + (self.interval if busy else max(self.interval, IDLE_SAMPLE_SECONDS))
                 switch = self._apply(now)
-                # Never asleep longer than one interval, so a unit that starts is noticed within it.
-                delay = min(next_sample, switch, self.clock() + self.interval) - self.clock()
+                delay = min(next_sample, switch) - self.clock()
                 self._wake.wait(max(delay, 0.005))
         finally:
             self._release_child()
