@@ -470,7 +470,7 @@ def verdict(value: float | None, goal: float, *, lower: float | None = None) -> 
 
 
 def render(f: dict[str, Any]) -> str:
-    no_policy = "" if f["policy_flags"] else " (this agent has no --idle-source/--cpu-percent yet)"
+    no_policy = "" if f["policy_flags"] else " (this agent has no --idle-source/--cpu-percent)"
     rows = [
         ["figure", "value", "goal", ""],
         ["agent RSS, idle", f"{f['idle_rss_mb']} MB", "<= 60 MB", verdict(f["idle_rss_mb"], GOALS["idle_rss_mb"])],

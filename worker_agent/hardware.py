@@ -219,7 +219,7 @@ def capabilities(
     cores: int | None = None, meminfo: Path = Path("/proc/meminfo"),
 ) -> wire.Capabilities:
     """This device's capabilities now: free memory under the cap, the cores the child may use (`cores`:
-    the policy's; default every CPU), the CUDA device the child reported in its numerics facts (gpu part:
+    the policy's; default every CPU), the CUDA device the child reported in its numerics facts (worker_agent/gpu.py:
     "device_type": "cuda", "gpu": {"name", "memory_mb", ...}), the torch it imported, the kinds shipped."""
     numerics = numerics or {}
     gpu = numerics.get("gpu") if numerics.get("device_type") == "cuda" else None
