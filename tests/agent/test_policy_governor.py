@@ -7,11 +7,14 @@ from datetime import datetime
 
 import pytest
 
+from worker_agent.gpu import FakeGpu, FakeNvml, GpuGuard
 from worker_agent.policy import conditions
 from worker_agent.policy.config import Policy, load_policy
 from worker_agent.policy.governor import (
     BATTERY_LOW,
     DUTY_PERIOD_SECONDS,
+    GPU_HOT,
+    GPU_UNREADABLE,
     MANUAL,
     ON_BATTERY,
     OTHER_BUSY,
@@ -221,3 +224,50 @@ def test_a_child_over_the_idle_memory_cap_is_killed_for_good() -> None:
     machine.resident = 15 * GB
     governor(machine, child, memory_busy_percent=50.0, memory_idle_percent=90.0).tick(0.0)
     assert child.killed is not None and "90% of RAM" in child.killed and child.retry is False
+
+
+# --- a GPU device: the guard's caps, and gpu_when_busy (worker_agent/gpu.py behind its interface) ----------
+
+def _gpu_governor(machine: Machine, card: FakeGpu, **policy: object) -> Governor:
+    gov = governor(machine, Child(), **policy)
+    guard = GpuGuard(FakeNvml([card]), 0, temp_max_c=83.0, temp_resume_c=78.0,
+                     power_max_w=float(policy.get("gpu_power_max_w", 0.0)))  # type: ignore[arg-type]
+    gov.set_gpu(device=True, guard=guard)
+    return gov
+
+
+def test_a_hot_gpu_pauses_the_unit_until_it_has_cooled_below_the_resume_temperature() -> None:
+    machine, card = Machine(), FakeGpu(temperature_c=70.0)
+    gov = _gpu_governor(machine, card)
+    assert gov.tick(0.0).allowed
+    card.temperature_c = 85.0
+    assert gov.tick(1.0).reasons == (GPU_HOT,)
+    card.temperature_c = 80.0  # under the cap, above the resume temperature: still held
+    assert gov.tick(2.0).reasons == (GPU_HOT,)
+    card.temperature_c = 77.0
+    assert gov.tick(3.0).allowed
+
+
+def test_a_gpu_over_its_power_cap_runs_a_share_of_the_time_on_top_of_the_cpu_cap() -> None:
+    machine, card = Machine(), FakeGpu(power_draw_w=200.0)
+    gov = _gpu_governor(machine, card, gpu_power_max_w=100.0, cpu_percent=80.0)
+    gov.tick(0.0)  # the guard reads 200 W against a 100 W cap: half the time
+    verdict = gov.tick(1.0)
+    assert verdict.allowed and verdict.cpu_share == pytest.approx(0.8 * 0.5)
+
+
+def test_gpu_when_busy_lets_a_gpu_device_compute_while_the_user_is_active_and_a_cpu_device_not() -> None:
+    machine = Machine()
+    machine.idle = 1.0
+    assert _gpu_governor(machine, FakeGpu(), gpu_when_busy=True).tick(0.0).allowed
+    assert _gpu_governor(machine, FakeGpu()).tick(0.0).reasons == (USER_ACTIVE,)
+    cpu_only = governor(machine, Child(), gpu_when_busy=True)
+    assert cpu_only.tick(0.0).reasons == (USER_ACTIVE,)
+
+
+def test_unreadable_gpu_sensors_pause_the_unit() -> None:
+    nvml = FakeNvml(failing=True)
+    gov = governor(Machine(), Child())
+    gov.set_gpu(device=True, guard=GpuGuard(nvml, 0, temp_max_c=83.0, temp_resume_c=78.0, power_max_w=0.0))
+    assert gov.tick(0.0).allowed  # the guard is asked once a unit runs under a verdict that allows it
+    assert gov.tick(1.0).reasons == (GPU_UNREADABLE,)
