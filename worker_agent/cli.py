@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pause_cmd = commands.add_parser("pause", parents=[common], help="pause the running agent (its unit stops where it is)")
     pause_cmd.add_argument("--for", dest="duration", type=_duration, help="e.g. 30m, 2h, 1h30m (default: until `resume`)")
-    pause_cmd.add_argument("--reason", default="paused from the command line", help="shown by `status`")
+    pause_cmd.add_argument("--reason", default="", help="a few words shown by `status` (e.g. \"a video call\")")
     pause_cmd.set_defaults(handler=cmd_pause)
 
     resume_cmd = commands.add_parser("resume", parents=[common], help="resume a paused agent")
