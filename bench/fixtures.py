@@ -91,12 +91,16 @@ def setup(*, devices: int) -> dict[str, Any]:
 
     users = get_user_model().objects
     submitter = users.create_user(SUBMITTER)
+    from marketplace.artifacts.models import Artifact
+
     contributors = [users.create_user(f"bench-contributor-{i}") for i in range(devices)]
-    return {
-        "model": _model(submitter),
-        "output_sha256": _output_artifact(submitter),
-        "devices": [_device(owner, i) for i, owner in enumerate(contributors)],
-    }
+    output = _output_artifact(submitter)
+    enrolled = [_device(owner, i) for i, owner in enumerate(contributors)]
+    # A report names an output its own device uploaded (workunits/results.py): record every bench device as
+    # having uploaded the one output they all report, as the upload endpoint would.
+    Artifact.devices.through.objects.bulk_create(
+        [Artifact.devices.through(artifact_id=output, device_id=d["device_id"]) for d in enrolled])
+    return {"model": _model(submitter), "output_sha256": output, "devices": enrolled}
 
 
 def _spec(model: dict[str, Any], units: int, dataset: str) -> dict[str, Any]:
@@ -120,11 +124,16 @@ def _payload(model: dict[str, Any], x_sha256: str) -> dict[str, Any]:
     ).to_wire()
 
 
+# What the split would compute for the bench's small model (workunits/requirements.py), on the unit and on
+# every replica: the lease matches a device's capabilities against these columns.
+NEEDS: dict[str, Any] = {"need_memory_mb": 128, "need_device": "cpu", "need_gpu_mb": 0, "kind": "inference"}
+
+
 def _unit_fields() -> dict[str, Any]:
     """What the split gives a unit of a non-adaptive job: its whole quorum of replicas up front."""
     from marketplace.workunits.models import WorkUnit
 
-    fields: dict[str, Any] = {"quorum": QUORUM, "max_results": MAX_RESULTS, "results_created": QUORUM}
+    fields: dict[str, Any] = {"quorum": QUORUM, "max_results": MAX_RESULTS, "results_created": QUORUM, **NEEDS}
     # Adaptive replication (in progress) decides the replica count at the first lease unless told it is
     # decided; the bench measures plain replication, so say so when the model has the flag.
     if any(field.name == "replication_decided" for field in WorkUnit._meta.get_fields()):
@@ -176,7 +185,7 @@ def job(*, setup_data: dict[str, Any], replicas: int) -> dict[str, Any]:
             batch_size=BULK,
         )
         Result.objects.bulk_create(
-            [Result(unit_id=u.pk, job_id=job_row.pk) for u in unit_rows for _ in range(QUORUM)], batch_size=BULK
+            [Result(unit_id=u.pk, job_id=job_row.pk, **NEEDS) for u in unit_rows for _ in range(QUORUM)], batch_size=BULK
         )
     _analyze()
     return {"job_id": job_row.pk, "units": units, "replicas": units * QUORUM, "retired": retired,
