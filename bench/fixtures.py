@@ -81,6 +81,15 @@ def _device(owner: Any, index: int) -> dict[str, Any]:
         token=token, name=f"bench-{index}", public_key_b64=signing.public_key_b64(key),
         hardware=hardware.collect(), proof_b64=signing.enroll_proof(key, token=token),
     )
+    # An established fleet: each device trusted on its hardware class (earned in production by valid
+    # replicated results), so it holds up to IDLEGRID_MAX_LEASES and the batched scenario leases whole batches
+    # (a device on probation holds one lease at a time, whatever it asks).
+    from django.utils import timezone
+
+    from marketplace.workers.models import DeviceTrust
+
+    DeviceTrust.objects.create(device=device, kind="inference", hardware_class=device.hardware_class,
+                               consecutive_valid=100, trusted_since=timezone.now())
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     return {"device_id": device.pk, "secret": secret, "seed": seed.hex()}
 

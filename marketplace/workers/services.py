@@ -11,13 +11,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from marketplace.accounts.models import EnrollmentToken
 from marketplace.core.exceptions import Conflict, Forbidden, RateLimited, ValidationFailed
 from marketplace.core.numbers import decimal_parse
+from marketplace.core.sql import fetch_prepared
 from marketplace.workers.models import Device, HardwareChange
 from worker_agent.protocol import b64decode, enroll_message
 from worker_agent.wire import Capabilities
@@ -196,19 +197,46 @@ def device_enroll(
     return device, secret
 
 
+# The columns authentication and the agent's hot path read of a device (and of its owner, whether the
+# account is active); every agent request fetches them, so it is one prepared statement on PostgreSQL.
+_AUTH_FIELDS = ("id", "owner_id", "secret_hash", "state", "public_key", "hardware", "hardware_class",
+                "cooldown_until", "last_seen_at", "cap_memory_mb", "cap_gpu_mb", "cap_kinds")
+_AUTH_SQL = (f"SELECT {', '.join('d.' + name for name in _AUTH_FIELDS)}, u.is_active FROM workers_device d "
+             "JOIN auth_user u ON u.id = d.owner_id WHERE d.id = %(pk)s")
+
+
 def device_authenticate(*, device_id: str, secret: str) -> Device | None:
     pk = decimal_parse(device_id)  # None for "²" and for 5,000 digits, which int() refuses with a ValueError
-    if pk is None:
+    if pk is None or not 0 < pk < 2**63:
         return None
-    # Every agent request runs this: one indexed fetch of only what authentication and the hot path use.
-    fields = ("owner__id", "owner__is_active", "secret_hash", "state", "public_key", "hardware", "hardware_class",
-              "cooldown_until")
-    try:
-        device = Device.objects.select_related("owner").only(*fields).get(pk=pk)
-    except Device.DoesNotExist:
+    device = _device_for_auth(pk)
+    if device is None or not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):
         return None
-    if not secrets.compare_digest(device.secret_hash, _hash_secret(secret)):
+    return device
+
+
+def _device_for_auth(pk: int) -> Device | None:
+    """The device with only _AUTH_FIELDS loaded (others load on access, as with .only()) and its owner with
+    only id and is_active. On SQLite through the ORM; on PostgreSQL one prepared statement, its values
+    converted as the ORM would (jsonb arrives as text, bytea as bytes)."""
+    if connection.vendor != "postgresql":
+        fields = ("owner__id", "owner__is_active", *_AUTH_FIELDS[2:])
+        return Device.objects.select_related("owner").only(*fields).filter(pk=pk).first()
+    rows = fetch_prepared(_AUTH_SQL, {"pk": pk})
+    if not rows:
         return None
+    *values, is_active = rows[0]
+    row = dict(zip(_AUTH_FIELDS, values, strict=True))
+    if isinstance(row["hardware"], str):
+        row["hardware"] = json.loads(row["hardware"])
+    row["public_key"] = bytes(row["public_key"])
+    # from_db takes the loaded values in the model's field order (the others deferred).
+    names = [f.attname for f in Device._meta.concrete_fields if f.attname in row]
+    device = Device.from_db(connection.alias, names, [row[name] for name in names])
+    user_model = Device._meta.get_field("owner").related_model
+    owner_names = [f.attname for f in user_model._meta.concrete_fields if f.attname in ("id", "is_active")]
+    owner = {"id": row["owner_id"], "is_active": bool(is_active)}
+    device.owner = user_model.from_db(connection.alias, owner_names, [owner[name] for name in owner_names])
     return device
 
 

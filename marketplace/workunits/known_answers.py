@@ -27,14 +27,19 @@ from marketplace.workunits.requirements import Capacity, replica_needs
 _random = random.SystemRandom()
 
 
-def known_answer_draw(*, device: Device, slots: int) -> int:
+def known_answer_draw(*, device: Device, slots: int, trusted: bool | None = None) -> int:
     """How many of a lease's `slots` go to known answers: each with probability IDLEGRID_KNOWN_ANSWER_RATE,
-    for a device trusted for nothing (on probation)."""
+    for a device trusted for nothing (on probation). `trusted`: whether it is trusted anywhere, when the
+    caller already knows (leasing.device_standing); else asked here."""
     rate = settings.IDLEGRID_KNOWN_ANSWER_RATE
     if rate <= 0:
         return 0
     drawn = sum(_random.random() < rate for _ in range(slots))
-    if drawn == 0 or DeviceTrust.objects.filter(device=device, trusted_since__isnull=False).exists():
+    if drawn == 0:
+        return 0
+    if trusted is None:
+        trusted = DeviceTrust.objects.filter(device=device, trusted_since__isnull=False).exists()
+    if trusted:
         return 0
     return drawn
 

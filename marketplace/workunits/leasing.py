@@ -11,6 +11,7 @@ position, so the wire does not tell them apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import defaultdict
@@ -24,6 +25,7 @@ from django.db.models import Case, F, FloatField, Value, When
 from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
+from marketplace.core.sql import fetch_prepared
 from marketplace.workers.models import Device
 from marketplace.workers.services import device_seen
 from marketplace.workers.trust import lease_cap, trust_reset
@@ -57,7 +59,7 @@ _random = random.SystemRandom()
 # reads none of them on result_unsent_cpu (0.21 ms). Rows needing more memory than a device has are still
 # skipped one by one (no index can order by id and bound memory at once); they cost a small device a
 # scan past them, never a wrong lease.
-_LEASE_SQL = """
+_LEASE_CANDIDATES = """
 WITH candidates AS (
     SELECT r.id, r.unit_id FROM workunits_result r
     WHERE r.state = 'unsent'
@@ -70,11 +72,35 @@ WITH candidates AS (
 ), picked AS (
     SELECT MIN(id) AS id FROM candidates GROUP BY unit_id ORDER BY {order} LIMIT %(limit)s
 )
+"""
+_LEASE_UPDATE = """
 UPDATE workunits_result
 SET state = 'in_progress', device_id = %(device)s, owner_id = %(owner)s, hardware_class = %(hardware_class)s,
     leased_at = %(now)s, lease_expires_at = %(expires)s
 WHERE id IN (SELECT id FROM picked) AND state = 'unsent'
 RETURNING id, unit_id, job_id
+"""
+# On PostgreSQL the same statement also hands back what the answer needs of each unit (payload, signature,
+# key) and records each lease's hard deadline from its unit's time limit (`limits.seconds` of the payload
+# the marketplace made and signed; 300 s where that is not a positive number, as _time_limit reads it).
+# A lease is then one statement where it was four: the lease, the payloads, one UPDATE per time limit, and
+# the replication check, now made only for units the statement reports undecided. The nested CASE keeps
+# the cast off anything but a JSON number; LEAST bounds it to a year. SQLite cannot name a joined table in
+# RETURNING: it keeps _LEASE_UPDATE and the follow-up statements (_units_of, _deadlines_set).
+_DEADLINE_SQL = """(%(now)s + make_interval(secs => %(grace)s + COALESCE(
+        CASE WHEN jsonb_typeof(u.payload -> 'limits' -> 'seconds') = 'number' THEN
+            CASE WHEN (u.payload -> 'limits' ->> 'seconds')::numeric > 0
+                 THEN LEAST((u.payload -> 'limits' ->> 'seconds')::numeric, 31536000)::float8 END END,
+        300.0)))"""
+_LEASE_UPDATE_PG = f"""
+UPDATE workunits_result r
+SET state = 'in_progress', device_id = %(device)s, owner_id = %(owner)s, hardware_class = %(hardware_class)s,
+    leased_at = %(now)s, lease_deadline = {_DEADLINE_SQL},
+    lease_expires_at = LEAST(%(expires)s, {_DEADLINE_SQL})
+FROM picked p, workunits_workunit u
+WHERE r.id = p.id AND u.id = r.unit_id AND r.state = 'unsent'
+RETURNING r.id, r.unit_id, r.job_id, u.payload, u.signature, u.signing_key_id, u.replication_decided,
+          r.lease_expires_at
 """
 
 
@@ -93,21 +119,53 @@ class Lease:
 _UnitWire = tuple[dict[str, Any], str | None, str]
 
 
-def _lease_sql(*, draw: bool, kinds: int, gpu: bool = False) -> str:
-    lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
+def _lease_sql(*, draw: bool, kinds: int, gpu: bool = False, joined: bool = False, locked: bool | None = None) -> str:
+    """The lease statement: `joined` (PostgreSQL) also returns the units' payloads and sets the deadlines;
+    `locked` (default: on PostgreSQL) takes the candidates with FOR UPDATE SKIP LOCKED."""
+    locked = connection.vendor == "postgresql" if locked is None else locked
+    lock = "FOR UPDATE SKIP LOCKED" if locked else ""
     placeholders = ", ".join(f"%(kind_{index})s" for index in range(kinds))
-    return _LEASE_SQL.format(lock=lock, order="random()" if draw else "MIN(id)", kinds=placeholders,
-                             gpu="r.need_gpu_mb <= %(gpu_mb)s" if gpu else "r.need_gpu_mb = 0")
+    candidates = _LEASE_CANDIDATES.format(lock=lock, order="random()" if draw else "MIN(id)", kinds=placeholders,
+                                          gpu="r.need_gpu_mb <= %(gpu_mb)s" if gpu else "r.need_gpu_mb = 0")
+    return candidates + (_LEASE_UPDATE_PG if joined else _LEASE_UPDATE)
 
 
-def lease_room(*, device: Device, asked: int, now: datetime | None = None) -> int:
+# What the lease policy needs to know of a device beyond its row, in one round trip: the leases it holds,
+# whether it is trusted on its hardware class (its quota) and anywhere (known answers go to devices trusted
+# for nothing). Three indexed lookups: result_device_state-style (device, state) and the trust unique key.
+_STANDING_SQL = """
+SELECT (SELECT COUNT(*) FROM workunits_result WHERE device_id = %(device)s AND state = 'in_progress'),
+       EXISTS (SELECT 1 FROM workers_devicetrust WHERE device_id = %(device)s AND hardware_class = %(hardware_class)s
+               AND trusted_since IS NOT NULL),
+       EXISTS (SELECT 1 FROM workers_devicetrust WHERE device_id = %(device)s AND trusted_since IS NOT NULL)
+"""
+
+
+@dataclass(frozen=True)
+class Standing:
+    held: int
+    trusted_here: bool  # on its current hardware class: the full quota (workers/trust.lease_cap)
+    trusted_anywhere: bool  # on any class and kind: no known answers (known_answers.known_answer_draw)
+
+
+def device_standing(*, device: Device) -> Standing:
+    rows = fetch_prepared(_STANDING_SQL, {"device": device.pk, "hardware_class": device.hardware_class})
+    held, here, anywhere = rows[0]
+    return Standing(int(held), bool(here), bool(anywhere))
+
+
+
+def lease_room(*, device: Device, asked: int, now: datetime | None = None, standing: Standing | None = None) -> int:
     """How many more leases the device may take now: none during a cool-down, else its quota minus what
     it already holds (the quota counts per device, never per request)."""
     now = now or timezone.now()
     if device.cooldown_until is not None and device.cooldown_until > now:
         return 0
-    held = Result.objects.filter(device=device, state=Result.State.IN_PROGRESS).count()
-    return max(0, min(asked, lease_cap(device=device) - held))
+    if standing is None:
+        held = Result.objects.filter(device=device, state=Result.State.IN_PROGRESS).count()
+        return max(0, min(asked, lease_cap(device=device) - held))
+    cap = settings.IDLEGRID_MAX_LEASES if standing.trusted_here else settings.IDLEGRID_PROBATION_LEASES
+    return max(0, min(asked, cap - standing.held))
 
 
 def cooldown_remaining(*, device: Device, now: datetime | None = None) -> float:
@@ -120,52 +178,77 @@ def cooldown_remaining(*, device: Device, now: datetime | None = None) -> float:
 
 def workunit_lease(*, device: Device, max_units: int, capabilities: Capabilities | None = None) -> list[Lease]:
     """Lease up to max_units replicas of distinct units to a device, within its quota, from the oldest work
-    it can run (`capabilities`, as reported with this request; None: an old agent, see capacity_of)."""
+    it can run (`capabilities`, as reported with this request; None: an old agent, see capacity_of).
+
+    On PostgreSQL with no known answer drawn: the device's standing (one SELECT), then BEGIN, the lease
+    statement (which also returns the payloads and records the deadlines), COMMIT; the device row came with
+    authentication and is written at most once per SEEN_RESOLUTION."""
     now = timezone.now()
     device_seen(device=device, now=now, capabilities=capabilities)  # at most one write in SEEN_RESOLUTION
-    room = lease_room(device=device, asked=max_units, now=now)
     capacity = capacity_of(capabilities)
-    if room == 0 or not capacity.kinds:
+    if not capacity.kinds or (device.cooldown_until is not None and device.cooldown_until > now):
+        return []
+    standing = device_standing(device=device)
+    room = lease_room(device=device, asked=max_units, now=now, standing=standing)
+    if room == 0:
         return []
     expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
-    drawn = known_answer_draw(device=device, slots=room)
-    with transaction.atomic(), connection.cursor() as cursor:
+    drawn = known_answer_draw(device=device, slots=room, trusted=standing.trusted_anywhere)
+    joined = connection.vendor == "postgresql"
+    leases: list[Lease] = []
+    with transaction.atomic():
         # Known answers first, so that a place drawn for one that cannot be made (no budget, no source)
         # goes to ordinary work.
         rows = known_answers_lease(device=device, count=drawn, now=now, expires=expires,
                                    capacity=capacity) if drawn else []
         if room > len(rows):
             window = settings.IDLEGRID_LEASE_DRAW_WINDOW
-            params: dict[str, int | str | datetime] = {
+            params: dict[str, int | float | str | datetime] = {
                 "owner": device.owner_id, "device": device.pk, "hardware_class": device.hardware_class,
                 "now": now, "expires": expires, "limit": room - len(rows),
                 "candidates": max(window, 4 * (room - len(rows))),
                 "memory_mb": capacity.memory_mb, "gpu_mb": capacity.gpu_mb,
+                "grace": float(settings.IDLEGRID_LEASE_GRACE_SECONDS),
                 **{f"kind_{index}": kind for index, kind in enumerate(capacity.kinds)},
             }
-            cursor.execute(_lease_sql(draw=window > 1, kinds=len(capacity.kinds), gpu=capacity.gpu_mb > 0), params)
-            leased = cursor.fetchall()
-            if leased:
-                replication_decide(device=device, unit_ids=[unit_id for _, unit_id, _ in leased])
-            rows += leased
-        if not rows:
-            return []
-        units: dict[int, _UnitWire] = {
-            pk: (payload, b64encode(bytes(signature)) if signature is not None else None, key_id)
-            for pk, payload, signature, key_id in WorkUnit.objects.filter(
-                pk__in=[unit_id for _, unit_id, _ in rows]
-            ).values_list("id", "payload", "signature", "signing_key_id")
-        }
-        deadlines = _deadlines_set(rows, units, now=now, expires=expires)
-    leases = [
-        Lease(result_id, unit_id, job_id, min(expires, deadlines[result_id]), *units[unit_id])
-        for result_id, unit_id, job_id in rows
-    ]
+            sql = _lease_sql(draw=window > 1, kinds=len(capacity.kinds), gpu=capacity.gpu_mb > 0, joined=joined)
+            leased = fetch_prepared(sql, params)
+            if joined:
+                undecided = [row[1] for row in leased if not row[6]]
+                leases = [Lease(result_id, unit_id, job_id, lease_expires_at, _json(payload), _b64(signature), key_id)
+                          for result_id, unit_id, job_id, payload, signature, key_id, _, lease_expires_at in leased]
+            else:
+                undecided = [unit_id for _, unit_id, _ in leased]
+                rows += leased
+            if undecided:
+                replication_decide(device=device, unit_ids=undecided)
+        if rows:  # known-answer copies, and every lease on SQLite: their units and deadlines separately
+            units = _units_of([unit_id for _, unit_id, _ in rows])
+            deadlines = _deadlines_set(rows, units, now=now, expires=expires)
+            leases += [Lease(result_id, unit_id, job_id, min(expires, deadlines[result_id]), *units[unit_id])
+                       for result_id, unit_id, job_id in rows]
     if settings.IDLEGRID_LEASE_DRAW_WINDOW > 1:
         _random.shuffle(leases)  # the position in a batch says nothing either (copies are made first)
     else:
         leases.sort(key=lambda lease: lease.unit_id)  # strictly oldest first, as configured
     return leases
+
+
+def _json(value: Any) -> dict[str, Any]:
+    # Django loads jsonb as text on psycopg 3 (JSONField decodes it); a raw cursor sees the text.
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _b64(signature: Any) -> str | None:
+    return b64encode(bytes(signature)) if signature is not None else None
+
+
+def _units_of(unit_ids: list[int]) -> dict[int, _UnitWire]:
+    return {
+        pk: (payload, _b64(signature), key_id)
+        for pk, payload, signature, key_id in WorkUnit.objects.filter(pk__in=unit_ids).values_list(
+            "id", "payload", "signature", "signing_key_id")
+    }
 
 
 def _time_limit(payload: dict[str, Any]) -> float:

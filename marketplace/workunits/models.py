@@ -82,8 +82,11 @@ class Result(models.Model):
         RELEASED = "released"  # the device handed it back unstarted (`release`, at shutdown)
         CANCELLED = "cancelled"
 
-    unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="results")
-    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="results")
+    # No single-column indexes on unit and job: (unit, owner) and (job, state) below serve those lookups,
+    # and every index on this table is written by every lease and report (a state move is never a HOT
+    # update: state is in the partial indexes' predicates).
+    unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="results", db_index=False)
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="results", db_index=False)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNSENT)
     device = models.ForeignKey("workers.Device", null=True, blank=True, on_delete=models.PROTECT, related_name="results")
     # Denormalised from device.owner so the lease query can keep two replicas of a unit off one owner.
@@ -93,7 +96,10 @@ class Result(models.Model):
     # The latest a renewal may push lease_expires_at: leased_at + the unit's time limit + the grace.
     lease_deadline = models.DateTimeField(null=True, blank=True)
     reported_at = models.DateTimeField(null=True, blank=True)
-    output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Indexed by result_output below: the implicit index of a varchar key comes with a second, LIKE-pattern
+    # index that no query here uses and every report would write.
+    output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                               db_index=False)
     signature = models.BinaryField(max_length=64, null=True, blank=True)
     elapsed_seconds = models.FloatField(null=True, blank=True)
     # Fraction done (0..1) the device last reported in a heartbeat while computing; null: never said.
@@ -108,8 +114,8 @@ class Result(models.Model):
     # Set by the marketplace only: this row counts, on the original unit, the answer a device gave to a
     # known-answer copy of it (verification._dispute). One computation in two rows: this one is never paid.
     disputes_known_answer = models.ForeignKey(
-        WorkUnit, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
-    )
+        WorkUnit, null=True, blank=True, on_delete=models.CASCADE, related_name="+", db_index=False
+    )  # indexed where set (result_disputes): almost every row holds null
     # The output disagreed with the submitter's own known answers hidden in the unit (WorkUnit.hidden_rows).
     failed_known_rows = models.BooleanField(default=False)
     # Denormalised from the unit (WorkUnit.need_*, kind) so the lease statement can match a device's
@@ -138,6 +144,9 @@ class Result(models.Model):
             models.Index(fields=["device"], condition=Q(state="in_progress"), name="result_held"),
             models.Index(fields=["unit", "owner"]),
             models.Index(fields=["job", "state"]),
+            models.Index(fields=["output"], name="result_output"),
+            models.Index(fields=["disputes_known_answer"], condition=Q(disputes_known_answer__isnull=False),
+                         name="result_disputes"),
         ]
 
     def __str__(self) -> str:

@@ -114,9 +114,9 @@ def test_it_locks_candidates_with_skip_locked_only_on_postgresql():
 def test_the_statement_without_row_locks_leases_too(submit_job, make_device, contributor, other_contributor,
                                                     monkeypatch):
     # SQLite has no SKIP LOCKED (its IMMEDIATE transactions serialise writers); run that variant on any backend.
-    monkeypatch.setattr(leasing, "_lease_sql", lambda draw, kinds, gpu=False: leasing._LEASE_SQL.format(
-        lock="", order="MIN(id)", kinds=", ".join(f"%(kind_{index})s" for index in range(kinds)),
-        gpu="r.need_gpu_mb = 0"))
+    original = leasing._lease_sql
+    monkeypatch.setattr(leasing, "_lease_sql", lambda draw, kinds, gpu=False, joined=False: original(
+        draw=False, kinds=kinds, gpu=gpu, joined=joined, locked=False))
     job = submit_job(rows=10, rows_per_unit=4)
 
     mine = workunit_lease(device=make_device(contributor).device, max_units=64)
