@@ -286,6 +286,18 @@ def _key(seed_hex: str) -> Any:
     return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed_hex))
 
 
+def statements() -> dict[str, str]:
+    """The lease statement's text exactly as the server builds it for the bench's agents (no capabilities
+    reported: the kinds fedavg and inference; the configured draw window), for bench/sql_limit.py."""
+    from django.conf import settings
+
+    from marketplace.workunits import leasing
+
+    draw = settings.IDLEGRID_LEASE_DRAW_WINDOW > 1
+    sql = leasing._lease_sql(draw=draw, kinds=2, joined=True)
+    return {"lease_single": sql, "lease_batch": sql}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fixtures")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,12 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     p_queries.add_argument("--timed", type=int, default=200)
     for p in (p_job, p_queries):
         p.add_argument("--setup", type=Path, required=True)
-    for p in (p_setup, p_job, p_queries):
+    p_sql = sub.add_parser("sql")
+    for p in (p_setup, p_job, p_queries, p_sql):
         p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     _django()
     if args.command == "setup":
         result = setup(devices=args.devices)
+    elif args.command == "sql":
+        result = statements()
     else:
         setup_data = json.loads(args.setup.read_text())
         if args.command == "job":
