@@ -163,7 +163,8 @@ def agent_loop(device: dict[str, Any], plan: Plan, budget: Budget, start: Any) -
     run = AgentRun()
     key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(device["seed"]))
     headers = {"Authorization": f"Device {device['device_id']}:{device['secret']}"}
-    client = (HttpxClient if plan.client == "httpx" else StdlibClient)(plan.base_url, headers)
+    # A device may name its own node (dispatch --nodes): else the plan's server.
+    client = (HttpxClient if plan.client == "httpx" else StdlibClient)(device.get("base_url", plan.base_url), headers)
     try:
         start.wait()
         cpu = time.process_time()

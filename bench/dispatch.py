@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER, help="PostgreSQL server to create the bench database on (default DATABASE_URL, else %(default)s)")
     parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="Redis database dedicated to the bench; its celery queue is purged at the end (default %(default)s)")
     parser.add_argument("--celery", action="store_true", help="also run one Celery worker (validation) during the scenarios")
+    parser.add_argument("--nodes", type=int, default=1, help="web nodes (gunicorn servers, --workers each) on the one "
+                                                             "database and Redis; agents spread over them (default 1)")
+    parser.add_argument("--storage", choices=("filesystem", "s3"), default=None,
+                        help="artifact storage: s3 is a local S3-compatible server (moto) shared by the nodes "
+                             "(default: filesystem for one node, s3 for several)")
     parser.add_argument("--no-queries", dest="queries", action="store_false", help="skip the in-process SQL count per request")
     parser.add_argument("--no-sql-limit", dest="sql_limit", action="store_false",
                         help="skip the bare-SQL lease + report run (bench/sql_limit.py) that each scenario is compared with")
@@ -88,7 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(names) - set(TARGETS)
     if unknown or not names:
         parser.error(f"--scenarios must name some of {', '.join(TARGETS)}")
-    for name in ("agents", "units", "workers", "batch"):
+    args.storage = args.storage or ("s3" if args.nodes > 1 else "filesystem")
+    if args.nodes > 1 and args.storage != "s3":
+        parser.error("several --nodes need shared artifact storage: --storage s3")
+    for name in ("agents", "units", "workers", "batch", "nodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if not 1 <= args.batch <= 64:
@@ -173,6 +181,38 @@ def gunicorn(env: dict[str, str], workers: int, work: Path) -> Iterator[tuple[Pr
 
 
 @contextmanager
+def s3_server(work: Path) -> Iterator[dict[str, str]]:
+    """A local S3-compatible server (moto, as the storage tests use) with one bucket: the artifact store the
+    web nodes share, as production's object store. Yields the settings' environment for it."""
+    import boto3
+
+    port = free_port()
+    server = Process.spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                           env=dict(os.environ), log_dir=work / "var" / "logs")
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                import httpx
+
+                if httpx.get(endpoint, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not server.alive():
+                raise BenchError("moto's S3 server did not start")
+            time.sleep(0.2)
+        keys = {"IDLEGRID_S3_ACCESS_KEY_ID": "bench", "IDLEGRID_S3_SECRET_ACCESS_KEY": "bench-secret"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench-secret").create_bucket(Bucket="idlegrid-bench")
+        yield {"IDLEGRID_STORAGE": "s3", "IDLEGRID_S3_BUCKET": "idlegrid-bench", "IDLEGRID_S3_ENDPOINT_URL": endpoint,
+               "IDLEGRID_S3_REGION": "us-east-1", "IDLEGRID_S3_ADDRESSING_STYLE": "path", **keys}
+    finally:
+        server.stop()
+
+
+@contextmanager
 def celery_worker(env: dict[str, str], enabled: bool, work: Path) -> Iterator[Process | None]:
     if not enabled:
         yield None
@@ -225,7 +265,7 @@ def machine_cpu() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
-def cpu_by_role(before: dict, after: dict, groups: dict[str, int]) -> dict[str, float]:
+def cpu_by_role(before: dict, after: dict, groups: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds spent in the window by gunicorn (and celery) process groups, PostgreSQL, Redis, and the rest
     of the machine (other people's work on it shows here)."""
     own = os.getpgid(0)  # the bench and its agent processes: measured by the load generator itself
@@ -234,7 +274,7 @@ def cpu_by_role(before: dict, after: dict, groups: dict[str, int]) -> dict[str, 
         if pgid == own:
             continue
         delta = seconds - (before[pid][2] if pid in before and before[pid][0] == comm else 0.0)
-        role = next((r for r, g in groups.items() if g == pgid), None)
+        role = next((r for r, g in groups.items() if pgid in g), None)
         if role is None:
             role = "postgres" if comm.startswith("postgres") else "redis" if comm.startswith("redis") else "other"
         spent[role] += delta
@@ -279,15 +319,18 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, ctx: dict[str, An
     created = fixtures(env, work, "job", "--setup", str(work / "setup.json"),
                        "--replicas", str(args.units + 2 * args.agents * scenario.batch))
     log(f"{scenario.name}: job {created['job_id']}, {created['replicas']} unsent replicas")
-    with gunicorn(env, args.workers, work) as (server, base_url):
-        groups = {"gunicorn": server.popen.pid}  # each its own process group: Process.spawn
+    with ExitStack() as stack:
+        nodes = [stack.enter_context(gunicorn(env, args.workers, work)) for _ in range(args.nodes)]
+        groups: dict[str, list[int]] = {"gunicorn": [server.popen.pid for server, _ in nodes]}  # process groups
         if ctx["celery"] is not None:
-            groups["celery"] = ctx["celery"].popen.pid
+            groups["celery"] = [ctx["celery"].popen.pid]
         pg_before, redis_before = pg_counters(ctx["maint"], ctx["db"]), redis_calls(args.broker_url)
         cpu_before, machine_before = process_cpu(), machine_cpu()
+        # Device i talks to node i mod N, as a load balancer would spread them.
+        devices = [{**device, "base_url": nodes[i % len(nodes)][1]} for i, device in enumerate(setup["devices"])]
         result = agents.run_agents(
-            load=args.load, devices=setup["devices"], units=args.units, seconds=args.seconds,
-            plan_args={"base_url": base_url, "batch": scenario.batch, "output_sha256": setup["output_sha256"],
+            load=args.load, devices=devices, units=args.units, seconds=args.seconds,
+            plan_args={"base_url": nodes[0][1], "batch": scenario.batch, "output_sha256": setup["output_sha256"],
                        "client": args.client},
         )
         cpu_after, machine_after = process_cpu(), machine_cpu()
@@ -390,7 +433,8 @@ def render(figures: dict[str, Any]) -> str:
          f"{s['db_per_unit'].get('wal_bytes', 0):.0f}", f"{sum(s['redis_calls_per_unit'].values()):.1f}"]
         for name, s in scenarios.items()
     ]
-    title = (f"dispatch: {figures['agents']} agents ({figures['load']}, {figures['client']}), gunicorn {figures['workers']} sync workers, "
+    title = (f"dispatch: {figures['agents']} agents ({figures['load']}, {figures['client']}), "
+             f"{figures['nodes']} node(s) of gunicorn {figures['workers']} sync workers, {figures['storage']} storage, "
              f"PostgreSQL + Redis, bound {figures['units']} units or {figures['seconds']:.0f} s per scenario")
     parts = [title, "", table(rows), "", table(cost)]
     if figures.get("queries", {}).get("error"):
@@ -416,12 +460,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     maintenance, database_url = database_urls(args.database_url, name)
     figures: dict[str, Any] = {
         "bench": "dispatch", "agents": args.agents, "load": args.load, "client": args.client, "workers": args.workers,
+        "nodes": args.nodes, "storage": args.storage,
         "units": args.units, "seconds": args.seconds, "cores": os.cpu_count(),
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3], "scenarios": {},
     }
-    with tempfile.TemporaryDirectory(prefix="idlegrid-bench-") as tmp, bench_database(maintenance, name):
+    with tempfile.TemporaryDirectory(prefix="idlegrid-bench-") as tmp, bench_database(maintenance, name), \
+            ExitStack() as services:
         work = Path(tmp)
         env = child_env(database_url, args.broker_url, work / "var")
+        if args.storage == "s3":
+            env.update(services.enter_context(s3_server(work)))
         run_django(env, "manage.py", "migrate", "--noinput", "-v", "0")
         setup = fixtures(env, work, "setup", "--devices", str(args.agents))
         (work / "setup.json").write_text(json.dumps(setup))
