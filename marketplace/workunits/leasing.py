@@ -273,30 +273,49 @@ def _deadlines_set(rows: list[tuple[int, int, int]], units: dict[int, _UnitWire]
     return deadlines
 
 
+# The heartbeat on PostgreSQL: one prepared statement renews the live leases among the ids, stores the
+# fractions reported for them, and returns their new expiry (where it was an UPDATE and a SELECT): a lease
+# its deadline stopped short of now is lost, as the SELECT found it.
+_RENEW_SQL = """
+UPDATE workunits_result r
+SET lease_expires_at = LEAST(%(expires)s, COALESCE(r.lease_deadline, %(expires)s)),
+    progress = COALESCE((SELECT p.fraction FROM unnest(%(progress_ids)s::bigint[], %(fractions)s::float8[])
+                         AS p(id, fraction) WHERE p.id = r.id), r.progress)
+WHERE r.id = ANY(%(ids)s::bigint[]) AND r.device_id = %(device)s AND r.state = 'in_progress'
+  AND r.lease_expires_at >= %(now)s
+RETURNING r.id, r.lease_expires_at
+"""
+
+
 def lease_renew(
     *, device: Device, result_ids: list[int], progress: dict[int, float] | None = None
 ) -> tuple[list[int], datetime]:
     """Extend the device's live leases, never past each one's deadline, and store the fractions done it
     reported (`progress`, for ids among result_ids), in the same statement; returns the ids still held (the
-    others were lost) and the new expiry of a lease not yet at its deadline."""
+    others were lost) and the new expiry of a lease not yet at its deadline. The device counts as seen (at
+    most one write per SEEN_RESOLUTION, as a lease)."""
     now = timezone.now()
     expires = now + timedelta(seconds=settings.IDLEGRID_LEASE_SECONDS)
-    live = Result.objects.filter(
-        pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
-    )
-    changes: dict[str, Any] = {"lease_expires_at": Least(Value(expires), Coalesce(F("lease_deadline"), Value(expires)))}
     asked = set(result_ids)
-    fractions = {pk: fraction for pk, fraction in (progress or {}).items() if pk in asked}
-    if fractions:
-        changes["progress"] = Case(*(When(pk=pk, then=Value(float(f))) for pk, f in sorted(fractions.items())),
-                                   default=F("progress"), output_field=FloatField())
-    live.update(**changes)
-    renewed = list(
-        Result.objects.filter(pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-    )
-    Device.objects.filter(pk=device.pk).update(last_seen_at=now)
+    fractions = {pk: float(fraction) for pk, fraction in (progress or {}).items() if pk in asked}
+    if connection.vendor == "postgresql":
+        rows = fetch_prepared(_RENEW_SQL, {
+            "expires": expires, "now": now, "device": device.pk, "ids": sorted(asked),
+            "progress_ids": list(fractions), "fractions": list(fractions.values())})
+        renewed = sorted(pk for pk, expiry in rows if expiry >= now)
+    else:
+        live = Result.objects.filter(
+            pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
+        )
+        changes: dict[str, Any] = {"lease_expires_at": Least(Value(expires), Coalesce(F("lease_deadline"), Value(expires)))}
+        if fractions:
+            changes["progress"] = Case(*(When(pk=pk, then=Value(f)) for pk, f in sorted(fractions.items())),
+                                       default=F("progress"), output_field=FloatField())
+        live.update(**changes)
+        renewed = sorted(Result.objects.filter(
+            pk__in=result_ids, device=device, state=Result.State.IN_PROGRESS, lease_expires_at__gte=now
+        ).values_list("pk", flat=True))
+    device_seen(device=device, now=now)
     return renewed, expires
 
 
