@@ -388,6 +388,25 @@ if IDLEGRID_CHAIN_RPC_URL and IDLEGRID_CHAIN_CONTRACT:
         "ledger-reconcile-chain": {"task": "ledger.reconcile_chain", "schedule": timedelta(seconds=IDLEGRID_EPOCH_SECONDS)},
     })
 
+# --- the results archive (marketplace/workunits/archive.py) ------------------------------------------
+# A finished job's results leave the hot table (workunits_result, where leases and reports run) once the job
+# ended this long ago and every earning they made is settled. At least the audit window: a ban re-verifies
+# the valid results of that window, and a held earning is settled by joining its result. The default adds
+# a week so the windows that read recent results (price quotes, network figures: a day) see them all too.
+IDLEGRID_ARCHIVE_AFTER_SECONDS = envint("IDLEGRID_ARCHIVE_AFTER_SECONDS", IDLEGRID_AUDIT_WINDOW_SECONDS + 7 * 86_400,
+                                        low=1)
+if IDLEGRID_ARCHIVE_AFTER_SECONDS < IDLEGRID_AUDIT_WINDOW_SECONDS:
+    raise ImproperlyConfigured(f"IDLEGRID_ARCHIVE_AFTER_SECONDS ({IDLEGRID_ARCHIVE_AFTER_SECONDS}) must be at least "
+                               f"IDLEGRID_AUDIT_WINDOW_SECONDS ({IDLEGRID_AUDIT_WINDOW_SECONDS})")
+# One run moves at most BATCHES transactions of BATCH rows each: each transaction is short (it locks its own
+# rows only, SKIP LOCKED), and a run ends well inside its period however large the backlog.
+IDLEGRID_ARCHIVE_BATCH = envint("IDLEGRID_ARCHIVE_BATCH", 1000, low=1, high=10_000)
+IDLEGRID_ARCHIVE_BATCHES = envint("IDLEGRID_ARCHIVE_BATCHES", 50, low=1, high=10_000)
+IDLEGRID_ARCHIVE_SECONDS = envint("IDLEGRID_ARCHIVE_SECONDS", 60, low=1, high=86_400)
+CELERY_BEAT_SCHEDULE["results-archive"] = {"task": "workunits.archive_results",
+                                           "schedule": timedelta(seconds=IDLEGRID_ARCHIVE_SECONDS),
+                                           "options": {"expires": IDLEGRID_ARCHIVE_SECONDS}}
+
 # --- webhooks (marketplace/webhooks, docs/api/webhooks.md) ----------------------------------------------
 # Receivers are the submitters' to choose: private, loopback, link-local and other non-public addresses are
 # refused (SSRF, marketplace/webhooks/targets.py) unless this allows them (tests, the demo's loopback receivers).

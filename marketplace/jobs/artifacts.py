@@ -3,9 +3,10 @@ collecting what nothing references any more.
 
 An artifact is referenced (and kept) while any of these holds:
 - a person holds it (Artifact.owners): what they uploaded, their jobs' outputs and federated rounds;
-- a row names it: Job.output, FedRound.weights_in / weights_out, Result.output (PROTECTed foreign keys)
-  or WorkUnit.inputs. Units and results are never deleted, so their inputs and outputs are kept for
-  good: a ban can reopen a decided unit and re-merge the job (workunits/reverify.py), a known-answer
+- a row names it: Job.output, FedRound.weights_in / weights_out, Result.output, ResultArchive.output
+  (PROTECTed foreign keys) or WorkUnit.inputs. Units and results are never deleted (a finished job's
+  results move to the archive table with their output: workunits/archive.py), so their inputs and
+  outputs are kept for good: a ban can reopen a decided unit and re-merge the job (workunits/reverify.py), a known-answer
   copy can be made of any decided unit (workunits/known_answers.py), and the outputs that lost a
   quorum are the evidence a dispute or a later re-verification reads. Collecting them would need
   a rule for when no audit can reach them any more; none is written down yet, so they stay;
@@ -37,7 +38,7 @@ from marketplace.artifacts.services import artifact_disown, artifact_remove
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import Conflict, NotFound
 from marketplace.jobs.models import FedRound, Job
-from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.models import Result, ResultArchive, WorkUnit
 from worker_agent.protocol import is_sha256_hex
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ ROW_REFERENCES: tuple[tuple[type[Model], str], ...] = (
     (FedRound, "weights_in"),
     (FedRound, "weights_out"),
     (Result, "output"),
+    (ResultArchive, "output"),
     (WorkUnit.inputs.through, "artifact"),
 )
 

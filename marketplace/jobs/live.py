@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, F, Q, Sum, Window
+from django.db.models import Count, Exists, F, OuterRef, Q, Sum, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
@@ -22,7 +22,7 @@ from marketplace.core.exceptions import Conflict
 from marketplace.jobs.models import Job
 from marketplace.jobs.selectors import COMPUTED, job_get_for_owner, job_progress, job_rounds
 from marketplace.ledger.statements import job_costs
-from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.models import Result, ResultArchive, WorkUnit
 
 FINAL = (Job.State.COMPLETED, Job.State.FAILED, Job.State.CANCELLED)
 SERIES_POINTS = 200
@@ -139,21 +139,29 @@ def _round_series(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def job_verification(*, job: Job) -> Verification:
     """Who computed the job and what checking it cost: distinct devices and owners of its computed results,
     disagreements, replicas issued beyond the quorum, audits, results accepted alone."""
-    results = Result.objects.filter(job=job, unit__known_answer_of__isnull=True)
-    computed = results.filter(state__in=COMPUTED)
-    figures = results.aggregate(
-        issued=Count("pk", filter=Q(state__in=ISSUED)),
-        invalid=Count("pk", filter=Q(state=Result.State.INVALID)),
-        alone=Count("pk", filter=Q(accepted_alone=True, state=Result.State.VALID)),
-    )
+    # A finished job's results may have moved to the archive (workunits/archive.py), some or all of them:
+    # every figure reads both tables, each in one statement.
+    tables = [model.objects.filter(job=job, unit__known_answer_of__isnull=True) for model in (Result, ResultArchive)]
+    hot, archived = tables
+    figures = {"issued": 0, "invalid": 0, "alone": 0}
+    for table in tables:
+        for name, count in table.aggregate(
+            issued=Count("pk", filter=Q(state__in=ISSUED)),
+            invalid=Count("pk", filter=Q(state=Result.State.INVALID)),
+            alone=Count("pk", filter=Q(accepted_alone=True, state=Result.State.VALID)),
+        ).items():
+            figures[name] += count
     units = WorkUnit.objects.filter(job=job, known_answer_of__isnull=True)
-    disputed = units.filter(results__state=Result.State.INVALID).values("pk").distinct().count()
+    disputed = units.filter(Exists(hot.filter(unit=OuterRef("pk"), state=Result.State.INVALID))
+                            | Exists(archived.filter(unit=OuterRef("pk"), state=Result.State.INVALID))).count()
     # a unit decided by replicas needed its quorum of them; one accepted on a trusted device's word, one
-    by_quorum = units.filter(state=WorkUnit.State.DONE).exclude(canonical_result__accepted_alone=True)
+    alone = [table.filter(pk=OuterRef("canonical_result_id"), accepted_alone=True) for table in tables]
+    by_quorum = units.filter(state=WorkUnit.State.DONE).exclude(Exists(alone[0])).exclude(Exists(alone[1]))
     expected = int(by_quorum.aggregate(n=Sum(F("quorum")))["n"] or 0) + figures["alone"]
+    computed = [table.filter(state__in=COMPUTED) for table in tables]
     return {
-        "devices": computed.values("device_id").distinct().count(),
-        "owners": computed.values("owner_id").distinct().count(),
+        "devices": computed[0].values("device_id").union(computed[1].values("device_id")).count(),
+        "owners": computed[0].values("owner_id").union(computed[1].values("owner_id")).count(),
         "replicas_issued": figures["issued"],
         "replicas_extra": max(0, figures["issued"] - expected),
         "units_disputed": disputed,

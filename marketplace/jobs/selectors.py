@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -13,7 +14,7 @@ from marketplace.core.exceptions import NotFound
 from marketplace.jobs.models import FedRound, Job
 from marketplace.jobs.rounds import round_current
 from marketplace.workers.models import Device
-from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.models import Result, ResultArchive, WorkUnit
 from marketplace.workunits.requirements import Requirements, devices_able, not_runnable_sentence
 
 COMPUTED = (Result.State.VALID, Result.State.INVALID, Result.State.REPORTED)
@@ -30,21 +31,17 @@ def job_progress(*, job: Job) -> dict:
     units = WorkUnit.objects.filter(job=job, known_answer_of__isnull=True).aggregate(
         done=Count("pk", filter=Q(state=WorkUnit.State.DONE)), error=Count("pk", filter=Q(state=WorkUnit.State.ERROR))
     )
-    results = Result.objects.filter(job=job, unit__known_answer_of__isnull=True).aggregate(
-        valid=Count("pk", filter=Q(state=Result.State.VALID)),
-        invalid=Count("pk", filter=Q(state=Result.State.INVALID)),
-        computed=Count("pk", filter=Q(state__in=COMPUTED)),
-    )
+    results = Job.objects.filter(pk=job.pk).annotate(**_result_counts(job.pk)).values(*RESULT_COUNTS).get()
     decided = units["done"]
     return {
         "units_total": job.units_total,
         "units_done": decided,
         "units_in_progress": units_in_progress(job=job),
         "units_error": units["error"],
-        "results_valid": results["valid"],
-        "results_invalid": results["invalid"],
+        "results_valid": results["results_valid"],
+        "results_invalid": results["results_invalid"],
         # verification cost: results computed per decided unit
-        "results_per_unit": round(results["computed"] / decided, 4) if decided else None,
+        "results_per_unit": round(results["results_computed"] / decided, 4) if decided else None,
     }
 
 
@@ -119,13 +116,10 @@ def artifact_get_for_user(*, sha256: str, user: AbstractBaseUser) -> Artifact:
 def jobs_for_owner(*, owner: AbstractBaseUser) -> QuerySet[Job]:
     """The person's jobs with what job_progress counts, annotated: a page of them costs one query."""
     units = WorkUnit.objects.filter(job=OuterRef("pk"), known_answer_of__isnull=True)
-    results = Result.objects.filter(job=OuterRef("pk"), unit__known_answer_of__isnull=True)
     return Job.objects.filter(owner=owner).annotate(
         units_done=_count(units.filter(state=WorkUnit.State.DONE)),
         units_error=_count(units.filter(state=WorkUnit.State.ERROR)),
-        results_valid=_count(results.filter(state=Result.State.VALID)),
-        results_invalid=_count(results.filter(state=Result.State.INVALID)),
-        results_computed=_count(results.filter(state__in=COMPUTED)),
+        **_result_counts(OuterRef("pk")),
         units_in_progress=Coalesce(
             Subquery(_furthest_replicas(OuterRef("pk")).order_by().values("job").annotate(s=Sum("progress"))
                      .values("s")[:1]),
@@ -145,6 +139,22 @@ def job_progress_annotated(*, job: Job) -> dict:
 
 def _count(rows: QuerySet) -> Subquery:
     return Coalesce(Subquery(rows.order_by().values("job").annotate(n=Count("pk")).values("n")[:1]), 0)
+
+
+RESULT_COUNTS = ("results_valid", "results_invalid", "results_computed")
+
+
+def _result_counts(job: int | OuterRef) -> dict[str, Any]:
+    """The job's valid, invalid and computed results (known-answer copies left out) as annotations of a Job
+    row: each a count in the hot table plus one in the archive, where a finished job's results move
+    (workunits/archive.py), in the one statement, so a batch moving between the two is never counted
+    twice or missed."""
+    conditions = {"results_valid": Q(state=Result.State.VALID), "results_invalid": Q(state=Result.State.INVALID),
+                  "results_computed": Q(state__in=COMPUTED)}
+    hot = Result.objects.filter(job=job, unit__known_answer_of__isnull=True)
+    archived = ResultArchive.objects.filter(job=job, unit__known_answer_of__isnull=True)
+    return {name: _count(hot.filter(condition)) + _count(archived.filter(condition))
+            for name, condition in conditions.items()}
 
 
 def artifacts_for_owner(*, owner: AbstractBaseUser) -> QuerySet:

@@ -80,7 +80,9 @@ class AuditEntryAdmin(ReadOnly):
 
 @admin.register(Earning)
 class EarningAdmin(ReadOnly):
-    list_display = ["result", "device", "user", "job", "source", "net", "state", "settle_after"]
+    # result_id, not result: the result may be in the archive (workunits/archive.py), and a joined column
+    # would drop its earning from the list.
+    list_display = ["result_id", "device", "user", "job", "source", "net", "state", "settle_after"]
     list_filter = ["state", "source"]
 
 

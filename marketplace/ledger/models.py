@@ -153,7 +153,11 @@ class Earning(models.Model):
         PLATFORM = "platform"  # the verification budget: known-answer copies, re-verification past the escrow
         UNPAID = "unpaid"
 
-    result = models.OneToOneField("workunits.Result", on_delete=models.PROTECT, related_name="earning")
+    # No database constraint: the result moves to workunits.ResultArchive under the same id once this
+    # earning is settled and its job long finished (workunits/archive.py); ledger_check proves every
+    # earning's result exists in one table or the other (selectors._credits_traced).
+    result = models.OneToOneField("workunits.Result", on_delete=models.PROTECT, related_name="earning",
+                                  db_constraint=False)
     device = models.ForeignKey("workers.Device", on_delete=models.PROTECT, related_name="+")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     job = models.ForeignKey("jobs.Job", on_delete=models.PROTECT, related_name="+")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -12,7 +12,7 @@ from marketplace.ledger.exceptions import NoProof
 from marketplace.ledger.fields import AmountSum
 from marketplace.ledger.models import Account, Earning, Epoch, EpochLeaf, Line, Posting, WalletLink
 from marketplace.ledger.postings import account_key, balance
-from marketplace.workunits.models import Result
+from marketplace.workunits.models import Result, ResultArchive
 
 K = Account.Kind
 
@@ -140,7 +140,8 @@ def _credits_traced() -> list[str]:
 
     problems = []
     credits = Posting.objects.filter(kind=Posting.Kind.CREDIT)
-    earnings = {e.credit_id: e for e in Earning.objects.filter(credit__in=credits).select_related("result")}
+    earnings = {e.credit_id: e for e in Earning.objects.filter(credit__in=credits)}
+    results = _paid_results()
     debits: dict[int, list[str]] = {}
     for posting_id, key in Line.objects.filter(posting__in=credits, amount__lt=0).values_list("posting_id", "account__key"):
         debits.setdefault(posting_id, []).append(key)
@@ -149,8 +150,11 @@ def _credits_traced() -> list[str]:
         if earning is None:
             problems.append(f"credit posting {posting_id} has no earning (no result it pays for)")
             continue
-        result = earning.result
-        where = f"credit posting {posting_id} (result {result.pk})"
+        result = results.get(earning.result_id)
+        where = f"credit posting {posting_id} (result {earning.result_id})"
+        if result is None:
+            problems.append(f"{where} pays a result that is neither in the hot table nor in the archive")
+            continue
         if result.device_id != earning.device_id or result.job_id != earning.job_id:
             problems.append(f"{where} pays another device or job than the result's")
         if result.disputes_known_answer_id is not None:
@@ -163,3 +167,23 @@ def _credits_traced() -> list[str]:
         if result.state != Result.State.VALID and earning.state not in (Earning.State.REVERSED, Earning.State.FORFEITED):
             problems.append(f"{where} is {earning.state} but its result is {result.state}")
     return problems
+
+
+class _Paid(NamedTuple):
+    device_id: int | None
+    job_id: int
+    disputes_known_answer_id: int | None
+    state: str
+
+
+def _paid_results() -> dict[int, _Paid]:
+    """What the check needs of every result an earning names, wherever it is: the hot table, or the archive
+    its job's results move to (workunits/archive.py; no foreign key binds Earning.result for that reason).
+    The hot table is read first: a row that moves between the two reads is then seen twice, never missed."""
+    fields = ("device_id", "job_id", "disputes_known_answer_id", "state")
+    paid = Earning.objects.values("result_id")
+    found: dict[int, _Paid] = {}
+    for model in (Result, ResultArchive):
+        for pk, *values in model.objects.filter(pk__in=paid).values_list("pk", *fields).iterator(chunk_size=5000):
+            found[pk] = _Paid(*values)
+    return found

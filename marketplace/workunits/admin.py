@@ -3,17 +3,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from django.contrib import admin
+from django.db.models import Model
+from django.http import HttpRequest
 
-from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.models import Result, ResultArchive, WorkUnit
 
 if TYPE_CHECKING:
     # Generic in django-stubs only.
     _ResultInline = admin.TabularInline[Result, WorkUnit]
     _WorkUnitAdmin = admin.ModelAdmin[WorkUnit]
     _ResultAdmin = admin.ModelAdmin[Result]
+    _ResultArchiveAdmin = admin.ModelAdmin[ResultArchive]
 else:
     _ResultInline = admin.TabularInline
-    _WorkUnitAdmin = _ResultAdmin = admin.ModelAdmin
+    _WorkUnitAdmin = _ResultAdmin = _ResultArchiveAdmin = admin.ModelAdmin
 
 
 class ResultInline(_ResultInline):
@@ -40,3 +43,20 @@ class ResultAdmin(_ResultAdmin):
     list_filter = ["state"]
     readonly_fields = ["signature", "output", "metrics", "elapsed_seconds", "reported_at", "leased_at",
                        "lease_deadline", "disputes_known_answer", "failed_known_rows"]
+
+
+@admin.register(ResultArchive)
+class ResultArchiveAdmin(_ResultArchiveAdmin):
+    """Read only: the archiver writes these rows once (workunits/archive.py)."""
+
+    list_display = ["pk", "unit", "job", "state", "device", "reported_at", "archived_at"]
+    list_filter = ["state"]
+
+    def has_add_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False

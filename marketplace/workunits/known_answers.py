@@ -12,10 +12,11 @@ IDLEGRID_KNOWN_ANSWER_MAX_COPIES times.
 from __future__ import annotations
 
 import random
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import F, Max, Min
+from django.db.models import F, Max, Min, Q
+from django.utils import timezone
 
 from marketplace.jobs.models import Job
 from marketplace.ledger.selectors import verification_budget_available
@@ -79,15 +80,21 @@ def known_answers_lease(*, device: Device, count: int, now: datetime, expires: d
 
 def _pick_source(device: Device, capacity: Capacity) -> WorkUnit | None:
     """A random unit decided by a replicated quorum (never one accepted on one device's word), copied fewer
-    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, that no device of this owner computed and that this device
-    can run (its requirements within `capacity`, as the lease statement matches them). Claimed by a
-    conditional UPDATE of its copy count, so two concurrent leases cannot both make the last copy."""
+    than IDLEGRID_KNOWN_ANSWER_MAX_COPIES times, of a job running or recently ended, that no device of this
+    owner computed and that this device can run (its requirements within `capacity`, as the lease statement
+    matches them). Claimed by a conditional UPDATE of its copy count, so two concurrent leases cannot both
+    make the last copy."""
     limit = settings.IDLEGRID_KNOWN_ANSWER_MAX_COPIES
     candidates = WorkUnit.objects.filter(
         state=WorkUnit.State.DONE, known_answer_of__isnull=True, canonical_result__accepted_alone=False,
         known_answer_copies__lt=limit, need_memory_mb__lte=capacity.memory_mb, need_gpu_mb__lte=capacity.gpu_mb,
         kind__in=capacity.kinds,
     ).exclude(results__owner_id=device.owner_id).exclude(job__state__in=(Job.State.CANCELLING, Job.State.CANCELLED))
+    # Never a unit whose results may be moving to the archive (workunits/archive.py): the copy is judged
+    # against the unit's canonical result in the hot table. Half the archive delay leaves the other half
+    # between the last lease that could pick such a unit and the first move of its job's results.
+    recent = timezone.now() - timedelta(seconds=settings.IDLEGRID_ARCHIVE_AFTER_SECONDS / 2)
+    candidates = candidates.filter(Q(job__finished_at__isnull=True) | Q(job__finished_at__gte=recent))
     for _ in range(3):  # a lost race for the last copy of one unit tries another
         bounds = candidates.aggregate(low=Min("pk"), high=Max("pk"))
         if bounds["low"] is None:

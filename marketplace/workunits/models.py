@@ -21,8 +21,10 @@ class WorkUnit(models.Model):
     results_created = models.PositiveSmallIntegerField(default=0)
     # Set by a report, cleared by validation: the validator's work queue survives a lost broker message.
     need_validate = models.BooleanField(default=False)
+    # No database constraint: a finished job's results move to ResultArchive (workunits/archive.py) and keep
+    # their ids, so this names a row of either table; archive.result_of reads it wherever it is.
     canonical_result = models.ForeignKey(
-        "workunits.Result", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        "workunits.Result", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False
     )
     error = models.TextField(blank=True)
     # The marketplace's Ed25519 signature over the unit id and payload; the agent checks it before running.
@@ -151,3 +153,49 @@ class Result(models.Model):
 
     def __str__(self) -> str:
         return f"result {self.pk} (unit {self.unit_id}, {self.state})"
+
+
+class ResultArchive(models.Model):
+    """A Result of a finished job, moved out of the hot table (workunits/archive.py says when and why).
+
+    The same columns as Result, under the same id (nothing else in the database changes: the Earning
+    that paid it and the unit whose canonical result it is still name that id), plus when it moved.
+    Written once by the archiver and never updated: no partial index of the lease, no lease columns
+    indexed, only what the history pages and the ledger check look rows up by (job, unit, device,
+    output). tests/marketplace/workunits/test_archive.py checks the columns against Result's."""
+
+    id = models.BigIntegerField(primary_key=True)
+    unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="+")
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="+", db_index=False)  # (job, state)
+    state = models.CharField(max_length=16, choices=Result.State.choices)
+    device = models.ForeignKey("workers.Device", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+                              related_name="+", db_index=False)
+    leased_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_deadline = models.DateTimeField(null=True, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+    # Indexed: artifact collection asks whether any row names an output (jobs/artifacts.py).
+    output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    signature = models.BinaryField(max_length=64, null=True, blank=True)
+    elapsed_seconds = models.FloatField(null=True, blank=True)
+    progress = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    hardware_class = models.CharField(max_length=64, blank=True)
+    accepted_alone = models.BooleanField(default=False)
+    disputes_known_answer = models.ForeignKey(WorkUnit, null=True, blank=True, on_delete=models.CASCADE,
+                                              related_name="+", db_index=False)
+    failed_known_rows = models.BooleanField(default=False)
+    need_memory_mb = models.PositiveIntegerField(default=0)
+    need_device = models.CharField(max_length=8, default="cpu")
+    need_gpu_mb = models.PositiveIntegerField(default=0)
+    kind = models.CharField(max_length=32, default="")
+    created_at = models.DateTimeField()
+    archived_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["job", "state"], name="result_archive_job_state")]
+
+    def __str__(self) -> str:
+        return f"archived result {self.pk} (unit {self.unit_id}, {self.state})"

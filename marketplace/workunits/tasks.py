@@ -3,8 +3,9 @@ contract with queued messages, beat's schedule and enqueue_on_commit: never rena
 
 from celery import shared_task
 
-from marketplace.workunits import leasing, verification
+from marketplace.workunits import archive, leasing, verification
 from marketplace.workunits import sweep as sweeping
+from marketplace.workunits.archive import ArchiveReport
 from marketplace.workunits.sweep import SweepReport
 
 
@@ -21,3 +22,8 @@ def leases_expire_task() -> int:
 @shared_task(name="workunits.sweep", acks_late=True)
 def sweep_run_task(limit: int = 500) -> SweepReport:
     return sweeping.sweep_run(limit=limit)
+
+
+@shared_task(name="workunits.archive_results", acks_late=True)
+def results_archive_task() -> ArchiveReport:
+    return archive.results_archive()
