@@ -11,7 +11,7 @@ class Migration(migrations.Migration):
         ('artifacts', '0003_stored_at'),
         ('jobs', '0004_cancel_states'),
         ('workers', '0004_capabilities'),
-        ('workunits', '0005_result_progress'),
+        ('workunits', '0006_result_archive'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
