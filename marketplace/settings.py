@@ -318,6 +318,9 @@ IDLEGRID_AUDIT_WINDOW_SECONDS = envint("IDLEGRID_AUDIT_WINDOW_SECONDS", 30 * 86_
 # agreeing quorum: devices on probation (new Sybil identities among them) cannot decide units among themselves.
 IDLEGRID_TRUSTED_CONFIRMATION = envbool("IDLEGRID_TRUSTED_CONFIRMATION", True)
 IDLEGRID_TRUSTED_POOL_MIN = envint("IDLEGRID_TRUSTED_POOL_MIN", 3, low=1)
+# Units one validation judges together (marketplace/workunits/verification_batch.py): its statements are per
+# batch, not per unit, so a burst of reports costs a few batches. bench/pipeline.py measures the rate.
+IDLEGRID_VALIDATE_BATCH = envint("IDLEGRID_VALIDATE_BATCH", 500, low=1, high=10_000)
 
 # --- the lease policy (marketplace/workunits/leasing.py, docs/design.md "Lease policy") --------------
 # Leases a device may hold at once, whatever it asks per request: a device trusted for nothing on its

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -54,6 +54,27 @@ def artifact_store(
         if device is not None:
             artifact.devices.add(device)  # it holds these bytes: it may report them (results._check_output)
     return artifact, created
+
+
+def artifacts_store_many(*, blobs: Sequence[bytes]) -> list[str]:
+    """Store many small blobs the marketplace makes itself (a split's unit inputs: held by no person or
+    device, under no quota), in one transaction of a few statements instead of one per blob. Returns their
+    sha256s in order. Like artifact_store: bytes first, then the rows, row-locked, so that a collection
+    removing one of them either comes first (its row is then made anew and its bytes written again) or
+    finds it stored again now (stored_at), and spares it."""
+    storage = get_storage()
+    saved = [storage.save([data], max_bytes=settings.IDLEGRID_MAX_ARTIFACT_BYTES) for data in blobs]
+    sizes = dict(saved)
+    with transaction.atomic():
+        existing = set(Artifact.objects.select_for_update().filter(pk__in=list(sizes)).values_list("pk", flat=True))
+        Artifact.objects.filter(pk__in=list(existing)).update(stored_at=timezone.now())
+        new = [sha for sha in sizes if sha not in existing]
+        Artifact.objects.bulk_create([Artifact(sha256=sha, size=sizes[sha]) for sha in new], ignore_conflicts=True)
+        by_sha = dict(zip((sha for sha, _ in saved), blobs))
+        for sha in new:
+            if not storage.exists(sha):  # collected between its save and its row: write the bytes again
+                storage.save([by_sha[sha]], max_bytes=settings.IDLEGRID_MAX_ARTIFACT_BYTES)
+    return [sha for sha, _ in saved]
 
 
 def _owns(user: AbstractBaseUser, sha256: str | None) -> bool:

@@ -43,10 +43,11 @@ def job_fail(*, job_id: int, reason: str) -> bool:
 
 
 def job_merge_if_done(*, job_id: int) -> None:
-    """Called when a unit is decided: if none is left pending, move the job to merging (once) and merge."""
+    """Called when a unit is decided: if none is left pending and the split has made them all, move the job
+    to merging (once) and merge."""
     if WorkUnit.objects.filter(job_id=job_id, known_answer_of__isnull=True).exclude(state=WorkUnit.State.DONE).exists():
         return
-    if Job.objects.filter(pk=job_id, state=Job.State.RUNNING).update(state=Job.State.MERGING):
+    if Job.objects.filter(pk=job_id, state=Job.State.RUNNING, splitting=False).update(state=Job.State.MERGING):
         enqueue_on_commit("jobs.merge", job_id)
 
 

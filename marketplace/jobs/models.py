@@ -25,6 +25,9 @@ class Job(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
     error = models.TextField(blank=True)
     units_total = models.PositiveIntegerField(default=0)
+    # Running, but the split is still making units (jobs/services.py, job_split, in committed chunks): the
+    # job must not merge yet, and a split that stopped midway is resumed by the sweep.
+    splitting = models.BooleanField(default=False)
     output = models.ForeignKey("artifacts.Artifact", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     # How many times a ban reopened the job so that results a cheater vouched for were re-verified
     # (its output is merged anew each time).

@@ -6,10 +6,12 @@ job's rounds in jobs/rounds.py."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from marketplace.artifacts.services import artifact_store
@@ -18,7 +20,7 @@ from marketplace.core.tasks import enqueue_on_commit
 from marketplace.core.tensors import write_single
 from marketplace.jobs.events import job_event
 from marketplace.jobs.kinds import kind_module
-from marketplace.jobs.lifecycle import job_complete
+from marketplace.jobs.lifecycle import job_complete, job_merge_if_done
 from marketplace.jobs.models import Job
 from marketplace.jobs.rounds import round_aggregate
 from marketplace.ledger.escrow import escrow_amount, job_escrow_fund, job_price_take
@@ -27,7 +29,10 @@ from marketplace.workunits.creation import units_create
 from marketplace.workunits.models import WorkUnit
 
 log = logging.getLogger(__name__)
-UNIT_BATCH = 500
+# Units per committed chunk of a split: each chunk's transaction holds the job row and its new rows for
+# a fraction of a second (bench/pipeline.py prints the longest hold).
+SPLIT_CHUNK = 2000
+MERGE_PAGE = 2000  # units read per query by a merge
 
 
 def job_submit(*, owner: AbstractBaseUser, kind: Any, spec: Any) -> Job:
@@ -44,45 +49,69 @@ def job_submit(*, owner: AbstractBaseUser, kind: Any, spec: Any) -> Job:
 
 
 def job_split(*, job_id: int) -> int:
-    """Create the job's units and their first replicas. Idempotent: a job leaves `pending` once."""
+    """Create the job's units and their first replicas, SPLIT_CHUNK units per transaction, each committed on
+    its own: no lock is held for the whole split (a 100,000-unit job is ~50 chunks of a fraction of a
+    second), and a crash midway loses only the chunk in flight. Returns the units this call made.
+
+    Made leasable progressively and consistently: a unit is visible only with its inputs, its signature and
+    its replicas (one chunk's transaction), the job is `running` from its first chunk, and `splitting` keeps
+    it from merging until the last chunk committed (lifecycle.job_merge_if_done). Resumable and safe to run
+    twice, even at once: each chunk locks the job row and starts after the last unit made (the highest
+    index); a job that stopped meanwhile (cancelled, failed) is split no further."""
     job = Job.objects.get(pk=job_id)
-    if job.state != Job.State.PENDING:
+    if not _splittable(job):
         return 0
-    kind = kind_module(job.kind)
-    with transaction.atomic():
-        if not Job.objects.select_for_update().filter(pk=job_id, state=Job.State.PENDING).exists():
-            return 0
-        WorkUnit.objects.filter(job=job).delete()  # a split that crashed half-way left nothing committed; be sure
-        count = 0
-        plans = kind.plan_units(job.spec)
-        while batch := [plan for _, plan in zip(range(UNIT_BATCH), plans)]:
-            units_create(job=job, plans=batch)
-            count += len(batch)
-        Job.objects.filter(pk=job_id, state=Job.State.PENDING).update(
-            state=Job.State.RUNNING, units_total=count, started_at=timezone.now()
-        )
-        job_event(job_id=job_id, type=catalog.JOB_STARTED)
-    log.info("job %s split into %s units", job_id, count)
-    return count
+    plans = kind_module(job.kind).plan_units(job.spec)
+    planned = made = 0  # plans drawn from the generator; units this call made
+    while True:
+        with transaction.atomic():
+            locked = Job.objects.select_for_update().filter(pk=job_id).first()
+            if locked is None or not _splittable(locked):
+                return made
+            start = _units_made(job_id)
+            if start < planned:
+                raise RuntimeError(f"job {job_id}: {planned - start} of the units this split made are gone")
+            for _ in zip(range(start - planned), plans):  # made before (a crash, a concurrent split): skipped
+                pass
+            batch = [plan for _, plan in zip(range(SPLIT_CHUNK), plans)]
+            planned = start + len(batch)
+            units_create(job=locked, plans=batch)
+            made += len(batch)
+            last = len(batch) < SPLIT_CHUNK
+            Job.objects.filter(pk=job_id).update(state=Job.State.RUNNING, units_total=planned, splitting=not last,
+                                                 started_at=locked.started_at or timezone.now())
+            if locked.state == Job.State.PENDING:
+                job_event(job_id=job_id, type=catalog.JOB_STARTED)
+            if last:
+                job_merge_if_done(job_id=job_id)  # every unit may have been decided while the split went on
+                log.info("job %s split into %s units", job_id, planned)
+                return made
+
+
+def _splittable(job: Job) -> bool:
+    return job.state == Job.State.PENDING or (job.state == Job.State.RUNNING and job.splitting)
+
+
+def _units_made(job_id: int) -> int:
+    """How many of the job's units exist: units are made in index order, so the highest index + 1."""
+    top = WorkUnit.objects.filter(job_id=job_id, known_answer_of__isnull=True).aggregate(top=Max("index"))["top"]
+    return 0 if top is None else top + 1
 
 
 def job_merge(*, job_id: int) -> Job:
-    """Concatenate the canonical outputs in unit order into one artifact, streamed. Safe to run twice:
-    the artifact is content-addressed and only one conditional UPDATE completes the job."""
+    """Concatenate the canonical outputs in unit order into one artifact, streamed: the units are read a
+    page at a time and each output's bytes go straight to the file being stored, so memory stays bounded
+    whatever the job's size (bench/pipeline.py measures the peak). Safe to run twice: the artifact is
+    content-addressed and only one conditional UPDATE completes the job."""
     job = Job.objects.get(pk=job_id)
     if job.state != Job.State.MERGING:
         return job
     kind, storage = kind_module(job.kind), get_storage()
     if getattr(kind, "ROUNDS", False):  # a round ends: aggregate it, then the next round or the end
         return round_aggregate(job_id=job_id)
-    outputs = list(
-        WorkUnit.objects.filter(job=job, known_answer_of__isnull=True)
-        .order_by("index")
-        .values_list("canonical_result__output_id", "hidden_rows")
-    )
 
-    def chunks():
-        for sha, hidden in outputs:
+    def chunks() -> Iterator[bytes]:
+        for sha, hidden in _canonical_outputs(job_id):
             with storage.local_path(sha) as path:
                 yield from kind.output_rows_bytes(path, hidden_rows=hidden)
 
@@ -96,3 +125,16 @@ def job_merge(*, job_id: int) -> Job:
     log.info("job %s completed: output %s", job_id, artifact.sha256)
     job.refresh_from_db()
     return job
+
+
+def _canonical_outputs(job_id: int) -> Iterator[tuple[str, list[list[int]]]]:
+    """(canonical output, hidden rows) of the job's units in index order, MERGE_PAGE units per query (by
+    index, not a server-side cursor: those do not survive a transaction-pooling PgBouncer)."""
+    after = -1
+    while page := list(
+        WorkUnit.objects.filter(job_id=job_id, known_answer_of__isnull=True, index__gt=after)
+        .order_by("index").values_list("index", "canonical_result__output_id", "hidden_rows")[:MERGE_PAGE]
+    ):
+        for _, sha, hidden in page:
+            yield sha, hidden
+        after = page[-1][0]

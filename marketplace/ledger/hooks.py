@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import transaction
 
-from marketplace.ledger.earnings import device_forfeit, result_credit, results_withdrawn_reverse
+from marketplace.ledger.earnings import device_forfeit, results_credit, results_withdrawn_reverse
 from marketplace.ledger.escrow import job_escrow_release
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,9 @@ def _after_commit(work: Callable[..., Any], **kwargs: Any) -> None:
 
 
 def results_valid(result_ids: list[int]) -> None:
-    for result_id in result_ids:
-        _after_commit(result_credit, result_id=result_id)
+    """Credit results just judged valid: one batch of credits for all of them (earnings.results_credit)."""
+    if result_ids:
+        _after_commit(results_credit, result_ids=list(result_ids))
 
 
 def results_withdrawn(result_ids: list[int]) -> None:

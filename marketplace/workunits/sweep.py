@@ -17,8 +17,7 @@ from django.utils import timezone
 from marketplace.core.tasks import enqueue
 from marketplace.jobs.lifecycle import job_merge_if_done
 from marketplace.jobs.models import Job
-from marketplace.workunits.models import WorkUnit
-from marketplace.workunits.verification import unit_validate
+from marketplace.workunits.verification_batch import FAILED, units_validate_waiting
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,10 @@ def sweep_run(*, limit: int = 500) -> SweepReport:
     merges and the end of cancellations. Returns what it did, with the failures named."""
     failures: list[str] = []
     stale = timezone.now() - timedelta(seconds=5)
-    units = list(WorkUnit.objects.filter(need_validate=True).order_by("pk").values_list("pk", flat=True)[:limit])
-    validated = _each("unit", units, lambda pk: unit_validate(unit_id=pk), failures)
+    # In batches; a unit whose validation raises is left waiting for the next sweep, the others are judged.
+    verdicts = units_validate_waiting(limit=limit)
+    failures += [f"unit {pk}" for pk, verdict in verdicts.items() if verdict == FAILED]
+    validated = sum(verdict != FAILED for verdict in verdicts.values())
     pending = list(Job.objects.filter(state=Job.State.PENDING, created_at__lt=stale).values_list("pk", flat=True))
     split = _each("split of job", pending, lambda pk: enqueue("jobs.split", pk), failures)
     running = Job.objects.filter(state=Job.State.RUNNING).values_list("pk", flat=True)

@@ -1,17 +1,34 @@
 """Celery tasks of work units: thin, take ids, call one service each. The registered names are the
 contract with queued messages, beat's schedule and enqueue_on_commit: never rename them."""
 
-from celery import shared_task
+from celery import Task, shared_task
+from django.conf import settings
 
-from marketplace.workunits import archive, leasing, verification
+from marketplace.workunits import archive, leasing, verification_batch
 from marketplace.workunits import sweep as sweeping
 from marketplace.workunits.archive import ArchiveReport
 from marketplace.workunits.sweep import SweepReport
 
+# A unit locked by a concurrent report or validation is retried this often, a second apart; past that it
+# keeps its need_validate flag for the sweep.
+VALIDATE_RETRIES = 5
 
-@shared_task(name="workunits.validate", acks_late=True)
-def unit_validate_task(unit_id: int) -> str:
-    return verification.unit_validate(unit_id=unit_id)
+
+@shared_task(name="workunits.validate", acks_late=True, bind=True, max_retries=VALIDATE_RETRIES)
+def unit_validate_task(self: Task, unit_id: int) -> str:
+    """Validate the unit, and with it up to IDLEGRID_VALIDATE_BATCH - 1 other units waiting: a burst of
+    reports, one message each, is judged in a few batches, and the messages of units a batch already
+    judged find nothing left to do (verification_batch.unit_validate_waiting)."""
+    verdict = verification_batch.unit_validate_waiting(unit_id=unit_id, claim=settings.IDLEGRID_VALIDATE_BATCH - 1)
+    if verdict == verification_batch.SKIPPED and not self.request.called_directly:
+        raise self.retry(countdown=1)
+    return verdict
+
+
+@shared_task(name="workunits.validate_waiting", acks_late=True)
+def units_validate_waiting_task(limit: int = 5000) -> int:
+    """Validate up to `limit` units waiting with need_validate, in batches; returns how many were judged."""
+    return len(verification_batch.units_validate_waiting(limit=limit))
 
 
 @shared_task(name="workunits.expire_leases", acks_late=True)
