@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from marketplace.artifacts.services import artifact_store
 from marketplace.core.signing import keyring
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.notify import work_available
 from marketplace.workunits.requirements import replica_needs, unit_requirements
 from worker_agent.protocol import unit_message
 
@@ -54,6 +55,7 @@ def units_create(*, job: Job, plans: Sequence[UnitPlan]) -> list[WorkUnit]:
     Result.objects.bulk_create(
         [Result(unit_id=unit.pk, job_id=job.pk, **replica_needs(unit)) for unit in units for _ in range(first)]
     )
+    work_available()  # long-polling agents hear of it at commit (workunits/notify.py)
     return units
 
 
