@@ -11,6 +11,7 @@ itself; the heartbeat goes on meanwhile, so a paused unit keeps its lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from worker_agent.policy.config import Policy
 from worker_agent.policy.governor import MANUAL as MANUAL_REASON
 from worker_agent.policy.governor import Governor, Samplers
 from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
-from worker_agent.shutdown import Shutdown
+from worker_agent.shutdown import Shutdown, WaitInterrupted
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
 from worker_agent.wire import (
@@ -399,8 +400,11 @@ class Agent:
         facts = self.facts.due(self.child, should_abort=lambda: "shutdown" if self.shutdown.warm.is_set() else None)
         try:
             try:
-                answer = self.client.lease(self._wanted(), hardware=facts, capabilities=self._capabilities(),
-                                           wait_seconds=wait)
+                with self.shutdown.interruptible() if wait else contextlib.nullcontext():
+                    answer = self.client.lease(self._wanted(), hardware=facts, capabilities=self._capabilities(),
+                                               wait_seconds=wait)
+            except WaitInterrupted:
+                return [], 0.0  # stopping: the loop ends on the warm flag
             except ApiError as exc:
                 if not (wait and exc.status == 400 and "wait_seconds" in exc.fields):
                     raise
