@@ -1,4 +1,4 @@
-"""Run the marketplace as production does, one process per part, on loopback: gunicorn, a Celery
+"""Run the marketplace as production does, one process per part, on loopback: gunicorn (uvicorn workers), a Celery
 worker, Celery beat, and any number of agents. Used by the demo, the end-to-end tests and the benches
 (bench/dispatch.py, bench/sabotage.py): the one process harness of the project.
 Every process starts in its own session and is stopped by its process group, always."""
@@ -187,8 +187,10 @@ class Cluster:
         py = sys.executable
         self.start(
             "web",
-            [py, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", str(self.web_workers), "--timeout", "120", "--graceful-timeout", "5"],
+            # As production serves it: the ASGI app under uvicorn workers, so idle agents long-poll.
+            [py, "-m", "gunicorn", "marketplace.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker",
+             "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.web_workers), "--timeout", "120",
+             "--graceful-timeout", "5"],
         )
         self.start(
             "celery-worker",

@@ -130,7 +130,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "marketplace.core.staticfiles.StaticFilesMiddleware",  # whitenoise, async-capable (marketplace/asgi.py)
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -143,6 +143,7 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "marketplace.urls"
 WSGI_APPLICATION = "marketplace.wsgi.application"
+ASGI_APPLICATION = "marketplace.asgi.application"  # the production server: gunicorn with uvicorn workers
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
@@ -190,6 +191,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     if str(_sqlite_file) not in ("", ":memory:") and not str(_sqlite_file).startswith("file:") and _sqlite_file.parent.is_dir():
         # Made 0600 here, before Django's first connection would create it with the umask's mode (0644).
         private_file(_sqlite_file)
+
+# Under ASGI (marketplace/asgi.py turns this on) Django runs each request's sync code in a thread made for that
+# request, so a persistent connection would be opened per request and left behind with its thread (Django's
+# docs: no persistent connections under ASGI). A pool per process instead: a connection is taken per use and
+# given back at the request's end. Measured with bench/asgi_cost.py (docs/protocol.md, "Long poll").
+IDLEGRID_DB_POOL = envbool("IDLEGRID_DB_POOL", False)
+if IDLEGRID_DB_POOL and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1, "max_size": envint("IDLEGRID_DB_POOL_MAX", 8, low=1, high=1000), "timeout": 10}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

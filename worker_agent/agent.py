@@ -11,6 +11,7 @@ itself; the heartbeat goes on meanwhile, so a paused unit keeps its lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from worker_agent.policy.config import Policy
 from worker_agent.policy.governor import MANUAL as MANUAL_REASON
 from worker_agent.policy.governor import Governor, Samplers
 from worker_agent.runner import ChildAborted, ChildOutcome, ComputeChild
-from worker_agent.shutdown import Shutdown
+from worker_agent.shutdown import Shutdown, WaitInterrupted
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
 from worker_agent.wire import (
@@ -58,6 +59,9 @@ OUTPUT_FILE = "output.safetensors"
 # The policy of an Agent given none: compute whenever there is work (the owner's pause still works).
 UNCONDITIONAL = Policy(idle_minutes=0, idle_source="none", other_cpu_percent=100, run_on_battery=True,
                        battery_min_percent=0, memory_busy_percent=100, memory_idle_percent=100)
+# After a long poll the server held to its end (retry_after 0): ask again after this, jittered, not at once, so a
+# server that answers every wait at once by mistake cannot make the agent spin.
+AFTER_WAIT_SECONDS = 0.25
 ALLOWED_POLL_SECONDS = 0.5  # how soon a waiting loop notices a warm shutdown (a verdict change wakes it at once)
 LEASE_FILE = "lease.json"  # in a unit's work dir: the lease as received, so a restarted agent can resume it
 CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the child (worker_agent/kinds/_checkpoint.py)
@@ -78,6 +82,9 @@ class RunOptions:
     max_units: int | None = None
     batch: int = 4
     poll_seconds: float = 5.0
+    # The long poll: when idle (the last lease brought nothing), ask the server to hold the next lease request
+    # up to this long and answer as soon as work comes (docs/protocol.md, "Long poll"); 0: poll as before.
+    wait_seconds: int = protocol.MAX_LEASE_WAIT_SECONDS
     fault: str | None = None
     cache_max_bytes: int = 2 << 30
     threads: int = 1  # torch threads per unit (the policy's `cores`); also the cores reported to the marketplace
@@ -217,6 +224,8 @@ class Agent:
         self.child.on_unit_start = self.governor.wake
         self._pause_reason = ""
         self.facts = hardware.FactsReporter()  # sent with a lease request when they change
+        self._idle_now = False  # the last lease brought nothing: the next one long-polls
+        self._long_poll_refused = False  # the server answered wait_seconds with a 400: never sent again
         self.leftovers: list[Lease] = []  # leases of an earlier run with work dirs (lease.json) left behind
         self._parking: _Parking | None = None
         self._computing: int | None = None  # the result id whose unit is in the child now
@@ -338,14 +347,36 @@ class Agent:
                 return
             if not self._wait_until_allowed():
                 return
-            leases, retry_after = self._lease()
+            wait = self._wait_seconds()
+            leases, retry_after = self._lease(wait)
+            self._idle_now = not leases
+            if leases and wait and self.shutdown.warm.is_set():
+                # Work came while the agent waited for it, after it was told to stop: none of it was started,
+                # so all of it goes back (run() hands back what is queued).
+                self.book.hold(lease.result_id for lease in leases)
+                self.queue.extend(leases)
+                return
+            if leases and wait and self.governor is not None and not self.governor.verdict().allowed:
+                # ... or after the policy (the owner's pause, the keyboard) said no: back at once, for others.
+                self.book.hold(lease.result_id for lease in leases)
+                self._give_back([lease.result_id for lease in leases], quick=False)
+                continue
             if leases:
                 self._work_through(leases)
             elif self.options.burst:
                 log.info("no work available; exiting (--burst)")
                 return
+            elif wait and retry_after == 0:
+                self._idle(AFTER_WAIT_SECONDS)  # the server held the request: its wait was the pause
             else:
                 self._idle(max(self.options.poll_seconds, retry_after))
+
+    def _wait_seconds(self) -> int:
+        """What the next lease request asks the server to wait: the long poll once idle, never with --burst
+        (which stops at the first empty answer), nor once the server refused the field."""
+        if self.options.burst or not self._idle_now or self._long_poll_refused:
+            return 0
+        return min(self.options.wait_seconds, protocol.MAX_LEASE_WAIT_SECONDS)
 
     def _wait_until_allowed(self) -> bool:
         """Block while the policy says no (waking within half a second of a change or a shutdown);
@@ -365,10 +396,23 @@ class Agent:
         pid = self.child.pid
         return [pid] if pid is not None else []
 
-    def _lease(self) -> tuple[list[Lease], float]:
+    def _lease(self, wait: int = 0) -> tuple[list[Lease], float]:
         facts = self.facts.due(self.child, should_abort=lambda: "shutdown" if self.shutdown.warm.is_set() else None)
         try:
-            answer = self.client.lease(self._wanted(), hardware=facts, capabilities=self._capabilities())
+            try:
+                with self.shutdown.interruptible() if wait else contextlib.nullcontext():
+                    answer = self.client.lease(self._wanted(), hardware=facts, capabilities=self._capabilities(),
+                                               wait_seconds=wait)
+            except WaitInterrupted:
+                return [], 0.0  # stopping: the loop ends on the warm flag
+            except ApiError as exc:
+                if not (wait and exc.status == 400 and "wait_seconds" in exc.fields):
+                    raise
+                # A server that reads its requests strictly and predates the long poll: poll as before.
+                log.warning("the server refuses wait_seconds (%s); polling every %.0fs instead", exc.message,
+                            self.options.poll_seconds)
+                self._long_poll_refused = True
+                answer = self.client.lease(self._wanted(), hardware=facts, capabilities=self._capabilities())
         except ServerUnavailable as exc:
             if self.options.burst:
                 raise

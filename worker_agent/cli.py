@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--max-units", type=_positive_int, help="stop after N units were finished (reported or failed)")
     run_cmd.add_argument("--batch", type=_batch, default=4, help=f"units leased per request, 1-{protocol.MAX_LEASE_BATCH} (default 4)")
     run_cmd.add_argument("--poll", type=_positive_float, default=5.0, help="seconds between polls when idle; a longer server retry_after wins (default 5)")
+    run_cmd.add_argument("--wait", type=_wait, default=protocol.MAX_LEASE_WAIT_SECONDS,
+                         help=f"when idle, seconds the server may hold a lease request until work comes (the long poll), "
+                              f"0-{protocol.MAX_LEASE_WAIT_SECONDS}; 0 polls every --poll seconds (default "
+                              f"{protocol.MAX_LEASE_WAIT_SECONDS})")
     run_cmd.add_argument("--faulty", choices=FAULT_MODES, help="SABOTAGE MODE for demos/tests only: report deliberately wrong results (see below)")
     run_cmd.add_argument("--max-retries", type=_non_negative_int, default=7, help="retries of a failed request before giving up (default 7)")
     run_cmd.add_argument("--backoff-cap", type=_positive_float, default=30.0, help="longest wait between retries, seconds (default 30)")
@@ -224,6 +228,7 @@ def cmd_run(args: argparse.Namespace, state: StateDir) -> int:
         max_units=args.max_units,
         batch=args.batch,
         poll_seconds=args.poll,
+        wait_seconds=args.wait,
         fault=args.faulty,
         cache_max_bytes=policy.cache_mb << 20,
         threads=policy.cores,
@@ -395,6 +400,16 @@ def _batch(text: str) -> int:
     value = _positive_int(text)
     if value > protocol.MAX_LEASE_BATCH:
         raise argparse.ArgumentTypeError(f"must be at most {protocol.MAX_LEASE_BATCH}, got {value}")
+    return value
+
+
+def _wait(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, got {text!r}") from None
+    if not 0 <= value <= protocol.MAX_LEASE_WAIT_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {protocol.MAX_LEASE_WAIT_SECONDS}, got {value}")
     return value
 
 

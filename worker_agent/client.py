@@ -114,6 +114,7 @@ class AgentClient:
             transport=transport,
         )
         self._retry = retry
+        self._timeout = timeout
         self._sleep = sleep
         self._rng = rng or random.Random()
 
@@ -141,11 +142,17 @@ class AgentClient:
                                   retry)
 
     def lease(self, max_units: int, *, hardware: dict[str, Any] | None = None,
-              capabilities: wire.Capabilities | None = None) -> dict[str, Any]:
+              capabilities: wire.Capabilities | None = None, wait_seconds: int = 0) -> dict[str, Any]:
         # `hardware`: the device's facts, sent when they changed since last sent (None leaves them out).
         # `capabilities`: what the device can run now, sent with every request (hardware.capabilities).
-        body = wire.LeaseRequest(max_units=max_units, hardware=hardware, capabilities=capabilities).to_wire()
-        return self.post_json("/api/v1/agent/lease", body)
+        # `wait_seconds`: the long poll (docs/protocol.md, "Long poll"): the server may hold the request that
+        # long, so the read timeout is the wait plus the usual one; 0 sends nothing (any server reads that).
+        body = wire.LeaseRequest(max_units=max_units, hardware=hardware, capabilities=capabilities,
+                                 wait_seconds=wait_seconds or None).to_wire()
+        timeout = None
+        if wait_seconds:
+            timeout = httpx.Timeout(self._timeout + wait_seconds, connect=min(self._timeout, 10.0))
+        return self.post_json("/api/v1/agent/lease", body, timeout=timeout)
 
     def heartbeat(self, result_ids: list[int], *, progress: dict[int, float] | None = None,
                   retry: RetryPolicy | None = None) -> dict[str, Any]:
@@ -188,7 +195,8 @@ class AgentClient:
     # --- plumbing ---------------------------------------------------------------------------
 
     def post_json(
-        self, path: str, body: dict[str, Any], *, retry: RetryPolicy | None = None, timeout: float | None = None
+        self, path: str, body: dict[str, Any], *, retry: RetryPolicy | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> dict[str, Any]:
         return self._with_retries(
             f"POST {path}", lambda: self._json_once("POST", path, json=body, timeout=timeout), retry
@@ -209,7 +217,8 @@ class AgentClient:
                 self._sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _json_once(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    def _json_once(self, method: str, path: str, *, timeout: float | httpx.Timeout | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             response = self._http.send(self._http.build_request(method, path, **kwargs, **extra), stream=True)

@@ -13,6 +13,9 @@ from typing import Any
 PROTOCOL_VERSION = 1
 TASK_KINDS = ("inference", "fedavg")
 MAX_LEASE_BATCH = 64
+# The longest a lease request may ask the server to wait for work (docs/protocol.md, "Long poll"): under the
+# 30-60 s idle timeouts of common proxies and load balancers, so a waiting request is never cut in between.
+MAX_LEASE_WAIT_SECONDS = 25
 DEVICE_AUTH_SCHEME = "Device"
 
 

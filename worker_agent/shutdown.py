@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -23,11 +25,30 @@ class ColdShutdown(BaseException):
     so no `except Exception` on the way up can swallow it."""
 
 
+class WaitInterrupted(Exception):
+    """The first signal cut short a wait in the main thread that had nothing started (a long-polling lease
+    request: docs/protocol.md, "Long poll"); the warm shutdown goes on from there."""
+
+
 class Shutdown:
     def __init__(self) -> None:
         self.warm = threading.Event()
         self.cold = False
         self._previous: dict[int, Any] = {}
+        self._interruptible = False
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside, the first signal also raises WaitInterrupted in the main thread, wherever it waits: a long poll
+        may hold the agent 25 s, longer than a service manager's stop timeout (docker stop: 10 s). Only for a
+        wait that nothing was leased to yet: the server hands back what it leases to a request that went away."""
+        if self.warm.is_set():
+            raise WaitInterrupted("already stopping")
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def __enter__(self) -> Shutdown:
         for signum in SIGNALS:
@@ -54,6 +75,9 @@ class Shutdown:
         name = signal.Signals(signum).name
         if not self.warm.is_set():
             self.request_warm(name)
+            if self._interruptible:
+                self._interruptible = False
+                raise WaitInterrupted(name)
             return
         if self.cold:
             return  # already unwinding; a third signal must not interrupt the give-back

@@ -507,11 +507,16 @@ class LeaseRequest(Record):
     hardware: dict[str, Any] | None = field(default=None, metadata=OMIT_IF_NONE)  # sent when the facts changed
     # Sent with every request (free memory changes); absent from old agents, matched conservatively.
     capabilities: Capabilities | None = field(default=None, metadata=OMIT_IF_NONE)
+    # Seconds the server may hold the request while nothing can be leased, answering as soon as work comes
+    # (docs/protocol.md, "Long poll"); absent (None): answer at once, as before, and as old servers always do.
+    wait_seconds: int | None = field(default=None, metadata=OMIT_IF_NONE)
 
     def __post_init__(self) -> None:
         # The cap (protocol.MAX_LEASE_BATCH) is the server's to enforce, with its 400; the agent asks
         # within it (Agent._wanted). The record refuses only what no server could read as a count.
         _int(self.max_units, "max_units", 1, MAX_ID)
+        if self.wait_seconds is not None:
+            _int(self.wait_seconds, "wait_seconds", 0, protocol.MAX_LEASE_WAIT_SECONDS)
         if self.hardware is not None:
             _json_object(self.hardware, "hardware", max_keys=MAX_CONFIG_KEYS)
         if self.capabilities is not None:

@@ -17,6 +17,7 @@ from marketplace.artifacts.services import artifacts_store_many
 from marketplace.core.bulk import rows_insert
 from marketplace.core.signing import keyring
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.notify import work_available
 from marketplace.workunits.requirements import NEEDS, unit_requirements
 from worker_agent.protocol import unit_message
 
@@ -58,6 +59,7 @@ def units_create(*, job: Job, plans: Sequence[UnitPlan]) -> list[int]:
                                           for pk, shas in zip(ids, inputs) for sha in shas])
     rows_insert(Result, [{"unit_id": pk, "job_id": job.pk, **{name: row[name] for name in NEEDS}}
                          for pk, row in zip(ids, rows) for _ in range(first)])
+    work_available()  # long-polling agents hear of it at commit (workunits/notify.py)
     return ids
 
 

@@ -25,6 +25,7 @@ from marketplace.jobs.models import Job
 from marketplace.workers.models import Device
 from marketplace.workers.trust import replication_choose
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.notify import work_available
 from marketplace.workunits.requirements import NEEDS, replica_needs
 
 IN_FLIGHT = (Result.State.UNSENT, Result.State.IN_PROGRESS, Result.State.REPORTED)
@@ -47,6 +48,7 @@ def replica_issue(*, unit_id: int, reason: str) -> bool:
     if counted:
         unit = WorkUnit.objects.values("job_id", *NEEDS).get(pk=unit_id)
         Result.objects.create(unit_id=unit_id, job_id=unit["job_id"], **replica_needs(unit))
+        work_available()
         return True
     _nothing_more(unit_id, f"{reason}, and the unit reached its cap of results without a quorum")
     return False
@@ -68,6 +70,7 @@ def replica_replace(*, unit_id: int, reason: str, gave_up_owner: int | None = No
     if not Job.objects.filter(pk=unit.job_id, state=Job.State.RUNNING).exists():
         return False
     Result.objects.create(unit_id=unit_id, job_id=unit.job_id, **replica_needs(unit))
+    work_available()  # long-polling agents hear of it at commit (workunits/notify.py)
     return True
 
 
@@ -117,7 +120,9 @@ def replication_decide(*, device: Device, unit_ids: list[int]) -> None:
         )
         if decided:
             extra += [Result(unit_id=unit_id, job_id=job_id, **replica_needs(unit)) for _ in range(more)]
-    Result.objects.bulk_create(extra)
+    if extra:
+        Result.objects.bulk_create(extra)
+        work_available()  # the unit's other replicas: for other owners' agents, who may be waiting
 
 
 def unit_error(*, unit_id: int, reason: str) -> None:

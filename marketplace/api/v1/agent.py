@@ -26,7 +26,7 @@ from marketplace.workers.services import device_enroll, device_hardware_update
 from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew, workunit_lease
 from marketplace.workunits.results import result_fail, result_release, result_report
 from worker_agent import wire
-from worker_agent.protocol import MAX_LEASE_BATCH
+from worker_agent.protocol import MAX_LEASE_BATCH, MAX_LEASE_WAIT_SECONDS
 
 
 class AgentApi(APIView):
@@ -161,7 +161,20 @@ class CapabilitiesIn(serializers.Serializer):
             raise serializers.ValidationError({exc.path or "non_field_errors": [exc.problem]}) from None
 
 
+class JsonIntegerField(serializers.IntegerField):
+    """An integer as JSON says one: no "5" for 5, no true for 1, no 2.0 (the wire records' reading, _int)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class LeaseApi(AgentApi):
+    """Served as it is under WSGI, where `wait_seconds` is read and not waited for (a sync worker held for
+    the wait would be a worker per idle agent); under ASGI (marketplace/asgi.py) its long-polling twin,
+    marketplace/api/longpoll.py, serves this route with the same checks and answers."""
+
     throttle_scope = "lease"  # per device (marketplace/api/throttling.py)
 
     class LeaseIn(serializers.Serializer):
@@ -174,21 +187,37 @@ class LeaseApi(AgentApi):
         # is matched conservatively (docs/protocol.md, "Capabilities").
         capabilities = CapabilitiesIn(required=False, help_text="what the device can run now: only units "
                                                                 "that fit are leased")
+        wait_seconds = JsonIntegerField(
+            min_value=0, max_value=MAX_LEASE_WAIT_SECONDS, default=0,
+            help_text="when nothing can be leased now, hold the request up to this long and answer as soon as "
+                      "work comes (docs/protocol.md, 'Long poll'); 0: answer at once. A server may wait less.")
 
     @extend_schema(operation_id="agent_lease", request=LeaseIn, responses=LEASES_OUT,
                    description="Lease up to max_units signed units the device can run (none: come back after "
-                               "retry_after).")
+                               "retry_after). With wait_seconds, an empty answer may come only after that wait.")
     def post(self, request):
+        data = self.lease_request(request)
+        return Response(lease_batch(device=request.auth, leases=lease_attempt(device=request.auth, data=data)))
+
+    def lease_request(self, request) -> dict[str, Any]:
+        """The request's validated members; stores the hardware facts it carries (before anything is leased)."""
         body = self.LeaseIn(data=request.data)
         body.is_valid(raise_exception=True)  # a bad capabilities object is a 400 before anything is written
         if "hardware" in body.validated_data:
             device_hardware_update(device=request.auth, hardware=body.validated_data["hardware"])
-        leases = workunit_lease(device=request.auth, max_units=body.validated_data["max_units"],
-                                capabilities=body.validated_data.get("capabilities"))
-        # Nothing leased: come back later; after a give-up, not before the cool-down ends.
-        wait = max(settings.IDLEGRID_LEASE_RETRY_AFTER, math.ceil(cooldown_remaining(device=request.auth)))
-        batch = wire.LeaseBatch(leases=tuple(_lease_wire(lease) for lease in leases), retry_after=0 if leases else wait)
-        return Response(batch.to_wire())
+        return body.validated_data
+
+
+def lease_attempt(*, device, data: dict[str, Any]) -> list[Lease]:
+    return workunit_lease(device=device, max_units=data["max_units"], capabilities=data.get("capabilities"))
+
+
+def lease_batch(*, device, leases: list[Lease], waited: bool = False) -> dict[str, Any]:
+    """The answer. Nothing leased: come back later; after a give-up, not before the cool-down ends; after a
+    wait that ran out (`waited`), at once, since the wait was the pause (the next request waits again)."""
+    cooldown = math.ceil(cooldown_remaining(device=device)) if not leases else 0
+    wait = cooldown if waited else max(settings.IDLEGRID_LEASE_RETRY_AFTER, cooldown)
+    return wire.LeaseBatch(leases=tuple(_lease_wire(lease) for lease in leases), retry_after=0 if leases else wait).to_wire()
 
 
 class HeartbeatApi(AgentApi):

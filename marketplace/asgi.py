@@ -1,0 +1,20 @@
+"""The marketplace as an ASGI application: what production and the demo serve, with gunicorn's
+uvicorn workers (`gunicorn marketplace.asgi:application -k uvicorn_worker.UvicornWorker`).
+
+Django's own ASGI handler, except for the lease route, which long-polls (marketplace/api/longpoll.py).
+The sync views run as Django runs them under ASGI, in threads; their database connections come from a
+per-process pool (IDLEGRID_DB_POOL, marketplace/settings.py). marketplace/wsgi.py still serves everything
+but the long poll, for a WSGI server.
+"""
+
+import os
+
+import django
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+os.environ.setdefault("IDLEGRID_DB_POOL", "true")
+django.setup(set_prefix=False)
+
+from marketplace.api.longpoll import LongPollASGIHandler  # noqa: E402 - needs the apps loaded
+
+application = LongPollASGIHandler()
