@@ -1,4 +1,4 @@
-"""Lease + report throughput through the real HTTP stack: gunicorn (sync workers) + Django + PostgreSQL + Redis,
+"""Lease + report throughput through the real HTTP stack: gunicorn (uvicorn workers, as production) + Django + PostgreSQL + Redis,
 beside the same database's bare-SQL limit (bench/sql_limit.py), measured in the same run.
 
     .venv/bin/python bench/dispatch.py                      # 64 agents, single then batched (50), 30 s / 20k units each
@@ -45,6 +45,9 @@ DEFAULT_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 TARGETS = {"single": 800, "batched": 5000}  # units/s wanted on the 2-core machine (issue 14; see README)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# asgi: as production and the demo serve it (the lease's long poll needs an event loop); wsgi: sync workers.
+SERVERS = {"asgi": ["marketplace.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker"],
+           "wsgi": ["marketplace.wsgi:application", "--worker-class", "sync"]}
 PG_COUNTERS = ("sessions", "xact_commit", "xact_rollback", "tup_returned", "tup_fetched", "tup_inserted", "tup_updated", "blks_read", "blks_hit")
 
 
@@ -70,13 +73,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--units", type=int, default=20_000, help="replicas to lease and report per scenario, at most (default 20000)")
     parser.add_argument("--seconds", type=float, default=30.0, help="time bound per scenario (default 30)")
     parser.add_argument("--batch", type=int, default=50, help="max_units per lease in the batched scenario (default 50)")
-    parser.add_argument("--workers", type=int, default=3, help="gunicorn sync workers (default 3, for 2 cores)")
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn workers per node (default 3, for 2 cores)")
     parser.add_argument("--load", choices=agents.LOADS, default="processes", help="agents as threads of one process or one process each (default processes: see README)")
     parser.add_argument("--client", choices=agents.CLIENTS, default="stdlib", help="the agents' HTTP client: the cheap stdlib http.client (default: the load generator shares the 2 cores), or httpx, as the real agent")
     parser.add_argument("--scenarios", default="single,batched", help="comma-separated: single, batched (default both)")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER, help="PostgreSQL server to create the bench database on (default DATABASE_URL, else %(default)s)")
     parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="Redis database dedicated to the bench; its celery queue is purged at the end (default %(default)s)")
     parser.add_argument("--celery", action="store_true", help="also run one Celery worker (validation) during the scenarios")
+    parser.add_argument("--server", choices=tuple(SERVERS), default="asgi",
+                        help="asgi: gunicorn with uvicorn workers, as production (default); wsgi: sync workers")
     parser.add_argument("--nodes", type=int, default=1, help="web nodes (gunicorn servers, --workers each) on the one "
                                                              "database and Redis; agents spread over them (default 1)")
     parser.add_argument("--storage", choices=("filesystem", "s3"), default=None,
@@ -163,14 +168,13 @@ def fixtures(env: dict[str, str], work: Path, command: str, *argv: str) -> dict[
 
 
 @contextmanager
-def gunicorn(env: dict[str, str], workers: int, work: Path) -> Iterator[tuple[Process, str]]:
+def gunicorn(env: dict[str, str], workers: int, work: Path, server: str = "asgi") -> Iterator[tuple[Process, str]]:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     server = Process.spawn(
         "gunicorn",
-        [sys.executable, "-m", "gunicorn", "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}",
-         "--workers", str(workers), "--worker-class", "sync", "--log-level", "warning", "--timeout", "60",
-         "--graceful-timeout", "10"],
+        [sys.executable, "-m", "gunicorn", *SERVERS[server], "--bind", f"127.0.0.1:{port}",
+         "--workers", str(workers), "--log-level", "warning", "--timeout", "60", "--graceful-timeout", "10"],
         env=env, log_dir=work / "var" / "logs",
     )
     try:
@@ -320,7 +324,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, ctx: dict[str, An
                        "--replicas", str(args.units + 2 * args.agents * scenario.batch))
     log(f"{scenario.name}: job {created['job_id']}, {created['replicas']} unsent replicas")
     with ExitStack() as stack:
-        nodes = [stack.enter_context(gunicorn(env, args.workers, work)) for _ in range(args.nodes)]
+        nodes = [stack.enter_context(gunicorn(env, args.workers, work, args.server)) for _ in range(args.nodes)]
         groups: dict[str, list[int]] = {"gunicorn": [server.popen.pid for server, _ in nodes]}  # process groups
         if ctx["celery"] is not None:
             groups["celery"] = [ctx["celery"].popen.pid]
@@ -434,7 +438,7 @@ def render(figures: dict[str, Any]) -> str:
         for name, s in scenarios.items()
     ]
     title = (f"dispatch: {figures['agents']} agents ({figures['load']}, {figures['client']}), "
-             f"{figures['nodes']} node(s) of gunicorn {figures['workers']} sync workers, {figures['storage']} storage, "
+             f"{figures['nodes']} node(s) of gunicorn {figures['workers']} {figures['server']} workers, {figures['storage']} storage, "
              f"PostgreSQL + Redis, bound {figures['units']} units or {figures['seconds']:.0f} s per scenario")
     parts = [title, "", table(rows), "", table(cost)]
     if figures.get("queries", {}).get("error"):
@@ -460,7 +464,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     maintenance, database_url = database_urls(args.database_url, name)
     figures: dict[str, Any] = {
         "bench": "dispatch", "agents": args.agents, "load": args.load, "client": args.client, "workers": args.workers,
-        "nodes": args.nodes, "storage": args.storage,
+        "nodes": args.nodes, "storage": args.storage, "server": args.server,
         "units": args.units, "seconds": args.seconds, "cores": os.cpu_count(),
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3], "scenarios": {},
     }
