@@ -126,7 +126,13 @@ def _cycles(url: str, setup: dict[str, Any], args: argparse.Namespace) -> tuple[
                                plan_args={"base_url": url, "batch": 1, "output_sha256": setup["output_sha256"],
                                           "client": "stdlib"})
     units = sum(run.reported for run in result.runs)
-    return units, sum(sum(run.errors.values()) for run in result.runs), result.wall_s
+    errors: dict[str, int] = {}
+    for run in result.runs:
+        for key, count in run.errors.items():
+            errors[key] = errors.get(key, 0) + count
+    if errors:
+        print(f"[asgi_cost] lease_report errors: {errors}", file=sys.stderr, flush=True)
+    return units, sum(errors.values()), result.wall_s
 
 
 def render(figures: dict[str, Any]) -> str:

@@ -16,5 +16,11 @@ os.environ.setdefault("IDLEGRID_DB_POOL", "true")
 django.setup(set_prefix=False)
 
 from marketplace.api.longpoll import LongPollASGIHandler  # noqa: E402 - needs the apps loaded
+from marketplace.celery import app as celery_app  # noqa: E402
+
+# The apps' tasks modules, imported now, before requests run in threads: imported lazily by the first
+# request that enqueues (marketplace/core/tasks.py), two threads at once made one of them miss the task
+# (`NotRegistered: 'workunits.validate'`, a 500 on a report: seen with bench/asgi_cost.py).
+celery_app.loader.import_default_modules()
 
 application = LongPollASGIHandler()

@@ -23,7 +23,6 @@ import math
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.cache import cache
 from django.core.signals import setting_changed
@@ -64,34 +63,18 @@ def _stash(request, state: RateState) -> None:
 
 
 class RateLimitHeadersMiddleware:
-    """Adds the RateLimit-* fields to the answer of a request a ScopedThrottle counted (or refused). Sync or
-    async, as the chain around it is: a sync-only middleware under ASGI would cost every request a thread
-    for its whole life (marketplace/api/longpoll.py)."""
-
-    sync_capable = True
-    async_capable = True
+    """Adds the RateLimit-* fields to the answer of a request a ScopedThrottle counted (or refused)."""
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
 
     def __call__(self, request):
-        if self.async_mode:
-            return self._acall(request)
-        return _rate_headers_add(request, self.get_response(request))
-
-    async def _acall(self, request):
-        return _rate_headers_add(request, await self.get_response(request))
-
-
-def _rate_headers_add(request, response):
-    state = getattr(request, "idlegrid_rate", None)
-    if state is not None:
-        for name, value in state.headers().items():
-            response[name] = value
-    return response
+        response = self.get_response(request)
+        state = getattr(request, "idlegrid_rate", None)
+        if state is not None:
+            for name, value in state.headers().items():
+                response[name] = value
+        return response
 
 
 class ScopedThrottle(BaseThrottle):

@@ -1,8 +1,9 @@
 """The lease's long poll (marketplace/api/longpoll.py, marketplace/workunits/notify.py; docs/protocol.md,
 "Long poll"): what wait_seconds changes and what it must not.
 
-In process, the ASGI view itself is driven on an event loop of the test's own (AsyncRequestFactory), with one
-executor thread whose database connection is closed at the end; on SQLite it is woken by the notifier's 1 s
+In process, the ASGI handler's lease path (marketplace/api/longpoll.py LongPollASGIHandler.lease: the sync
+middleware chain, LeaseApi, then the wait) is driven on an event loop of the test's own (AsyncRequestFactory),
+with one executor thread whose database connection is closed at the end; on SQLite it is woken by the notifier's 1 s
 rounds. On PostgreSQL a live server (gunicorn with a uvicorn worker, as production runs) is woken by NOTIFY
 and watched through pg_stat_activity."""
 
@@ -55,6 +56,10 @@ def run(scenario):
     return asyncio.run(main())
 
 
+def long_poll(request):
+    return longpoll.LongPollASGIHandler().lease(request)
+
+
 def lease_request(device, body):
     return AsyncRequestFactory().post(LEASE, body, content_type="application/json",
                                       headers={"authorization": device.authorization})
@@ -97,7 +102,7 @@ def test_a_wait_outside_0_to_25_whole_seconds_is_refused(db, device, wait):
 
 
 def test_the_long_poll_refuses_a_bad_wait_before_waiting(transactional_db, device):
-    response = run(lambda: longpoll.lease(lease_request(device, {"max_units": 1, "wait_seconds": 99})))
+    response = run(lambda: long_poll(lease_request(device, {"max_units": 1, "wait_seconds": 99})))
 
     assert response.status_code == 400
     assert "wait_seconds" in body_of(response)["error"]["fields"]
@@ -107,7 +112,7 @@ def test_the_long_poll_refuses_an_unknown_device_as_the_lease_does(transactional
     request = AsyncRequestFactory().post(LEASE, {"max_units": 1, "wait_seconds": 5}, content_type="application/json",
                                          headers={"authorization": f"Device {device.pk}:wrong"})
 
-    response = run(lambda: longpoll.lease(request))
+    response = run(lambda: long_poll(request))
 
     assert response.status_code == 401
 
@@ -115,7 +120,7 @@ def test_the_long_poll_refuses_an_unknown_device_as_the_lease_does(transactional
 def test_work_already_there_is_answered_without_waiting(transactional_db, device, submit_job):
     submit_job(rows=8, rows_per_unit=4)
 
-    response = run(lambda: longpoll.lease(lease_request(device, {"max_units": 1, "wait_seconds": 25})))
+    response = run(lambda: long_poll(lease_request(device, {"max_units": 1, "wait_seconds": 25})))
 
     assert response.status_code == 200
     assert len(body_of(response)["leases"]) == 1
@@ -125,7 +130,7 @@ def test_work_already_there_is_answered_without_waiting(transactional_db, device
 # --- the wait -------------------------------------------------------------------------------------
 
 def test_a_wait_that_runs_out_answers_empty_and_says_come_back_at_once(transactional_db, device):
-    response = run(lambda: longpoll.lease(lease_request(device, {"max_units": 1, "wait_seconds": 1})))
+    response = run(lambda: long_poll(lease_request(device, {"max_units": 1, "wait_seconds": 1})))
 
     assert response.status_code == 200
     assert body_of(response) == {"leases": [], "retry_after": 0}  # 0: the wait was the pause (unwaited: 2)
@@ -140,7 +145,7 @@ def test_a_device_cooling_down_is_told_so_without_a_wait(transactional_db, devic
     device.device.cooldown_until = timezone.now() + timedelta(seconds=600)
     device.device.save(update_fields=["cooldown_until"])
 
-    response = run(lambda: longpoll.lease(lease_request(device, {"max_units": 1, "wait_seconds": 25})))
+    response = run(lambda: long_poll(lease_request(device, {"max_units": 1, "wait_seconds": 25})))
 
     assert body_of(response)["leases"] == []
     assert body_of(response)["retry_after"] >= 599
@@ -148,7 +153,7 @@ def test_a_device_cooling_down_is_told_so_without_a_wait(transactional_db, devic
 
 def test_a_waiting_lease_is_answered_when_a_split_makes_work(transactional_db, device, unsplit):
     async def scenario():
-        waiting = asyncio.ensure_future(longpoll.lease(lease_request(device, {"max_units": 1, "wait_seconds": 20})))
+        waiting = asyncio.ensure_future(long_poll(lease_request(device, {"max_units": 1, "wait_seconds": 20})))
         while not notify.notifier().waiters:  # the request is waiting (its first attempt found nothing)
             await asyncio.sleep(0.05)
         await sync_to_async(job_split, thread_sensitive=False)(job_id=unsplit.pk)
@@ -164,7 +169,7 @@ def test_a_waiting_lease_is_answered_when_a_split_makes_work(transactional_db, d
 
 def test_a_lease_made_for_a_request_that_went_away_is_handed_back(transactional_db, device, unsplit):
     async def scenario():
-        waiting = asyncio.ensure_future(longpoll.lease(lease_request(device, {"max_units": 1, "wait_seconds": 20})))
+        waiting = asyncio.ensure_future(long_poll(lease_request(device, {"max_units": 1, "wait_seconds": 20})))
         while not notify.notifier().waiters:
             await asyncio.sleep(0.05)
         # The attempt that would lease, cancelled while it runs (the agent hung up): its lease must go back.
@@ -302,3 +307,41 @@ def test_a_split_wakes_a_waiting_agent_through_notify(server, device, unsplit):
     (lease,) = answer.json()["leases"]
     assert Result.objects.get(pk=lease["result_id"]).device_id == device.pk
 
+
+
+# --- the handler's other routes -------------------------------------------------------------------
+
+def test_a_file_is_streamed_block_by_block_not_read_whole_first(db):
+    import io
+
+    from django.http import FileResponse
+
+    data = bytes(range(256)) * (3 * longpoll.STREAM_BLOCK_BYTES // 256 + 7)
+    reads: list[int] = []
+
+    class Counted(io.BytesIO):
+        def read(self, size=-1):
+            chunk = super().read(size)
+            reads.append(len(chunk))
+            return chunk
+
+    sent: list[dict] = []
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sent.append({"read_so_far": sum(reads), "size": len(message.get("body", b""))})
+
+    response = FileResponse(Counted(data))
+    asyncio.run(longpoll.LongPollASGIHandler().send_response(response, send))
+
+    assert sum(part["size"] for part in sent) == len(data)
+    assert sent[0]["read_so_far"] <= longpoll.STREAM_BLOCK_BYTES  # the first bytes left before the rest was read
+
+
+def test_other_routes_answer_through_the_handler_as_under_wsgi(db):
+    request = AsyncRequestFactory().get("/healthz")
+
+    response = asyncio.run(longpoll.LongPollASGIHandler().get_response_async(request))
+
+    assert response.status_code == 200 and body_of(response) == {"status": "ok"}
+    assert response["X-Frame-Options"] == "DENY"  # the middleware ran
