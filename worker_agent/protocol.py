@@ -13,6 +13,11 @@ from typing import Any
 PROTOCOL_VERSION = 1
 TASK_KINDS = ("inference", "fedavg")
 MAX_LEASE_BATCH = 64
+# A batched report (POST /api/v1/agent/reports) carries 1 to MAX_REPORT_BATCH reports; an output of at most
+# MAX_INLINE_OUTPUT_BYTES may travel inside its report (base64) instead of being uploaded first: an
+# inference unit's output is rows x classes float32, 64 KiB is 1,600 rows of 10 classes.
+MAX_REPORT_BATCH = 64
+MAX_INLINE_OUTPUT_BYTES = 64 * 1024
 DEVICE_AUTH_SCHEME = "Device"
 
 
