@@ -16,6 +16,11 @@ MAX_LEASE_BATCH = 64
 # The longest a lease request may ask the server to wait for work (docs/protocol.md, "Long poll"): under the
 # 30-60 s idle timeouts of common proxies and load balancers, so a waiting request is never cut in between.
 MAX_LEASE_WAIT_SECONDS = 25
+# A batched report (POST /api/v1/agent/reports) carries 1 to MAX_REPORT_BATCH reports; an output of at most
+# MAX_INLINE_OUTPUT_BYTES may travel inside its report (base64) instead of being uploaded first: an
+# inference unit's output is rows x classes float32, 64 KiB is 1,600 rows of 10 classes.
+MAX_REPORT_BATCH = 64
+MAX_INLINE_OUTPUT_BYTES = 64 * 1024
 DEVICE_AUTH_SCHEME = "Device"
 
 

@@ -609,11 +609,150 @@ class Report(Record):
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _sha256(self.output_sha256, "output_sha256")
-        _text(self.signature, "signature", max_length=MAX_TOKEN)
-        if self.elapsed_seconds is not None:
-            _number(self.elapsed_seconds, "elapsed_seconds", 0, math.inf)
-        _json_object(self.metrics, "metrics", max_keys=MAX_CONFIG_KEYS)
+        _report_fields(self.output_sha256, self.signature, self.elapsed_seconds, self.metrics)
+
+
+def _report_fields(output_sha256: Any, signature: Any, elapsed_seconds: Any, metrics: Any) -> None:
+    _sha256(output_sha256, "output_sha256")
+    _text(signature, "signature", max_length=MAX_TOKEN)
+    if elapsed_seconds is not None:
+        _number(elapsed_seconds, "elapsed_seconds", 0, math.inf)
+    _json_object(metrics, "metrics", max_keys=MAX_CONFIG_KEYS)
+
+
+MAX_INLINE_OUTPUT_BASE64 = 4 * -(-protocol.MAX_INLINE_OUTPUT_BYTES // 3)  # base64 of the largest inline output
+ERROR_KEYS = ("code", "message", "fields")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchedReport(Record):
+    """One report of a batch: a Report naming its lease, its output inline (`output`, base64 of the file's
+    bytes, at most protocol.MAX_INLINE_OUTPUT_BYTES decoded) or uploaded before (`output` absent)."""
+
+    result_id: int
+    output_sha256: str
+    signature: str
+    elapsed_seconds: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    output: str | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    def __post_init__(self) -> None:
+        _int(self.result_id, "result_id", 1, MAX_ID)
+        _report_fields(self.output_sha256, self.signature, self.elapsed_seconds, self.metrics)
+        if self.output is not None:
+            _text(self.output, "output", max_length=MAX_INLINE_OUTPUT_BASE64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportBatch(Record):
+    """The body of a batched report: 1 to protocol.MAX_REPORT_BATCH reports of distinct leases, each signed
+    on its own, each answered on its own (ReportBatchAnswer)."""
+
+    reports: tuple[BatchedReport, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reports, tuple):
+            raise WireError(f"must be a list of 1 to {protocol.MAX_REPORT_BATCH} reports", "reports")
+        for index, report in enumerate(self.reports):
+            _is(report, BatchedReport, f"reports[{index}]")
+        _report_ids(tuple(report.result_id for report in self.reports))
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Self:
+        members = cls.members(raw)
+        reports = _listed(members["reports"])
+        if not isinstance(reports, tuple):
+            raise WireError(f"must be a list of 1 to {protocol.MAX_REPORT_BATCH} reports", "reports")
+        return cls(reports=tuple(_each(reports, "reports", BatchedReport.from_wire)))
+
+    @classmethod
+    def items_from_wire(cls, raw: Any) -> tuple[tuple[int, BatchedReport | WireError], ...]:
+        """The server's reading: the envelope strictly (an object of `reports` only: a list of 1 to
+        MAX_REPORT_BATCH objects, each naming a distinct result_id), raising WireError; each report then on
+        its own, so one the server cannot read is answered by its result id and fails nothing else."""
+        reports = _listed(cls.members(raw)["reports"])
+        if not isinstance(reports, tuple):
+            raise WireError(f"must be a list of 1 to {protocol.MAX_REPORT_BATCH} reports", "reports")
+        for index, report in enumerate(reports):
+            if not isinstance(report, dict):
+                raise WireError(f"must be an object, got {_type_name(report)}", f"reports[{index}]")
+            _int(report.get("result_id"), f"reports[{index}].result_id", 1, MAX_ID)
+        _report_ids(tuple(report["result_id"] for report in reports))
+        items: list[tuple[int, BatchedReport | WireError]] = []
+        for report in reports:
+            try:
+                items.append((report["result_id"], BatchedReport.from_wire(report)))
+            except WireError as exc:
+                items.append((report["result_id"], exc))
+        return tuple(items)
+
+
+def _each(values: tuple[Any, ...], name: str, parse: Callable[[Any], T]) -> list[T]:
+    """Each value parsed by `parse`, an error named by its place (`reports[3].signature`)."""
+    parsed = []
+    for index, value in enumerate(values):
+        try:
+            parsed.append(parse(value))
+        except WireError as exc:
+            raise exc.within(f"{name}[{index}]") from None
+    return parsed
+
+
+def _report_ids(ids: tuple[int, ...]) -> None:
+    if not 1 <= len(ids) <= protocol.MAX_REPORT_BATCH:
+        raise WireError(f"must be a list of 1 to {protocol.MAX_REPORT_BATCH} reports, got {len(ids)}", "reports")
+    if len(set(ids)) != len(ids):
+        raise WireError("must name each result_id once", "reports")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportOutcome(Record):
+    """What became of one report of a batch: its result's `state`, or the `error` that refused it (the API's
+    one error shape: code, message, fields), exactly as a single report would have answered it."""
+
+    result_id: int
+    state: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    error: dict[str, Any] | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    def __post_init__(self) -> None:
+        _int(self.result_id, "result_id", 1, MAX_ID)
+        if (self.state is None) == (self.error is None):
+            raise WireError("must carry either state or error", "state")
+        if self.state is not None:
+            _text(self.state, "state", max_length=32)
+        if self.error is not None:
+            _json_object(self.error, "error", max_keys=len(ERROR_KEYS))
+            if not set(self.error) <= set(ERROR_KEYS):
+                raise WireError(f"may hold only {', '.join(ERROR_KEYS)}", "error")
+            _text(self.error.get("code"), "error.code", max_length=64)
+            _text(self.error.get("message"), "error.message", max_length=MAX_TOKEN * 4)
+            if "fields" in self.error:
+                _json_object(self.error["fields"], "error.fields", max_keys=MAX_CONFIG_KEYS * 4)
+
+    @property
+    def code(self) -> str:
+        return str((self.error or {}).get("code", ""))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportBatchAnswer(Record):
+    """The answer to a batched report: one outcome per report, in the request's order."""
+
+    results: tuple[ReportOutcome, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.results, tuple) or len(self.results) > protocol.MAX_REPORT_BATCH:
+            raise WireError(f"must be a list of at most {protocol.MAX_REPORT_BATCH} outcomes", "results")
+        for index, outcome in enumerate(self.results):
+            _is(outcome, ReportOutcome, f"results[{index}]")
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Self:
+        members = cls.members(raw)
+        outcomes = _listed(members["results"])
+        if not isinstance(outcomes, tuple):
+            raise WireError(f"must be a list of at most {protocol.MAX_REPORT_BATCH} outcomes", "results")
+        return cls(results=tuple(_each(outcomes, "results", ReportOutcome.from_wire)))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,8 +32,13 @@ class BodyTooLarge(exceptions.APIException):
     default_detail = "the request body is too large"
 
 
-def body_limit() -> int:
-    """DATA_UPLOAD_MAX_MEMORY_SIZE, or Django's default where it is None: a JSON body is always bounded."""
+def body_limit(view: object = None) -> int:
+    """DATA_UPLOAD_MAX_MEMORY_SIZE, or Django's default where it is None: a JSON body is always bounded. A view
+    whose bodies are larger by design names its own bound (`max_body_bytes`: the batched report's inline
+    outputs, marketplace/api/v1/agent.py ReportsApi), computed from its protocol limits, never unbounded."""
+    own = getattr(view, "max_body_bytes", None)
+    if isinstance(own, int) and own > 0:
+        return own
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE or global_settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 
@@ -43,7 +48,7 @@ class BoundedJSONParser(BaseParser):
     def parse(self, stream, media_type=None, parser_context=None):
         parser_context = parser_context or {}
         _require_utf8(parser_context.get("encoding") or settings.DEFAULT_CHARSET)
-        limit = body_limit()
+        limit = body_limit(parser_context.get("view"))
         request = parser_context.get("request")
         if request is not None and _declared_over(request.META.get("CONTENT_LENGTH") or "", limit):
             raise BodyTooLarge(f"the request body is larger than {limit} bytes")  # refused before reading it

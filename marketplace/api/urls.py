@@ -42,6 +42,7 @@ urlpatterns = [
     path("agent/heartbeat", agent.HeartbeatApi.as_view(), name="agent-heartbeat"),
     path("agent/earnings", agent.EarningsApi.as_view(), name="agent-earnings"),
     path("agent/results/<int:result_id>/report", agent.ReportApi.as_view(), name="agent-report"),
+    path("agent/reports", agent.ReportsApi.as_view(), name="agent-reports"),
     path("agent/results/<int:result_id>/fail", agent.FailApi.as_view(), name="agent-fail"),
     path("agent/results/<int:result_id>/release", agent.ReleaseApi.as_view(), name="agent-release"),
 ]

@@ -27,3 +27,17 @@ class Artifact(models.Model):
 
     def __str__(self) -> str:
         return f"{self.sha256[:12]}… ({self.size:,} bytes)"
+
+
+class TensorHeader(models.Model):
+    """What a report checks of an output, read once when a device's bytes arrived (an upload, or an inline
+    output of a batched report): core.tensors.TensorSummary as JSON. A report compares it with the unit
+    instead of opening and parsing the file again (issue 14: that read was a fifth of a report's time).
+    Absent for bytes no device sent, and for a header too large to keep: a report then reads the file and
+    keeps the summary it took. Content-addressed like its artifact, so it never changes once written."""
+
+    artifact = models.OneToOneField(Artifact, primary_key=True, on_delete=models.CASCADE, related_name="tensor_header")
+    summary = models.JSONField()
+
+    def __str__(self) -> str:
+        return f"tensor header of {self.artifact_id[:12]}…"

@@ -164,3 +164,102 @@ def array_file_bytes(array: np.ndarray, *, name: str) -> bytes:
     dtype = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}[array.dtype]
     contiguous = np.ascontiguousarray(array)
     return _header_bytes((name, dtype, contiguous.shape)) + contiguous.tobytes()
+
+
+# --- what a report needs to know of an output, read once ------------------------------------------
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8")
+# A summary is kept (marketplace/artifacts/models.py TensorHeader) only up to this size of JSON: a unit's
+# output names a handful of tensors (inference one, fedavg a model's parameters and two metrics). A larger
+# header is not summarized, and a report of it reads the file as before.
+MAX_SUMMARY_JSON = 64 * 1024
+_FINITE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """An output file as a report checks it, without the file: each tensor's dtype and shape, whether every
+    floating-point value is finite, and the value of each one-element integer tensor (fedavg's sample
+    count). `error` is what read_header refused (the file is not well-formed safetensors), else ""."""
+
+    error: str = ""
+    tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None
+    finite: bool = True
+    integers: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        if self.error:
+            return {"error": self.error}
+        return {"tensors": {name: [dtype, list(shape)] for name, (dtype, shape) in (self.tensors or {}).items()},
+                "finite": self.finite, "integers": dict(self.integers or {})}
+
+    @classmethod
+    def from_json(cls, value: dict[str, object]) -> TensorSummary:
+        """From to_json's output, as the marketplace stored it (never from a client)."""
+        if value.get("error"):
+            return cls(error=str(value["error"]))
+        tensors = value["tensors"]
+        integers = value["integers"]
+        assert isinstance(tensors, dict) and isinstance(integers, dict)
+        return cls(tensors={name: (dtype, tuple(shape)) for name, (dtype, shape) in tensors.items()},
+                   finite=bool(value["finite"]), integers={name: int(number) for name, number in integers.items()})
+
+    def check(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The tensors, or TensorFileError with what read_header said."""
+        if self.error or self.tensors is None:
+            raise TensorFileError(self.error or "not a safetensors file")
+        return self.tensors
+
+
+class Seekable(Readable, Protocol):
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+
+def summarize(stream: Seekable, *, size: int) -> TensorSummary:
+    """Read a safetensors file once for what the reports of it check: its header, every floating tensor's
+    values (in bounded chunks) and its one-element integer tensors. A file that is not well formed gives a
+    summary holding the refusal, so a report of it is refused with the same words."""
+    try:
+        header = read_header_from(stream, size=size)
+    except TensorFileError as exc:
+        return TensorSummary(error=str(exc))
+    finite, integers = True, {}
+    for name, info in header.items():
+        if info.dtype in FLOAT_DTYPES and finite:
+            finite = _finite(stream, info)
+        elif info.dtype in INTEGER_DTYPES and info.end - info.start == DTYPE_SIZES[info.dtype]:
+            stream.seek(info.start)
+            integers[name] = int.from_bytes(_read_exactly(stream, info.end - info.start), "little",
+                                            signed=info.dtype != "U8")
+    return TensorSummary(tensors={name: (info.dtype, info.shape) for name, info in header.items()},
+                         finite=finite, integers=integers)
+
+
+def summarize_file(path: Path) -> TensorSummary:
+    with path.open("rb") as handle:
+        return summarize(handle, size=path.stat().st_size)
+
+
+def summary_storable(summary: TensorSummary) -> bool:
+    """Whether the summary is small enough to keep (MAX_SUMMARY_JSON)."""
+    return len(json.dumps(summary.to_json(), separators=(",", ":"))) <= MAX_SUMMARY_JSON
+
+
+def _finite(stream: Seekable, info: TensorInfo) -> bool:
+    item = DTYPE_SIZES[info.dtype]
+    stream.seek(info.start)
+    remaining = info.end - info.start
+    step = _FINITE_CHUNK - _FINITE_CHUNK % item
+    while remaining:
+        data = _read_exactly(stream, min(step, remaining))
+        if len(data) < min(step, remaining):
+            return False  # shorter than the header said: cannot be (read_header checked the size)
+        remaining -= len(data)
+        if info.dtype == "BF16":
+            # bfloat16 is float32's top half: exponent bits all set is infinity or NaN.
+            if (np.frombuffer(data, dtype="<u2") & 0x7F80 == 0x7F80).any():
+                return False
+        elif not np.isfinite(np.frombuffer(data, dtype={"F64": "<f8", "F32": "<f4", "F16": "<f2"}[info.dtype])).all():
+            return False
+    return True

@@ -20,13 +20,16 @@ from rest_framework.views import APIView
 
 from marketplace.api.authentication import DeviceAuthentication, IsDevice
 from marketplace.api.idempotency import idempotent
+from marketplace.api.schema import ErrorBody
+from marketplace.core.exceptions import ApplicationError, ValidationFailed
 from marketplace.core.signing import keyring
 from marketplace.ledger.earnings_report import device_earnings
 from marketplace.workers.services import device_enroll, device_hardware_update
 from marketplace.workunits.leasing import Lease, cooldown_remaining, lease_renew, workunit_lease
+from marketplace.workunits.report_batch import ReportItem, results_report_batch
 from marketplace.workunits.results import result_fail, result_release, result_report
 from worker_agent import wire
-from worker_agent.protocol import MAX_LEASE_BATCH, MAX_LEASE_WAIT_SECONDS
+from worker_agent.protocol import MAX_INLINE_OUTPUT_BYTES, MAX_LEASE_BATCH, MAX_LEASE_WAIT_SECONDS, MAX_REPORT_BATCH
 
 
 class AgentApi(APIView):
@@ -284,6 +287,89 @@ class ReportApi(AgentApi):
             signature_b64=data["signature"], elapsed_seconds=data.get("elapsed_seconds"), metrics=data["metrics"],
         )
         return Response({"state": result.state})
+
+
+class ReportItemIn(serializers.Serializer):
+    """One report of a batch: read by worker_agent/wire.py BatchedReport itself (ReportsApi.ReportsIn), so
+    the marketplace refuses what the agent's own record refuses; these fields document it."""
+
+    result_id = serializers.IntegerField(min_value=1, max_value=wire.MAX_ID, help_text="the lease reported")
+    output_sha256 = serializers.CharField(max_length=64, help_text="the output's sha256: sent inline (`output`) "
+                                                                   "or uploaded by this device before")
+    signature = serializers.CharField(max_length=wire.MAX_TOKEN, help_text="base64 Ed25519 signature of "
+                                                                           "result_message(...) by the device key")
+    elapsed_seconds = serializers.FloatField(min_value=0, required=False, allow_null=True,
+                                             help_text="compute time, for quotes' ETAs")
+    metrics = serializers.DictField(required=False, default=dict,
+                                    help_text="information only (never judged): plain names, scalar values")
+    output = serializers.CharField(
+        required=False, max_length=wire.MAX_INLINE_OUTPUT_BASE64,
+        help_text=f"the output file's bytes, base64, at most {MAX_INLINE_OUTPUT_BYTES} bytes decoded: stored as an "
+                  f"upload by this device would be, then reported; absent: the output was uploaded before")
+
+
+class ReportOutcomeOut(serializers.Serializer):
+    result_id = serializers.IntegerField(help_text="the report's lease, in the request's order")
+    state = serializers.CharField(required=False, help_text="the result's state (reported): absent with `error`")
+    error = ErrorBody(required=False, help_text="why this report was refused, as a single report would answer it "
+                                                "(already_reported, lease_expired, invalid, ...)")
+
+
+REPORTS_OUT = inline_serializer("ReportOutcomes", {
+    "results": ReportOutcomeOut(many=True, help_text="one outcome per report, in the request's order")})
+# One report's members besides its inline output, with room to spare: ids, hash, a signature, metrics (at most
+# 4 KiB as canonical JSON, workunits/results.py), and the spacing and escapes a JSON encoder may add.
+REPORT_ITEM_MAX_JSON = 8 * 1024
+# What a batch of MAX_REPORT_BATCH reports, each with the largest inline output, can weigh, and no more: the
+# JSON parser refuses a larger body with 413 before reading it (api/parsers.py).
+REPORTS_MAX_BODY = MAX_REPORT_BATCH * (wire.MAX_INLINE_OUTPUT_BASE64 + REPORT_ITEM_MAX_JSON) + 1024
+
+
+class ReportsApi(AgentApi):
+    # A batch counts once against the device's report rate: each of its reports needs a live lease of this
+    # device, and leases are throttled themselves (scope "lease"), so a batch cannot report more than was leased.
+    throttle_scope = "report"  # per device (marketplace/api/throttling.py)
+    max_body_bytes = REPORTS_MAX_BODY
+
+    class ReportsIn(serializers.Serializer):
+        reports = ReportItemIn(many=True, min_length=1, max_length=MAX_REPORT_BATCH,
+                               help_text=f"1 to {MAX_REPORT_BATCH} reports of distinct leases, each signed on its own")
+
+        def to_internal_value(self, data: Any) -> tuple[tuple[int, wire.BatchedReport | wire.WireError], ...]:
+            # The envelope is read strictly (a 400 changes nothing); each report on its own, answered alone.
+            try:
+                return wire.ReportBatch.items_from_wire(data)
+            except wire.WireError as exc:
+                raise serializers.ValidationError({exc.path or "non_field_errors": [exc.problem]}) from None
+
+    @extend_schema(
+        operation_id="agent_report_batch",
+        request=ReportsIn,
+        responses=REPORTS_OUT,
+        description="Report many leased units at once, each signed on its own and answered on its own (one refused "
+                    "report fails no other); small outputs travel inline. docs/protocol.md, 'Batched reports'.",
+    )
+    def post(self, request):
+        body = self.ReportsIn(data=request.data)
+        body.is_valid(raise_exception=True)
+        parsed: tuple[tuple[int, wire.BatchedReport | wire.WireError], ...] = body.validated_data
+        items = [ReportItem(result_id=report.result_id, output_sha256=report.output_sha256, signature=report.signature,
+                            elapsed_seconds=report.elapsed_seconds, metrics=report.metrics, output=report.output)
+                 for _, report in parsed if isinstance(report, wire.BatchedReport)]
+        judged = iter(results_report_batch(device=request.auth, items=items) if items else [])
+        answers = []
+        for result_id, report in parsed:
+            outcome = next(judged) if isinstance(report, wire.BatchedReport) else ValidationFailed(
+                "the report is invalid", fields={report.path or "report": report.problem})
+            answers.append(_outcome(result_id, outcome))
+        return Response(wire.ReportBatchAnswer(results=tuple(answers)).to_wire())
+
+
+def _outcome(result_id: int, outcome: Any) -> wire.ReportOutcome:
+    if isinstance(outcome, ApplicationError):
+        return wire.ReportOutcome(result_id=result_id, error={"code": outcome.code, "message": outcome.message,
+                                                              "fields": outcome.fields})
+    return wire.ReportOutcome(result_id=result_id, state=outcome.state)
 
 
 class FailApi(AgentApi):

@@ -18,7 +18,14 @@ import numpy as np
 
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
-from marketplace.core.tensors import TensorFileError, array_file_bytes, read_array, read_header
+from marketplace.core.tensors import (
+    TensorFileError,
+    TensorSummary,
+    array_file_bytes,
+    read_array,
+    read_header,
+    summarize_file,
+)
 from marketplace.jobs import comparators
 from marketplace.jobs.fedavg_math import AGGREGATIONS, dp_epsilon, shard_bounds
 from marketplace.jobs.kinds._spec import (
@@ -287,10 +294,15 @@ def plan_round(spec: dict[str, Any], *, round_index: int, weights: str) -> Itera
 
 
 def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:
+    """Refuse an output file that check_summary refuses (it reads the file to summarize it)."""
+    check_summary(payload, summarize_file(path), allow_nonfinite=allow_nonfinite)
+
+
+def check_summary(payload: dict[str, Any], summary: TensorSummary, *, allow_nonfinite: bool = False) -> None:
     """Refuse an output that is not the architecture's float32 weights plus the two metric tensors, or
     holds NaN or infinity: an update that is not finite can never be aggregated (`allow_nonfinite` is an
-    inference option and does not apply)."""
-    header = read_header(path)
+    inference option and does not apply). Reads no file: the summary was taken when the bytes arrived."""
+    header = summary.check()
     arch, config = resolve(payload["model"]["architecture"], payload["model"]["config"])
     expected: dict[str, tuple[str, tuple[int, ...]]] = {
         name: ("F32", shape) for name, shape in arch.param_shapes(config).items()
@@ -300,13 +312,13 @@ def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool =
         missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
         raise TensorFileError(f"the output's tensors do not match (missing {missing}, unexpected {extra})")
     for name, (dtype, shape) in expected.items():
-        info = header[name]
-        if (info.dtype, info.shape) != (dtype, shape):
-            raise TensorFileError(f"tensor {name!r} is {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
-    samples = int(read_array(path, header[SAMPLES_NAME])[0])
+        if header[name] != (dtype, shape):
+            got_dtype, got_shape = header[name]
+            raise TensorFileError(f"tensor {name!r} is {got_dtype}{list(got_shape)}, expected {dtype}{list(shape)}")
+    samples = (summary.integers or {})[SAMPLES_NAME]
     if samples != payload["samples"]:
         raise TensorFileError(f"the output says {samples} samples; the shard has {payload['samples']}")
-    if not all(np.isfinite(read_array(path, header[name])).all() for name in expected if name != SAMPLES_NAME):
+    if not summary.finite:  # every tensor but the I64 sample count is float32
         raise TensorFileError("the update holds NaN or infinity")
 
 

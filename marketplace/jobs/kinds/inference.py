@@ -14,7 +14,15 @@ import numpy as np
 
 from marketplace.artifacts.storage import get_storage
 from marketplace.core.exceptions import ValidationFailed
-from marketplace.core.tensors import TensorFileError, TensorInfo, array_file_bytes, read_array, read_header
+from marketplace.core.tensors import (
+    TensorFileError,
+    TensorInfo,
+    TensorSummary,
+    array_file_bytes,
+    read_array,
+    read_header,
+    summarize_file,
+)
 from marketplace.jobs import comparators
 from marketplace.jobs.kinds._spec import (
     artifact_header,
@@ -229,16 +237,22 @@ def known_rows_agree(spec: dict[str, Any], hidden_rows: list[list[int]], output:
 
 
 def check_output(payload: dict[str, Any], path: Path, *, allow_nonfinite: bool = False) -> None:
+    """Refuse an output file that check_summary refuses (it reads the file to summarize it)."""
+    check_summary(payload, summarize_file(path), allow_nonfinite=allow_nonfinite)
+
+
+def check_summary(payload: dict[str, Any], summary: TensorSummary, *, allow_nonfinite: bool = False) -> None:
     """Refuse an output that is not the one float32 tensor of the expected shape, or holds NaN or infinity
-    (unless the job allows them)."""
-    header = read_header(path)
+    (unless the job allows them). Reads no file: the summary was taken when the bytes arrived."""
+    header = summary.check()
     expected = payload["output"]
     info = header.get(expected["name"])
     if info is None or len(header) != 1:
         raise TensorFileError(f"the output must hold exactly one tensor named {expected['name']!r}")
-    if info.dtype != "F32" or list(info.shape) != expected["shape"]:
-        raise TensorFileError(f"the output is {info.dtype}{list(info.shape)}, expected F32{expected['shape']}")
-    if not allow_nonfinite and not np.isfinite(read_array(path, info)).all():
+    dtype, shape = info
+    if dtype != "F32" or list(shape) != expected["shape"]:
+        raise TensorFileError(f"the output is {dtype}{list(shape)}, expected F32{expected['shape']}")
+    if not allow_nonfinite and not summary.finite:
         raise TensorFileError("the output holds NaN or infinity, which this job does not allow (allow_nonfinite)")
 
 

@@ -104,19 +104,25 @@ def test_a_report_racing_the_sweep_loses_as_a_whole(submit_job, make_device, con
     (lease,) = workunit_lease(device=device.device, max_units=1)
     result = Result.objects.select_related("unit").get(pk=lease.result_id)
     sha = upload(make_output(honest_output(result.unit)), device=device.device)
-    check_signature = results._check_signature
+    check_signature = results.check_signature
 
     def sweep_then_check(*args):
         overdue(lease.result_id)
         leases_expire()
         return check_signature(*args)
 
-    monkeypatch.setattr(results, "_check_signature", sweep_then_check)
+    monkeypatch.setattr(results, "check_signature", sweep_then_check)
 
     with pytest.raises(LeaseExpired):
         result_report(device=device.device, result_id=lease.result_id, output_sha256=sha,
                       signature_b64=device.sign(result, sha))
 
+    result.refresh_from_db()
+    assert (result.reported_at, result.output_id) == (None, None)  # nothing of the report was kept
+    # Here the clock and the sweep ran inside the report's transaction (one connection in tests), so the
+    # report's rollback undid them too; with the lease overdue again, the sweep's next run expires it.
+    overdue(lease.result_id)
+    leases_expire()
     result.refresh_from_db()
     assert (result.state, result.output_id) == (Result.State.EXPIRED, None)
 
