@@ -94,7 +94,7 @@ def test_every_operation_has_an_id_a_description_and_its_error_answers():
     schema = generated_schema()
     found = operations(schema)
 
-    assert len(found) == 43
+    assert len(found) == 44
     for path, method, op in found:
         where = f"{method.upper()} {path}"
         assert re.fullmatch(r"[a-z]+(_[a-z]+)+", op["operationId"]), where
@@ -111,7 +111,7 @@ def test_every_operation_has_an_id_a_description_and_its_error_answers():
 # <resource>_<action>: the action a verb (create, retrieve, list, revoke, download, lease...) last; the two list
 # operations that other branches rework (ledger_entries, ledger_balances) keep their names for now.
 OPERATION_IDS = {
-    "agent_enroll", "agent_key_list", "agent_lease", "agent_heartbeat", "agent_report", "agent_fail",
+    "agent_enroll", "agent_key_list", "agent_lease", "agent_heartbeat", "agent_report", "agent_report_batch", "agent_fail",
     "agent_release", "agent_earnings_retrieve", "artifact_upload", "artifact_download", "auth_token_create", "auth_token_list",
     "auth_token_revoke", "auth_logout", "auth_logout_all", "enrollment_token_create", "device_list", "job_create",
     "job_quote", "job_retrieve", "job_output_download", "job_round_list", "ledger_balances", "ledger_entries",
@@ -137,7 +137,7 @@ def test_every_authenticated_operation_answers_401_and_every_throttled_one_429_w
     views = _views(generator)
     throttled = [(path, method, op) for path, method, op in operations(schema) if _is_throttled(views[(path, method)], method)]
 
-    assert len(throttled) == 16  # webhook test and replay send to a URL the caller chose: webhook_send
+    assert len(throttled) == 17  # webhook test and replay send to a URL the caller chose: webhook_send
     for path, _method, op in throttled:
         assert op["responses"]["429"]["headers"]["Retry-After"] == {"$ref": "#/components/headers/Retry-After"}
         for response in op["responses"].values():
