@@ -269,7 +269,7 @@ def machine_cpu() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
-def cpu_by_role(before: dict, after: dict, groups: dict[str, list[int]]) -> dict[str, float]:
+def cpu_by_role(before: dict, after: dict, groups: dict[str, list[int] | int]) -> dict[str, float]:
     """CPU seconds spent in the window by gunicorn (and celery) process groups, PostgreSQL, Redis, and the rest
     of the machine (other people's work on it shows here)."""
     own = os.getpgid(0)  # the bench and its agent processes: measured by the load generator itself
@@ -278,7 +278,7 @@ def cpu_by_role(before: dict, after: dict, groups: dict[str, list[int]]) -> dict
         if pgid == own:
             continue
         delta = seconds - (before[pid][2] if pid in before and before[pid][0] == comm else 0.0)
-        role = next((r for r, g in groups.items() if pgid in g), None)
+        role = next((r for r, g in groups.items() if pgid in (g if isinstance(g, list) else [g])), None)
         if role is None:
             role = "postgres" if comm.startswith("postgres") else "redis" if comm.startswith("redis") else "other"
         spent[role] += delta

@@ -311,9 +311,9 @@ def split_rounds(*, setup_data: dict[str, Any], rounds: int, pause: float) -> di
         x = f"idle-x-{label}-{index}".encode()
         plan = UnitPlan(index=index, payload=bench_fixtures._payload(model, hashlib.sha256(x).hexdigest()), inputs=[x])
         with transaction.atomic():
-            (unit,) = units_create(job=job, plans=[plan])
+            (unit_id,) = units_create(job=job, plans=[plan])  # the new units' ids
         committed.append(time.time())
-        unit_ids.append(unit.pk)
+        unit_ids.append(unit_id)
     return {"job_id": job.pk, "committed_at": committed, "unit_ids": unit_ids}
 
 

@@ -9,7 +9,7 @@ test client, on PostgreSQL (a fresh database on the server `--database-url` name
 bench/dispatch.py does) and Redis (`--broker-url`: reports enqueue validation there; the queue is purged at the
 end). Statements are counted with CaptureQueriesContext (Django's count: a connection's `SELECT 1` health
 check is not among them). Each single report names its own output, uploaded through the upload endpoint
-first (untimed); each batched item carries its output inline (`output`, base64), as the agent sends
+first (untimed); each batched item carries its output inline (`output`, base64), as an agent may send
 outputs of at most 64 KiB. Prints a table, then, as the last line, one JSON object of the figures.
 """
 

@@ -27,14 +27,18 @@ WITH moved AS (
     WHERE id = ANY(%(ids)s) AND device_id = %(device)s AND state = 'in_progress' AND lease_expires_at >= %(now)s
     RETURNING unit_id
 )
-UPDATE workunits_workunit SET need_validate = true WHERE id IN (SELECT unit_id FROM moved)
+UPDATE workunits_workunit SET need_validate = true
+WHERE id IN (SELECT id FROM workunits_workunit WHERE id IN (SELECT unit_id FROM moved) ORDER BY id FOR UPDATE)
 """
+# The units are locked in id order (as the server's report does): two agents reporting the two replicas of
+# the same units in another order would otherwise deadlock.
 
 
 @dataclass
 class SqlRun:
     reported: int = 0
     empty: int = 0
+    errors: int = 0
     ended_at: float = 0.0
 
 
@@ -62,9 +66,14 @@ def _agent(database_url: str, device: dict[str, Any], statements: dict[str, str]
             if not rows:
                 run.empty += 1
                 break
-            conn.execute(REPORT_SQL, {"output": output, "signature": b"\0" * 64, "now": datetime.now(UTC),
-                                      "ids": [row[0] for row in rows], "device": device["device_id"]}, prepare=True)
-            conn.commit()
+            try:
+                conn.execute(REPORT_SQL, {"output": output, "signature": b"\0" * 64, "now": datetime.now(UTC),
+                                          "ids": [row[0] for row in rows], "device": device["device_id"]}, prepare=True)
+                conn.commit()
+            except psycopg.errors.OperationalError:  # a deadlock or serialization failure: counted, not fatal
+                conn.rollback()
+                run.errors += 1
+                continue
             run.reported += len(rows)
     run.ended_at = time.monotonic()
     results.put(run)
@@ -95,4 +104,5 @@ def run_sql_limit(*, database_url: str, devices: list[dict[str, Any]], statement
     reported = sum(r.reported for r in runs)
     wall = max((r.ended_at for r in runs), default=began) - began
     return {"batch": batch, "units": reported, "wall_s": round(wall, 2),
-            "units_per_s": round(reported / wall, 1) if wall > 0 else 0.0, "agents": len(runs)}
+            "units_per_s": round(reported / wall, 1) if wall > 0 else 0.0, "agents": len(runs),
+            "errors": sum(r.errors for r in runs)}
