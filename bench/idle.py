@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def server_args(kind: str, port: int, workers: int) -> list[str]:
     """gunicorn serving the marketplace: `asgi` as production does (uvicorn workers), `wsgi` with sync workers."""
-    app, worker = {"asgi": ("marketplace.asgi:application", "uvicorn_worker.UvicornWorker"),
+    app, worker = {"asgi": ("marketplace.asgi:application", "marketplace.core.asgi_worker.AsgiWorker"),
                    "wsgi": ("marketplace.wsgi:application", "sync")}[kind]
     return [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
             "--worker-class", worker, "--log-level", "warning", "--timeout", "60", "--graceful-timeout", "5"]

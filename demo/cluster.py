@@ -188,7 +188,7 @@ class Cluster:
         self.start(
             "web",
             # As production serves it: the ASGI app under uvicorn workers, so idle agents long-poll.
-            [py, "-m", "gunicorn", "marketplace.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker",
+            [py, "-m", "gunicorn", "marketplace.asgi:application", "--worker-class", "marketplace.core.asgi_worker.AsgiWorker",
              "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.web_workers), "--timeout", "120",
              "--graceful-timeout", "5"],
         )

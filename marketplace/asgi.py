@@ -1,5 +1,5 @@
 """The marketplace as an ASGI application: what production and the demo serve, with gunicorn's
-uvicorn workers (`gunicorn marketplace.asgi:application -k uvicorn_worker.UvicornWorker`).
+uvicorn workers (`gunicorn marketplace.asgi:application -k marketplace.core.asgi_worker.AsgiWorker`).
 
 Django's own ASGI handler, except for the lease route, which long-polls (marketplace/api/longpoll.py).
 The sync views run as Django runs them under ASGI, in threads; their database connections come from a
