@@ -87,7 +87,7 @@ def _jobs_due(cutoff: datetime) -> QuerySet[Job]:
 
 def _movable(job_id: int | OuterRef, cutoff: datetime) -> QuerySet[Result]:
     held = Earning.objects.filter(result_id=OuterRef("pk"), state=Earning.State.HELD)
-    return (Result.objects.filter(job_id=job_id, state__in=TERMINAL, created_at__lt=cutoff)
+    return (Result.objects.filter(Q(job=job_id), state__in=TERMINAL, created_at__lt=cutoff)
             .filter(Q(reported_at__isnull=True) | Q(reported_at__lt=cutoff)).exclude(Exists(held)))
 
 
