@@ -46,7 +46,7 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 TARGETS = {"single": 800, "batched": 5000}  # units/s wanted on the 2-core machine (issue 14; see README)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # asgi: as production and the demo serve it (the lease's long poll needs an event loop); wsgi: sync workers.
-SERVERS = {"asgi": ["marketplace.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker"],
+SERVERS = {"asgi": ["marketplace.asgi:application", "--worker-class", "marketplace.core.asgi_worker.AsgiWorker"],
            "wsgi": ["marketplace.wsgi:application", "--worker-class", "sync"]}
 PG_COUNTERS = ("sessions", "xact_commit", "xact_rollback", "tup_returned", "tup_fetched", "tup_inserted", "tup_updated", "blks_read", "blks_hit")
 
