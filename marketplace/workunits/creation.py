@@ -73,7 +73,7 @@ def units_sign(units: Sequence[WorkUnit]) -> None:
     ring = keyring()
     for unit in units:
         unit.signing_key_id, unit.signature = ring.sign(unit_message(unit_id=unit.pk, payload=unit.payload))
-    _signatures_store([(unit.pk, unit.signing_key_id, bytes(unit.signature)) for unit in units])
+    _signatures_store([(unit.pk, unit.signing_key_id, bytes(unit.signature or b"")) for unit in units])
 
 
 def _signatures_store(signed: Sequence[tuple[int, str, bytes]]) -> None:

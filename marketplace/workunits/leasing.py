@@ -236,7 +236,8 @@ def workunit_lease(*, device: Device, max_units: int, capabilities: Capabilities
 
 def _json(value: Any) -> dict[str, Any]:
     # Django loads jsonb as text on psycopg 3 (JSONField decodes it); a raw cursor sees the text.
-    return json.loads(value) if isinstance(value, str | bytes) else value
+    decoded: dict[str, Any] = json.loads(value) if isinstance(value, str | bytes) else value
+    return decoded
 
 
 def _b64(signature: Any) -> str | None:

@@ -40,6 +40,7 @@ from marketplace.core.exceptions import (
 from marketplace.core.tasks import enqueue_on_commit
 from marketplace.core.tensors import TensorFileError, TensorSummary
 from marketplace.jobs.kinds import kind_module
+from marketplace.jobs.models import Job
 from marketplace.workers.models import Device
 from marketplace.workers.trust import trust_reset
 from marketplace.workunits.models import Result, WorkUnit
@@ -70,7 +71,7 @@ class LeaseRow:
 
 def _tables() -> dict[str, str]:
     quote = connection.ops.quote_name
-    job = Result._meta.get_field("job").related_model
+    job = Job
     return {"result": quote(Result._meta.db_table), "unit": quote(WorkUnit._meta.db_table),
             "job": quote(job._meta.db_table), "held": quote(Artifact.devices.through._meta.db_table),
             "header": quote(TensorHeader._meta.db_table)}
@@ -162,7 +163,7 @@ def check_signature(device: Device, row: LeaseRow, output_sha256: str, signature
 def check_output_sha256(output_sha256: Any) -> str:
     if not is_sha256_hex(output_sha256):
         raise ValidationFailed("output_sha256 must be 64 lowercase hex digits", fields={"output_sha256": "invalid"})
-    return output_sha256
+    return str(output_sha256)
 
 
 def not_possessed() -> ValidationFailed:
@@ -318,7 +319,7 @@ def units_mark_due(unit_ids: list[int]) -> list[int]:
     sql = (f"UPDATE {t['unit']} SET need_validate = %s WHERE id IN ({', '.join(['%s'] * len(unit_ids))}) "
            f"AND (state <> %s OR known_answer_of_id IS NOT NULL OR quorum < 2 OR {answered} >= quorum "
            f"OR {out} < quorum - {answered}) RETURNING id")
-    params = [True, *unit_ids, WorkUnit.State.PENDING, *ANSWERED, *OUT, *ANSWERED]
+    params: list[Any] = [True, *unit_ids, WorkUnit.State.PENDING, *ANSWERED, *OUT, *ANSWERED]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         due = sorted(row[0] for row in cursor.fetchall())

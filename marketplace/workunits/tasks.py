@@ -1,6 +1,10 @@
 """Celery tasks of work units: thin, take ids, call one service each. The registered names are the
 contract with queued messages, beat's schedule and enqueue_on_commit: never rename them."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from celery import Task, shared_task
 from django.conf import settings
 
@@ -15,7 +19,7 @@ VALIDATE_RETRIES = 5
 
 
 @shared_task(name="workunits.validate", acks_late=True, bind=True, max_retries=VALIDATE_RETRIES)
-def unit_validate_task(self: Task, unit_id: int) -> str:
+def unit_validate_task(self: Task[Any, Any], unit_id: int) -> str:
     """Validate the unit, and with it up to IDLEGRID_VALIDATE_BATCH - 1 other units waiting: a burst of
     reports, one message each, is judged in a few batches, and the messages of units a batch already
     judged find nothing left to do (verification_batch.unit_validate_waiting)."""
