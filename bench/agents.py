@@ -1,4 +1,8 @@
-"""Simulated agents for the dispatch bench: lease, then report the pre-uploaded output, signed; no compute.
+"""Simulated agents for the dispatch bench: lease, then report, signed; no compute. `reports="single"`
+reports each unit on its own, naming the output every bench device holds already (uploaded once, at setup);
+`reports="batched"` reports a lease's units in one POST /agent/reports, each with its own output inline:
+a variant of the setup's output (one float changed, so every unit's bytes and hash differ and the server
+stores each as a real agent's output would be stored).
 
 Deliberately free of Django: this is the load generator, and it shares the machine with the server.
 Runs the agents as threads of this process or as one process each (`load`), with the same loop.
@@ -6,11 +10,14 @@ Runs the agents as threads of this process or as one process each (`load`), with
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import math
 import multiprocessing
 import queue
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from worker_agent import signing
 
 LOADS = ("threads", "processes")
+REPORTS = ("single", "batched")
 CLIENTS = ("httpx", "stdlib")
 TIMEOUT = 30.0
 TRANSPORT_ERRORS = (httpx.HTTPError, OSError, http.client.HTTPException)
@@ -49,6 +57,8 @@ class Plan:
     deadline: float  # time.monotonic()
     output_sha256: str
     client: str = "httpx"
+    reports: str = "single"  # REPORTS
+    output_b64: str = ""  # the output's bytes, base64: what batched reports vary and send inline
 
 
 class Budget:
@@ -136,6 +146,40 @@ def _report(client: Any, key: Ed25519PrivateKey, device_id: int, lease: dict, pl
     return True
 
 
+def _variant(output: bytes, seed: int) -> bytes:
+    """The output with its first float32 set from `seed`: same shape and header, other bytes and hash."""
+    header_length = struct.unpack_from("<Q", output)[0]
+    start = 8 + header_length
+    return output[:start] + struct.pack("<f", float(seed % 1_000_003) / 7.0) + output[start + 4:]
+
+
+def _report_batch(client: Any, key: Ed25519PrivateKey, device_id: int, leases: list[dict], plan: Plan,
+                  run: AgentRun) -> None:
+    output = base64.b64decode(plan.output_b64)
+    items = []
+    for lease in leases:
+        data = _variant(output, lease["result_id"])
+        sha = hashlib.sha256(data).hexdigest()
+        signature = signing.sign_result(key, result_id=lease["result_id"], unit_id=lease["unit_id"],
+                                        device_id=device_id, output_sha256=sha)
+        items.append({"result_id": lease["result_id"], "output_sha256": sha, "signature": signature,
+                      "elapsed_seconds": 0.01, "metrics": {}, "output": base64.b64encode(data).decode()})
+    started = time.perf_counter()
+    status, content = client.post("/api/v1/agent/reports", {"reports": items})
+    run.report_s.append(time.perf_counter() - started)
+    if status != 200:
+        _error(run, "reports", status, content)
+        return
+    now = time.monotonic()
+    for outcome in json.loads(content)["results"]:
+        if "error" in outcome:
+            key_name = f"report:200:{outcome['error'].get('code', '?')}"
+            run.errors[key_name] = run.errors.get(key_name, 0) + 1
+        else:
+            run.reported += 1
+            run.reported_at.append(now)
+
+
 def _cycle(client: Any, key: Ed25519PrivateKey, device_id: int, plan: Plan, budget: Budget, run: AgentRun) -> bool:
     """One lease and its reports. False when this agent should stop."""
     wanted = budget.take(plan.batch)
@@ -154,6 +198,9 @@ def _cycle(client: Any, key: Ed25519PrivateKey, device_id: int, plan: Plan, budg
         # Nothing this owner may take (the other replicas of what is left are another owner's): done.
         run.empty_leases += 1
         return False
+    if plan.reports == "batched":
+        _report_batch(client, key, device_id, leases, plan, run)
+        return True
     for lease in leases:
         _report(client, key, device_id, lease, plan, run)
     return True

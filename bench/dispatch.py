@@ -11,7 +11,10 @@ scenario and stops it by process group, always. No Celery worker runs unless --c
 enqueue `validate_unit` on the broker as production does, and the bench purges that queue at the end.
 After each scenario the same agents (one process and connection each) run the marketplace's own lease
 statement and a minimal report as bare SQL on a fresh job of the same size: the ratio of the two rates says
-how far the server is from what the database alone allows. Prints a table, then, as the last line, one
+how far the server is from what the database alone allows. The single scenario leases and reports one unit
+per request (the output uploaded once, at setup); the batched one leases --batch units and reports them in
+one POST /agent/reports with every unit's own output inline, as the agent does (the bare-SQL run stores no
+outputs, so the batched ratio understates the server). Prints a table, then, as the last line, one
 JSON object of the figures. Exit status 1 when any request failed or a scenario reported nothing.
 """
 
@@ -335,7 +338,9 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, ctx: dict[str, An
         result = agents.run_agents(
             load=args.load, devices=devices, units=args.units, seconds=args.seconds,
             plan_args={"base_url": nodes[0][1], "batch": scenario.batch, "output_sha256": setup["output_sha256"],
-                       "client": args.client},
+                       "client": args.client, "output_b64": setup["output_b64"],
+                       # The batched scenario reports as the agent does: a lease's units in one request, inline.
+                       "reports": "single" if scenario.name == "single" else "batched"},
         )
         cpu_after, machine_after = process_cpu(), machine_cpu()
     wait_disconnected(ctx["maint"], ctx["db"])
@@ -373,6 +378,7 @@ def summarise(scenario: Scenario, args: argparse.Namespace, result: agents.LoadR
     server_ms = sum(cpu.get(role, 0.0) for role in ("gunicorn", "celery", "postgres", "redis")) * 1000 / per_unit
     return {
         "batch": scenario.batch,
+        "reports": "single" if scenario.name == "single" else "batched, outputs inline",
         "units": units,
         "wall_s": round(result.wall_s, 2),
         "units_per_s": round(rate, 1),

@@ -12,6 +12,8 @@ here through `artifact_store`, so every report passes the output check.
 
 from __future__ import annotations
 
+import base64
+
 import argparse
 import hashlib
 import json
@@ -59,13 +61,17 @@ def _model(owner: Any) -> dict[str, Any]:
     return {"architecture": "cnn", "config": config, "weights": _store(save(tensors), owner)}
 
 
-def _output_artifact(owner: Any) -> str:
+def _output_bytes() -> bytes:
     import numpy as np
 
     from marketplace.core.tensors import array_file_bytes
 
     y = np.random.default_rng(1).standard_normal((ROWS_PER_UNIT, CONFIG["out_features"])).astype(np.float32)
-    return _store(array_file_bytes(y, name="y"), owner)
+    return array_file_bytes(y, name="y")
+
+
+def _output_artifact(owner: Any) -> str:
+    return _store(_output_bytes(), owner)
 
 
 def _device(owner: Any, index: int) -> dict[str, Any]:
@@ -109,7 +115,9 @@ def setup(*, devices: int) -> dict[str, Any]:
     # having uploaded the one output they all report, as the upload endpoint would.
     Artifact.devices.through.objects.bulk_create(
         [Artifact.devices.through(artifact_id=output, device_id=d["device_id"]) for d in enrolled])
-    return {"model": _model(submitter), "output_sha256": output, "devices": enrolled}
+    # The output's bytes too: the batched scenario's agents send variants of it inline (bench/agents.py).
+    return {"model": _model(submitter), "output_sha256": output, "output_b64": base64.b64encode(_output_bytes()).decode(),
+            "devices": enrolled}
 
 
 def _spec(model: dict[str, Any], units: int, dataset: str) -> dict[str, Any]:

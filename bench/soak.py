@@ -2,7 +2,7 @@
 merging, beat, and the results archive running; does throughput hold, and does the hot table stay bounded?
 
     .venv/bin/python bench/soak.py                          # 30 minutes, 8 agents, 5-minute windows
-    .venv/bin/python bench/soak.py --quick                  # ~2 minutes, 4 agents, 20 s windows (tests)
+    .venv/bin/python bench/soak.py --quick                  # ~1 minute, 4 agents, 10 s windows (tests)
     .venv/bin/python bench/soak.py --minutes 10 --agents 16 --client stdlib
 
 The machinery is bench/dispatch.py's (a fresh PostgreSQL database on the server DATABASE_URL names, dropped at
@@ -72,13 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or dispatch.DEFAULT_SERVER)
     parser.add_argument("--broker-url", default=dispatch.DEFAULT_BROKER,
                         help="Redis database dedicated to the bench; its queues are purged at the end (default %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="~2 minutes: 4 agents, 20 s windows, small jobs")
+    parser.add_argument("--quick", action="store_true", help="~1 minute: 4 agents, 10 s windows, small jobs")
     parser.add_argument("--feeder", type=Path, help=argparse.SUPPRESS)  # internal: the Django-side feeder
     args = parser.parse_args(argv)
     if args.quick:
-        args.minutes, args.window, args.agents, args.workers = 1.5, 20.0, 4, 2
-        args.job_units, args.queue, args.sample, args.drain = 100, 400, 5.0, 120.0
-        args.audit_window, args.archive_after, args.archive_every = 10, 20, 10
+        args.minutes, args.window, args.agents, args.workers = 0.75, 10.0, 4, 2
+        args.job_units, args.queue, args.sample, args.drain = 100, 400, 3.0, 120.0
+        args.audit_window, args.archive_after, args.archive_every = 10, 10, 5
     if not 0 < args.minutes <= 24 * 60 or not 5 <= args.window <= 3600 or not 1 <= args.sample <= 600:
         parser.error("--minutes in (0, 1440], --window in [5, 3600], --sample in [1, 600]")
     if not 0 <= args.drain <= 3600:

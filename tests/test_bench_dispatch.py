@@ -33,6 +33,10 @@ def test_both_scenarios_report_every_unit_without_errors(report):
         assert figures["errors"] == {}, name
         assert figures["lease"]["n"] > 0 and figures["report"]["n"] > 0, name
         assert figures["server_cpu_ms_per_unit"] > 0, name
+    # The batched scenario reports a lease's units in one request each: fewer report requests than units.
+    assert report["scenarios"]["batched"]["reports"] == "batched, outputs inline"
+    assert report["scenarios"]["batched"]["report"]["n"] < report["scenarios"]["batched"]["units"]
+    assert report["scenarios"]["single"]["report"]["n"] == report["scenarios"]["single"]["units"]
 
 
 def test_the_bare_sql_limit_ran_on_the_same_units(report):

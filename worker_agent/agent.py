@@ -1,5 +1,5 @@
 """The work loop: lease -> check the unit's signature -> fetch and verify inputs -> compute in the child
--> upload -> sign -> report.
+-> sign -> report (small outputs inline in a batched report, larger ones uploaded first).
 
 Boring on purpose: one unit at a time in the main thread, one warm compute child (started with the
 loop; the first lease request waits for it, since it carries the child's hardware facts), a heartbeat
@@ -41,6 +41,7 @@ from worker_agent.shutdown import Shutdown, WaitInterrupted
 from worker_agent.signing import sign_result
 from worker_agent.state import DeviceState, StateDir
 from worker_agent.wire import (
+    BatchedReport,
     Capabilities,
     HeartbeatAnswer,
     Lease,
@@ -155,31 +156,58 @@ class DayCount:
 _SUMMARY_LOCK = threading.Lock()
 
 
+@dataclass(frozen=True)
+class _Finished:
+    """A computed unit on its way to the marketplace: its lease, work dir (the output in it) and outcome."""
+
+    lease: Lease
+    workdir: Path
+    outcome: ChildOutcome
+
+
 class _Courier:
-    """Delivers a finished unit (hash, upload, sign, report, clean up) on its own thread while the child
-    computes the next one of the batch, so the marketplace's answer times overlap computing. At most one
-    delivery is in flight; the loop waits for it before it asks for more work (the lease quota counts the
-    unit until it is reported) and before it stops. A daemon thread: a cold shutdown never waits for it."""
+    """Delivers finished units on its own thread while the child computes the next ones, so the marketplace's
+    answer times overlap computing. Units that finish while a delivery is in flight wait for the next one and
+    go together, in one batched report (group commit: nothing waits for a batch to fill, a lone unit goes
+    alone). At most protocol.MAX_REPORT_BATCH wait; `send` blocks past that. The loop waits for the courier
+    before it asks for more work (the lease quota counts a unit until it is reported) and before it stops.
+    A daemon thread: a cold shutdown never waits for it."""
 
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
+    def __init__(self, deliver: Callable[[list[_Finished]], None], *, limit: int = protocol.MAX_REPORT_BATCH) -> None:
+        self._deliver = deliver
+        self._limit = limit
+        self._pending: list[_Finished] = []
+        self._busy = False  # a thread is running (delivering, or about to take what is pending)
+        self._changed = threading.Condition()
 
-    def send(self, deliver: Callable[[], None]) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(deliver,), name="courier", daemon=True)
-        self._thread.start()
+    def send(self, finished: _Finished) -> None:
+        with self._changed:
+            while len(self._pending) >= self._limit:
+                self._changed.wait()
+            self._pending.append(finished)
+            if not self._busy:
+                self._busy = True
+                threading.Thread(target=self._run, name="courier", daemon=True).start()
 
     def wait(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        """Until everything sent is delivered."""
+        with self._changed:
+            while self._busy:
+                self._changed.wait()
 
-    @staticmethod
-    def _run(deliver: Callable[[], None]) -> None:
-        try:
-            deliver()
-        except Exception:  # noqa: BLE001 - a bug here must not end the agent; the lease expires on the server
-            log.exception("delivering a unit failed")
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                batch, self._pending = self._pending[:self._limit], self._pending[self._limit:]
+                if not batch:
+                    self._busy = False
+                    self._changed.notify_all()
+                    return
+                self._changed.notify_all()  # room for a blocked send
+            try:
+                self._deliver(batch)
+            except Exception:  # noqa: BLE001 - a bug here must not end the agent; the leases expire on the server
+                log.exception("delivering %d unit(s) failed", len(batch))
 
 
 class Agent:
@@ -232,7 +260,8 @@ class Agent:
         self.current: CurrentUnit | None = None  # the unit being worked on (fetched, computed, reported)
         self.today = DayCount()
         self.started_at = time.time()
-        self.courier = _Courier()
+        self.courier = _Courier(self._deliver_and_clean)
+        self._batched_reports = True  # until the server answers /agent/reports with a 404: then one by one
         self.control: control.ControlServer | None = None
 
     def run(self) -> Summary:
@@ -500,7 +529,7 @@ class Agent:
             self._fail(lease, str(exc))
         else:
             if outcome.ok:
-                self.courier.send(lambda: self._deliver_and_clean(lease, workdir, outcome))
+                self.courier.send(_Finished(lease, workdir, outcome))
                 self.current = None
                 self.cache.prune()
                 # A warm stop after this unit: the loop returns and run() waits for the courier.
@@ -512,13 +541,14 @@ class Agent:
         self.cache.prune()
         return False
 
-    def _deliver_and_clean(self, lease: Lease, workdir: Path, outcome: ChildOutcome) -> None:
-        """The courier's part (its own thread): report the unit, then forget it."""
+    def _deliver_and_clean(self, batch: list[_Finished]) -> None:
+        """The courier's part (its own thread): report the units, then forget them."""
         try:
-            self._deliver(lease, workdir / OUTPUT_FILE, outcome)
+            self._deliver(batch)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-            self.book.release(lease.result_id)
+            for finished in batch:
+                shutil.rmtree(finished.workdir, ignore_errors=True)
+                self.book.release(finished.lease.result_id)
 
     def _compute(self, lease: Lease, workdir: Path) -> ChildOutcome:
         # First of all: nothing of a unit the marketplace did not sign is fetched, let alone run.
@@ -662,35 +692,105 @@ class Agent:
             log.info("resuming %d unit%s left by an earlier run", len(resumable), "" if len(resumable) == 1 else "s")
             self._work_through(resumable)
 
-    def _deliver(self, lease: Lease, output: Path, outcome: ChildOutcome) -> None:
-        if self.book.is_lost(lease.result_id):
-            log.warning("%s: lease lost before the report; result dropped", lease.label)
-            self.summary.add("lost")
-            return
-        sha = file_sha256(output)
+    def _deliver(self, batch: list[_Finished]) -> None:
+        """Report the batch in one request (docs/protocol.md, "Batched reports"): outputs up to
+        protocol.MAX_INLINE_OUTPUT_BYTES travel inline, larger ones are uploaded first. A server without the
+        batched report (404) is sent each unit on its own from then on, as is a batch the server would not
+        take as a whole (a 4xx for the envelope, an answer that does not match it): a report already taken
+        answers already_reported, so nothing is counted twice."""
+        ready: list[tuple[_Finished, BatchedReport]] = []
+        for finished in batch:
+            lease = finished.lease
+            if self.book.is_lost(lease.result_id):
+                log.warning("%s: lease lost before the report; result dropped", lease.label)
+                self.summary.add("lost")
+                continue
+            output = finished.workdir / OUTPUT_FILE
+            sha = file_sha256(output)
+            inline = self._batched_reports and output.stat().st_size <= protocol.MAX_INLINE_OUTPUT_BYTES
+            if not inline:
+                try:
+                    self.client.upload(output, sha)
+                except AgentError as exc:
+                    self._fail(lease, f"output upload failed: {exc}")
+                    continue
+            if not self._batched_reports:
+                self._counted(lease, self._report(lease, sha, finished.outcome), finished.outcome)
+                continue
+            ready.append((finished, BatchedReport(
+                result_id=lease.result_id, output_sha256=sha, signature=self._signature(lease, sha),
+                elapsed_seconds=round(finished.outcome.elapsed_seconds, 3), metrics=finished.outcome.metrics,
+                output=protocol.b64encode(output.read_bytes()) if inline else None)))
+        if ready:
+            self._report_batch(ready)
+
+    def _report_batch(self, ready: list[tuple[_Finished, BatchedReport]]) -> None:
         try:
-            self.client.upload(output, sha)
-        except AgentError as exc:
-            self._fail(lease, f"output upload failed: {exc}")
+            answer = self.client.reports([report for _, report in ready])
+        except ApiError as exc:
+            if exc.status in (404, 405):
+                log.info("the server has no batched report (%s); reporting each unit on its own", exc.message)
+                self._batched_reports = False
+            else:
+                log.warning("the server refused a batch of %d report(s) (%s); reporting each on its own",
+                            len(ready), exc)
+            self._report_each(ready)
             return
-        if self._report(lease, sha, outcome):
+        except ServerUnavailable as exc:
+            for finished, _ in ready:
+                log.error("%s: could not report: %s", finished.lease.label, exc)
+                self.summary.add("refused")
+            return
+        except AgentError as exc:  # an answer that is not a batch answer
+            log.warning("the batched report's answer is refused (%s); reporting each unit on its own", exc)
+            self._report_each(ready)
+            return
+        for (finished, _), outcome in zip(ready, answer.results, strict=True):
+            lease = finished.lease
+            if outcome.error is None:
+                self._counted(lease, True, finished.outcome)
+                continue
+            if outcome.code == "already_reported":
+                log.info("%s: already reported by an earlier attempt", lease.label)
+                self._counted(lease, True, finished.outcome)
+                continue
+            message = str(outcome.error.get("message", ""))
+            level = logging.WARNING if outcome.code in ("lease_expired", "lease_cancelled") else logging.ERROR
+            log.log(level, "%s: the server refused the report: %s: %s", lease.label, outcome.code, message)
+            if outcome.code == "invalid":
+                # The output itself was refused (NaN in it, say): give the lease up now rather than let it sit
+                # until it expires; another owner's device gets the unit.
+                self._give_up(lease, f"the server refused the output: {message}")
+            self._counted(lease, False, finished.outcome)
+
+    def _report_each(self, ready: list[tuple[_Finished, BatchedReport]]) -> None:
+        """The batch, one unit at a time: inline outputs are uploaded first."""
+        for finished, report in ready:
+            lease = finished.lease
+            if report.output is not None:
+                try:
+                    self.client.upload(finished.workdir / OUTPUT_FILE, report.output_sha256)
+                except AgentError as exc:
+                    self._fail(lease, f"output upload failed: {exc}")
+                    continue
+            self._counted(lease, self._report(lease, report.output_sha256, finished.outcome), finished.outcome)
+
+    def _counted(self, lease: Lease, reported: bool, outcome: ChildOutcome) -> None:
+        if reported:
             self.summary.add("done")
             self.today.add()
             log.info("%s done in %.2fs, reported", lease.label, outcome.elapsed_seconds)
         else:
             self.summary.add("refused")
 
+    def _signature(self, lease: Lease, sha: str) -> str:
+        return sign_result(self.key, result_id=lease.result_id, unit_id=lease.unit_id,
+                           device_id=self.device.device_id, output_sha256=sha)
+
     def _report(self, lease: Lease, sha: str, outcome: ChildOutcome) -> bool:
-        signature = sign_result(
-            self.key,
-            result_id=lease.result_id,
-            unit_id=lease.unit_id,
-            device_id=self.device.device_id,
-            output_sha256=sha,
-        )
         body = Report(
             output_sha256=sha,
-            signature=signature,
+            signature=self._signature(lease, sha),
             elapsed_seconds=round(outcome.elapsed_seconds, 3),
             metrics=outcome.metrics,
         ).to_wire()

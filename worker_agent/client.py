@@ -164,6 +164,20 @@ class AgentClient:
     def report(self, result_id: int, body: dict[str, Any]) -> dict[str, Any]:
         return self.post_json(f"/api/v1/agent/results/{result_id}/report", body)
 
+    def reports(self, reports: list[wire.BatchedReport]) -> wire.ReportBatchAnswer:
+        """Report many units in one request (POST /api/v1/agent/reports): one outcome per report, in order.
+        Retried like any report (a report taken before answers already_reported). An answer that is not one
+        outcome per report, for the same result ids in the same order, is an AgentError."""
+        path = "/api/v1/agent/reports"
+        raw = self.post_json(path, wire.ReportBatch(reports=tuple(reports)).to_wire())
+        try:
+            answer = wire.ReportBatchAnswer.from_wire(raw)
+        except wire.WireError as exc:
+            raise AgentError(f"POST {path}: the server's answer is refused: {exc}") from None
+        if [outcome.result_id for outcome in answer.results] != [report.result_id for report in reports]:
+            raise AgentError(f"POST {path}: the server's answer names other results than the reports sent")
+        return answer
+
     def fail(
         self, result_id: int, error: str, *, retry: RetryPolicy | None = None, timeout: float | None = None
     ) -> dict[str, Any]:

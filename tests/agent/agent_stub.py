@@ -68,6 +68,9 @@ class StubMarketplace:
     progress: list[dict[str, float]] = field(default_factory=list)  # each heartbeat's `progress`, when it had one
     lose_on_heartbeat: set[int] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)
+    batched_reports: bool = True  # False: a server predating POST /api/v1/agent/reports (it answers 404)
+    inline_outputs: list[int] = field(default_factory=list)  # result ids whose output came inline in a batch
+    batches: list[list[int]] = field(default_factory=list)  # each batched report's result ids, in order
     lock: threading.Lock = field(default_factory=threading.Lock)
     marketplace_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     key_id: str = "mk-stub-1"
@@ -116,6 +119,8 @@ class StubMarketplace:
             return self._heartbeat(json.loads(request.content))
         if path == "/api/v1/artifacts/" and request.method == "POST":
             return self._upload(request)
+        if path == "/api/v1/agent/reports" and request.method == "POST" and self.batched_reports:
+            return self._reports(json.loads(request.content))
         if match := ARTIFACT_PATH.match(path):
             data = self.artifacts.get(match.group(1))
             return httpx.Response(200, content=data) if data is not None else error(404, "not_found", "no such artifact")
@@ -156,11 +161,41 @@ class StubMarketplace:
         self.artifacts[sha] = data
         return httpx.Response(200 if existed else 201, json={"sha256": sha, "size": len(data)})
 
+    def _reports(self, body: dict[str, Any]) -> httpx.Response:
+        """The batched report: the envelope read as the marketplace reads it, each report judged on its own
+        (an inline output is stored as an upload would be, once its bytes match their hash)."""
+        try:
+            items = wire.ReportBatch.items_from_wire(body)
+        except wire.WireError as exc:
+            return error(400, "invalid", str(exc))
+        self.batches.append([result_id for result_id, _ in items])
+        results: list[dict[str, Any]] = []
+        for result_id, report in items:
+            if isinstance(report, wire.WireError):
+                results.append({"result_id": result_id, "error": {"code": "invalid", "message": str(report)}})
+                continue
+            single = report.to_wire()
+            inline = single.pop("output", None)
+            if inline is not None and result_id in self.leased:
+                data = protocol.b64decode(inline)
+                if hashlib.sha256(data).hexdigest() != report.output_sha256:
+                    results.append({"result_id": result_id,
+                                    "error": {"code": "invalid", "message": "inline output differs from its hash"}})
+                    continue
+                self.artifacts[report.output_sha256] = data
+                self.inline_outputs.append(result_id)
+            answer = self._report(result_id, single)
+            payload = json.loads(answer.read())
+            results.append({"result_id": result_id, **({"state": payload["state"]} if answer.status_code == 200
+                                                       else {"error": payload["error"]})})
+        return httpx.Response(200, json={"results": results})
+
     def _report(self, result_id: int, body: dict[str, Any]) -> httpx.Response:
         lease = self.leased.pop(result_id, None)
         if lease is None:
             return error(409, "lease_expired", f"the lease on result {result_id} expired")
         if body["output_sha256"] not in self.artifacts:
+            self.leased[result_id] = lease
             return error(400, "invalid", "output not uploaded")
         message = protocol.result_message(result_id=result_id, unit_id=lease["unit_id"], device_id=self.device_id,
                                           output_sha256=body["output_sha256"])
