@@ -12,9 +12,8 @@ here through `artifact_store`, so every report passes the output check.
 
 from __future__ import annotations
 
-import base64
-
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -70,10 +69,6 @@ def _output_bytes() -> bytes:
     return array_file_bytes(y, name="y")
 
 
-def _output_artifact(owner: Any) -> str:
-    return _store(_output_bytes(), owner)
-
-
 def _device(owner: Any, index: int) -> dict[str, Any]:
     """Enrol one device through the real service, as an agent would, and keep its private key."""
     from cryptography.hazmat.primitives import serialization
@@ -109,14 +104,15 @@ def setup(*, devices: int) -> dict[str, Any]:
     from marketplace.artifacts.models import Artifact
 
     contributors = [users.create_user(f"bench-contributor-{i}") for i in range(devices)]
-    output = _output_artifact(submitter)
+    output_bytes = _output_bytes()
+    output = _store(output_bytes, submitter)
     enrolled = [_device(owner, i) for i, owner in enumerate(contributors)]
     # A report names an output its own device uploaded (workunits/results.py): record every bench device as
     # having uploaded the one output they all report, as the upload endpoint would.
     Artifact.devices.through.objects.bulk_create(
         [Artifact.devices.through(artifact_id=output, device_id=d["device_id"]) for d in enrolled])
     # The output's bytes too: the batched scenario's agents send variants of it inline (bench/agents.py).
-    return {"model": _model(submitter), "output_sha256": output, "output_b64": base64.b64encode(_output_bytes()).decode(),
+    return {"model": _model(submitter), "output_sha256": output, "output_b64": base64.b64encode(output_bytes).decode(),
             "devices": enrolled}
 
 

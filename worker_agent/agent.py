@@ -714,15 +714,16 @@ class Agent:
                 except AgentError as exc:
                     self._fail(lease, f"output upload failed: {exc}")
                     continue
-            if not self._batched_reports:
-                self._counted(lease, self._report(lease, sha, finished.outcome), finished.outcome)
-                continue
+            signature = sign_result(self.key, result_id=lease.result_id, unit_id=lease.unit_id,
+                                    device_id=self.device.device_id, output_sha256=sha)
             ready.append((finished, BatchedReport(
-                result_id=lease.result_id, output_sha256=sha, signature=self._signature(lease, sha),
+                result_id=lease.result_id, output_sha256=sha, signature=signature,
                 elapsed_seconds=round(finished.outcome.elapsed_seconds, 3), metrics=finished.outcome.metrics,
                 output=protocol.b64encode(output.read_bytes()) if inline else None)))
-        if ready:
+        if ready and self._batched_reports:
             self._report_batch(ready)
+        elif ready:
+            self._report_each(ready)
 
     def _report_batch(self, ready: list[tuple[_Finished, BatchedReport]]) -> None:
         try:
@@ -750,18 +751,9 @@ class Agent:
             if outcome.error is None:
                 self._counted(lease, True, finished.outcome)
                 continue
-            if outcome.code == "already_reported":
-                log.info("%s: already reported by an earlier attempt", lease.label)
-                self._counted(lease, True, finished.outcome)
-                continue
-            message = str(outcome.error.get("message", ""))
-            level = logging.WARNING if outcome.code in ("lease_expired", "lease_cancelled") else logging.ERROR
-            log.log(level, "%s: the server refused the report: %s: %s", lease.label, outcome.code, message)
-            if outcome.code == "invalid":
-                # The output itself was refused (NaN in it, say): give the lease up now rather than let it sit
-                # until it expires; another owner's device gets the unit.
-                self._give_up(lease, f"the server refused the output: {message}")
-            self._counted(lease, False, finished.outcome)
+            reported = self._refused(lease, outcome.code, str(outcome.error.get("message", "")),
+                                     output_refused=outcome.code == "invalid")
+            self._counted(lease, reported, finished.outcome)
 
     def _report_each(self, ready: list[tuple[_Finished, BatchedReport]]) -> None:
         """The batch, one unit at a time: inline outputs are uploaded first."""
@@ -773,7 +765,7 @@ class Agent:
                 except AgentError as exc:
                     self._fail(lease, f"output upload failed: {exc}")
                     continue
-            self._counted(lease, self._report(lease, report.output_sha256, finished.outcome), finished.outcome)
+            self._counted(lease, self._report(lease, report), finished.outcome)
 
     def _counted(self, lease: Lease, reported: bool, outcome: ChildOutcome) -> None:
         if reported:
@@ -783,37 +775,34 @@ class Agent:
         else:
             self.summary.add("refused")
 
-    def _signature(self, lease: Lease, sha: str) -> str:
-        return sign_result(self.key, result_id=lease.result_id, unit_id=lease.unit_id,
-                           device_id=self.device.device_id, output_sha256=sha)
-
-    def _report(self, lease: Lease, sha: str, outcome: ChildOutcome) -> bool:
-        body = Report(
-            output_sha256=sha,
-            signature=self._signature(lease, sha),
-            elapsed_seconds=round(outcome.elapsed_seconds, 3),
-            metrics=outcome.metrics,
-        ).to_wire()
+    def _report(self, lease: Lease, report: BatchedReport) -> bool:
+        """The single report (POST /agent/results/{id}/report) of an uploaded output."""
+        body = Report(output_sha256=report.output_sha256, signature=report.signature,
+                      elapsed_seconds=report.elapsed_seconds, metrics=report.metrics).to_wire()
         try:
             self.client.report(lease.result_id, body)
         except ApiError as exc:
-            if exc.code == "already_reported":
-                # Only this device holds this result: an earlier attempt got through and its answer
-                # was lost on the way back (a timeout, then a retry).
-                log.info("%s: already reported by an earlier attempt", lease.label)
-                return True
-            # 409 lease_expired: the unit was reissued; the server has moved on, and so do we.
-            level = logging.WARNING if exc.status == 409 else logging.ERROR
-            log.log(level, "%s: the server refused the report: %s", lease.label, exc)
-            if exc.status == 400:
-                # The output itself was refused (NaN in it, say): give the lease up now rather than let it
-                # sit until it expires; another owner's device gets the unit.
-                self._give_up(lease, f"the server refused the output: {exc.message}")
-            return False
+            return self._refused(lease, exc.code, exc.message, output_refused=exc.status == 400)
         except AgentError as exc:
             log.error("%s: could not report: %s", lease.label, exc)
             return False
         return True
+
+    def _refused(self, lease: Lease, code: str, message: str, *, output_refused: bool) -> bool:
+        """A report the server answered with an error, single or in a batch; True when it counts as reported."""
+        if code == "already_reported":
+            # Only this device holds this result: an earlier attempt got through and its answer was lost on
+            # the way back (a timeout, then a retry).
+            log.info("%s: already reported by an earlier attempt", lease.label)
+            return True
+        # lease_expired: the unit was reissued; the server has moved on, and so do we.
+        level = logging.WARNING if code in ("lease_expired", "lease_cancelled") else logging.ERROR
+        log.log(level, "%s: the server refused the report: %s: %s", lease.label, code, message)
+        if output_refused:
+            # The output itself was refused (NaN in it, say): give the lease up now rather than let it sit
+            # until it expires; another owner's device gets the unit.
+            self._give_up(lease, f"the server refused the output: {message}")
+        return False
 
     def _fail(self, lease: Lease, error: str) -> None:
         log.warning("%s failed: %s", lease.label, error)
