@@ -19,6 +19,8 @@ from typing import Any
 
 import psycopg
 
+from bench.agents import Budget
+
 # The smallest correct report of a batch: only live leases of this device move, and each unit is flagged.
 REPORT_SQL = """
 WITH moved AS (
@@ -43,7 +45,7 @@ class SqlRun:
 
 
 def _agent(database_url: str, device: dict[str, Any], statements: dict[str, str], batch: int, output: str,
-           deadline: float, budget: Any, start: Any, results: Any) -> None:
+           deadline: float, budget: Budget, start: Any, results: Any) -> None:
     run = SqlRun()
     lease_sql = statements["lease_batch" if batch > 1 else "lease_single"]
     with psycopg.connect(database_url) as conn:
@@ -52,9 +54,7 @@ def _agent(database_url: str, device: dict[str, Any], statements: dict[str, str]
         conn.commit()
         start.wait()
         while time.monotonic() < deadline:
-            with budget.get_lock():
-                wanted = min(batch, budget.value)
-                budget.value -= wanted
+            wanted = budget.take(batch)
             if not wanted:
                 break
             now = datetime.now(UTC)
@@ -63,6 +63,10 @@ def _agent(database_url: str, device: dict[str, Any], statements: dict[str, str]
                       "memory_mb": 2048, "gpu_mb": 0, "grace": 60.0, "kind_0": "fedavg", "kind_1": "inference"}
             rows = conn.execute(lease_sql, params, prepare=True).fetchall()
             conn.commit()
+            if len(rows) < wanted:
+                # What this device did not get goes back to the others: a device that has computed a replica
+                # of every unit left can lease no more of them, and its share of the bound is theirs.
+                budget.give_back(wanted - len(rows))
             if not rows:
                 run.empty += 1
                 break
@@ -73,6 +77,7 @@ def _agent(database_url: str, device: dict[str, Any], statements: dict[str, str]
             except psycopg.errors.OperationalError:  # a deadlock or serialization failure: counted, not fatal
                 conn.rollback()
                 run.errors += 1
+                budget.give_back(len(rows))
                 continue
             run.reported += len(rows)
     run.ended_at = time.monotonic()
@@ -83,7 +88,7 @@ def run_sql_limit(*, database_url: str, devices: list[dict[str, Any]], statement
                   output: str, units: int, seconds: float) -> dict[str, Any]:
     """Units/s of bare lease + report on the bench database, one process and connection per device."""
     ctx = multiprocessing.get_context("fork")
-    budget, start, results = ctx.Value("q", units), ctx.Event(), ctx.Queue()
+    budget, start, results = Budget(ctx, units), ctx.Event(), ctx.Queue()
     deadline = time.monotonic() + 2.0 + seconds
     procs = [ctx.Process(target=_agent, args=(database_url, d, statements, batch, output, deadline, budget, start, results),
                          daemon=True) for d in devices]
