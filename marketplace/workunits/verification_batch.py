@@ -4,12 +4,13 @@ The rules are verification.py's, unchanged. Every unit of a batch is one of two 
 
 - **plain**: every answer it counts (reported, and vouched for before) agrees with the first one, the unit
   hides none of the submitter's known rows, is no known-answer copy, and no answer disputes one. Its
-  verdict needs no replica, no ban and no re-check: it is accepted (or waits, or stays as it is). These
+  verdict needs no ban and no re-check: it is accepted, or waits (for replicas out, or for the replicas
+  it is given here: too few owners answered, or no trusted device confirms), or stays as it is. These
   are nearly all units of a running network, and they are judged here: their results read in one query,
   outputs compared by digest (tensors are read only where digests differ, as verification._agree does),
-  and states, device counters, trust and credits written in bulk.
-- **involved**: everything else (a disagreement, a late replica, a known answer, hidden rows, a replica to
-  issue, a quorum-1 unit whose device lost its trust). Each is validated by verification._validate itself,
+  and states, device counters, trust, new replicas and credits written in bulk.
+- **involved**: everything else (a disagreement, a late replica, a known answer, hidden rows, a replica its
+  cap or its job's state refuses, a quorum-1 unit whose device lost its trust). Each is validated by verification._validate itself,
   in a savepoint of the batch's transaction, before the plain units are looked at.
 
 The batch equals the units validated one by one in this order: the involved ones (by id), then the plain
@@ -44,6 +45,8 @@ from marketplace.ledger import hooks as ledger_hooks
 from marketplace.workers.models import Device, DeviceTrust
 from marketplace.workunits import verification
 from marketplace.workunits.models import Result, WorkUnit
+from marketplace.workunits.notify import work_available
+from marketplace.workunits.requirements import replica_needs
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +267,7 @@ class _Writes:
     audits_per_device: Counter[int] = field(default_factory=Counter)
     canonical: dict[int, int] = field(default_factory=dict)  # unit -> its canonical result
     jobs: dict[int, int] = field(default_factory=dict)  # job -> owner, of the units decided
+    replicas: dict[int, int] = field(default_factory=dict)  # unit -> replicas to issue
 
 
 def _write_plain(loaded: dict[int, _Unit], decided: dict[int, str], writes: _Writes, trust: _Trust,
@@ -272,7 +276,7 @@ def _write_plain(loaded: dict[int, _Unit], decided: dict[int, str], writes: _Wri
     out), nothing of it is kept and each unit is validated on its own instead."""
     try:
         with transaction.atomic():
-            _write(writes, trust)
+            _write(writes, trust, loaded)
         verdicts.update(decided)
     except (verification._Raced, OperationalError) as exc:
         if isinstance(exc, OperationalError) and not verification._deadlock(exc):
@@ -284,7 +288,7 @@ def _write_plain(loaded: dict[int, _Unit], decided: dict[int, str], writes: _Wri
 
 def _decide(item: _Unit, trust: _Trust, writes: _Writes) -> str:
     """verification._seek_quorum for a unit whose answers all agree: accepted, or waiting for replicas
-    already out. Anything else (a replica to issue, a quorum to raise) is _Involved."""
+    already out or issued here. Anything else (a replica past the cap, a quorum to raise) is _Involved."""
     unit, kind = item.unit, item.unit.job.kind
     if unit.state != WorkUnit.State.PENDING or not item.reported:
         return str(unit.state)
@@ -292,15 +296,25 @@ def _decide(item: _Unit, trust: _Trust, writes: _Writes) -> str:
         raise _Involved(f"unit {unit.pk}: accepted alone, but its device lost its trust")
     owners = verification._owners(item.considered)
     if owners < unit.quorum:
-        if unit.quorum - owners - item.outstanding > 0:
-            raise _Involved(f"unit {unit.pk}: needs another replica")
+        short = unit.quorum - owners - item.outstanding
+        if short > 0:
+            _replicate(item, short, writes)
         return "pending"
     if not _confirmed(unit, item.considered, kind, trust):
-        if item.outstanding:
-            return "pending"
-        raise _Involved(f"unit {unit.pk}: needs a replica for a trusted device to confirm")
+        if not item.outstanding:
+            _replicate(item, 1, writes)  # for a trusted device to confirm
+        return "pending"
     _accept(item, trust, writes)
     return "done"
+
+
+def _replicate(item: _Unit, count: int, writes: _Writes) -> None:
+    """replicas.replica_issue, `count` times, for a unit whose job runs and whose cap leaves room for them;
+    a unit at its cap (it may error, or wait for validation) is _Involved."""
+    unit = item.unit
+    if unit.job.state != Job.State.RUNNING or unit.results_created + count > unit.max_results:
+        raise _Involved(f"unit {unit.pk}: needs {count} more replica(s) than its cap or its job allows")
+    writes.replicas[unit.pk] = count
 
 
 def _confirmed(unit: WorkUnit, agreeing: list[Result], kind: str, trust: _Trust) -> bool:  # verification._confirmed
@@ -329,7 +343,8 @@ def _accept(item: _Unit, trust: _Trust, writes: _Writes) -> None:
     writes.jobs[unit.job_id] = unit.job.owner_id
 
 
-def _write(writes: _Writes, trust: _Trust) -> None:
+def _write(writes: _Writes, trust: _Trust, loaded: dict[int, _Unit]) -> None:
+    _write_replicas(writes.replicas, loaded)
     newly_valid = writes.valid_alone + writes.valid_replicated
     for ids, alone in ((writes.valid_alone, True), (writes.valid_replicated, False)):
         if ids and Result.objects.filter(pk__in=ids, state=Result.State.REPORTED).update(
@@ -349,6 +364,26 @@ def _write(writes: _Writes, trust: _Trust) -> None:
     for job_id, owner_id in writes.jobs.items():
         job_merge_if_done(job_id=job_id)
         job_progress(job_id=job_id, owner_id=owner_id)
+
+
+def _write_replicas(replicas: dict[int, int], loaded: dict[int, _Unit]) -> None:
+    """The replicas _replicate chose, counted against each unit's cap under the same conditions as
+    replica_issue's (a job cancelled meanwhile is a race: the batch is validated one by one instead)."""
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for pk, count in replicas.items():
+        by_count[count].append(pk)
+    for count, pks in by_count.items():
+        counted = WorkUnit.objects.filter(
+            pk__in=pks, state=WorkUnit.State.PENDING, results_created__lte=F("max_results") - count,
+            job__state=Job.State.RUNNING,
+        ).update(results_created=F("results_created") + count)
+        if counted != len(pks):
+            raise verification._Raced(f"{len(pks) - counted} units or their jobs moved while they were being judged")
+    if replicas:
+        Result.objects.bulk_create([
+            Result(unit_id=pk, job_id=loaded[pk].unit.job_id, **replica_needs(loaded[pk].unit))
+            for pk, count in replicas.items() for _ in range(count)])
+        work_available()
 
 
 def _add(model: Any, counter: str, amounts: Counter[int]) -> None:
