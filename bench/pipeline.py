@@ -16,10 +16,11 @@ end; without it a SQLite file in a temporary folder) and a fresh artifact folder
   0 exact, the others ~1e-7 off, so replicas of different classes are compared by tolerance and tensors
   are read), a third of them trusted (their units accepted alone or audited) and one always-wrong device;
   Celery is held back meanwhile, so every unit waits with need_validate as reports leave it. Then half
-  the waiting units are validated in process, one `workunits.validate` message body per unit in id order
-  as a worker receives them (seconds, SQL statements per unit), and the other half by **one real Celery
-  worker process** (`celery worker --pool solo`, the broker --broker-url), one message per unit sent as
-  reports send them: units/s from the first message sent to the queue drained and no unit waiting.
+  the waiting units are validated in process by the body of the `workunits.validate_waiting` message
+  (limited to that half; seconds, SQL statements per unit), and the other half by **one real Celery
+  worker process** (`celery worker --pool solo`, the broker --broker-url), sent for as each unit's report
+  asks (one coalesced message while none is queued, `core.tasks.enqueue_coalesced_on_commit`): units/s
+  from the first message sent to the queue drained and no unit waiting, and the messages it took.
 - **merge**: the split job's units all decided (their replicas made valid in two UPDATEs, one shared
   output file), then merged by the `jobs.merge` task's body: seconds and the peak of Python memory
   (tracemalloc) while it ran.
@@ -336,7 +337,7 @@ def stage_validate(args: argparse.Namespace, submitter: Submitter, meter: Meter,
                    work: Path) -> dict[str, Any]:
     from marketplace.jobs.tasks import job_split_task
     from marketplace.workunits.models import Result, WorkUnit
-    from marketplace.workunits.tasks import unit_validate_task
+    from marketplace.workunits.tasks import units_validate_waiting_task
 
     with HeldTasks() as held:
         job = submitter.submit(args.validate_units)
@@ -350,9 +351,8 @@ def stage_validate(args: argparse.Namespace, submitter: Submitter, meter: Meter,
     half = waiting if args.no_worker else waiting[: len(waiting) // 2]
     meter.reset()
     started = time.perf_counter()
-    with profiled(args, "validate"):
-        for unit_id in half:
-            unit_validate_task(unit_id)  # one message's body, as a worker runs it
+    with profiled(args, "validate"), HeldTasks():  # its message for what it leaves waiting is not sent
+        units_validate_waiting_task(limit=len(half))  # the message's body, as a worker runs it
     seconds = time.perf_counter() - started
     figures["in_process"] = {"units": len(half), "seconds": round(seconds, 3),
                              "units_per_second": round(len(half) / seconds) if seconds else None,
@@ -374,21 +374,24 @@ def _count() -> Any:
 
 
 def worker_rate(unit_ids: list[int], env: dict[str, str], work: Path) -> dict[str, Any]:
-    """One real Celery worker process validates `unit_ids`, one message per unit sent as reports send them."""
+    """One real Celery worker process validates `unit_ids`, sent for as each unit's report asks: one
+    coalesced message while none is queued (results.units_mark_due)."""
+    from marketplace.core.tasks import coalesced_started, enqueue_coalesced_on_commit
     from marketplace.workunits.models import WorkUnit
-    from marketplace.workunits.tasks import unit_validate_task
+    from marketplace.workunits.tasks import VALIDATE_WAITING
 
     worker = Process.spawn("worker", [sys.executable, "-m", "celery", "-A", "marketplace", "worker", "--pool", "solo",
                                       "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
                                       "-n", f"pipeline-{os.getpid()}@%h"], env=env, log_dir=work / "logs")
     try:
         worker.wait_for_log(r"ready\.", timeout=120)
+        coalesced_started(VALIDATE_WAITING)  # the messages held back during the reports left the gate shut
         started = time.perf_counter()
-        for unit_id in unit_ids:
-            unit_validate_task.delay(unit_id)
+        for _ in unit_ids:
+            enqueue_coalesced_on_commit(VALIDATE_WAITING)  # autocommit: sent now, or held back by the gate
         sent = time.perf_counter() - started
         deadline = time.monotonic() + WORKER_TIMEOUT
-        while not finished(worker, len(unit_ids)) or WorkUnit.objects.filter(pk__in=unit_ids, need_validate=True).exists():
+        while not finished(worker, 1) or WorkUnit.objects.filter(pk__in=unit_ids, need_validate=True).exists():
             if time.monotonic() > deadline or not worker.alive():
                 raise RuntimeError(f"the worker did not validate {len(unit_ids)} units:\n{worker.log_tail()}")
             time.sleep(0.05)
@@ -396,14 +399,19 @@ def worker_rate(unit_ids: list[int], env: dict[str, str], work: Path) -> dict[st
     finally:
         worker.stop()
     return {"units": len(unit_ids), "seconds": round(seconds, 3), "send_seconds": round(sent, 3),
-            "units_per_second": round(len(unit_ids) / seconds) if seconds else None, "pool": "solo (one process)"}
+            "messages": ended(worker), "units_per_second": round(len(unit_ids) / seconds) if seconds else None,
+            "pool": "solo (one process)"}
+
+
+def ended(worker: Process) -> int:
+    """Messages the worker has finished: at INFO it logs one line per task that ends."""
+    assert worker.log_path is not None
+    text = worker.log_path.read_text(errors="replace")
+    return text.count("] succeeded in") + text.count("] raised")
 
 
 def finished(worker: Process, sent: int) -> bool:
-    """Whether the worker has finished every message sent: at INFO it logs one line per task that ends."""
-    assert worker.log_path is not None
-    text = worker.log_path.read_text(errors="replace")
-    return text.count("] succeeded in") + text.count("] raised") >= sent
+    return ended(worker) >= sent
 
 
 def stage_merge(job_id: int, submitter: Submitter) -> dict[str, Any]:
@@ -448,7 +456,7 @@ def table(figures: dict[str, Any]) -> str:
     if "worker" in validate:
         worker = validate["worker"]
         rows.append(("validate, Celery worker", f"{worker['units']:,} units", f"{worker['seconds']} s",
-                     f"{worker['units_per_second']} units/s", worker["pool"]))
+                     f"{worker['units_per_second']} units/s", f"{worker['pool']}, {worker['messages']} messages"))
     rows.append(("merge", f"{merge['units']:,} units", f"{merge['seconds']} s", f"peak {merge['peak_python_mb']} MB",
                  f"{merge['output_bytes']:,} bytes"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

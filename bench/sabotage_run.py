@@ -176,9 +176,10 @@ class TaskQueue:
     def drain(self) -> int:
         from marketplace.jobs.models import Job
         from marketplace.jobs.tasks import job_merge_task, job_split_task
-        from marketplace.workunits.tasks import unit_validate_task
+        from marketplace.workunits.tasks import unit_validate_task, units_validate_waiting_task
 
-        tasks = {"workunits.validate": unit_validate_task, "jobs.merge": job_merge_task, "jobs.split": job_split_task}
+        tasks = {"workunits.validate": unit_validate_task, "workunits.validate_waiting": units_validate_waiting_task,
+                 "jobs.merge": job_merge_task, "jobs.split": job_split_task}
         ran = 0
         while self.waiting:
             key = self.waiting.popleft()

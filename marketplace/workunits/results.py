@@ -37,7 +37,7 @@ from marketplace.core.exceptions import (
     NotFound,
     ValidationFailed,
 )
-from marketplace.core.tasks import enqueue_on_commit
+from marketplace.core.tasks import enqueue_coalesced_on_commit
 from marketplace.core.tensors import TensorFileError, TensorSummary
 from marketplace.jobs.kinds import kind_module
 from marketplace.jobs.models import Job
@@ -323,8 +323,8 @@ def units_mark_due(unit_ids: list[int]) -> list[int]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         due = sorted(row[0] for row in cursor.fetchall())
-    for unit_id in due:
-        enqueue_on_commit("workunits.validate", unit_id)
+    if due:
+        enqueue_coalesced_on_commit("workunits.validate_waiting")  # one message per burst of reports
     return due
 
 

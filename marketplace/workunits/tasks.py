@@ -8,6 +8,7 @@ from typing import Any
 from celery import Task, shared_task
 from django.conf import settings
 
+from marketplace.core.tasks import coalesced_started, enqueue_coalesced_on_commit
 from marketplace.workunits import archive, leasing, verification_batch
 from marketplace.workunits import sweep as sweeping
 from marketplace.workunits.archive import ArchiveReport
@@ -16,6 +17,7 @@ from marketplace.workunits.sweep import SweepReport
 # A unit locked by a concurrent report or validation is retried this often, a second apart; past that it
 # keeps its need_validate flag for the sweep.
 VALIDATE_RETRIES = 5
+VALIDATE_WAITING = "workunits.validate_waiting"
 
 
 @shared_task(name="workunits.validate", acks_late=True, bind=True, max_retries=VALIDATE_RETRIES)
@@ -31,8 +33,14 @@ def unit_validate_task(self: Task[Any, Any], unit_id: int) -> str:
 
 @shared_task(name="workunits.validate_waiting", acks_late=True)
 def units_validate_waiting_task(limit: int = 5000) -> int:
-    """Validate up to `limit` units waiting with need_validate, in batches; returns how many were judged."""
-    return len(verification_batch.units_validate_waiting(limit=limit))
+    """Validate up to `limit` units waiting with need_validate, in batches; returns how many were judged.
+    Reports send it once per burst (enqueue_coalesced_on_commit); units it could not claim (locked by a
+    report or another validation as it looked) or left past its limit get one more message."""
+    coalesced_started(VALIDATE_WAITING)
+    verdicts = verification_batch.units_validate_waiting(limit=limit)
+    if verification_batch.units_waiting(besides=verdicts):
+        enqueue_coalesced_on_commit(VALIDATE_WAITING, countdown=1)
+    return len(verdicts)
 
 
 @shared_task(name="workunits.expire_leases", acks_late=True)

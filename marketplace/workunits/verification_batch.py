@@ -104,6 +104,11 @@ def units_validate_waiting(*, limit: int) -> dict[int, str]:
     return verdicts
 
 
+def units_waiting(*, besides: Iterable[int] = ()) -> bool:
+    """Whether any unit waits with need_validate, other than `besides`."""
+    return WorkUnit.objects.filter(need_validate=True).exclude(pk__in=list(besides)).exists()
+
+
 def _lock(unit_ids: Sequence[int], *, claim: int, wait: bool) -> dict[int, WorkUnit]:
     """The units to validate, row-locked in id order (the order bans lock them in). Only the unit rows:
     their jobs are read unlocked (a job's state moves by conditional UPDATEs)."""

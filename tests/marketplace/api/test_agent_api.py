@@ -190,7 +190,7 @@ def test_the_report_that_completes_a_quorum_queues_the_unit_for_validation(
 
     assert response.status_code == 200, response.json()
     assert WorkUnit.objects.get(pk=leased.unit_id).need_validate is True
-    assert enqueued == [("workunits.validate", (leased.unit_id,))]
+    assert enqueued == [("workunits.validate_waiting", ())]  # it validates every unit waiting, this one among them
 
 
 def test_an_output_uploaded_through_the_api_can_be_reported(leased, device, make_output, honest_output):

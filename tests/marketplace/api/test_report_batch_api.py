@@ -207,7 +207,7 @@ def test_the_body_limit_admits_a_full_batch_of_the_largest_outputs_and_no_more(d
     assert too_large.status_code == 413
 
 
-def test_validation_is_queued_once_per_unit_whose_quorum_the_batch_completes(
+def test_the_units_whose_quorum_the_batch_completes_wait_for_validation_with_one_message(
     submit_job, make_device, contributor, other_contributor, make_output, honest_output, enqueued,
     django_capture_on_commit_callbacks,
 ):
@@ -223,13 +223,14 @@ def test_validation_is_queued_once_per_unit_whose_quorum_the_batch_completes(
 
     with django_capture_on_commit_callbacks(execute=True):
         report_all(first, mine)
-    assert [name for name, _ in enqueued if name == "workunits.validate"] == []  # each unit waits for its quorum
+    assert enqueued == []  # each unit waits for its quorum
+    assert WorkUnit.objects.filter(need_validate=True).count() == 0
     with django_capture_on_commit_callbacks(execute=True):
         report_all(second, theirs)
 
-    validations = sorted(args[0] for name, args in enqueued if name == "workunits.validate")
-    assert validations == sorted({lease.unit_id for lease in mine})
-    assert WorkUnit.objects.filter(need_validate=True).count() == 3
+    # Before: one workunits.validate message per unit. One message validates every unit waiting.
+    assert enqueued == [("workunits.validate_waiting", ())]
+    assert set(WorkUnit.objects.filter(need_validate=True).values_list("pk", flat=True)) == {lease.unit_id for lease in mine}
 
 
 def test_resending_a_batch_changes_nothing_and_says_each_was_reported(
