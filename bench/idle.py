@@ -176,6 +176,7 @@ class Fleet:
     errors: dict[str, int] = field(default_factory=dict)
     leased_at: list[tuple[float, int]] = field(default_factory=list)  # (time.time(), unit id) of each lease answered
     cpu_s: float = 0.0
+    stopping: bool = False  # set before the agents are cancelled: one that missed its cancellation stops too
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -192,7 +193,10 @@ class Connection:
 
     async def post(self, path: str, body: dict[str, Any], headers: dict[str, str], timeout: float) -> tuple[int, Any]:
         try:
-            return await asyncio.wait_for(self._post(path, json.dumps(body).encode(), headers), timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that arrives as the
+            # answer does, and the agent it was meant to stop went on polling (the bench hung once in CI).
+            async with asyncio.timeout(timeout):
+                return await self._post(path, json.dumps(body).encode(), headers)
         except BaseException:
             self.close()  # a half-read answer leaves the stream unusable
             raise
@@ -247,7 +251,7 @@ async def idle_agent(base_url: str, device: dict[str, Any], wait: int, delay: fl
     body = {"max_units": 1, "capabilities": CAPABILITIES, "wait_seconds": wait}
     failures = 0
     try:
-        while True:
+        while not fleet.stopping:
             try:
                 status, answer = await connection.post(LEASE, body, headers, timeout=wait + 30)
             except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -278,9 +282,16 @@ async def drive(base_url: str, devices: list[dict[str, Any]], args: argparse.Nam
     try:
         await phases(fleet)
     finally:
+        fleet.stopping = True
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: an agent past its cancellation ends its request within wait + 30 s and sees `stopping`.
+        ended, stuck = await asyncio.wait(tasks, timeout=args.wait + 40)
+        for task in ended:  # retrieved, so asyncio does not log them as never retrieved
+            if not task.cancelled() and task.exception() is not None:
+                fleet.error(type(task.exception()).__name__)
+        if stuck:
+            raise BenchError(f"{len(stuck)} agents did not stop")
     fleet.cpu_s = time.process_time() - cpu
     return fleet
 

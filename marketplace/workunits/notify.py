@@ -94,7 +94,10 @@ class Notifier:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.waiters.append(future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for may lose a cancellation (the agent hung up)
+            # that arrives as the wake does, and the request would go on to lease for nobody.
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
         except TimeoutError:
             return False
         finally:
