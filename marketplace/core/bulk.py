@@ -43,20 +43,33 @@ def rows_insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, re
     head = f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(map(quote, columns))}) VALUES "
     tail = (" ON CONFLICT DO NOTHING" if ignore_conflicts else "") + (
         f" RETURNING {quote(model._meta.pk.column)}" if returning else "")
-    row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
     fixed = list(defaults.values())
     prepare = [fields[name].get_db_prep_save for name in names]
+    unnest = connection.vendor == "postgresql"
+    if unnest:
+        # One array per column: the statement's text is the same for every batch, so psycopg converts its
+        # placeholders once (a 500-row VALUES list, ~40 KB of text, was converted at every execute: a third
+        # of a split's time), and PostgreSQL parses a short statement. Django 5.2's bulk_create does the same.
+        arrays = ", ".join(f"%s::{fields[name].db_type(connection)}[]" for name in names)
+        scalars = "".join(", %s" for _ in fixed)
+        sql = f"{head.removesuffix(' VALUES ')} SELECT *{scalars} FROM unnest({arrays}){tail}"
+    else:
+        row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
     keys: list[Any] = []
     with connection.cursor() as cursor:
         for start in range(0, len(rows), BATCH):
             batch = rows[start:start + BATCH]
-            params: list[Any] = []
-            for row in batch:
-                if len(row) != len(names):
-                    raise ValueError("every row must name the same fields")
-                params += [prep(row[name], connection) for prep, name in zip(prepare, names)]
-                params += fixed
-            cursor.execute(head + ", ".join([row_sql] * len(batch)) + tail, params)
+            if any(len(row) != len(names) for row in batch):
+                raise ValueError("every row must name the same fields")
+            if unnest:
+                arrays_of = [[prep(row[name], connection) for row in batch] for prep, name in zip(prepare, names)]
+                cursor.execute(sql, [*fixed, *arrays_of])  # the defaults come first in the statement's text
+            else:
+                params: list[Any] = []
+                for row in batch:
+                    params += [prep(row[name], connection) for prep, name in zip(prepare, names)]
+                    params += fixed
+                cursor.execute(head + ", ".join([row_sql] * len(batch)) + tail, params)
             if returning:
                 keys += [row[0] for row in cursor.fetchall()]
     return keys
